@@ -1,0 +1,1 @@
+"""Python config files (ml_collections). ``common.base_config()`` holds every field."""

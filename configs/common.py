@@ -1,0 +1,68 @@
+"""Every field a stage can read, with the paper's defaults (appendix A).
+
+Config files return ``base_config()`` with changes; the command line overrides
+any field: ``--config configs/default.py --config.optim.lr=1e-5``.
+"""
+
+import os
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Our jsonl files (corpus.jsonl, *_train.jsonl, *_dev.jsonl); a flag or RNR_DATA.
+  c.data_dir = os.environ.get("RNR_DATA", "../shared/data")
+  c.prepared_dir = ""  # default: <workdir>/prepared
+
+  c.model = ml_collections.ConfigDict()
+  # Hugging Face directory or hub id of the initial encoder; "minilm" = the installed
+  # all-MiniLM-L6-v2; "" = random init from model.hf_config.
+  c.model.init = "minilm"
+  c.model.hf_config = ml_collections.ConfigDict()  # used when init == "" (random init)
+  c.model.num_layers = ml_collections.FieldReference(None, field_type=int)  # truncate to k layers
+  c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU, float32 on CPU
+  c.model.dropout = 0.1
+  c.model.pooling = "cls"  # "cls" (the paper) or "mean" (how MiniLM was pretrained)
+  c.model.retrieval_dim = 128  # first d dims of the pooled vector; 0 = full width
+
+  c.tokens = ml_collections.ConfigDict()
+  c.tokens.question_len = 64
+  c.tokens.passage_len = 256
+  c.tokens.reader_len = 350
+  c.tokens.max_answer_len = 10
+  c.tokens.buckets = (32, 64, 128, 192, 256, 320, 384, 512)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)
+  c.mesh.axes = ("data", "fsdp")
+  # (regex on the parameter path, PartitionSpec entries); first match wins, default replicated.
+  c.mesh.rules = (
+      (r".*word_embeddings/embedding", ("fsdp", None)),
+      (r".*/(query|key|value|intermediate|dense)[^/]*/kernel", (None, "fsdp")),
+      (r".*/output[^/]*/kernel", ("fsdp", None)),
+  )
+  c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-5
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 2.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = "linear"
+  c.optim.grad_accum = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16
+  c.train.num_steps = 1000
+  c.train.log_every = 20
+  c.train.eval_every = 500
+  c.train.ckpt_every = 500
+  c.train.keep_ckpts = 2
+  c.train.async_ckpt = True
+  c.train.seed = 0
+  return c
