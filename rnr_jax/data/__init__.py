@@ -1,0 +1,30 @@
+"""The data layer: readers, DPR-style passages, the token-ID corpus, BM25 and prepared datasets.
+
+* :mod:`~rnr_jax.data.readers`: streaming readers of our jsonl, DPR tsv/json,
+  NQ-open and SQuAD files into :class:`Document` / :class:`Question`, with
+  located :class:`DataFormatError` errors.
+* :mod:`~rnr_jax.data.tfds_sources`: NQ-open, SQuAD and TriviaQA from TFDS.
+* :mod:`~rnr_jax.data.passages`: 100-word passages with stable ids.
+* :mod:`~rnr_jax.data.token_corpus`: passages as memory-mapped token ids, plain or bz2/lzma.
+* :mod:`~rnr_jax.data.bm25`: BM25 (bm25s) over passages, saved and reloaded.
+* :mod:`~rnr_jax.data.examples`: BM25 candidates, positives, hard negatives, samplers.
+* :mod:`~rnr_jax.data.prepared`: the prepared dataset directory (``python -m train.prepare``).
+"""
+
+from rnr_jax.data.bm25 import BM25Index
+from rnr_jax.data.examples import (SplitCandidates, build_candidates, sample_reader_passages,
+                                   sample_retriever_passages)
+from rnr_jax.data.passages import Passage, PassageTable, gold_passages, split_documents, split_words
+from rnr_jax.data.prepared import PreparedData, PreparedDataError, PrepareSettings, prepare
+from rnr_jax.data.readers import (DataFormatError, Document, DprContext, DprExample, Question, ReadStats,
+                                  SquadParagraph, read_corpus, read_dpr_biencoder, read_dpr_tsv, read_nq_open,
+                                  read_questions, read_squad)
+from rnr_jax.data.token_corpus import RaggedArray, TokenCorpus, compress
+
+__all__ = [
+    "BM25Index", "DataFormatError", "Document", "DprContext", "DprExample", "Passage", "PassageTable",
+    "PrepareSettings", "PreparedData", "PreparedDataError", "Question", "RaggedArray", "ReadStats",
+    "SplitCandidates", "SquadParagraph", "TokenCorpus", "build_candidates", "compress", "gold_passages", "prepare",
+    "read_corpus", "read_dpr_biencoder", "read_dpr_tsv", "read_nq_open", "read_questions", "read_squad",
+    "sample_reader_passages", "sample_retriever_passages", "split_documents", "split_words",
+]

@@ -1,0 +1,300 @@
+"""The token-ID corpus (paper §2.3): passages stored as WordPiece ids, not text.
+
+A corpus directory holds
+
+* ``tokens.npy``: all records concatenated, ``uint16`` when the vocabulary has
+  at most 65,536 entries (else ``int32``);
+* ``offsets.npy``: ``int64[n + 1]``, record ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``;
+* ``meta.json``: dtype, vocabulary size, counts, tokenizer and the sha256 of
+  both arrays.
+
+A record is the tokenizer's passage body ``title [SEP] text``
+(:meth:`rnr_jax.tokenization.Tokenizer.passage_token_ids`), so retriever and
+reader inputs are built from it without tokenising text again. Arrays are
+loaded memory-mapped. :func:`compress` writes a bz2 or lzma form of a corpus
+(``tokens.npy.bz2`` ...); :meth:`TokenCorpus.load` of a compressed form
+decompresses it once into a cache directory, checks the hashes, and maps that.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import lzma
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from rnr_jax.io import atomic_dir, atomic_write_json
+
+PathLike = str | os.PathLike
+
+FORMAT = "rnr_jax.token_corpus"
+VERSION = 1
+TOKENS_FILE = "tokens.npy"
+OFFSETS_FILE = "offsets.npy"
+META_FILE = "meta.json"
+COMPRESSORS = {"bz2": bz2, "lzma": lzma}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """``uint16`` when every id fits (vocab_size <= 65536), else ``int32``."""
+  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
+  """Hex sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk_size):
+      h.update(block)
+  return h.hexdigest()
+
+
+def save_npy(path: PathLike, array: np.ndarray) -> None:
+  """``np.save`` to a temporary sibling, fsynced, then renamed onto ``path``."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.save(f, array, allow_pickle=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class RaggedArray:
+  """Variable-length integer sequences: one flat ``values`` array plus ``offsets[n + 1]``."""
+
+  def __init__(self, values: np.ndarray, offsets: np.ndarray):
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(values):
+      raise ValueError(f"offsets must start at 0 and end at len(values)={len(values)}")
+    self.values = values
+    self.offsets = offsets
+
+  @classmethod
+  def from_sequences(cls, seqs: Iterable[Sequence[int] | np.ndarray], dtype: np.dtype | type) -> "RaggedArray":
+    parts = [np.asarray(s) for s in seqs]
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    dtype = np.dtype(dtype)
+    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    if parts and dtype.kind in "iu" and len(values):
+      info = np.iinfo(dtype)
+      lo, hi = min(int(p.min()) for p in parts if len(p)), max(int(p.max()) for p in parts if len(p))
+      if lo < info.min or hi > info.max:
+        raise ValueError(f"values in [{lo}, {hi}] do not fit {dtype}")
+    return cls(values, offsets)
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    i = int(i)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"index {i} out of range for {len(self)} sequences")
+    i %= len(self)
+    return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values.nbytes + self.offsets.nbytes)
+
+  def save(self, directory: PathLike, name: str) -> None:
+    """Writes ``<name>.npy`` and ``<name>_offsets.npy`` into ``directory``, each atomically."""
+    save_npy(os.path.join(directory, f"{name}.npy"), np.asarray(self.values))
+    save_npy(os.path.join(directory, f"{name}_offsets.npy"), np.asarray(self.offsets))
+
+  @classmethod
+  def load(cls, directory: PathLike, name: str, *, mmap: bool = True) -> "RaggedArray":
+    mode = "r" if mmap else None
+    return cls(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode=mode),
+               np.load(os.path.join(directory, f"{name}_offsets.npy"), mmap_mode=mode))
+
+
+class TokenCorpus:
+  """Token-id records of a passage corpus, memory-mapped.
+
+  ``corpus[i]`` / :meth:`get` give record ``i`` as ``int32`` ids; :meth:`text`
+  decodes it with the tokenizer given to :meth:`load` (for display).
+  """
+
+  def __init__(self, ragged: RaggedArray, meta: dict[str, Any], tokenizer: Any = None, path: str | None = None):
+    self._ragged = ragged
+    self.meta = meta
+    self.tokenizer = tokenizer
+    self.path = path
+
+  @property
+  def tokens(self) -> np.ndarray:
+    """All records concatenated (memory-mapped)."""
+    return self._ragged.values
+
+  @property
+  def offsets(self) -> np.ndarray:
+    return self._ragged.offsets
+
+  def __len__(self) -> int:
+    return len(self._ragged)
+
+  def get(self, i: int) -> np.ndarray:
+    """Record ``i`` (``title [SEP] text`` ids) as ``int32``."""
+    return self._ragged[i].astype(np.int32)
+
+  __getitem__ = get
+
+  def lengths(self) -> np.ndarray:
+    """``int64[n]`` number of ids of each record."""
+    return self._ragged.lengths()
+
+  def text(self, i: int) -> str:
+    """Record ``i`` decoded to text (WordPiece pieces joined, special tokens dropped)."""
+    if self.tokenizer is None:
+      raise ValueError("TokenCorpus.text needs a tokenizer: TokenCorpus.load(path, tokenizer=...)")
+    return self.tokenizer.decode(self.get(i))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the uncompressed arrays (token ids plus offsets)."""
+    return self._ragged.nbytes
+
+  @classmethod
+  def write(cls, path: PathLike, records: Iterable[Sequence[int] | np.ndarray], vocab_size: int, *,
+            tokenizer: str | None = None) -> "TokenCorpus":
+    """Writes records as a corpus directory ``path`` (atomically) and loads it.
+
+    Args:
+      path: the corpus directory (replaced if it exists).
+      records: token ids of each passage, in pid order.
+      vocab_size: the tokenizer's vocabulary size (chooses the id dtype).
+      tokenizer: a name or path recorded in ``meta.json``.
+    """
+    ragged = RaggedArray.from_sequences(records, token_dtype(vocab_size))
+    with atomic_dir(path) as tmp:
+      np.save(os.path.join(tmp, TOKENS_FILE), ragged.values, allow_pickle=False)
+      np.save(os.path.join(tmp, OFFSETS_FILE), ragged.offsets, allow_pickle=False)
+      meta = {
+          "format": FORMAT, "version": VERSION, "dtype": ragged.values.dtype.name, "vocab_size": int(vocab_size),
+          "num_records": len(ragged), "num_tokens": int(len(ragged.values)), "tokenizer": tokenizer,
+          "sha256": {f: sha256_file(os.path.join(tmp, f)) for f in (TOKENS_FILE, OFFSETS_FILE)},
+      }
+      atomic_write_json(os.path.join(tmp, META_FILE), meta)
+    return cls.load(path)
+
+  @classmethod
+  def load(cls, path: PathLike, *, tokenizer: Any = None, cache_dir: PathLike | None = None) -> "TokenCorpus":
+    """Loads a corpus directory, plain or compressed (see :func:`compress`).
+
+    A compressed corpus is decompressed into ``cache_dir`` (default
+    ``$XDG_CACHE_HOME/rnr_jax``, i.e. ``~/.cache/rnr_jax``), under
+    ``token_corpus/<hash>``, the first time and reused afterwards.
+    """
+    path = os.fspath(path)
+    meta = read_meta(path)
+    if meta.get("compression"):
+      path = _decompressed(path, meta, cache_dir)
+      meta = read_meta(path)
+    ragged = RaggedArray(np.load(os.path.join(path, TOKENS_FILE), mmap_mode="r"),
+                         np.load(os.path.join(path, OFFSETS_FILE), mmap_mode="r"))
+    if len(ragged) != meta["num_records"] or ragged.values.dtype.name != meta["dtype"]:
+      raise ValueError(f"{path}: arrays do not match {META_FILE} ({len(ragged)} records of {ragged.values.dtype}, "
+                       f"expected {meta['num_records']} of {meta['dtype']})")
+    return cls(ragged, meta, tokenizer, path)
+
+
+def read_meta(path: PathLike) -> dict[str, Any]:
+  """``meta.json`` of a corpus directory, with a clear error if it is not one."""
+  meta_path = os.path.join(path, META_FILE)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{os.fspath(path)}: not a token-ID corpus (no {META_FILE})")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    raise ValueError(f"{os.fspath(path)}: unsupported token corpus format {meta.get('format')!r} "
+                     f"version {meta.get('version')!r} (expected {FORMAT!r} version {VERSION})")
+  return meta
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+  shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *, level: int = 9) -> str:
+  """Writes the ``method``-compressed form of the corpus at ``path``.
+
+  Args:
+    path: a plain corpus directory.
+    method: ``"bz2"`` or ``"lzma"`` (the paper uses both with ``-9``).
+    out: output directory; default ``<path>.<method>`` beside ``path``.
+    level: compression level (``preset`` for lzma).
+
+  Returns:
+    The output directory, which :meth:`TokenCorpus.load` reads transparently.
+  """
+  if method not in COMPRESSORS:
+    raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
+  path = os.fspath(path)
+  meta = read_meta(path)
+  if meta.get("compression"):
+    raise ValueError(f"{path} is already compressed ({meta['compression']})")
+  out = os.fspath(out) if out is not None else f"{os.path.normpath(path)}.{method}"
+  options = {"compresslevel": level} if method == "bz2" else {"preset": level}
+  with atomic_dir(out) as tmp:
+    for name in (TOKENS_FILE, OFFSETS_FILE):
+      with open(os.path.join(path, name), "rb") as src, \
+          COMPRESSORS[method].open(os.path.join(tmp, f"{name}.{method}"), "wb", **options) as dst:
+        _copy(src, dst)
+    atomic_write_json(os.path.join(tmp, META_FILE), {**meta, "compression": method})
+  return out
+
+
+def compress_bytes(data: bytes, method: str, level: int = 9) -> bytes:
+  """``data`` compressed like :func:`compress` does files (for size comparisons)."""
+  if method == "bz2":
+    return bz2.compress(data, compresslevel=level)
+  if method == "lzma":
+    return lzma.compress(data, preset=level)
+  raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
+
+
+def _default_cache_dir() -> str:
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(xdg, "rnr_jax")
+
+
+def _decompressed(path: str, meta: dict[str, Any], cache_dir: PathLike | None) -> str:
+  """The plain corpus of compressed ``path`` in the cache, decompressed and verified once."""
+  method = meta["compression"]
+  if method not in COMPRESSORS:
+    raise ValueError(f"{path}: unknown compression {method!r}")
+  key = "-".join(meta["sha256"][f][:16] for f in (TOKENS_FILE, OFFSETS_FILE))
+  target = os.path.join(os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir(), "token_corpus", key)
+  if os.path.exists(os.path.join(target, META_FILE)):
+    return target
+  with atomic_dir(target) as tmp:
+    for name in (TOKENS_FILE, OFFSETS_FILE):
+      with COMPRESSORS[method].open(os.path.join(path, f"{name}.{method}"), "rb") as src, \
+          open(os.path.join(tmp, name), "wb") as dst:
+        _copy(src, dst)
+      digest = sha256_file(os.path.join(tmp, name))
+      if digest != meta["sha256"][name]:
+        raise ValueError(f"{path}: decompressed {name} has sha256 {digest}, expected {meta['sha256'][name]}")
+    plain = {k: v for k, v in meta.items() if k != "compression"}
+    atomic_write_json(os.path.join(tmp, META_FILE), plain)
+  return target
+
+
+def data_bytes(path: PathLike) -> int:
+  """Bytes of a corpus directory's array files (plain or compressed), without ``meta.json``."""
+  return sum(e.stat().st_size for e in os.scandir(path) if e.is_file() and e.name != META_FILE)

@@ -1,0 +1,355 @@
+"""MobileBERT encoder in Flax (linen), numerically equivalent to transformers' ``MobileBertModel``.
+
+Implements every architecture switch of ``transformers.MobileBertConfig``: the
+trigram embedding transformation (``trigram_input``, ``embedding_size`` !=
+``hidden_size``), the bottleneck layers (``use_bottleneck``,
+``use_bottleneck_attention``, ``key_query_shared_bottleneck``), stacked FFNs
+(``num_feedforward_networks``) and ``normalization_type`` (``"no_norm"``:
+``x * scale + bias``, or ``"layer_norm"``). Like transformers, the embedding norm and
+the layer output norm use epsilon 1e-5 (``torch.nn.LayerNorm``'s default) while the
+other norms use ``layer_norm_eps``. The pooler is not part of the encoder; the [CLS]
+vector is returned as ``EncoderOutput.cls``.
+
+Parameter naming (stable; mirrors the Hugging Face state dict like
+:mod:`rnr_jax.models.bert`, with ``encoder.layer.{i}`` -> ``layer_{i}``,
+``ffn.{j}`` -> ``ffn_{j}`` and ``LayerNorm`` -> ``layer_norm``, kernels ``[in, out]``;
+``true = intra_bottleneck_size if use_bottleneck else hidden_size``)::
+
+    embeddings/word_embeddings/embedding                [vocab_size, embedding_size]
+    embeddings/embedding_transformation/{kernel,bias}   [3*embedding_size or embedding_size, hidden]
+                                                        (only if trigram_input or embedding_size != hidden)
+    embeddings/position_embeddings/embedding            [max_position_embeddings, hidden]
+    embeddings/token_type_embeddings/embedding          [type_vocab_size, hidden]
+    embeddings/layer_norm/{scale,bias}                  [hidden]
+    layer_{i}/bottleneck/input/dense/{kernel,bias}      [hidden, true]        (use_bottleneck)
+    layer_{i}/bottleneck/input/layer_norm/{scale,bias}  [true]                (use_bottleneck)
+    layer_{i}/bottleneck/attention/...                  as bottleneck/input   (use_bottleneck,
+                                                        key_query_shared_bottleneck, not use_bottleneck_attention)
+    layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]
+    layer_{i}/attention/output/dense/{kernel,bias}      [true, true]
+    layer_{i}/attention/output/layer_norm/{scale,bias}  [true]
+    layer_{i}/ffn_{j}/intermediate/dense/{kernel,bias}  [true, intermediate]  (j < num_feedforward_networks - 1)
+    layer_{i}/ffn_{j}/output/dense/{kernel,bias}        [intermediate, true]
+    layer_{i}/ffn_{j}/output/layer_norm/{scale,bias}    [true]
+    layer_{i}/intermediate/dense/{kernel,bias}          [true, intermediate]
+    layer_{i}/output/dense/{kernel,bias}                [intermediate, true]
+    layer_{i}/output/layer_norm/{scale,bias}            [true]
+    layer_{i}/output/bottleneck/dense/{kernel,bias}     [true, hidden]        (use_bottleneck)
+    layer_{i}/output/bottleneck/layer_norm/{scale,bias} [hidden]              (use_bottleneck)
+
+Numerics follow :mod:`rnr_jax.models.bert` (float32 norms, residual sums and softmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rnr_jax.models.bert import (
+  NORM_TYPES,
+  Attention,
+  Dtype,
+  EncoderOutput,
+  HFEncoderConfig,
+  Intermediate,
+  Norm,
+  ResidualProjection,
+  prepare_inputs,
+  resolve_num_layers,
+)
+
+# transformers builds these norms as ``NORM2FN[type](size)``, i.e. with torch's default epsilon.
+_TORCH_DEFAULT_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class MobileBertConfig(HFEncoderConfig):
+  """Architecture of a MobileBERT encoder; field names and defaults follow ``transformers.MobileBertConfig``."""
+
+  model_type: ClassVar[str] = "mobilebert"
+  architecture: ClassVar[str] = "MobileBertModel"
+
+  vocab_size: int = 30522
+  hidden_size: int = 512
+  num_hidden_layers: int = 24
+  num_attention_heads: int = 4
+  intermediate_size: int = 512
+  hidden_act: str = "relu"
+  hidden_dropout_prob: float = 0.0
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  initializer_range: float = 0.02
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int | None = 0
+  embedding_size: int = 128
+  trigram_input: bool = True
+  use_bottleneck: bool = True
+  intra_bottleneck_size: int = 128
+  use_bottleneck_attention: bool = False
+  key_query_shared_bottleneck: bool = True
+  num_feedforward_networks: int = 4
+  normalization_type: str = "no_norm"
+  classifier_activation: bool = True  # only used by transformers' pooler; kept for config round trips
+
+  def __post_init__(self) -> None:
+    self._validate_common()
+    if self.normalization_type not in NORM_TYPES:
+      raise ValueError(f"normalization_type must be one of {NORM_TYPES}, got {self.normalization_type!r}")
+    if self.num_feedforward_networks < 1:
+      raise ValueError(f"num_feedforward_networks must be >= 1, got {self.num_feedforward_networks}")
+    if self.true_hidden_size % self.num_attention_heads:
+      raise ValueError(
+        f"true hidden size ({self.true_hidden_size}) is not a multiple of num_attention_heads "
+        f"({self.num_attention_heads})"
+      )
+
+  @property
+  def true_hidden_size(self) -> int:
+    """Width inside a layer: ``intra_bottleneck_size`` with bottlenecks, else ``hidden_size``."""
+    return self.intra_bottleneck_size if self.use_bottleneck else self.hidden_size
+
+  @property
+  def uses_embedding_transformation(self) -> bool:
+    """Whether the embeddings go through ``embedding_transformation`` (as in transformers)."""
+    return self.trigram_input or self.embedding_size != self.hidden_size
+
+  @property
+  def uses_shared_attention_bottleneck(self) -> bool:
+    """Whether layers compute ``bottleneck/attention`` (query/key shared bottleneck)."""
+    return self.use_bottleneck and self.key_query_shared_bottleneck and not self.use_bottleneck_attention
+
+
+class MobileBertEmbeddings(nn.Module):
+  """Word embeddings (optionally as trigrams) projected to ``hidden_size``, + position and token type."""
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+    c = self.config
+
+    def embed(num: int, features: int, name: str) -> nn.Embed:
+      return nn.Embed(
+        num,
+        features,
+        dtype=self.param_dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=nn.initializers.normal(c.initializer_range),
+        name=name,
+      )
+
+    x = embed(c.vocab_size, c.embedding_size, "word_embeddings")(input_ids)
+    if c.trigram_input:
+      # [next token, this token, previous token], zero beyond the ends (a width-3 convolution).
+      x = jnp.concatenate(
+        [
+          jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0))),
+          x,
+          jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))),
+        ],
+        axis=-1,
+      )
+    if c.uses_embedding_transformation:
+      x = nn.Dense(
+        c.hidden_size,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.normal(c.initializer_range),
+        name="embedding_transformation",
+      )(x)
+    positions = jnp.arange(input_ids.shape[1])[None, :]
+    x = (
+      x.astype(jnp.float32)
+      + embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")(positions).astype(jnp.float32)
+      + embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")(token_type_ids).astype(jnp.float32)
+    )
+    x = Norm(c.normalization_type, _TORCH_DEFAULT_EPS, self.dtype, self.param_dtype, name="layer_norm")(x)
+    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BottleneckLayer(nn.Module):
+  """``norm(dense(x))`` projecting to ``intra_bottleneck_size``; submodules ``dense`` and ``layer_norm``."""
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    y = nn.Dense(
+      c.intra_bottleneck_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.normal(c.initializer_range),
+      name="dense",
+    )(x)
+    return Norm(c.normalization_type, c.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm")(y)
+
+
+class Bottleneck(nn.Module):
+  """Layer inputs from the bottlenecks: returns ``(query, key, value, residual)``.
+
+  ``input`` always projects the residual stream; with ``use_bottleneck_attention`` its
+  output also feeds query, key and value; otherwise, with ``key_query_shared_bottleneck``,
+  ``attention`` projects the shared query/key input and the value reads ``x``.
+  """
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    c = self.config
+    residual = BottleneckLayer(c, self.dtype, self.param_dtype, name="input")(x)
+    if c.use_bottleneck_attention:
+      return residual, residual, residual, residual
+    if c.key_query_shared_bottleneck:
+      shared = BottleneckLayer(c, self.dtype, self.param_dtype, name="attention")(x)
+      return shared, shared, x, residual
+    return x, x, x, residual
+
+
+class MobileBertLayerOutput(nn.Module):
+  """Last FFN projection: ``norm(dense(h) + attention_output)``, then (with bottlenecks)
+  ``bottleneck``: ``norm(dropout(dense(.)) + layer_input)`` back to ``hidden_size``."""
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, h: jax.Array, attention_output: jax.Array, layer_input: jax.Array, *, deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    y = nn.Dense(
+      c.true_hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.normal(c.initializer_range),
+      name="dense",
+    )(h)
+    if not c.use_bottleneck:
+      y = nn.Dropout(c.hidden_dropout_prob)(y, deterministic=deterministic)
+    y = y.astype(jnp.float32) + attention_output.astype(jnp.float32)
+    y = Norm(c.normalization_type, _TORCH_DEFAULT_EPS, self.dtype, self.param_dtype, name="layer_norm")(y)
+    if c.use_bottleneck:
+      y = ResidualProjection(
+        c.hidden_size,
+        c.initializer_range,
+        c.normalization_type,
+        c.layer_norm_eps,
+        c.hidden_dropout_prob,
+        self.dtype,
+        self.param_dtype,
+        name="bottleneck",
+      )(y, layer_input, deterministic=deterministic)
+    return y
+
+
+class FeedForward(nn.Module):
+  """One of the stacked FFNs: ``norm(dense(act(dense(x))) + x)``, no dropout (as transformers)."""
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    h = Intermediate(
+      c.intermediate_size, c.hidden_act, c.initializer_range, self.dtype, self.param_dtype, name="intermediate"
+    )(x)
+    return ResidualProjection(
+      c.true_hidden_size,
+      c.initializer_range,
+      c.normalization_type,
+      c.layer_norm_eps,
+      0.0,
+      self.dtype,
+      self.param_dtype,
+      name="output",
+    )(h, x, deterministic=True)
+
+
+class MobileBertLayer(nn.Module):
+  """One MobileBERT layer: bottlenecks in, attention, stacked FFNs, FFN + bottleneck out."""
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
+    c = self.config
+    if c.use_bottleneck:
+      query, key, value, residual = Bottleneck(c, self.dtype, self.param_dtype, name="bottleneck")(x)
+    else:
+      query = key = value = residual = x
+    attention_output = Attention(
+      num_heads=c.num_attention_heads,
+      head_dim=c.true_hidden_size // c.num_attention_heads,
+      init_std=c.initializer_range,
+      attention_dropout_rate=c.attention_probs_dropout_prob,
+      output_dropout_rate=0.0 if c.use_bottleneck else c.hidden_dropout_prob,
+      norm_kind=c.normalization_type,
+      eps=c.layer_norm_eps,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="attention",
+    )(query, key, value, residual, mask, deterministic=deterministic)
+    for j in range(c.num_feedforward_networks - 1):
+      attention_output = FeedForward(c, self.dtype, self.param_dtype, name=f"ffn_{j}")(attention_output)
+    h = Intermediate(
+      c.intermediate_size, c.hidden_act, c.initializer_range, self.dtype, self.param_dtype, name="intermediate"
+    )(attention_output)
+    return MobileBertLayerOutput(c, self.dtype, self.param_dtype, name="output")(
+      h, attention_output, x, deterministic=deterministic
+    )
+
+
+class MobileBertEncoder(nn.Module):
+  """MobileBERT encoder (``MobileBertModel`` without pooler).
+
+  Attributes:
+    config: the architecture.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); outputs are in this dtype.
+    param_dtype: parameter dtype.
+    num_layers: keep only the first ``num_layers`` layers (``None``: all of them).
+  """
+
+  config: MobileBertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  num_layers: int | None = None
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> EncoderOutput:
+    """Encodes ``input_ids`` ``[B, L]``; ``attention_mask`` is 1 for real tokens, 0 for padding.
+
+    With ``deterministic=False`` dropout is active and needs ``rngs={"dropout": key}``.
+    """
+    c = self.config
+    mask, token_type_ids = prepare_inputs(input_ids, attention_mask, token_type_ids, c.max_position_embeddings)
+    x = MobileBertEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(
+      input_ids, token_type_ids, deterministic=deterministic
+    )
+    for i in range(resolve_num_layers(c.num_hidden_layers, self.num_layers)):
+      x = MobileBertLayer(c, self.dtype, self.param_dtype, name=f"layer_{i}")(x, mask, deterministic=deterministic)
+    return EncoderOutput(sequence=x, cls=x[:, 0])

@@ -1,0 +1,1 @@
+"""Stage entry points: ``python -m train.<stage>`` (``train.prepare`` builds the prepared dataset)."""
