@@ -38,10 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1)
   c.mesh.axes = ("data", "fsdp")
   # (regex on the parameter path, PartitionSpec entries); first match wins, default replicated.
+  # Paths as in rnr_jax.models (e.g. layer_0/attention/query/kernel); regexes are full matches.
   c.mesh.rules = (
       (r".*word_embeddings/embedding", ("fsdp", None)),
-      (r".*/(query|key|value|intermediate|dense)[^/]*/kernel", (None, "fsdp")),
-      (r".*/output[^/]*/kernel", ("fsdp", None)),
+      (r".*/output/dense/kernel", ("fsdp", None)),
+      (r".*/(query|key|value)/kernel", (None, "fsdp")),
+      (r".*/intermediate/dense/kernel", (None, "fsdp")),
   )
   c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
 

@@ -1,0 +1,95 @@
+"""Losses shared by the training stages.
+
+All functions compute in float32 whatever the input dtype, and return means so
+that a batch split into equal micro-batches gives the same loss on average.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED_LOGIT = -1e9
+
+
+def in_batch_nll(q: jax.Array, p: jax.Array, positive_idx: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """DPR loss with in-batch negatives over the *global* batch.
+
+  Every question is scored against every passage of the batch (its own positive
+  and hard negatives, and all other questions' passages). Called inside ``jit``
+  on arrays sharded over the data axis, XLA gathers the passages across devices;
+  unlike an all-gather with a stop-gradient, gradients reach every passage.
+
+  Args:
+    q: question vectors [B, d].
+    p: passage vectors [Bp, d], e.g. Bp = B * (1 + hard negatives per question).
+    positive_idx: [B] row of ``p`` holding each question's positive passage. The
+      default assumes the DPR layout where question i owns rows
+      ``i * (Bp // B) ... (i + 1) * (Bp // B) - 1``, positive first. Prefer the
+      default in multi-host runs: indices built per host would be host-local.
+
+  Returns:
+    ``(mean negative log-likelihood, top-1 accuracy)``.
+  """
+  num_q, num_p = q.shape[0], p.shape[0]
+  if positive_idx is None:
+    if num_p % num_q:
+      raise ValueError(f"{num_p} passages are not a multiple of {num_q} questions; "
+                       "pass positive_idx")
+    positive_idx = jnp.arange(num_q) * (num_p // num_q)
+  scores = jnp.einsum("qd,pd->qp", q, p, preferred_element_type=jnp.float32)
+  log_probs = jax.nn.log_softmax(scores, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, positive_idx[:, None], axis=-1)[:, 0]
+  accuracy = (jnp.argmax(scores, axis=-1) == positive_idx).astype(jnp.float32)
+  return nll.mean(), accuracy.mean()
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Mean of ``x`` over entries where ``mask`` is true (0 when none is)."""
+  if mask is None:
+    return x.mean()
+  mask = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+  return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+  """Mean cross-entropy of integer ``labels`` [...] under ``logits`` [..., C].
+
+  ``mask`` [...] (optional) excludes examples (e.g. padding rows) from the mean.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  return masked_mean(nll, mask)
+
+
+def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0,
+           mask: jax.Array | None = None) -> jax.Array:
+  """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)).
+
+  The teacher is a constant (``stop_gradient``). Multiply by ``T**2`` to keep
+  Hinton et al.'s gradient scale across temperatures.
+
+  Args:
+    teacher_logits, student_logits: [..., C]; the softmax is over the last axis.
+    temperature: T.
+    mask: bool, broadcastable to [..., C]; False entries (e.g. padded token
+      positions) are left out of both distributions. Rows without any True entry
+      (e.g. padded examples, via a mask of shape [..., 1]) are left out of the mean.
+  """
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  if mask is not None:
+    # A large finite value rather than -inf keeps fully masked rows (and their
+    # gradients) finite; their probabilities underflow to exactly 0.
+    mask = jnp.broadcast_to(mask, s.shape)
+    t = jnp.where(mask, t, _MASKED_LOGIT)
+    s = jnp.where(mask, s, _MASKED_LOGIT)
+  log_pt = jax.nn.log_softmax(t, axis=-1)
+  log_ps = jax.nn.log_softmax(s, axis=-1)
+  p_t = jnp.exp(log_pt)
+  # Entries with p_t = 0 contribute 0, also where the caller's logits are -inf.
+  kl = jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
+  rows = None if mask is None else mask.any(axis=-1)
+  return masked_mean(kl, rows)

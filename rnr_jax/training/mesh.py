@@ -1,0 +1,195 @@
+"""Device mesh, parameter sharding rules, global batches and multi-host start-up.
+
+Everything here is driven by the ``mesh`` config section::
+
+  mesh.shape = (-1, 1)             # one -1 entry: filled with the remaining devices
+  mesh.axes = ("data", "fsdp")
+  mesh.rules = ((regex, spec), ...) # regex on the '/'-joined parameter path
+  mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+
+The batch is split over every data-parallel axis (``data`` and ``fsdp``);
+parameters (and, through the same rules, the optimiser moments, whose paths end
+with the parameter path) are split over ``fsdp`` where a rule says so and are
+replicated otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+# One entry per array dimension: None (replicated), an axis name, or a tuple of axis names.
+SpecEntry = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, Sequence[SpecEntry]]]
+
+DATA_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(mesh_cfg: Any) -> None:
+  """Calls ``jax.distributed.initialize()`` when ``mesh_cfg.distributed`` is set.
+
+  Must run before anything touches a JAX device (including ``jax.devices()`` or
+  ``jax.process_index()``), i.e. first thing in a stage's ``main``. The cluster
+  (Cloud TPU, SLURM, Kubernetes, ...) is auto-detected by JAX. Calling it twice is
+  harmless.
+  """
+  if getattr(mesh_cfg, "distributed", False) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces the single -1 entry of ``shape`` so that the product is ``num_devices``."""
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape {shape} has more than one -1 entry")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape {shape} does not divide {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh.shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+  return shape
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the device mesh of ``mesh_cfg.shape`` over ``mesh_cfg.axes``.
+
+  Args:
+    mesh_cfg: has ``shape`` (one entry may be -1) and ``axes``.
+    devices: defaults to all devices of all processes; tests pass a subset
+      (e.g. one device for a single-device reference run).
+
+  Axes are ``AxisType.Auto``: XLA propagates shardings through the step, which
+  is what lets ``q @ p.T`` over data-sharded arrays gather the passages itself.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  axes = tuple(mesh_cfg.axes)
+  shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh.shape {shape} and mesh.axes {axes} differ in length")
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """'/'-joined name of a pytree key path, e.g. ``params/encoder/layer_0/query/kernel``."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def tree_map_with_names(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """``jax.tree.map`` where ``fn`` receives ``(path_name, leaf)``."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_name(p), x), tree)
+
+
+def _axis_names(entry: SpecEntry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+  """PartitionSpec of one array: the first rule whose regex fully matches ``name``.
+
+  Unmatched arrays and scalars are replicated. A dimension whose size is not
+  divisible by its mesh axes is replicated instead (and logged), so one rule can
+  cover kernels of many shapes.
+  """
+  if not shape:
+    return PartitionSpec()
+  for pattern, spec in rules:
+    if re.fullmatch(pattern, name):
+      break
+  else:
+    return PartitionSpec()
+  # Entries may come from the command line as lists: PartitionSpec wants tuples.
+  spec = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+  if len(spec) > len(shape):
+    raise ValueError(f"sharding rule {pattern!r} -> {spec} has more entries than "
+                     f"{name} has dimensions {tuple(shape)}")
+  entries = []
+  for dim, entry in zip(shape, spec):
+    unknown = [a for a in _axis_names(entry) if a not in mesh.shape]
+    if unknown:
+      raise ValueError(f"sharding rule {pattern!r} names axes {unknown} not in mesh {dict(mesh.shape)}")
+    if dim % math.prod(mesh.shape[a] for a in _axis_names(entry)):
+      logging.info("Replicating dim of size %d of %s: not divisible by mesh axes %s (rule %r)",
+                   dim, name, entry, pattern)
+      entry = None
+    entries.append(entry)
+  return PartitionSpec(*entries)
+
+
+def param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
+  """NamedSharding for every array of a pytree, from regex rules on its path.
+
+  Works for any pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters, or a
+  whole ``TrainState``: the optimiser moments' paths end with the parameter
+  path, so rules starting with ``.*`` shard them like their parameters).
+  """
+  return tree_map_with_names(
+      lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
+
+
+def with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
+  """Attaches shardings to a tree of ``ShapeDtypeStruct`` (targets for restores)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def init_sharded(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array, mesh: Mesh,
+                 rules: Rules) -> PyTree:
+  """Runs ``init_fn(rng)`` so that every array is created directly in its shards.
+
+  ``jax.eval_shape`` gives the shapes without computing anything; ``jax.jit`` with
+  ``out_shardings`` then materialises each device's shard only, so no full copy
+  of the parameters ever exists on one device or on the host.
+  """
+  shardings = param_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
+  return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+
+def batch_sharding(mesh: Mesh, data_axes: Iterable[str] = DATA_AXES) -> NamedSharding:
+  """Sharding of batch arrays: leading dimension split over the data-parallel axes."""
+  axes = tuple(a for a in data_axes if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of a value held in full by every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                      data_axes: Iterable[str] = DATA_AXES) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded over the data axes.
+
+  Every process passes its own ``local_batch`` (leading dimension = global batch
+  / process count); the result has the global leading dimension. On one process
+  this is a sharded ``device_put``.
+  """
+  sharding = batch_sharding(mesh, data_axes)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,105 @@
+"""Optimiser: AdamW with warmup/decay, global-norm clipping and frozen subtrees.
+
+Reads the ``optim`` config section::
+
+  optim.lr, optim.warmup_steps, optim.schedule ('linear' | 'constant'),
+  optim.weight_decay, optim.clip_norm, optim.b1, optim.b2, optim.eps
+
+(``optim.grad_accum`` is used by the train step, not here.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rnr_jax.training.mesh import tree_map_with_names
+
+PyTree = Any
+# Pytree of bools like the parameters (True = trained), or a function params -> such a tree.
+Mask = PyTree | Callable[[PyTree], PyTree]
+
+# Parameters without weight decay: biases and normalisation parameters (Flax names
+# LayerNorm's parameters 'scale' and 'bias'), as in BERT's AdamW recipe.
+NO_DECAY_REGEX = r"(.*/)?(bias|scale)"
+
+
+def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then linear decay to 0 at ``total_steps`` or constant."""
+  lr = float(optim_cfg.lr)
+  warmup = int(optim_cfg.warmup_steps)
+  kind = optim_cfg.schedule
+  if kind not in ("linear", "constant"):
+    raise ValueError(f"optim.schedule must be 'linear' or 'constant', got {kind!r}")
+  if kind == "linear" and total_steps <= warmup:
+    raise ValueError(f"linear schedule needs total_steps ({total_steps}) > warmup_steps ({warmup})")
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    factor = jnp.minimum(1.0, step / warmup) if warmup > 0 else jnp.ones_like(step)
+    if kind == "linear":
+      factor = jnp.minimum(factor, jnp.maximum(0.0, (total_steps - step) / (total_steps - warmup)))
+    return lr * factor
+
+  return schedule
+
+
+def regex_mask(regex: str, params: PyTree, *, match: bool = True) -> PyTree:
+  """Tree of bools: whether each parameter path fully matches ``regex`` (or not, if ``match=False``)."""
+  return tree_map_with_names(lambda name, _: bool(re.fullmatch(regex, name)) == match, params)
+
+
+def frozen_regex_mask(regex: str) -> Callable[[PyTree], PyTree]:
+  """A ``trainable_mask`` that freezes every parameter whose path fully matches ``regex``."""
+  return lambda params: regex_mask(regex, params, match=False)
+
+
+def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None = None,
+                   no_decay_regex: str = NO_DECAY_REGEX
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with clipping, a warmup schedule and optionally frozen parameters.
+
+  Args:
+    optim_cfg: the ``optim`` config section.
+    total_steps: number of optimiser steps (end of the linear decay).
+    trainable_mask: pytree of bools like the parameters, or a function of the
+      parameters returning one; False leaves get a zero update (no decay
+      either) and do not count in the clipping norm. None trains everything.
+    no_decay_regex: parameter paths without weight decay.
+
+  Returns:
+    ``(optimizer, schedule)``; ``schedule(step)`` is the learning rate, for logs.
+  """
+  schedule = make_schedule(optim_cfg, total_steps)
+  transforms = []
+  if optim_cfg.clip_norm:
+    transforms.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+  transforms.append(optax.adamw(
+      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+      weight_decay=optim_cfg.weight_decay,
+      mask=lambda params: regex_mask(no_decay_regex, params, match=False)))
+  optimizer = optax.chain(*transforms)
+  if trainable_mask is not None:
+    def labels(params: PyTree) -> PyTree:
+      mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
+      return jax.tree.map(lambda t: "trainable" if t else "frozen", mask)
+    optimizer = optax.multi_transform(
+        {"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+  return optimizer, schedule
+
+
+def cast_floating(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:
+  """Casts the floating-point arrays of ``tree`` to ``dtype`` (no-op for None).
+
+  Used on the f32 master parameters inside the differentiated function, so the
+  forward pass runs in e.g. bfloat16 while gradients arrive in float32.
+  """
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
