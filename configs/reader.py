@@ -1,0 +1,44 @@
+"""The reader teacher (DPR reader with a passage ranker; paper §2.2.3, appendix A.2).
+
+  python -m train.reader --config configs/reader.py --workdir W
+  python -m train.reader --config configs/reader.py:tiny --workdir W   # seconds-long smoke run
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.reader = ml_collections.ConfigDict()
+  c.reader.train_splits = ("nq_train",)
+  c.reader.max_train_questions = 0  # per split; 0 = all
+  c.reader.eval_split = "nq_dev"
+  # Ranked candidates file (.npz, {split: int32 [Q, k] passage ids}, see rnr_jax.reader_data) of a
+  # retriever: training negatives and the open-setting passages. "" = the prepared BM25 candidates.
+  c.reader.candidates = ""
+  c.reader.num_negatives = 30  # answer-free passages kept per question from a candidates file
+  c.reader.m = 24  # passages per question: the positive, then m - 1 negatives
+  c.reader.max_spans = 10  # answer occurrences in the positive used as targets
+  c.reader.eval_passages = (1, 10, 20, 50)  # open setting: read the top-n retrieved passages
+  c.reader.eval_questions = 0  # first N dev questions; 0 = all
+  c.reader.eval_batch_size = 8  # questions per evaluation forward pass
+  c.reader.answer_rule = "dpr"  # "dpr" (best span of the top-ranked passage) or "weighted" (appendix A.3)
+  c.reader.select_metric = "em_open"  # em_gold, em_open@n or em_open (best over n)
+
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 0
+  c.train.batch_size = 16
+  c.train.num_steps = 20000
+  c.train.eval_every = 2000
+  c.train.ckpt_every = 2000
+
+  if arg == "tiny":
+    common.make_tiny(c)
+    c.reader.m = 4
+    c.reader.eval_passages = (1, 4)
+    c.reader.eval_questions = 16
+  elif arg is not None:
+    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
+  return c

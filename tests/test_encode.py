@@ -1,0 +1,146 @@
+"""Corpus encoding (``rnr_jax.retrieval``, ``python -m infer.encode``): resumable chunks, sharding, search."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from infer import encode as encode_cli
+from rnr_jax import retrieval
+from rnr_jax import tokenization as tk
+from rnr_jax.config import load_config
+from rnr_jax.data.prepared import PrepareSettings, prepare
+from rnr_jax.metrics import AnswerMatcher
+from test_retriever import NUM_DOCS, write_toy_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKETS = (32, 64, 96)
+
+
+@pytest.fixture(scope="module")
+def model():
+  """A random-init tiny retriever: ``(spec, params)``."""
+  config = load_config(os.path.join(ROOT, "configs/retriever.py:tiny"), ["model.pooling=mean"])
+  spec = retrieval.RetrieverSpec.from_config(config, retrieval.initial_encoder(config.model)[0], "")
+  return spec, retrieval.initial_params(spec.build(), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def records():
+  """100 passages of 1 to 80 random word-piece ids (some longer than the 64-token limit)."""
+  rng = np.random.default_rng(0)
+  return [rng.integers(1000, 20000, size=int(n)).astype(np.int32) for n in rng.integers(1, 80, size=100)]
+
+
+class CrashingRecords:
+  """Records that fail from index ``crash_at`` on, like a run killed midway."""
+
+  def __init__(self, records, crash_at):
+    self._records, self._crash_at = records, crash_at
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, i):
+    if i >= self._crash_at:
+      raise RuntimeError("killed")
+    return self._records[i]
+
+
+def _encode(spec, params, records, mesh, **kwargs):
+  encoder = retrieval.BatchEncoder(spec.embed_fns()[1], mesh, 16)
+  return retrieval.encode_corpus(encoder, params, tk.Tokenizer.from_pretrained(), records, max_len=64,
+                                 buckets=BUCKETS, **kwargs)
+
+
+def test_encode_corpus_resumes_from_finished_chunks(model, records, tmp_path):
+  spec, params = model
+  mesh = retrieval.data_mesh()
+  reference = _encode(spec, params, records, mesh)
+  assert reference.vectors.shape == (100, 16) and reference.chunks_reused == 0
+
+  chunks = str(tmp_path / "chunks")
+  with pytest.raises(RuntimeError, match="killed"):
+    _encode(spec, params, CrashingRecords(records, 50), mesh, chunk_dir=chunks, chunk_size=16, key={"model": "a"})
+  assert sorted(f for f in os.listdir(chunks) if f.endswith(".npy")) == ["00000.npy", "00001.npy", "00002.npy"]
+
+  resumed = _encode(spec, params, records, mesh, chunk_dir=chunks, chunk_size=16, key={"model": "a"})
+  assert resumed.chunks_reused == 3
+  np.testing.assert_allclose(resumed.vectors, reference.vectors, rtol=0, atol=1e-6)
+  again = _encode(spec, params, CrashingRecords(records, 0), mesh, chunk_dir=chunks, chunk_size=16,
+                  key={"model": "a"})  # every chunk finished: no record is read
+  assert again.chunks_reused == 7
+  np.testing.assert_array_equal(again.vectors, resumed.vectors)
+  with pytest.raises(ValueError, match="other embeddings"):
+    _encode(spec, params, records, mesh, chunk_dir=chunks, chunk_size=16, key={"model": "b"})
+
+
+def test_sharded_encoding_equals_single_device(model, records):
+  spec, params = model
+  assert jax.device_count() == 8
+  sharded = _encode(spec, params, records, retrieval.data_mesh()).vectors
+  single = _encode(spec, params, records, retrieval.data_mesh(jax.devices()[:1])).vectors
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+
+  tokenizer = tk.Tokenizer.from_pretrained()
+  questions = ["who wrote the iliad", "what is the capital of france", "when did the war end"] * 7
+  q = [retrieval.encode_questions(retrieval.BatchEncoder(spec.embed_fns()[0], mesh, 16), params, tokenizer,
+                                  questions, max_len=32, buckets=BUCKETS)
+       for mesh in (retrieval.data_mesh(), retrieval.data_mesh(jax.devices()[:1]))]
+  np.testing.assert_allclose(q[0], q[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(q[0][0], q[0][3], rtol=1e-6, atol=1e-6)  # same question, another batch row
+
+  with pytest.raises(ValueError, match="divisible"):
+    retrieval.BatchEncoder(spec.embed_fns()[1], retrieval.data_mesh(), 12)
+
+
+def test_search_exact_and_answer_accuracy():
+  rng = np.random.default_rng(1)
+  p, q = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
+  ids, scores = retrieval.search_exact(q, p, 5)
+  full = q @ p.T
+  np.testing.assert_array_equal(ids, np.argsort(-full, axis=1)[:, :5])
+  np.testing.assert_allclose(scores, np.take_along_axis(full, ids, 1), rtol=1e-6)
+  assert retrieval.search_exact(q, p, 100)[0].shape == (7, 50)  # k beyond the corpus: all of it
+
+  texts = ["paris is in france", "berlin is in germany", "rome is in italy"]
+  passages = np.eye(3, dtype=np.float32)
+  questions = np.array([[1, 0.5, 0], [0, 0.2, 1], [0.9, 1, 0]], np.float32)  # ranks: 0>1>2, 2>1>0, 1>0>2
+  acc = retrieval.evaluate_retrieval(questions, passages, [["paris"], ["germany"], ["italy"]],
+                                     AnswerMatcher(lambda pid: texts[pid]), ks=(1, 2, 3))
+  assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3), "top3": 1.0}
+
+
+def test_encode_cli_writes_embeddings_for_the_index(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  write_toy_data(str(data))
+  prepared = str(tmp_path / "prepared")
+  prepare(str(data), prepared, PrepareSettings(compress=()), echo=lambda s: None)
+  out = str(tmp_path / "emb")
+  cmd = [sys.executable, "-m", "infer.encode", "--config", "configs/retriever.py:tiny", "--prepared", prepared,
+         "--out", out, "--batch_size", "16", "--chunk_size", "20", "--eval_splits", "toy_dev"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["dim"] == 16 and set(summary["eval"]["toy_dev"]) == {"top1", "top5", "top20", "top100"}
+
+  vectors, info = retrieval.load_embeddings(out)
+  assert vectors.shape == (NUM_DOCS, 16) and vectors.dtype == np.float32
+  assert info["pooling"] == "cls" and info["dim"] == 16 and len(info["model_fingerprint"]) == 64
+  assert not os.path.exists(os.path.join(out, retrieval.CHUNKS_DIR))
+
+  # The same model and corpus again: the finished output is reused, not recomputed.
+  config = load_config(os.path.join(ROOT, "configs/retriever.py:tiny"))
+  mesh = retrieval.data_mesh()
+  spec, params, fingerprint = encode_cli.resolve_model(None, None, config, "", mesh)
+  assert fingerprint == info["model_fingerprint"]
+  mtime = os.path.getmtime(os.path.join(out, retrieval.EMBEDDINGS_FILE))
+  again = encode_cli.encode(out=out, prepared=prepared, spec=spec, params=params, fingerprint=fingerprint, mesh=mesh,
+                            batch_size=16, chunk_size=20)
+  assert again["model_fingerprint"] == fingerprint
+  assert os.path.getmtime(os.path.join(out, retrieval.EMBEDDINGS_FILE)) == mtime
