@@ -8,7 +8,7 @@ noise hits both alike, and reports medians and the Flax/PyTorch speed ratio for
   retrieval loss on [CLS] vectors (questions = first half of the batch,
   passages = second half).
 
-  python bench/bench_encoder.py --batch 32 --lengths 128,256 --reps 5 --record
+  python -m bench.bench_encoder --batch 32 --lengths 128,256 --reps 5 --record
 
 Needs the test extra (torch). ``--record`` replaces this benchmark's section in
 docs/benchmarks.md.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import jax
@@ -26,11 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402  pylint: disable=wrong-import-position
-
-from rnr_jax.models import build_encoder, load_hf_encoder  # noqa: E402
-from rnr_jax.tokenization import default_tokenizer_path  # noqa: E402
+from bench import report
+from rnr_jax.models import build_encoder, load_hf_encoder
+from rnr_jax.tokenization import default_tokenizer_path
 
 
 def _flax_fns(config, params):

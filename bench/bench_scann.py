@@ -17,21 +17,15 @@ tree partitioning of ``"ah"``; real embeddings give it higher recall.
 
 from __future__ import annotations
 
-import datetime
 import os
-import re
-import shlex
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
+from bench import report
 from rnr_jax.index import DenseIndex, exact_search, recall_at_k
-from rnr_jax.io import atomic_write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 1_000_000, "Passage vectors.")
@@ -43,20 +37,9 @@ flags.DEFINE_integer("seed", 0, "Data seed.")
 flags.DEFINE_list("kinds", ["exact", "int8", "ah"], "Index kinds to compare.")
 flags.DEFINE_list("ah_options", [], "Overrides of the derived 'ah' settings, e.g. num_leaves=2000.")
 flags.DEFINE_list("ah_leaves_to_search", [], "One 'ah' row per value of num_leaves_to_search (default: derived).")
-flags.DEFINE_string("record", "docs/benchmarks.md", "Markdown file that keeps the results.")
 flags.DEFINE_bool("no_record", False, "Only print the table.")
 
-SECTION = "## ScaNN INT8 vs exact search"
-
-
-def machine() -> str:
-  """CPU model name and core count (``lscpu``; ``os.cpu_count`` without it)."""
-  model = ""
-  if shutil.which("lscpu"):
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-    model = found.group(1).strip() if found else ""
-  return f"{model or 'unknown CPU'}, {os.cpu_count()} cores"
+TITLE = "ScaNN INT8 vs exact search"
 
 
 def dir_bytes(path: str) -> int:
@@ -114,18 +97,6 @@ def table(rows: list[dict], q: int, k: int) -> str:
   return "\n".join(lines)
 
 
-def record(path: str, body: str) -> None:
-  """Writes ``body`` as the SECTION of ``path``, keeping every other section."""
-  text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-  section = f"{SECTION}\n\n{body.strip()}\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  atomic_write_text(path, text)
-
-
 def main(argv):
   del argv
   load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -154,22 +125,16 @@ def main(argv):
     return
   settings = next(({k: v for k, v in r["settings"].items() if k != "num_leaves_to_search"}
                    for r in rows if r["kind"] == "ah"), None)
-  body = "\n".join([
-      f"`{' '.join(['python -m bench.bench_scann', *map(shlex.quote, sys.argv[1:])])}`",
-      "",
-      f"- date: {datetime.date.today().isoformat()}",
-      f"- machine: {machine()}",
+  note = "\n".join([
       f"- data: {FLAGS.n:,} x {FLAGS.dim} standard-normal float32 vectors; {FLAGS.queries} queries from the same "
       f"distribution; batch-1 rate over {single} queries; recall@{FLAGS.k} against exact float32 search",
       "- bytes: what `DenseIndex.save` writes, without and with the passage ids (`ids.npy`, int64) "
       "and `index.json`",
       *([f"- ah settings: {settings}"] if settings else []),
       f"- load average before the run (other jobs share this machine): {load_before}",
-      "",
-      result,
   ])
-  record(FLAGS.record, body)
-  print(f"recorded in {FLAGS.record}")
+  report.record(TITLE, result, note)
+  print(f"recorded in {report.DOC}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def record(title: str, table: str, note: str = "", command: str | None = None) -
   """Writes (or replaces) the ``## title`` section of docs/benchmarks.md."""
   from rnr_jax.io import atomic_write_text  # pylint: disable=import-outside-toplevel
 
-  command = command or "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+  module = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  command = command or " ".join(["python -m bench." + module, *map(shlex.quote, sys.argv[1:])])
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   body = f"## {title}\n\n`{command}`  \nMachine: {machine()}  \nDate: {date}\n\n{table}\n"
   if note:
