@@ -1,0 +1,128 @@
+r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
+
+  python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted
+                           --passage_score_weight λ --out PRED.jsonl]
+
+Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each
+question's top-k passages are retrieved once and read once; answers are chosen
+from the first m' passages for each m' in {1, 10, 20, ...} up to ``top_k`` (and
+``top_k`` itself). Printed: a progress bar, EM and F1 for each m', the top-k answer
+accuracy of retrieval (DPR ``has_answer`` on the decoded passage text), questions
+per second (encoding, search, reading and answer choice, compilation included),
+and, as the last line, one JSON object: ``n``, ``em`` and ``f1`` (at the m' with the
+best EM, as the paper reports), ``best_read_passages``, ``em_at`` / ``f1_at`` (per
+m'), ``top_k_accuracy``, ``questions_per_s`` and the settings. EM and F1 are
+fractions. ``--out`` writes one JSON line per question with the prediction at the
+best m': ``id``, ``question``, ``prediction``, ``passage_id``, ``title``, ``score``,
+gold ``answers`` and ``correct`` (EM).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from tqdm.auto import tqdm
+
+from rnr_jax.bundle import BundleError
+from rnr_jax.data.readers import DataFormatError, Question, read_questions
+from rnr_jax.io import atomic_write_text
+from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy, exact_match, f1_score
+from rnr_jax.qa_system import Prediction, QASystem
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so entry modules import together)."""
+  flags.DEFINE_string("bundle", None, "Bundle directory (python -m infer.export).")
+  flags.DEFINE_string("questions", None, "Question file: our jsonl or NQ-open jsonl.")
+  flags.DEFINE_integer("limit", 0, "First N questions; 0 = all.")
+  flags.DEFINE_integer("top_k", None, "Passages retrieved per question (default: the bundle's).")
+  flags.DEFINE_enum("rule", None, ["dpr", "weighted"], "Answer rule (default: the bundle's).")
+  flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
+  flags.DEFINE_integer("batch_size", 64, "Questions per prediction call.")
+  flags.DEFINE_string("out", None, "Write per-question predictions to this jsonl file.")
+  flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
+  flags.mark_flags_as_required(["bundle", "questions"])
+
+
+def read_counts(top_k: int) -> list[int]:
+  """The m' of appendix A.3 up to ``top_k``: 1, 10, 20, ..., and ``top_k`` itself."""
+  return sorted({1, *range(10, top_k + 1, 10), top_k})
+
+
+def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str, passage_score_weight: float,
+             batch_size: int = 64, progress: bool = True) -> tuple[dict[str, Any], list[Prediction]]:
+  """``(summary, predictions at the best m')`` of ``questions`` (see the module docstring)."""
+  if not questions:
+    raise ValueError("no questions to evaluate")
+  top_k = min(top_k, len(system.index))
+  counts = read_counts(top_k)
+  predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
+  ranked = []
+  start = time.perf_counter()
+  with tqdm(total=len(questions), desc="evaluate", unit="question", disable=not progress, file=sys.stderr) as bar:
+    for i in range(0, len(questions), batch_size):
+      chunk = questions[i:i + batch_size]
+      results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
+                               passage_score_weight=passage_score_weight)
+      for n in counts:
+        predictions[n] += results.predictions[n]
+      ranked.append(results.passage_ids)
+      bar.update(len(chunk))
+  seconds = time.perf_counter() - start
+  answers = [q.answers for q in questions]
+  em_at = {n: float(np.mean([exact_match(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
+  f1_at = {n: float(np.mean([f1_score(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
+  best = max(counts, key=lambda n: (em_at[n], -n))
+  matcher = AnswerMatcher(lambda pid: system.passage(pid)[1] if pid >= 0 else "")  # -1: an empty "ah" slot
+  ks = sorted({k for k in DEFAULT_KS if k < top_k} | {top_k})
+  accuracy = answer_top_k_accuracy(np.concatenate(ranked), answers, matcher, ks)
+  summary = {"n": len(questions), "em": em_at[best], "f1": f1_at[best], "best_read_passages": best,
+             "em_at": {str(n): v for n, v in em_at.items()}, "f1_at": {str(n): v for n, v in f1_at.items()},
+             "top_k_accuracy": {f"top{k}": v for k, v in accuracy.items()},
+             "questions_per_s": round(len(questions) / seconds, 3), "seconds": round(seconds, 3),
+             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight}
+  return summary, predictions[best]
+
+
+def prediction_records(questions: Sequence[Question], predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
+  """The ``--out`` line of each question."""
+  return [{"id": q.id, "question": q.question, "prediction": p.answer, "passage_id": p.passage_id, "title": p.title,
+           "score": p.score, "answers": list(q.answers), "correct": bool(exact_match(p.answer, q.answers))}
+          for q, p in zip(questions, predictions)]
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    questions = list(read_questions(FLAGS.questions))[:FLAGS.limit or None]
+    system = QASystem.from_bundle(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
+  except (BundleError, DataFormatError, FileNotFoundError) as e:
+    sys.exit(f"infer.evaluate: error: {e}")
+  s = system.settings
+  rule = FLAGS.rule or s.rule
+  weight = s.passage_score_weight if FLAGS.passage_score_weight is None else FLAGS.passage_score_weight
+  summary, predictions = evaluate(system, questions, top_k=FLAGS.top_k or s.top_k, rule=rule,
+                                  passage_score_weight=weight, batch_size=FLAGS.batch_size)
+  for n in summary["em_at"]:
+    print(f"m'={n:>4}  EM {100 * summary['em_at'][n]:6.2f}  F1 {100 * summary['f1_at'][n]:6.2f}")
+  print("retrieval: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in summary["top_k_accuracy"].items()))
+  print(f"{summary['n']} questions, {summary['questions_per_s']:.2f} questions/s; best m'="
+        f"{summary['best_read_passages']}: EM {100 * summary['em']:.2f}, F1 {100 * summary['f1']:.2f}")
+  if FLAGS.out:
+    atomic_write_text(FLAGS.out, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                         for r in prediction_records(questions, predictions)))
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,613 @@
+"""The in-memory open-domain QA system: encode questions, search the index, read the top passages, answer.
+
+One :class:`QASystem` serves both a freshly trained model (:meth:`QASystem.from_parts`)
+and a deployed bundle (:meth:`QASystem.from_bundle`), so both answer identically
+given the same weights, index and settings. A question goes through
+
+1. **encoding**: tokenized to ``[CLS] question [SEP]`` (token type 0), grouped with
+   questions of the same length bucket and embedded by a jitted function; a group
+   is padded to a power-of-two number of rows, so only a few shapes compile;
+2. **search**: the top-``top_k`` passage ids by inner product (:class:`~rnr_jax.index.DenseIndex`,
+   the INT8 index of paper §2.3 in a bundle);
+3. **reading**: the first ``m'`` retrieved passages of each question are built
+   from the token-ID corpus as ``[CLS] question [SEP] title [SEP] text [SEP]`` rows
+   and read in one jitted batch (``questions x m'`` rows, questions padded to a
+   power of two, rows to one length bucket), giving start / end / rank logits;
+4. **choosing**: :func:`rnr_jax.reader.select_answer` with the ``"dpr"`` rule (best
+   span of the top-ranked passage) or the ``"weighted"`` rule of appendix A.3
+   (``(1-λ)(log Ps + log Pe) + 2λ log Prank`` over each passage's top five spans);
+   the span is widened to whole words.
+
+Answer text. With passage texts (``passage_texts`` of :meth:`QASystem.from_parts`)
+the answer is cut from the original text through character offsets. Without them
+(a bundle ships token ids only, paper §2.3) titles, passages and answers are decoded
+from the token ids: uncased WordPiece text, which EM/F1 normalisation tolerates.
+
+The system's models (:class:`SystemSpec`): a unified retriever-reader (one
+:class:`~rnr_jax.qa_model.RetrieverReader` whose ``embed`` retrieves and ``read``
+reads, paper §2.2.3), or a retriever plus a separate reader (parameters
+``{"retriever": ..., "reader": ...}``).
+
+Passages are looked up by passage id in a :class:`PassageStore`: a token-ID corpus
+whose row ``i`` holds passage ``passage_ids[i]``, plus in-memory edits
+(:mod:`rnr_jax.knowledge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rnr_jax import reader, retrieval
+from rnr_jax import reader_data as rd
+from rnr_jax import tokenization as tk
+from rnr_jax.bundle import BundleError, load_bundle
+from rnr_jax.data.token_corpus import TokenCorpus, save_npy
+from rnr_jax.index import DenseIndex
+from rnr_jax.models import Params
+
+RULES = ("dpr", "weighted")
+PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+NO_PASSAGE = rd.NO_PASSAGE
+
+ReadFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
+
+
+# ---- models -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+  """What rebuilds a QA system's model(s) and inputs; ``config.json["model"]`` of a bundle.
+
+  Attributes:
+    reader: the reader (for a unified system, the whole retriever-reader).
+    retriever: the retrieval inputs and vectors (question / passage lengths,
+      passage token type, normalisation); for a unified system it describes the
+      reader's ``embed`` and shares its encoder.
+    unified: one model (parameters of the reader) or two (``{"retriever", "reader"}``).
+  """
+
+  reader: rd.ReaderSpec
+  retriever: retrieval.RetrieverSpec
+  unified: bool
+
+  def __post_init__(self) -> None:
+    if self.reader.tokenizer_fingerprint != self.retriever.tokenizer_fingerprint:
+      raise ValueError("the retriever and the reader were trained with different tokenizers")
+    if self.unified and (dict(self.reader.encoder) != dict(self.retriever.encoder)
+                         or self.reader.pooling != self.retriever.pooling
+                         or self.reader.retrieval_dim != self.retriever.retrieval_dim):
+      raise ValueError("a unified system's retrieval settings must be those of its reader's encoder")
+
+  @classmethod
+  def unified_model(cls, reader_spec: rd.ReaderSpec, *, passage_len: int = 256, passage_token_type: int = 1,
+                    normalize: bool = False) -> SystemSpec:
+    """A unified retriever-reader: the reader's ``embed`` retrieves (questions token type 0, paper §2.2.2)."""
+    retriever = retrieval.RetrieverSpec(
+        encoder=reader_spec.encoder, shared=True, pooling=reader_spec.pooling,
+        retrieval_dim=reader_spec.retrieval_dim, normalize=normalize, passage_token_type=passage_token_type,
+        tokenizer_fingerprint=reader_spec.tokenizer_fingerprint, question_len=reader_spec.question_len,
+        passage_len=passage_len, buckets=reader_spec.buckets, dtype=reader_spec.dtype)
+    return cls(reader_spec, retriever, unified=True)
+
+  @classmethod
+  def two_models(cls, retriever_spec: retrieval.RetrieverSpec, reader_spec: rd.ReaderSpec) -> SystemSpec:
+    """A retriever and a separate reader."""
+    return cls(reader_spec, retriever_spec, unified=False)
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> SystemSpec:
+    return cls(rd.ReaderSpec.from_json(d["reader"]), retrieval.RetrieverSpec.from_json(d["retriever"]),
+               bool(d["unified"]))
+
+  def to_json(self) -> dict[str, Any]:
+    return {"unified": self.unified, "reader": self.reader.to_json(), "retriever": self.retriever.to_json()}
+
+  @property
+  def dim(self) -> int:
+    """Width of the retrieval vectors."""
+    return self.retriever.dim
+
+  def init_params(self, rng: jax.Array) -> Params:
+    """Randomly initialised parameters of the system's model(s)."""
+    reader_rng, retriever_rng = jax.random.split(rng)
+    reader_params = self.reader.build().init(reader_rng, retrieval.dummy_inputs())["params"]
+    if self.unified:
+      return reader_params
+    return {"retriever": retrieval.initial_params(self.retriever.build(), retriever_rng), "reader": reader_params}
+
+  def embed_fns(self) -> tuple[retrieval.EmbedFn, retrieval.EmbedFn]:
+    """``(question_fn, passage_fn)``: ``(system params, batch) -> [B, dim]`` (not jitted)."""
+    if not self.unified:
+      questions, passages = self.retriever.embed_fns()
+      return (lambda params, batch: questions(params["retriever"], batch),
+              lambda params, batch: passages(params["retriever"], batch))
+    model = self.reader.build()
+
+    def embed_fn(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+      return self.retriever.finish(model.apply({"params": params}, batch, method="embed"))
+
+    return embed_fn, embed_fn
+
+  def read_fn(self) -> ReadFn:
+    """``(system params, batch) -> [rows, 2L + 1]``: start logits, end logits and the rank logit, concatenated."""
+    model = self.reader.build()
+
+    def read(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+      start, end, rank = model.apply({"params": params if self.unified else params["reader"]}, batch, method="read")
+      return jnp.concatenate([start, end, rank[:, None]], axis=1)
+
+    return read
+
+
+def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
+                    mesh: Mesh, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+  """float32 ``[len(records), dim]`` passage vectors of token-ID records (``params`` placed on ``mesh``)."""
+  parallel = retrieval.data_parallelism(mesh)
+  encoder = retrieval.BatchEncoder(spec.embed_fns()[1], mesh, -(-batch_size // parallel) * parallel)
+  r = spec.retriever
+  return retrieval.encode_corpus(encoder, params, tokenizer, records, max_len=r.passage_len, buckets=r.buckets,
+                                 token_type=r.passage_token_type, progress=progress).vectors
+
+
+# ---- passages ---------------------------------------------------------------------------
+
+
+class PassageStore:
+  """Token-ID records by passage id: a :class:`TokenCorpus` with the passage id of each row, plus edits.
+
+  Edits (:meth:`put`, :meth:`delete`) live in memory until :meth:`write` saves
+  the current passages as a new corpus directory.
+  """
+
+  def __init__(self, corpus: TokenCorpus, passage_ids: np.ndarray | None = None):
+    ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else np.asarray(passage_ids)
+    if ids.shape != (len(corpus),) or ids.dtype.kind not in "iu":
+      raise ValueError(f"passage_ids must be {len(corpus)} integers, got {ids.dtype}{list(ids.shape)}")
+    ids = ids.astype(np.int64)
+    if len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
+      raise ValueError("passage_ids must be unique and non-negative")
+    self.corpus = corpus
+    self._ids = ids
+    self._order = np.argsort(ids, kind="stable")
+    self._removed = np.zeros(len(ids), bool)
+    self._edited: dict[int, np.ndarray] = {}  # Added or replaced records.
+    self._edited_texts: dict[int, tuple[str, str]] = {}  # Their (title, text), when given.
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike) -> PassageStore:
+    """A corpus directory with an optional ``passage_ids.npy`` (absent: row i is passage i)."""
+    corpus = TokenCorpus.load(directory)
+    ids_path = os.path.join(directory, PASSAGE_IDS_FILE)
+    return cls(corpus, np.load(ids_path, allow_pickle=False) if os.path.exists(ids_path) else None)
+
+  def _row(self, pid: int) -> int:
+    """Corpus row of a live, unedited passage, else -1."""
+    if not len(self._ids):
+      return -1
+    pos = min(int(np.searchsorted(self._ids, pid, sorter=self._order)), len(self._ids) - 1)
+    row = int(self._order[pos])
+    return row if self._ids[row] == pid and not self._removed[row] else -1
+
+  def __contains__(self, pid: int) -> bool:
+    return int(pid) in self._edited or self._row(int(pid)) >= 0
+
+  def __getitem__(self, pid: int) -> np.ndarray:
+    """The ``title [SEP] text`` ids of a passage (``int32``)."""
+    pid = int(pid)
+    if pid in self._edited:
+      return self._edited[pid]
+    row = self._row(pid)
+    if row < 0:
+      raise KeyError(f"no passage with id {pid}")
+    return self.corpus[row]
+
+  def __len__(self) -> int:
+    return int(len(self._ids) - self._removed.sum() + len(self._edited))
+
+  @property
+  def ids(self) -> np.ndarray:
+    """Ids of the live passages: unedited corpus rows in order, then added or replaced ones."""
+    return np.concatenate([self._ids[~self._removed], np.fromiter(self._edited, np.int64, len(self._edited))])
+
+  @property
+  def pending_edits(self) -> int:
+    return int(self._removed.sum() + len(self._edited))
+
+  def next_id(self) -> int:
+    """One more than the largest passage id ever held (removed ones included), so new ids are never reused."""
+    return int(max(self._ids.max(initial=-1), max(self._edited, default=-1))) + 1
+
+  def edited_text(self, pid: int) -> tuple[str, str] | None:
+    """``(title, text)`` given with an added or replaced passage, else None."""
+    return self._edited_texts.get(int(pid))
+
+  def put(self, pids: Sequence[int], records: Sequence[np.ndarray],
+          texts: Sequence[tuple[str, str]] | None = None) -> None:
+    """Adds passages or replaces the records of existing ones (``texts``: their ``(title, text)``)."""
+    if len(pids) != len(records) or (texts is not None and len(texts) != len(pids)):
+      raise ValueError(f"{len(pids)} passage ids for {len(records)} records")
+    for i, (pid, record) in enumerate(zip(pids, records)):
+      pid = int(pid)
+      row = self._row(pid)
+      if row >= 0:
+        self._removed[row] = True
+      self._edited[pid] = np.asarray(record, np.int32)
+      self._edited_texts.pop(pid, None)
+      if texts is not None:
+        self._edited_texts[pid] = texts[i]
+
+  def delete(self, pids: Iterable[int]) -> None:
+    """Removes passages; ``KeyError`` (and nothing removed) if one is absent."""
+    pids = [int(p) for p in pids]
+    missing = [p for p in pids if p not in self]
+    if missing:
+      raise KeyError(f"no passages with ids {missing[:10]}")
+    for pid in pids:
+      self._edited_texts.pop(pid, None)
+      if self._edited.pop(pid, None) is None:
+        self._removed[self._row(pid)] = True
+
+  def write(self, directory: str | os.PathLike) -> None:
+    """Writes the live passages as a token-ID corpus directory with ``passage_ids.npy``."""
+    ids = self.ids
+    write_passages(directory, [self[p] for p in ids.tolist()], ids, self.corpus.meta["vocab_size"],
+                   self.corpus.meta.get("tokenizer"))
+
+
+def write_passages(directory: str | os.PathLike, records: Sequence[np.ndarray], passage_ids: np.ndarray,
+                   vocab_size: int, tokenizer: str | None = None) -> None:
+  """Writes records as a token-ID corpus directory whose row i holds passage ``passage_ids[i]``."""
+  if len(records) != len(passage_ids):
+    raise ValueError(f"{len(records)} records for {len(passage_ids)} passage ids")
+  TokenCorpus.write(directory, records, vocab_size, tokenizer=tokenizer)
+  save_npy(os.path.join(directory, PASSAGE_IDS_FILE), np.asarray(passage_ids, np.int64))
+
+
+# ---- settings and results ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+  """Default answering settings; ``config.json["inference"]`` of a bundle.
+
+  Attributes:
+    top_k: passages retrieved per question.
+    read_passages: ``m'``, the retrieved passages read per question.
+    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3).
+    passage_score_weight: λ of the weighted rule.
+    question_batch: most questions per encoding batch.
+    read_batch: most questions per reading batch (each ``m'`` rows).
+  """
+
+  top_k: int = 20
+  read_passages: int = 10
+  rule: str = "dpr"
+  passage_score_weight: float = 0.8
+  question_batch: int = 32
+  read_batch: int = 4
+
+  def __post_init__(self) -> None:
+    if self.rule not in RULES:
+      raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+    if min(self.top_k, self.read_passages, self.question_batch, self.read_batch) < 1:
+      raise ValueError(f"top_k, read_passages, question_batch and read_batch must be >= 1: {self}")
+    if not 0.0 <= self.passage_score_weight <= 1.0:
+      raise ValueError(f"passage_score_weight must be in [0, 1], got {self.passage_score_weight}")
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> InferenceSettings:
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """The answer to one question.
+
+  Attributes:
+    question: the question.
+    answer: the answer text ("" when no retrieved passage had text).
+    passage_id: the passage the answer comes from (-1: none).
+    title, passage: that passage's title and text.
+    answer_start, answer_end: character range of the answer in ``passage`` (-1 if unknown).
+    score: the answer's score under the rule (span logits for ``"dpr"``); 0 without a passage.
+    retrieval_score: the passage's inner product with the question; 0 without a passage.
+    rank: the passage's position among the retrieved ones (0 = best; -1 without a passage).
+  """
+
+  question: str
+  answer: str
+  passage_id: int
+  title: str
+  passage: str
+  answer_start: int
+  answer_end: int
+  score: float
+  retrieval_score: float
+  rank: int
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+  """Retrieval and answers of a batch of questions.
+
+  Attributes:
+    passage_ids: ``int64[Q, k]`` retrieved passages, best first (-1: empty slot).
+    passage_scores: ``float32[Q, k]`` their inner products.
+    predictions: ``{m': [Prediction per question]}`` reading the first m' passages.
+  """
+
+  passage_ids: np.ndarray
+  passage_scores: np.ndarray
+  predictions: dict[int, list[Prediction]]
+
+
+def _power_of_two(n: int, limit: int) -> int:
+  """Smallest power of two >= ``n``, or ``limit`` when that is smaller: a padded batch size."""
+  return min(1 << max(n - 1, 0).bit_length(), limit)
+
+
+def _locate(text: str, part: str, near: int) -> int:
+  """Start of the occurrence of ``part`` in ``text`` closest to ``near``, or -1."""
+  best, i = -1, text.find(part)
+  while part and i >= 0:
+    if best < 0 or abs(i - near) < abs(best - near):
+      best = i
+    i = text.find(part, i + 1)
+  return best
+
+
+class _Batched:
+  """A ``(params, batch) -> [rows, ...]`` function jitted over a data mesh, one compilation per (rows, length)."""
+
+  def __init__(self, fn: Callable[[Params, dict[str, jax.Array]], jax.Array], mesh: Mesh):
+    self._fn = jax.jit(fn)
+    self._mesh = mesh
+    self._parallel = retrieval.data_parallelism(mesh)
+    self._encoders: dict[int, retrieval.BatchEncoder] = {}
+
+  def __call__(self, params: Params, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
+    """The outputs of the batch's rows, run padded to ``rows`` (rounded up to a multiple of the devices)."""
+    n = batch.input_ids.shape[0]
+    size = -(-max(rows, n) // self._parallel) * self._parallel
+    if size not in self._encoders:
+      self._encoders[size] = retrieval.BatchEncoder(self._fn, self._mesh, size)
+    return self._encoders[size](params, [(np.arange(n), batch)], n)
+
+
+@functools.lru_cache(maxsize=8)
+def _runners(spec_json: str, mesh: Mesh) -> tuple[_Batched, _Batched]:
+  """The jitted question encoder and reader of a spec, shared by every system of that spec on ``mesh``.
+
+  Systems reloaded in one process (after knowledge edits, say) reuse the compilations.
+  """
+  spec = SystemSpec.from_json(json.loads(spec_json))
+  return _Batched(spec.embed_fns()[0], mesh), _Batched(spec.read_fn(), mesh)
+
+
+# ---- the system -------------------------------------------------------------------------
+
+
+class QASystem:
+  """Retrieve-and-read question answering over a passage index (see the module docstring).
+
+  Build with :meth:`from_parts` or :meth:`from_bundle`; ask with :meth:`answer`
+  or :meth:`predict`. Not thread-safe: one caller at a time (the server batches
+  requests onto one thread).
+
+  Attributes:
+    spec, params, index, store, tokenizer, settings, mesh: the parts (``params``
+      replicated on ``mesh``).
+  """
+
+  def __init__(self, spec: SystemSpec, params: Params, index: DenseIndex, store: PassageStore,
+               tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,
+               passage_texts: Callable[[int], tuple[str, str]] | None = None, mesh: Mesh | None = None):
+    """See :meth:`from_parts`."""
+    if index.dim != spec.dim:
+      raise ValueError(f"the index holds {index.dim}-dim vectors, the model retrieves with {spec.dim}")
+    missing = ~np.isin(index.ids, store.ids)
+    if missing.any():
+      raise ValueError(f"indexed passages missing from the corpus: {index.ids[missing][:10].tolist()}")
+    self.spec = spec
+    self.mesh = mesh if mesh is not None else retrieval.data_mesh(jax.devices()[:1])
+    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self.index = index
+    self.store = store
+    self.tokenizer = tokenizer
+    self.settings = settings or InferenceSettings()
+    self._passage_texts = passage_texts
+    self._is_continuation = reader.continuation_table(tokenizer.vocab())
+    self._embed_questions, self._read = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
+
+  @classmethod
+  def from_parts(cls, spec: SystemSpec | rd.ReaderSpec, params: Params, index: DenseIndex,
+                 token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
+                 passage_texts: Callable[[int], tuple[str, str]] | None = None,
+                 settings: InferenceSettings | None = None, mesh: Mesh | None = None) -> QASystem:
+    """A system from in-memory parts.
+
+    Args:
+      spec: the system, or a reader spec (a unified retriever-reader with default
+        retrieval settings, :meth:`SystemSpec.unified_model`).
+      params: the model parameters (numpy or jax arrays).
+      index: the passage index; its ids are passage ids.
+      token_corpus: the passages' ``title [SEP] text`` records.
+      tokenizer: the model's tokenizer.
+      passage_ids: passage id of each corpus row (default: the row number).
+      passage_texts: ``(title, text)`` of a passage id, to cut answers from the
+        original text; None decodes token ids.
+      settings: default answering settings.
+      mesh: a one-axis ``("data",)`` mesh to run on (default: the first device).
+    """
+    if isinstance(spec, rd.ReaderSpec):
+      spec = SystemSpec.unified_model(spec)
+    return cls(spec, params, index, PassageStore(token_corpus, passage_ids), tokenizer, settings=settings,
+               passage_texts=passage_texts, mesh=mesh)
+
+  @classmethod
+  def from_bundle(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, cache_dir: str | None = None,
+                  verify: bool = True) -> QASystem:
+    """The system of a bundle written by ``python -m infer.export``.
+
+    Raises:
+      BundleError: a bundle file is missing, corrupt or inconsistent (the message names it).
+    """
+    bundle = load_bundle(path, cache_dir=cache_dir, verify=verify)
+    config_path = os.path.join(bundle.unpacked_dir, "config.json")
+    for part, directory in (("corpus", bundle.corpus_dir), ("tokenizer", bundle.tokenizer_dir)):
+      if directory is None:
+        raise BundleError(path, f"has no {part}/ component")
+    try:
+      spec = SystemSpec.from_json(bundle.config["model"])
+      settings = InferenceSettings.from_json(bundle.config["inference"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise BundleError(config_path, f"not a QA system configuration ({e!r})") from e
+    try:
+      store = PassageStore.load(bundle.corpus_dir)
+    except (OSError, ValueError) as e:
+      raise BundleError(bundle.corpus_dir, f"not a readable token-ID corpus ({e})") from e
+    tokenizer = tk.Tokenizer.from_pretrained(bundle.tokenizer_dir)
+    try:
+      return cls(spec, bundle.params, bundle.index, store, tokenizer, settings=settings, mesh=mesh)
+    except ValueError as e:
+      raise BundleError(path, f"inconsistent components: {e}") from e
+
+  # ---- parts of the pipeline ----------------------------------------------------------
+
+  def _check_questions(self, questions: Sequence[str]) -> list[str]:
+    questions = list(questions)
+    for i, q in enumerate(questions):
+      if not isinstance(q, str) or not q.strip():
+        raise ValueError(f"question {i} is empty or not a string: {q!r}")
+    return questions
+
+  def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
+    """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed jitted batches."""
+    questions = self._check_questions(questions)
+    r, limit = self.spec.retriever, self.settings.question_batch
+    out = np.zeros((len(questions), self.spec.dim), np.float32)
+    lengths = [min(len(ids) + 2, r.question_len) for ids in self.tokenizer.encode_texts(questions)]
+    for idx in tk.bucketed_batches(lengths, limit, r.buckets):
+      batch = self.tokenizer.questions([questions[i] for i in idx], r.question_len, r.buckets)
+      out[idx] = self._embed_questions(self.params, batch, _power_of_two(len(idx), limit))
+    return out
+
+  def embed_passages(self, records: Sequence[np.ndarray], *, progress: bool = False) -> np.ndarray:
+    """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records."""
+    return encode_passages(self.spec, self.params, self.tokenizer, records, self.mesh, progress=progress)
+
+  def search(self, questions: Sequence[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(passage ids [Q, k], scores [Q, k])`` of the questions, ``k = min(top_k, passages)``."""
+    return self._search(self.embed_questions(questions), top_k)
+
+  def _search(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.index.search(vectors, min(top_k, len(self.index)))
+
+  def passage(self, pid: int) -> tuple[str, str]:
+    """``(title, text)`` of a passage: the original text if known, else decoded from its token ids."""
+    if self._passage_texts is not None:
+      return self.store.edited_text(pid) or self._passage_texts(int(pid))
+    title_ids, text_ids = self.tokenizer.split_record(self.store[pid])
+    return self.tokenizer.decode(title_ids), self.tokenizer.decode(text_ids)
+
+  # ---- answering ------------------------------------------------------------------------
+
+  def answer(self, questions: Sequence[str], *, top_k: int | None = None, read_passages: int | None = None,
+             rule: str | None = None, passage_score_weight: float | None = None) -> list[Prediction]:
+    """The answer to each question; unset settings take :attr:`settings`."""
+    m = read_passages or self.settings.read_passages
+    return self.predict(questions, top_k=top_k, read_counts=(m,), rule=rule,
+                        passage_score_weight=passage_score_weight).predictions[m]
+
+  def predict(self, questions: Sequence[str], *, top_k: int | None = None, read_counts: Sequence[int] | None = None,
+              rule: str | None = None, passage_score_weight: float | None = None) -> Results:
+    """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m'.
+
+    Args:
+      questions: question texts.
+      top_k: passages retrieved (default ``settings.top_k``).
+      read_counts: the m' to answer with (default ``(settings.read_passages,)``);
+        an m' beyond ``top_k`` reads every retrieved passage.
+      rule, passage_score_weight: the answer rule and its λ (defaults from ``settings``).
+    """
+    s = dataclasses.replace(self.settings, **{k: v for k, v in (
+        ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight)) if v is not None})
+    counts = tuple(read_counts or (s.read_passages,))
+    if min(counts) < 1:
+      raise ValueError(f"read counts must be >= 1, got {counts}")
+    questions = self._check_questions(questions)
+    if not questions:
+      empty = np.zeros((0, 0), np.int64)
+      return Results(empty, empty.astype(np.float32), {n: [] for n in counts})
+    pids, scores = self._search(self.embed_questions(questions), s.top_k)
+    m = min(max(counts), pids.shape[1])
+    q_ids = self.tokenizer.encode_texts(questions)
+    predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
+    for start in range(0, len(questions), s.read_batch):
+      group = range(start, min(start + s.read_batch, len(questions)))
+      batch, logits = self._read_group([q_ids[q] for q in group], pids[group.start:group.stop, :m],
+                                       _power_of_two(len(group), s.read_batch))
+      for b, q in enumerate(group):
+        for n in counts:
+          predictions[n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q], s))
+    return Results(pids, scores, predictions)
+
+  def _read_group(self, q_ids: Sequence[np.ndarray], pids: np.ndarray, padded_questions: int
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Reader inputs and ``[rows, 2L + 1]`` outputs of ``len(q_ids)`` questions x ``m`` passages."""
+    r = self.spec.reader
+    batch = rd.reader_batch(self.tokenizer, self.store, q_ids, pids, max_len=r.reader_len, buckets=r.buckets,
+                            question_len=r.question_len, max_answer_len=r.max_answer_len, max_spans=1)
+    inputs = tk.EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return batch, self._read(self.params, inputs, padded_questions * pids.shape[1])
+
+  def _choose(self, question: str, batch: Mapping[str, np.ndarray], logits: np.ndarray, b: int, m: int, n: int,
+              pids: np.ndarray, scores: np.ndarray, s: InferenceSettings) -> Prediction:
+    """The answer of question ``b`` of a read group from its first ``n`` of ``m`` passages."""
+    rows = slice(b * m, b * m + n)
+    length = batch["input_ids"].shape[1]
+    valid = reader.text_mask(length, batch["text_start"][rows], batch["text_end"][rows])
+    if not valid.any():
+      return Prediction(question, "", NO_PASSAGE, "", "", -1, -1, 0.0, 0.0, -1)
+    span = reader.select_answer(logits[rows, :length], logits[rows, length:2 * length], logits[rows, 2 * length],
+                                valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight)
+    row = b * m + span.passage
+    pid = int(pids[span.passage])
+    answer, title, passage, char_start = self._span_text(pid, batch["input_ids"][row], int(batch["text_start"][row]),
+                                                         int(batch["text_end"][row]), span.start, span.end)
+    return Prediction(question, answer, pid, title, passage, char_start,
+                      char_start + len(answer) if char_start >= 0 else -1, float(span.score),
+                      float(scores[span.passage]), int(span.passage))
+
+  def _span_text(self, pid: int, input_ids: np.ndarray, text_start: int, text_end: int, start: int, end: int
+                 ) -> tuple[str, str, str, int]:
+    """``(answer, title, passage, answer's first character)`` of token span ``[start, end]`` of a reader row."""
+    start, end = reader.extend_to_words(input_ids, start, end, text_start, text_end, self._is_continuation)
+    title, passage = self.passage(pid)
+    if self._passage_texts is not None:
+      text_ids, offsets = self.tokenizer.encode_texts_with_offsets([passage])[0]
+      if not np.array_equal(text_ids[:text_end - text_start], input_ids[text_start:text_end]):
+        raise ValueError(f"passage {pid}: its token-ID record does not match the tokenization of its text")
+      first, last = offsets[start - text_start, 0], offsets[end - text_start, 1]
+      return passage[first:last], title, passage, int(first)
+    answer = self.tokenizer.decode(input_ids[start:end + 1])
+    prefix = self.tokenizer.decode(input_ids[text_start:start])
+    return answer, title, passage, _locate(passage, answer, len(prefix) + bool(prefix))
