@@ -1,0 +1,50 @@
+"""Iterative finetuning of the unified retriever-reader (paper §2.2.4, Algorithm 1; appendix A.2).
+
+  python -m train.finetune --config configs/finetune.py --workdir W --config.finetune.init=DISTILL/best \
+      --config.pool.retriever=RETRIEVER/best
+  python -m train.finetune --config configs/finetune.py:tiny --workdir W --config.finetune.init=...   # seconds
+
+Appendix A.2: at most six epochs, the other settings as in distillation (lr 1e-5, clipping at 2.0, no warmup,
+batch 16, m = 24, τ = 3). The model, its input lengths and retrieval settings are the exported student's
+(``model.*`` and ``tokens.*`` are unused but ``model.dropout``).
+"""
+
+import ml_collections
+
+from configs import common, distill
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: none for the paper's setting, "tiny" for a seconds-long run."""
+  c = common.base_config()
+  c.pool = distill.pool_config()
+  f = c.finetune = ml_collections.ConfigDict()
+  f.init = ""  # exported student of train.distill (its W/best or W/top/step_<n>), required
+  f.mode = "iterative"  # "iterative" (Algorithm 1: two updates per step) or "joint" (reader + retrieval NLL, one)
+  # Algorithm 1's two updates: "shared" = one AdamW state advancing twice per step (the schedule counts updates),
+  # "separate" = one AdamW state per update.
+  f.optimizer_states = "shared"
+  f.m = 24  # passages per question: one positive first, then m - 1 answer-free ones
+  f.temperature = 3.0  # τ of L_recon
+  f.max_spans = 10  # answer occurrences in the positive used as span targets
+  c.eval = distill.eval_config()
+
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 0
+  c.train.batch_size = 16
+  c.train.num_steps = 20000
+  c.train.eval_every = 2000
+  c.train.ckpt_every = 2000
+
+  if arg == "tiny":
+    common.make_tiny(c)
+    c.pool.k1 = 20
+    c.pool.encode_batch_size = 16
+    c.finetune.m = 4
+    c.eval.passages = (1, 4)
+    c.eval.ks = (1, 4)
+    c.eval.questions = 16
+    c.eval.keep_best = 2
+  elif arg is not None:
+    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
+  return c
