@@ -17,6 +17,8 @@ weights drop in with :func:`with_pretrained_encoders`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -108,3 +110,10 @@ def with_pretrained_encoders(params: Params, encoder_params: Params) -> Params:
         raise ValueError(f"pretrained encoder parameters do not match the model's {name!r} subtree")
       out[name] = encoder_params
   return out
+
+
+def pretrained_loader(encoder_params: Params | None) -> Callable[[Params], Params] | None:
+  """The training loop's ``load_pretrained`` hook for Hugging Face encoder weights (``None``: random init)."""
+  if encoder_params is None:
+    return None
+  return functools.partial(with_pretrained_encoders, encoder_params=encoder_params)

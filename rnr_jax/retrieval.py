@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rnr_jax import embed, qa_model
 from rnr_jax import tokenization as tk
 from rnr_jax.data.token_corpus import save_npy
+from rnr_jax.index import exact_search
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict, load_hf_encoder, load_minilm
@@ -60,7 +61,6 @@ EMBEDDINGS_FILE = "embeddings.npy"
 EMBEDDINGS_META = "embeddings.json"
 CHUNKS_DIR = "chunks"
 CHUNK_KEY = "key.json"
-_SCORE_BLOCK_ELEMS = 1 << 25  # bounds the [queries, passages] float32 score block to 128 MiB
 
 
 # ---- the model -----------------------------------------------------------------------
@@ -417,25 +417,12 @@ def load_embeddings(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[s
 def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k passages by inner product: ``(ids [Q, k'] int64, scores [Q, k'] float32)``, best first.
 
-  ``k' = min(k, len(passages))``. Queries are scored in blocks that keep the
-  score matrix within 128 MiB.
+  ``k' = min(k, len(passages))``; blocked as :func:`rnr_jax.index.exact_search`.
   """
-  queries, passages = np.asarray(queries, np.float32), np.asarray(passages, np.float32)
   n = len(passages)
-  k = min(k, n)
-  if k < 1:
+  if min(k, n) < 1:
     raise ValueError(f"need k >= 1 and at least one passage, got k={k} and {n} passages")
-  ids = np.empty((len(queries), k), np.int64)
-  scores = np.empty((len(queries), k), np.float32)
-  block = max(1, _SCORE_BLOCK_ELEMS // n)
-  for start in range(0, len(queries), block):
-    s = queries[start:start + block] @ passages.T
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    top_s = np.take_along_axis(s, top, axis=1)
-    order = np.argsort(-top_s, axis=1, kind="stable")
-    ids[start:start + block] = np.take_along_axis(top, order, axis=1)
-    scores[start:start + block] = np.take_along_axis(top_s, order, axis=1)
-  return ids, scores
+  return exact_search(np.asarray(passages, np.float32), np.asarray(queries, np.float32), min(k, n))
 
 
 def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray,

@@ -154,10 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> np.nd
     scores = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
     return pf.filter_loss(scores, batch["labels"])
 
-  load_pretrained = None
-  if pretrained is not None:
-    def load_pretrained(params: PyTree) -> PyTree:
-      return qa_model.with_pretrained_encoders(params, pretrained)
+  load_pretrained = qa_model.pretrained_loader(pretrained)
 
   # Evals, then the loop.
   scorer = retrieval.BatchEncoder(pf.score_fn(model), mesh, int(fcfg.score_batch_size))

@@ -265,10 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return reader.reader_loss(start.reshape(shape), end.reshape(shape), rank.reshape(num_q, m), valid.reshape(shape),
                               batch["span_starts"], batch["span_ends"], batch["span_mask"], batch["passage_mask"])
 
-  load_pretrained = None
-  if pretrained is not None:
-    def load_pretrained(params: PyTree) -> PyTree:
-      return qa_model.with_pretrained_encoders(params, pretrained)
+  load_pretrained = qa_model.pretrained_loader(pretrained)
 
   # Evals, then the loop.
   dev = rd.load_reader_split(data, rcfg.eval_split, tokenizer, candidates, int(rcfg.num_negatives))

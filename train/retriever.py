@@ -269,10 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def init_fn(rng: jax.Array) -> PyTree:
     return retrieval.initial_params(model, rng)
 
-  load_pretrained = None
-  if pretrained is not None:
-    def load_pretrained(params: PyTree) -> PyTree:
-      return qa_model.with_pretrained_encoders(params, pretrained)
+  load_pretrained = qa_model.pretrained_loader(pretrained)
 
   loss_fn = make_loss_fn(spec, float(rcfg.scale))
 
