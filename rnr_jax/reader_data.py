@@ -50,7 +50,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -63,6 +62,7 @@ from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes, atomic_write_text
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training.checkpoint import ParamsExport
 
 NO_PASSAGE = -1
 
@@ -338,43 +338,6 @@ class ReaderSpec:
   def build(self) -> qa_model.RetrieverReader:
     return qa_model.RetrieverReader(config_from_hf_dict(self.encoder), pooling=self.pooling,
                                     retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
-
-
-class ParamsExport:
-  """Exported parameters: Orbax ``<directory>/<step>/{params, model}``, newest step only (module docstring)."""
-
-  def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_info(self) -> dict[str, Any] | None:
-    """The ``model`` item of the exported step, or None if nothing is exported."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    return dict(self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model)
-
-  def save(self, step: int, params: Params, model: Mapping[str, Any]) -> None:
-    """Exports ``params`` as ``step`` with the JSON ``model`` item; every process must call it."""
-    for old in self._manager.all_steps():
-      if old >= step:  # a resumed run exporting a step it had exported before
-        self._manager.delete(old)
-    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                     model=ocp.args.JsonSave({**model, "step": step})), force=True)
-    self._manager.wait_until_finished()
-
-  def restore(self, abstract_params: Any) -> Params:
-    """The exported parameters, placed like ``abstract_params`` (``ShapeDtypeStruct`` with shardings)."""
-    step = self._manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{self.directory}: no exported parameters")
-    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-                                 ).params
-
-  def close(self) -> None:
-    self._manager.close()
 
 
 def load_reader(directory: str, mesh: Mesh | None = None

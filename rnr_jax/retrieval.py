@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -52,6 +51,7 @@ from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict, load_hf_encoder, load_minilm
 from rnr_jax.training import mesh as mesh_lib
+from rnr_jax.training.checkpoint import ParamsExport
 
 EmbedFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
 
@@ -441,34 +441,23 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
 
 
 class RetrieverExport:
-  """A run's exported retriever: ``<directory>/<step>/{params, model}`` via Orbax, newest step only."""
+  """A run's exported retriever: a :class:`ParamsExport` whose ``model`` item holds spec, fingerprint and info."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._export = ParamsExport(directory)
+    self.directory = self._export.directory
 
   def latest_info(self) -> dict[str, Any] | None:
-    """The ``model`` item (spec, fingerprint, info) of the exported step, or None."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    return dict(self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model)
+    """The ``model`` item (spec, fingerprint, step, info) of the exported step, or None."""
+    return self._export.latest_info()
 
   def save(self, step: int, spec: RetrieverSpec, params: Params, info: Mapping[str, Any]) -> str:
     """Exports ``params`` as step ``step`` (replacing any export); returns the fingerprint.
 
     Every process must call it (the parameters may be sharded over processes).
     """
-    for old in self._manager.all_steps():
-      if old >= step:  # a resumed run re-exporting an earlier step than one it lost
-        self._manager.delete(old)
     fingerprint = params_fingerprint(params)
-    model = {"spec": spec.to_json(), "fingerprint": fingerprint, "step": step, "info": dict(info)}
-    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                     model=ocp.args.JsonSave(model)), force=True)
-    self._manager.wait_until_finished()
+    self._export.save(step, params, {"spec": spec.to_json(), "fingerprint": fingerprint, "info": dict(info)})
     return fingerprint
 
   def load(self, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
@@ -481,11 +470,10 @@ class RetrieverExport:
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     abstract = jax.eval_shape(lambda: initial_params(spec.build(), jax.random.key(0)))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    restored = self._manager.restore(model["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    return spec, restored.params, model
+    return spec, self._export.restore(target), model
 
   def close(self) -> None:
-    self._manager.close()
+    self._export.close()
 
 
 def load_retriever(directory: str, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
