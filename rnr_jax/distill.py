@@ -88,7 +88,7 @@ from rnr_jax.training import losses
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
 from rnr_jax.training.loop import EpochIterator, ResumableIterator
-from rnr_jax.training.metrics_log import MetricsLogger
+from rnr_jax.training.metrics_log import MetricsLogger, append_eval
 from rnr_jax.training.optim import make_optimizer
 
 PyTree = Any
@@ -914,7 +914,7 @@ class OpenEvaluator:
                    self._best_export.directory)
     if self._top is not None:
       self._top.update(step, state.params, {**self._info, "metrics": metrics, "select_metric": self._select})
-    rd.append_eval(self._path, step, {**metrics, "best": best})
+    append_eval(self._path, step, {**metrics, "best": best})
     return metrics
 
   def close(self) -> None:

@@ -34,15 +34,14 @@ rebuilds the model, e.g. a :class:`ReaderSpec`, plus the step's metrics); only
 the newest step is kept. The reader stage exports its best evaluation there and
 :func:`load_reader` reads it back (e.g. as the distillation teacher).
 
-:func:`load_prepared`, :func:`append_eval` and :class:`ParamsExport` are also
-used by the passage filter stage (``train.filter``).
+:func:`load_prepared` is also used by the passage filter stage (``train.filter``);
+exports use :class:`rnr_jax.training.checkpoint.ParamsExport`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,7 +58,7 @@ from rnr_jax.data.examples import sample_reader_passages
 from rnr_jax.data.prepared import PreparedData, prepare
 from rnr_jax.data.readers import Question
 from rnr_jax.data.token_corpus import TokenCorpus
-from rnr_jax.io import atomic_write_bytes, atomic_write_text
+from rnr_jax.io import atomic_write_bytes
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.checkpoint import ParamsExport
@@ -79,18 +78,6 @@ def load_prepared(config: Any, workdir: str) -> PreparedData:
     prepare(config.data_dir, path, echo=lambda s: logging.info("%s", s))
   multihost_utils.sync_global_devices("rnr_jax.reader_data.load_prepared")
   return PreparedData.load(path)
-
-
-def append_eval(path: str, step: int, record: Mapping[str, Any]) -> None:
-  """Adds a line to an ``eval.jsonl``, first dropping lines of this or later steps (left by a resumed run)."""
-  if jax.process_index() != 0:
-    return
-  lines = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-  lines.append(json.dumps({"step": step, **record}) + "\n")
-  atomic_write_text(path, "".join(lines))
 
 
 # ---- ranked candidates files ------------------------------------------------------------

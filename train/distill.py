@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,9 +44,9 @@ from rnr_jax import distill, qa_model, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.io import atomic_write_json
 from rnr_jax.models import Params
 from rnr_jax.qa_system import SystemSpec
+from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
 from rnr_jax.training.optim import make_optimizer
@@ -108,11 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   dcfg, pcfg = config.distill, config.pool
   if not dcfg.teacher:
     raise ValueError("distill.teacher (an exported reader directory) is required")
-  mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; caching, encoding and evaluation run on this one.
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -26,7 +26,6 @@ in the token-ID corpus.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -48,6 +47,7 @@ from rnr_jax.data.token_corpus import TokenCorpus, save_npy
 from rnr_jax.io import atomic_write_json
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
+from rnr_jax.training.metrics_log import append_eval
 from rnr_jax.training.step import TrainState
 
 FLAGS = flags.FLAGS
@@ -90,18 +90,14 @@ class Evaluator:
       self._best = metrics["hit_val"]
       self.export.save(step, state.params, {"filter": self._model_info, "metrics": metrics})
       logging.info("Step %d: new best hit_val %.4f, exported to %s.", step, self._best, self.export.directory)
-    rd.append_eval(self._path, step, {**metrics, "best": best})
+    append_eval(self._path, step, {**metrics, "best": best})
     return metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
   """Trains the filter of ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the kept pids."""
   fcfg = config.filter
-  mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; scoring runs on this one.
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -19,8 +19,6 @@ pool refresh (``pool.refresh_every``), checkpoints and resuming are as in ``trai
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +30,8 @@ from ml_collections import config_flags
 from rnr_jax import distill, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
-from rnr_jax.io import atomic_write_json
 from rnr_jax.qa_system import SystemSpec
+from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
 from rnr_jax.training.optim import make_optimizer
@@ -66,11 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     raise ValueError("finetune.init (the distillation stage's exported student) is required")
   if fcfg.mode not in MODES:
     raise ValueError(f"finetune.mode must be one of {MODES}, got {fcfg.mode!r}")
-  mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; encoding and evaluation run on this one.
   mesh = mesh_lib.make_mesh(config.mesh)

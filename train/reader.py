@@ -31,7 +31,6 @@ come from ``config.prepared_dir``, or are built into ``W/prepared``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -49,10 +48,10 @@ from rnr_jax import qa_model, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import exact_match
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
+from rnr_jax.training.metrics_log import append_eval
 from rnr_jax.training.step import TrainState
 
 FLAGS = flags.FLAGS
@@ -207,7 +206,7 @@ class Evaluator:
                                              "select_metric": self._select})
       logging.info("Step %d: new best %s %.4f, exported to %s.", step, self._select, self._best,
                    self._export.directory)
-    rd.append_eval(self._path, step, {**metrics, "best": best})
+    append_eval(self._path, step, {**metrics, "best": best})
     return metrics
 
   def close(self) -> None:
@@ -217,11 +216,7 @@ class Evaluator:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains and evaluates the reader of ``config`` in ``workdir`` (resuming if it holds checkpoints)."""
   rcfg = config.reader
-  mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; evaluation reads on this one.
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -26,7 +26,6 @@ The prepared data come from ``config.prepared_dir``, or are built into
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -43,9 +42,9 @@ from ml_collections import config_flags
 from rnr_jax import qa_model, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData, prepare, sample_retriever_passages
-from rnr_jax.io import atomic_write_json, atomic_write_text
 from rnr_jax.training import loop, losses
 from rnr_jax.training import mesh as mesh_lib
+from rnr_jax.training.metrics_log import append_eval
 from rnr_jax.training.step import LossFn, TrainState
 
 FLAGS = flags.FLAGS
@@ -217,19 +216,8 @@ class Evaluator:
       self._export.save(step, spec, state.params, {"metrics": metrics, "select_metric": self._select})
       logging.info("Step %d: new best %s %.4f, exported to %s.", step, self._select, self._best,
                    self._export.directory)
-    self._append(step, {**metrics, "best": best})
+    append_eval(self._path, step, {**metrics, "best": best})
     return metrics
-
-  def _append(self, step: int, record: Mapping[str, Any]) -> None:
-    """Adds a line to ``eval.jsonl``, first dropping lines of this or later steps (left by a resumed run)."""
-    if jax.process_index() != 0:
-      return
-    lines = []
-    if os.path.exists(self._path):
-      with open(self._path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-    lines.append(json.dumps({"step": step, **record}) + "\n")
-    atomic_write_text(self._path, "".join(lines))
 
   def close(self) -> None:
     self._export.close()
@@ -238,11 +226,7 @@ class Evaluator:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains and evaluates the retriever of ``config`` in ``workdir`` (resuming if it holds checkpoints)."""
   rcfg = config.retriever
-  mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; evaluation encodes on this one.
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -10,6 +10,7 @@ then the steps with logging, evaluation and checkpoints, and a final save.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from rnr_jax.io import atomic_write_json
 from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
@@ -27,6 +29,21 @@ from rnr_jax.training.optim import Mask, make_optimizer
 PyTree = Any
 LocalBatch = dict[str, np.ndarray]
 EvalFn = Callable[[step_lib.TrainState, int], Mapping[str, Any]]
+
+
+def start_run(config: Any, workdir: str) -> str:
+  """A stage's first step: joins the other hosts (when configured) and records the config.
+
+  Calls :func:`mesh.maybe_initialize_distributed` (before anything reads the process
+  index), creates ``workdir`` and writes ``<workdir>/config.json`` from process 0.
+  Returns the absolute workdir.
+  """
+  mesh_lib.maybe_initialize_distributed(config.mesh)
+  workdir = os.path.abspath(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  return workdir
 
 
 class ResumableIterator(Protocol):

@@ -114,3 +114,15 @@ class MetricsLogger:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def append_eval(path: str, step: int, record: Mapping[str, Any]) -> None:
+  """Adds a line to an ``eval.jsonl``, first dropping lines of this or later steps (left by a resumed run)."""
+  if jax.process_index() != 0:
+    return
+  lines = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+  lines.append(json.dumps({"step": step, **record}) + "\n")
+  atomic_write_text(path, "".join(lines))
