@@ -26,6 +26,9 @@ def pool_config() -> ml_collections.ConfigDict:
   p.candidates = ""
   p.retriever = ""
   p.k1 = 200  # passages per question in J_read
+  # Passage filter subset (train.filter's subset.npz): fresh indexes (evaluation, refresh, a pool retriever's
+  # search) hold only its passages, as the deployed system will. "" = the whole corpus.
+  p.subset = ""
   # Beyond the paper: every N steps re-encode the corpus with the current student and rebuild J_read from its
   # top k1 (W/pool/<step>.npz); with distillation the teacher then reads the new samples. 0 = never.
   p.refresh_every = 0

@@ -33,6 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   r.max_eval_questions = 0  # first N questions of each eval split; 0 = all
   r.eval_ks = (1, 5, 20, 100)
   r.select_metric = "mean/top20"  # '<split>/top<k>' or 'mean/top<k>': which eval picks the exported best
+  r.subset = ""  # passage filter subset (train.filter's subset.npz) to evaluate over; "" = the whole corpus
+  # Keep the passage vectors of the best evaluation in W/embeddings (the infer.encode layout), so the index
+  # stage need not encode the corpus again.
+  r.save_embeddings = False
   r.encode_batch_size = 64  # evaluation encoding batch (a multiple of the device count)
   r.init_checkpoint = ""  # start from another run's parameters (workdir or checkpoint path)
   if arg == "tiny":

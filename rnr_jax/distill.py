@@ -75,7 +75,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rnr_jax import qa_model, reader, retrieval
+from rnr_jax import passage_filter, qa_model, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
@@ -353,14 +353,16 @@ class FreshIndex:
   """Exact search over the corpus encoded by a model's current parameters, encoded at most once per step.
 
   Shared by the evaluation and the pool refresh of one step, and used once with a retriever export for the
-  initial pool.
+  initial pool. With ``passage_ids`` (e.g. the passage filter's subset) only those passages are indexed.
   """
 
   def __init__(self, question_fn: retrieval.EmbedFn, passage_fn: retrieval.EmbedFn, spec: retrieval.RetrieverSpec,
-               tokenizer: tk.Tokenizer, corpus: Sequence[np.ndarray], mesh: jax.sharding.Mesh, batch_size: int):
+               tokenizer: tk.Tokenizer, corpus: Sequence[np.ndarray], mesh: jax.sharding.Mesh, batch_size: int,
+               passage_ids: np.ndarray | None = None):
     self._spec = spec
     self._tokenizer = tokenizer
-    self._corpus = corpus
+    self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
+    self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
     self._questions = retrieval.BatchEncoder(question_fn, mesh, batch_size)
     self._passages = retrieval.BatchEncoder(passage_fn, mesh, batch_size)
     self._step: int | None = None
@@ -377,6 +379,8 @@ class FreshIndex:
     q = retrieval.encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
                                    buckets=spec.buckets)
     ids, _ = retrieval.search_exact(q, self._vectors, k)
+    if self._passage_ids is not None:
+      ids = self._passage_ids[ids]
     return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=rd.NO_PASSAGE)
 
 
@@ -480,6 +484,9 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
   """
   splits = tuple(pool_cfg.train_splits)
   key: dict[str, Any] = {"splits": list(splits), "k1": int(pool_cfg.k1), "data": data_fingerprint(data)}
+  if pool_cfg.subset:
+    with open(pool_cfg.subset, "rb") as f:
+      key["subset"] = hashlib.sha256(f.read()).hexdigest()
   if pool_cfg.candidates and pool_cfg.retriever:
     raise ValueError("set pool.candidates or pool.retriever, not both")
   if pool_cfg.candidates:
@@ -499,7 +506,7 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
       if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
         raise ValueError(f"{pool_cfg.retriever} was trained with another tokenizer than {data.path}'s")
       index = FreshIndex(*spec.embed_fns(), spec, tokenizer, data.token_corpus(), mesh,
-                         int(pool_cfg.encode_batch_size))
+                         int(pool_cfg.encode_batch_size), passage_filter.subset_ids(pool_cfg.subset, data.num_passages))
       return {s: index.search(params, 0, [q.question for q in data.questions(s)], int(pool_cfg.k1)) for s in splits}
 
     return key, compute

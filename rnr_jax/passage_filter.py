@@ -254,5 +254,18 @@ def save_subset(path: str | os.PathLike, pids: np.ndarray, scores: np.ndarray, n
 
 def load_subset(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
   """``(pids, scores, num_passages)`` of a subset file written by :func:`save_subset`."""
-  with np.load(path, allow_pickle=False) as f:
-    return f["pids"], f["scores"], int(f["num_passages"])
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return f["pids"], f["scores"], int(f["num_passages"])
+  except KeyError as e:
+    raise ValueError(f"{path}: not a passage subset file (no field {e})") from None
+
+
+def subset_ids(path: str | os.PathLike | None, num_passages: int) -> np.ndarray | None:
+  """Sorted int64 passage ids of a subset file (None for no file), checked against the corpus size."""
+  if not path:
+    return None
+  pids, _, total = load_subset(path)
+  if total != num_passages:
+    raise ValueError(f"{path} selects from {total} passages, the corpus has {num_passages}")
+  return np.sort(pids.astype(np.int64))

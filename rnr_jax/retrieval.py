@@ -427,13 +427,15 @@ def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.
 
 def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray,
                        answers: Sequence[Sequence[str]], matcher: AnswerMatcher,
-                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-  """Top-k answer accuracy (DPR ``has_answer``) of exact search over every passage.
+                       ks: Sequence[int] = DEFAULT_KS, passage_ids: np.ndarray | None = None) -> dict[str, float]:
+  """Top-k answer accuracy (DPR ``has_answer``) of exact search over the passages.
 
-  Row i of ``passage_vectors`` must be passage id i of ``matcher``.
+  Row i of ``passage_vectors`` is passage id ``passage_ids[i]`` of ``matcher`` (default: i).
   Returns ``{"top1": ..., "top5": ..., ...}``.
   """
   ids, _ = search_exact(question_vectors, passage_vectors, max(ks))
+  if passage_ids is not None:
+    ids = np.asarray(passage_ids)[ids]
   return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rnr_jax import distill, qa_model, retrieval
+from rnr_jax import distill, passage_filter, qa_model, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
   # Evals (a fresh index of the corpus, shared with the pool refresh), then the loop.
   index = distill.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
-                             int(pcfg.encode_batch_size))
+                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages))
   evaluator = distill.OpenEvaluator(config.eval, workdir, system, scale, data, tokenizer, index, mesh)
   try:
     return distill.train_loop(config, workdir=workdir, init_fn=init_fn,

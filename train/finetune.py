@@ -27,7 +27,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from rnr_jax import distill, retrieval
+from rnr_jax import distill, passage_filter, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.qa_system import SystemSpec
@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
   # Evals (a fresh index of the corpus, shared with the pool refresh), then the loop.
   index = distill.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
-                             int(pcfg.encode_batch_size))
+                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages))
   evaluator = distill.OpenEvaluator(config.eval, workdir, system, scale, data, tokenizer, index, mesh)
   try:
     return distill.train_loop(config, workdir=workdir, init_fn=init_fn, new_state=new_state, step_fn=step_fn,

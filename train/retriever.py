@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rnr_jax import qa_model, retrieval
+from rnr_jax import passage_filter, qa_model, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData, prepare, sample_retriever_passages
 from rnr_jax.training import loop, losses
@@ -188,6 +188,10 @@ class Evaluator:
     q_fn, p_fn = spec.embed_fns()
     self._q_encoder = retrieval.BatchEncoder(q_fn, mesh, int(rcfg.encode_batch_size))
     self._p_encoder = retrieval.BatchEncoder(p_fn, mesh, int(rcfg.encode_batch_size))
+    self._passage_ids = passage_filter.subset_ids(rcfg.subset, data.num_passages)
+    corpus = data.token_corpus()
+    self._records = corpus if self._passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
+    self._embeddings_dir = os.path.join(workdir, "embeddings") if rcfg.save_embeddings else None
     self._path = os.path.join(workdir, "eval.jsonl")
     self._export = retrieval.RetrieverExport(os.path.join(workdir, "best"))
     exported = self._export.latest_info()
@@ -196,16 +200,17 @@ class Evaluator:
   def __call__(self, state: TrainState, step: int) -> dict[str, float]:
     start = time.perf_counter()
     spec = self._spec
-    passages = retrieval.encode_corpus(self._p_encoder, state.params, self._tokenizer, self._data.token_corpus(),
-                                       max_len=spec.passage_len, buckets=spec.buckets,
-                                       token_type=spec.passage_token_type, progress=True).vectors
+    encoded = retrieval.encode_corpus(self._p_encoder, state.params, self._tokenizer, self._records,
+                                      max_len=spec.passage_len, buckets=spec.buckets,
+                                      token_type=spec.passage_token_type, progress=True)
+    passages = encoded.vectors
     metrics: dict[str, float] = {}
     for split in self._splits:
       questions = self._data.questions(split)[:self._max_questions]
       q = retrieval.encode_questions(self._q_encoder, state.params, self._tokenizer,
                                      [x.question for x in questions], max_len=spec.question_len, buckets=spec.buckets)
       accuracy = retrieval.evaluate_retrieval(q, passages, [x.answers for x in questions], self._data.matcher(),
-                                              self._ks)
+                                              self._ks, passage_ids=self._passage_ids)
       metrics.update({f"{split}/{name}": v for name, v in accuracy.items()})
     for k in self._ks:
       metrics[f"mean/top{k}"] = float(np.mean([metrics[f"{s}/top{k}"] for s in self._splits]))
@@ -213,7 +218,16 @@ class Evaluator:
     best = metrics[self._select] > self._best
     if best:
       self._best = metrics[self._select]
-      self._export.save(step, spec, state.params, {"metrics": metrics, "select_metric": self._select})
+      fingerprint = self._export.save(step, spec, state.params, {"metrics": metrics, "select_metric": self._select})
+      if self._embeddings_dir and self._passage_ids is None and jax.process_index() == 0:
+        corpus = self._data.token_corpus()
+        # The keys infer.encode checks before reusing embeddings.
+        retrieval.save_embeddings(self._embeddings_dir, passages, {
+            "model_fingerprint": fingerprint, "corpus_sha256": corpus.meta["sha256"], "pooling": spec.pooling,
+            "retrieval_dim": spec.retrieval_dim, "normalize": spec.normalize, "passage_len": spec.passage_len,
+            "passage_token_type": spec.passage_token_type, "dim": spec.dim, "spec": spec.to_json(),
+            "prepared": self._data.path, "devices": jax.device_count(),
+            "passages_per_s": round(encoded.passages_per_s, 2), "step": step})
       logging.info("Step %d: new best %s %.4f, exported to %s.", step, self._select, self._best,
                    self._export.directory)
     append_eval(self._path, step, {**metrics, "best": best})

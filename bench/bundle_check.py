@@ -1,0 +1,99 @@
+r"""What compression costs: a bundle against the in-memory model it was exported from, on real dev questions.
+
+  python -m bench.bundle_check --bundle W/bundle --model W/finetune/best --questions ../shared/data/nq_dev.jsonl \
+      [--limit N] [--record]
+
+Three systems answer the same questions with the bundle's settings (top_k, m', rule):
+
+* ``bundle``: loaded from the bundle (FP16 weight values, INT8 index, token-ID corpus, all decompressed);
+* ``in-memory FP16``: the exported float32 parameters rounded to float16 in memory, the bundle's index and corpus;
+  must give exactly the bundle's predictions (same answers, passages and scores);
+* ``in-memory FP32``: the float32 parameters, same index: the EM difference to the bundle is the cost of FP16.
+
+Also printed: the bundle's INT8 recall@10/@20 against exact float32 search (measured at export on real question
+embeddings, ``infer.export --recall_split``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+
+from bench import report
+from infer import evaluate as evaluate_lib
+from infer import export as export_lib
+from rnr_jax import retrieval
+from rnr_jax.data.readers import read_questions
+from rnr_jax.qa_system import QASystem
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--bundle", required=True)
+  parser.add_argument("--model", required=True, help="the exported model the bundle was made from (W/best)")
+  parser.add_argument("--questions", required=True)
+  parser.add_argument("--limit", type=int, default=0)
+  parser.add_argument("--record", action="store_true")
+  args = parser.parse_args()
+
+  questions = list(read_questions(args.questions))[:args.limit or None]
+  mesh = retrieval.data_mesh(jax.devices()[:1])
+  bundled = QASystem.from_bundle(args.bundle, mesh=mesh)
+  s = bundled.settings
+  spec, params32 = export_lib.load_system(args.model, None, mesh)
+  params32 = jax.device_get(params32)
+  params16 = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32)
+                          if np.issubdtype(np.asarray(x).dtype, np.floating) else x, params32)
+
+  def in_memory(params):
+    return QASystem(spec, params, bundled.index, bundled.store, bundled.tokenizer, settings=s, mesh=mesh)
+
+  runs = {}
+  for name, system in (("bundle", bundled), ("in-memory FP16", in_memory(params16)),
+                       ("in-memory FP32", in_memory(params32))):
+    summary, predictions = evaluate_lib.evaluate(system, questions, top_k=s.top_k, rule=s.rule,
+                                                 passage_score_weight=s.passage_score_weight)
+    runs[name] = (summary, predictions)
+    print(f"{name}: EM {100 * summary['em']:.2f} (m'={summary['best_read_passages']}), "
+          f"{summary['questions_per_s']:.2f} questions/s")
+
+  def agreement(a: str, b: str) -> tuple[float, float]:
+    pa, pb = runs[a][1], runs[b][1]
+    same = np.mean([x.answer == y.answer and x.passage_id == y.passage_id for x, y in zip(pa, pb)])
+    score = max(abs(x.score - y.score) for x, y in zip(pa, pb))
+    return float(same), float(score)
+
+  em_at = {name: r[0]["em_at"] for name, r in runs.items()}
+  counts = list(runs["bundle"][0]["em_at"])
+  index_report = bundled.index.build_report or {}
+  rows = ["| system | " + " | ".join(f"EM m'={n}" for n in counts) + " | same answer+passage as bundle | "
+          "max score diff |", "|---|" + "---:|" * (len(counts) + 2)]
+  for name in runs:
+    same, diff = agreement(name, "bundle")
+    rows.append(f"| {name} | " + " | ".join(f"{100 * em_at[name][n]:.2f}" for n in counts)
+                + f" | {100 * same:.2f}% | {diff:.2e} |")
+  delta = {n: 100 * (em_at["bundle"][n] - em_at["in-memory FP32"][n]) for n in counts}
+  rows.append("")
+  rows.append("FP16 - FP32 EM (points): " + ", ".join(f"m'={n}: {d:+.2f}" for n, d in delta.items()))
+  if index_report:
+    rows.append(f"INT8 index: {index_report.get('n')} x {index_report.get('dim')}, recall@10 "
+                f"{index_report.get('recall@10')}, recall@20 {index_report.get('recall@20')} vs exact float32 "
+                f"({index_report.get('eval_source')})")
+  table = "\n".join(rows)
+  print(table)
+  print(json.dumps({"n": len(questions), "em": em_at, "fp16_minus_fp32_points": delta,
+                    "bundle_equals_fp16_in_memory": agreement("in-memory FP16", "bundle")[0] == 1.0,
+                    "index": index_report}))
+  if args.record:
+    report.record("Compression check: bundle vs in-memory model (nq_dev)", table,
+                  f"{len(questions)} questions of {args.questions}; bundle {args.bundle}; settings top_k={s.top_k}, "
+                  f"rule={s.rule}.", "python -m bench.bundle_check " + " ".join(
+                      f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False, 0) and k != "record")
+                  + " --record")
+
+
+if __name__ == "__main__":
+  main()

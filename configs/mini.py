@@ -1,0 +1,46 @@
+"""The mini pipeline: the whole method on the shared data in about 90 minutes on a 2-core CPU.
+
+  python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
+
+The corpus and the dev sets stay whole (their EM compares across versions); training is cut to a few hundred
+steps on a sample of the training questions, and models are CPU-sized: the teacher is all-MiniLM-L6-v2
+(6 layers, 384 wide) as two retriever encoders and a reader, the student its first 3 layers as one shared encoder
+with 128-d retrieval vectors. Mean pooling with cosine scores, because MiniLM was pretrained that way and a
+few hundred steps cannot teach [CLS] pooling (the paper's choice, ``model.pooling=cls``).
+"""
+
+from configs.pipeline_common import pipeline_config, stage
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = pipeline_config("mini")
+  c.eval.top_k = 5
+  retriever_common = ("model.pooling='mean'", "retriever.normalize=True", "retriever.scale=20.0",
+                      "retriever.hard_negatives=1", "train.batch_size=16", "optim.lr=2e-5",
+                      "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256")
+  c.stages.teacher_retriever = stage(
+      "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
+      "retriever.passage_token_type=0", "train.num_steps=60", "optim.warmup_steps=6",
+      "retriever.select_metric='mean/top20'")
+  c.stages.teacher_reader = stage(
+      "configs/reader.py", "reader.m=3", "reader.num_negatives=20", "tokens.reader_len=192",
+      "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=500",
+      "optim.lr=5e-5", "optim.warmup_steps=50", "train.eval_every=100000", "train.ckpt_every=100",
+      "reader.eval_questions=200", "reader.eval_passages=(1, 5)", "reader.eval_batch_size=8")
+  c.stages.filter = stage(
+      "configs/filter.py", "model.num_layers=2", "model.pooling='mean'", "tokens.passage_len=128",
+      "filter.positive_splits=('nq_train', 'squadshifts_train')", "filter.top_k=2", "filter.keep=0.5",
+      "filter.val_negatives=3000", "filter.score_batch_size=128", "train.batch_size=18", "train.num_steps=150",
+      "optim.lr=5e-5", "optim.warmup_steps=15", "train.eval_every=75", "train.ckpt_every=75")
+  c.stages.student_retriever = stage(
+      "configs/retriever.py", *retriever_common, "retriever.shared=True", "model.num_layers=3",
+      "model.retrieval_dim=128", "retriever.passage_token_type=1", "train.num_steps=150", "optim.warmup_steps=15",
+      "retriever.select_metric='mean/top20'")
+  pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
+          "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)", "eval.keep_best=1",
+          "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50")
+  c.stages.distill = stage("configs/distill.py", *pool, "distill.m=4", "distill.cache_batch_size=4",
+                           "train.num_steps=200", "optim.lr=5e-5")
+  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=150", "optim.lr=2e-5")
+  return c

@@ -1,0 +1,38 @@
+"""Fields shared by the pipeline configs (``configs/mini.py``, ``configs/smoke.py``); see ``train/pipeline.py``."""
+
+import os
+
+import ml_collections
+
+
+def stage(config: str, *overrides: str) -> ml_collections.ConfigDict:
+  """A stage: its config file (relative to the repository root, ``:arg`` allowed) and ``key=value`` overrides."""
+  return ml_collections.ConfigDict({"config": config, "overrides": tuple(overrides)})
+
+
+def pipeline_config(name: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.seed = 0
+  # "jsonl": our jsonl files in data_dir (--data_dir / RNR_DATA); "tfds_squad": SQuAD v1.1 from TensorFlow Datasets
+  # as an open-domain setting (its contexts as the corpus; set dev_splits=("squad_dev",) and train splits to
+  # ("squad_train",) in the stages), read from tfds.data_dir (prepared there in array_record format, or downloaded
+  # with tfds.download=True when online).
+  c.source = "jsonl"
+  c.data_dir = os.environ.get("RNR_DATA", "../shared/data")
+  c.tfds = ml_collections.ConfigDict({"data_dir": "", "download": False, "limit": 0})
+  # A slice of the data (smoke runs): the first N questions of each split, their gold documents and this many
+  # random distractor documents. 0 = the whole data.
+  c.slice = ml_collections.ConfigDict({"questions": 0, "distractors": 0})
+  c.prepare = ml_collections.ConfigDict({"words_per_passage": 100, "bm25_topk": 100, "hard_negatives": 30,
+                                         "max_train_questions": 0, "compress": ("bz2", "lzma")})
+  c.dev_splits = ("nq_dev", "squadshifts_dev")
+  c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
+  c.encode_batch_size = 64
+  c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")
+  c.stages = ml_collections.ConfigDict()
+  # System evaluations (teacher, filtered, KD, finetuned, bundle): top_k passages retrieved and read.
+  c.eval = ml_collections.ConfigDict({"top_k": 10, "rule": "dpr", "passage_score_weight": 0.8, "questions": 0,
+                                      "batch_size": 64})
+  c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16"})
+  return c

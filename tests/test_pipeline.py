@@ -1,0 +1,122 @@
+"""The whole pipeline (``train.pipeline``) with ``configs/smoke.py``: every stage, the report, skip and resume.
+
+Runs on a slice of the shared data (``RNR_DATA`` or ``../shared/data``); without it, on a toy data directory of
+the same layout.
+"""
+
+import json
+import os
+
+import pytest
+from test_retriever import write_toy_data
+
+from rnr_jax.config import load_config
+from train import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_dir(tmp_path_factory) -> str:
+  shared = os.environ.get("RNR_DATA") or os.path.join(ROOT, "..", "shared", "data")
+  if os.path.exists(os.path.join(shared, "corpus.jsonl")):
+    return shared
+  toy = str(tmp_path_factory.mktemp("toy_data"))
+  write_toy_data(toy)
+  for split in ("train", "dev"):
+    with open(os.path.join(toy, f"toy_{split}.jsonl"), encoding="utf-8") as f:
+      rows = f.read()
+    os.remove(os.path.join(toy, f"toy_{split}.jsonl"))
+    for name in ("nq", "squadshifts"):
+      with open(os.path.join(toy, f"{name}_{split}.jsonl"), "w", encoding="utf-8") as f:
+        f.write(rows)
+  return toy
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline") / "w")
+  data = data_dir(tmp_path_factory)
+  config = load_config(os.path.join(ROOT, "configs/smoke.py"))
+  records = pipeline.run_pipeline(config, workdir, data_dir=data,
+                                  results_md=os.path.join(workdir, "docs", "results.md"))
+  return config, workdir, data, records
+
+
+def test_every_stage_runs_and_reports(smoke_run):
+  _, workdir, _, records = smoke_run
+  assert list(records) == list(pipeline.STAGES)
+  with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  systems = report["systems"]
+  assert [s["stage"] for s in systems] == ["eval_teacher", "eval_filtered", "eval_distill", "eval_finetune", "bundle"]
+  for s in systems:
+    assert set(s["em"]) == {"nq_dev", "squadshifts_dev"}
+    assert all(0.0 <= v <= 1.0 for v in s["em"].values())
+    assert s["footprint"]["total"] > 0
+  teacher, filtered, bundle = systems[0]["footprint"], systems[1]["footprint"], systems[-1]["footprint"]
+  # The filter halves the index and the text corpus; the bundle (one encoder, FP16, compressed) is smaller still.
+  assert filtered["index"] < teacher["index"] and filtered["corpus"] < teacher["corpus"]
+  assert bundle["total"] < filtered["total"]
+  assert report["final_vs_teacher"]["footprint_ratio"] == pytest.approx(teacher["total"] / bundle["total"])
+  f = report["filter"]
+  assert f["kept"] == round(0.5 * f["num_passages"])
+  with open(os.path.join(workdir, "figure1.png"), "rb") as png:
+    assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(workdir, "docs", "results.md"), encoding="utf-8") as md:
+    text = md.read()
+  assert "Table 3 analogue" in text and "Table 4 analogue" in text
+  assert os.path.exists(os.path.join(workdir, "bundle", "manifest.json"))
+
+
+def test_finished_stages_are_skipped_and_removed_ones_rerun(smoke_run):
+  config, workdir, data, records = smoke_run
+  os.remove(os.path.join(workdir, "stages", "report.json"))
+  again = pipeline.run_pipeline(config, workdir, data_dir=data, redo=("bundle",))
+  for stage in pipeline.STAGES:
+    if stage in ("bundle", "report"):
+      assert again[stage]["finished"] >= records[stage]["finished"]
+      assert again[stage]["summary"].keys() == records[stage]["summary"].keys()
+    else:
+      assert again[stage] == records[stage], stage  # skipped: the record read back unchanged
+  assert again["bundle"]["summary"]["results"] == records["bundle"]["summary"]["results"]  # same model, same EM
+
+
+def test_config_errors_name_the_stage_before_running(tmp_path):
+  config = load_config(os.path.join(ROOT, "configs/smoke.py"))
+  config.stages.distill.overrides = (*config.stages.distill.overrides, "distill.no_such_field=1")
+  with pytest.raises(ValueError, match="stages.distill"):
+    pipeline.run_pipeline(config, str(tmp_path / "w"), data_dir=str(tmp_path))
+  assert not os.path.exists(tmp_path / "w" / "prepared")
+  with pytest.raises(ValueError, match="unknown stage"):
+    pipeline.run_pipeline(load_config(os.path.join(ROOT, "configs/smoke.py")), str(tmp_path / "w"),
+                          until="no_such_stage")
+
+
+def test_slice_keeps_gold_documents(tmp_path):
+  source = tmp_path / "src"
+  source.mkdir()
+  docs = [{"id": i, "title": f"t{i}", "text": f"text {i}", "source": "x"} for i in range(50)]
+  (source / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  questions = [{"id": f"q{i}", "question": f"q {i}", "answers": ["a"], "gold_pid": 3 * i} for i in range(10)]
+  (source / "nq_dev.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+  out = pipeline.write_slice(str(source), str(tmp_path / "slice"), questions=4, distractors=5)
+  with open(os.path.join(out, "corpus.jsonl"), encoding="utf-8") as f:
+    ids = [json.loads(line)["id"] for line in f]
+  with open(os.path.join(out, "nq_dev.jsonl"), encoding="utf-8") as f:
+    kept = [json.loads(line) for line in f]
+  assert [q["id"] for q in kept] == ["q0", "q1", "q2", "q3"]
+  assert {0, 3, 6, 9} <= set(ids) and len(ids) == 4 + 5 and len(set(ids)) == len(ids)
+
+
+def test_tfds_squad_source_writes_open_domain_jsonl(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    out = pipeline.write_tfds_squad(str(tmp_path / "squad"), str(tmp_path / "tfds"))
+  with open(os.path.join(out, "corpus.jsonl"), encoding="utf-8") as f:
+    docs = [json.loads(line) for line in f]
+  ids = [d["id"] for d in docs]
+  assert ids == list(range(len(ids))) and all(d["text"] for d in docs)
+  for name in ("squad_train.jsonl", "squad_dev.jsonl"):
+    with open(os.path.join(out, name), encoding="utf-8") as f:
+      questions = [json.loads(line) for line in f]
+    assert len(questions) == 5 and all(q["gold_pid"] in ids and q["answers"] and q["question"] for q in questions)
