@@ -6,9 +6,11 @@ r"""What compression costs: a bundle against the in-memory model it was exported
 Three systems answer the same questions with the bundle's settings (top_k, m', rule):
 
 * ``bundle``: loaded from the bundle (FP16 weight values, INT8 index, token-ID corpus, all decompressed);
-* ``in-memory FP16``: the exported float32 parameters rounded to float16 in memory, the bundle's index and corpus;
+* ``in-memory <stored dtype>``: the exported float32 parameters rounded in memory as the bundle stores them (float16
+  values; with ``float16+int8-embeddings`` also the per-row int8 word embeddings), the bundle's index and corpus;
   must give exactly the bundle's predictions (same answers, passages and scores);
-* ``in-memory FP32``: the float32 parameters, same index: the EM difference to the bundle is the cost of FP16.
+* ``in-memory FP32``: the float32 parameters, same index: the EM difference to the bundle is the cost of storing
+  the weights in fewer bits.
 
 Also printed: the bundle's INT8 recall@10/@20 against exact float32 search (measured at export on real question
 embeddings, ``infer.export --recall_split``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jax
 import numpy as np
@@ -26,8 +29,14 @@ from bench import report
 from infer import evaluate as evaluate_lib
 from infer import export as export_lib
 from rnr_jax import retrieval
+from rnr_jax.bundle import stored_values
 from rnr_jax.data.readers import read_questions
 from rnr_jax.qa_system import QASystem
+
+
+def bundled_config(bundle: str) -> dict:
+  with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
+    return json.load(f)
 
 
 def main() -> None:
@@ -45,14 +54,15 @@ def main() -> None:
   s = bundled.settings
   spec, params32 = export_lib.load_system(args.model, None, mesh)
   params32 = jax.device_get(params32)
-  params16 = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32)
-                          if np.issubdtype(np.asarray(x).dtype, np.floating) else x, params32)
+  weights_dtype = bundled_config(args.bundle)["weights"]["stored_dtype"]
+  params16 = stored_values(params32, weights_dtype)  # what the bundle stores, rounded in memory
 
   def in_memory(params):
     return QASystem(spec, params, bundled.index, bundled.store, bundled.tokenizer, settings=s, mesh=mesh)
 
   runs = {}
-  for name, system in (("bundle", bundled), ("in-memory FP16", in_memory(params16)),
+  stored = f"in-memory {weights_dtype}"
+  for name, system in (("bundle", bundled), (stored, in_memory(params16)),
                        ("in-memory FP32", in_memory(params32))):
     summary, predictions = evaluate_lib.evaluate(system, questions, top_k=s.top_k, rule=s.rule,
                                                  passage_score_weight=s.passage_score_weight)
@@ -77,7 +87,7 @@ def main() -> None:
                 + f" | {100 * same:.2f}% | {diff:.2e} |")
   delta = {n: 100 * (em_at["bundle"][n] - em_at["in-memory FP32"][n]) for n in counts}
   rows.append("")
-  rows.append("FP16 - FP32 EM (points): " + ", ".join(f"m'={n}: {d:+.2f}" for n, d in delta.items()))
+  rows.append(f"{weights_dtype} - float32 EM (points): " + ", ".join(f"m'={n}: {d:+.2f}" for n, d in delta.items()))
   if index_report:
     rows.append(f"INT8 index: {index_report.get('n')} x {index_report.get('dim')}, recall@10 "
                 f"{index_report.get('recall@10')}, recall@20 {index_report.get('recall@20')} vs exact float32 "
@@ -85,7 +95,8 @@ def main() -> None:
   table = "\n".join(rows)
   print(table)
   print(json.dumps({"n": len(questions), "em": em_at, "fp16_minus_fp32_points": delta,
-                    "bundle_equals_fp16_in_memory": agreement("in-memory FP16", "bundle")[0] == 1.0,
+                    "weights_dtype": weights_dtype,
+                    "bundle_equals_in_memory": agreement(stored, "bundle")[0] == 1.0,
                     "index": index_report}))
   if args.record:
     report.record("Compression check: bundle vs in-memory model (nq_dev)", table,

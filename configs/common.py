@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 2
   c.train.async_ckpt = True
   c.train.seed = 0
+  # PRNG of dropout and init: "threefry2x32" (JAX default) or "rbg" (XLA RngBitGenerator; faster on CPU).
+  c.train.rng_impl = "threefry2x32"
   return c
 
 

@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from rnr_jax import passage_filter, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
-from rnr_jax.bundle import format_footprint, write_bundle
+from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import KINDS, DenseIndex
 from rnr_jax.models import Params
@@ -63,7 +63,8 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Bundle directory to write.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out.")
   flags.DEFINE_enum("index_kind", "int8", list(KINDS), "Index kind (int8 = the paper's INT8 index).")
-  flags.DEFINE_enum("weights_dtype", "float16", ["float16", "float32"], "Stored weight values.")
+  flags.DEFINE_enum("weights_dtype", "float16", list(WEIGHTS_DTYPES), "Stored weight values (float16+int8-embeddings: "
+                    "the word-embedding table as per-row int8).")
   flags.DEFINE_integer("passage_len", 256, "Unified model without a system spec: passage tokens when encoding.")
   flags.DEFINE_integer("passage_token_type", 1, "Unified model without a system spec: passage token type.")
   flags.DEFINE_bool("normalize", False, "Unified model without a system spec: L2-normalise retrieval vectors.")

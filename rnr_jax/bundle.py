@@ -80,7 +80,11 @@ COMPONENTS = ("model", "index", "corpus", "other")
 COMPRESSIONS = ("bz2", "lzma", "none")
 SUFFIXES = {"bz2": ".bz2", "lzma": ".xz", "none": ""}
 DEFAULT_COMPRESSION = {"binary": "bz2", "text": "lzma"}
-WEIGHTS_DTYPES = ("float16", "float32")
+# "float16+int8-embeddings": float16 values, but the word-embedding table (the largest tensor of a small encoder:
+# 2/3 of a 3-layer MiniLM) as int8 with one float32 scale per row (symmetric, max-abs); dequantized on load.
+WEIGHTS_DTYPES = ("float16", "float32", "float16+int8-embeddings")
+INT8_SCALE_SUFFIX = ":int8_row_scale"
+_INT8_KEYS = ("word_embeddings/embedding",)
 
 _CHUNK = 1 << 22
 _MB = 1e6
@@ -179,18 +183,43 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
   if weights_dtype not in WEIGHTS_DTYPES:
     raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
   out = {}
+  float_dtype = "float32" if weights_dtype == "float32" else "float16"
   for key, value in flatten_params(params).items():
     if not _is_float(value.dtype):
       out[key] = np.ascontiguousarray(value)
       continue
+    if weights_dtype == "float16+int8-embeddings" and key.endswith(_INT8_KEYS) and value.ndim == 2:
+      out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
+      continue
     with np.errstate(over="ignore"):  # Overflow is reported below, naming the parameter.
-      cast = np.ascontiguousarray(value.astype(weights_dtype))
+      cast = np.ascontiguousarray(value.astype(float_dtype))
     overflow = np.isfinite(value.astype(np.float32)) & ~np.isfinite(cast)
     if overflow.any():
-      raise ValueError(f"parameter {key!r} has values beyond the {weights_dtype} range; "
+      raise ValueError(f"parameter {key!r} has values beyond the {float_dtype} range; "
                        "store it with weights_dtype='float32'")
     out[key] = cast
   return out
+
+
+def stored_values(params: Mapping[str, Any], weights_dtype: str) -> dict[str, Any]:
+  """The float32 parameters a bundle written with ``weights_dtype`` loads back (values rounded as stored)."""
+  flat = _weights_to_store(params, weights_dtype)
+  for key in [k for k in flat if k.endswith(INT8_SCALE_SUFFIX)]:
+    name = key.removesuffix(INT8_SCALE_SUFFIX)
+    flat[name] = dequantize_rows_int8(flat[name], flat.pop(key))
+  return unflatten_params({k: v.astype(np.float32) if _is_float(v.dtype) else v for k, v in flat.items()})
+
+
+def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Symmetric per-row int8: ``(q int8 [R, C], scale float32 [R])`` with ``x ~= q * scale[:, None]``."""
+  x = np.asarray(x, np.float32)
+  scale = np.abs(x).max(axis=1) / 127.0
+  scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+  return np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def dequantize_rows_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  return q.astype(np.float32) * scale[:, None]
 
 
 def _load_params(path: str, param_dtype: Any) -> dict[str, Any]:
@@ -198,6 +227,12 @@ def _load_params(path: str, param_dtype: Any) -> dict[str, Any]:
     flat = st_numpy.load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise BundleError(path, f"not a readable safetensors file ({e})") from e
+  for key in [k for k in flat if k.endswith(INT8_SCALE_SUFFIX)]:
+    name = key.removesuffix(INT8_SCALE_SUFFIX)
+    q, scale = flat.get(name), flat.pop(key)
+    if q is None or q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],):
+      raise BundleError(path, f"{key!r} does not match an int8 [rows, columns] tensor {name!r}")
+    flat[name] = dequantize_rows_int8(q, scale).astype(np.float16 if param_dtype is None else np.float32)
   if param_dtype is not None:
     flat = {k: v.astype(param_dtype) if _is_float(v.dtype) else v for k, v in flat.items()}
   return unflatten_params(flat)
@@ -459,7 +494,7 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
     extra_files: ``{name: path}`` of further files, stored as ``extra/<name>``.
     compression: ``{"binary": "bz2"|"lzma"|"none", "text": "lzma"|"bz2"|"none"}``;
       missing keys take the defaults (bz2 binary, lzma text).
-    weights_dtype: ``"float16"`` (default) or ``"float32"`` stored values.
+    weights_dtype: ``"float16"`` (default), ``"float32"`` or ``"float16+int8-embeddings"`` stored values.
     inference_config: JSON-serialisable inference settings (``config.json["inference"]``).
     overwrite: replace an existing bundle at ``out_dir``.
 

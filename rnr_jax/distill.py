@@ -87,6 +87,7 @@ from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import losses
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
+from rnr_jax.training import loop as loop_lib
 from rnr_jax.training.loop import EpochIterator, ResumableIterator
 from rnr_jax.training.metrics_log import MetricsLogger, append_eval
 from rnr_jax.training.optim import make_optimizer
@@ -484,8 +485,9 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
   """
   splits = tuple(pool_cfg.train_splits)
   key: dict[str, Any] = {"splits": list(splits), "k1": int(pool_cfg.k1), "data": data_fingerprint(data)}
-  if pool_cfg.subset:
-    with open(pool_cfg.subset, "rb") as f:
+  subset = pool_cfg.get("subset") or ""
+  if subset:
+    with open(subset, "rb") as f:
       key["subset"] = hashlib.sha256(f.read()).hexdigest()
   if pool_cfg.candidates and pool_cfg.retriever:
     raise ValueError("set pool.candidates or pool.retriever, not both")
@@ -506,7 +508,7 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
       if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
         raise ValueError(f"{pool_cfg.retriever} was trained with another tokenizer than {data.path}'s")
       index = FreshIndex(*spec.embed_fns(), spec, tokenizer, data.token_corpus(), mesh,
-                         int(pool_cfg.encode_batch_size), passage_filter.subset_ids(pool_cfg.subset, data.num_passages))
+                         int(pool_cfg.encode_batch_size), passage_filter.subset_ids(subset, data.num_passages))
       return {s: index.search(params, 0, [q.question for q in data.questions(s)], int(pool_cfg.k1)) for s in splits}
 
     return key, compute
@@ -953,7 +955,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   train_cfg = config.train
   total_steps = int(train_cfg.num_steps)
   mesh = mesh_lib.make_mesh(config.mesh)
-  init_rng, base_rng = jax.random.split(jax.random.key(train_cfg.seed))
+  init_rng, base_rng = jax.random.split(loop_lib.make_key(train_cfg))
   abstract_state = jax.eval_shape(lambda rng: new_state(init_fn(rng)), init_rng)
   shardings = mesh_lib.param_shardings(abstract_state, mesh, config.mesh.rules)
 

@@ -67,6 +67,16 @@ def markdown(report: Mapping[str, Any]) -> str:
             + ", ".join(f"{100 * v:.1f}% of {s}" for s, v in extra["survival"].items()) + " questions; "
             + "teacher top-20 " + ", ".join(
                 f"{s} {100 * v['before']:.1f} -> {100 * v['after']:.1f}" for s, v in extra["top20"].items()) + "."]
+  sweep = (extra or {}).get("sweep")
+  if sweep:
+    splits_ = list(next(iter(sweep.values())))
+    out += ["", "Keeping the top fraction of passages by filter score (teacher candidates restricted to them; "
+            "survival: questions keeping a gold answer-holding passage):", "",
+            "| kept | " + " | ".join(f"{s} survival | {s} top-1 | {s} top-20" for s in splits_) + " |",
+            "|---:|" + "---:|" * (3 * len(splits_))]
+    for fraction, row in sweep.items():
+      out.append(f"| {float(fraction):.0%} | " + " | ".join(
+          f"{_pct(row[s]['survival'])} | {_pct(row[s]['top1'])} | {_pct(row[s]['top20'])}" for s in splits_) + " |")
   stages = report.get("stages", {})
   if stages:
     out += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]

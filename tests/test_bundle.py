@@ -275,3 +275,27 @@ def test_incompressible_files_are_stored_plain(params, index, tmp_path):
   b = load_bundle(tmp_path / "bundle")
   assert open(os.path.join(b.tokenizer_dir, "noise.bin"), "rb").read() == noise.read_bytes()
   assert b.corpus_dir is None and b.extra_files == {}
+
+
+def test_int8_word_embeddings(index, resources, tmp_path):
+  rng = np.random.default_rng(5)
+  table = rng.standard_normal((3000, DIM)).astype(np.float32) * 0.05
+  table[7] = 0.0  # an all-zero row must survive (scale 1, not 0/0)
+  params = {"embeddings": {"word_embeddings": {"embedding": table}},
+            "layer_0": {"kernel": rng.standard_normal((DIM, DIM)).astype(np.float32)}}
+  fp16 = _write(str(tmp_path / "fp16"), params, index, resources)
+  int8 = _write(str(tmp_path / "int8"), params, index, resources, weights_dtype="float16+int8-embeddings")
+  model_bytes = {m["weights_dtype"]: next(r for r in m["footprint"] if r["component"] == "model")["raw_bytes"]
+                 for m in (fp16, int8)}
+  # int8 rows + one float32 scale per row: a bit over half of the float16 table.
+  assert model_bytes["float16+int8-embeddings"] < 0.6 * model_bytes["float16"]
+  loaded = load_bundle(str(tmp_path / "int8")).params
+  got = loaded["embeddings"]["word_embeddings"]["embedding"]
+  assert got.dtype == np.float32 and got.shape == table.shape
+  row_max = np.abs(table).max(axis=1, keepdims=True)
+  assert np.all(np.abs(got - table) <= row_max / 254 + 1e-7)  # half a quantisation step per row
+  assert np.all(got[7] == 0.0)
+  # Other tensors are float16 values as usual.
+  np.testing.assert_array_equal(loaded["layer_0"]["kernel"],
+                                params["layer_0"]["kernel"].astype(np.float16).astype(np.float32))
+  assert json.load(open(tmp_path / "int8" / "config.json"))["weights"]["stored_dtype"] == "float16+int8-embeddings"

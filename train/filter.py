@@ -26,6 +26,7 @@ in the token-ID corpus.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -170,8 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> np.nd
   finally:
     evaluator.export.close()
   start = time.perf_counter()
-  scores = pf.score_passages(scorer, params, tokenizer, corpus, np.arange(num_passages), max_len=max_len,
-                             buckets=buckets)
+  scores = _scores_of(workdir, best["step"])
+  if scores is None or len(scores) != num_passages:
+    scores = pf.score_passages(scorer, params, tokenizer, corpus, np.arange(num_passages), max_len=max_len,
+                               buckets=buckets)
+  else:
+    logging.info("Reusing %s (scores of the filter of step %d).", os.path.join(workdir, "passage_scores.npy"),
+                 best["step"])
   kept = pf.select_top(scores, float(fcfg.keep), int(fcfg.keep_bytes), pf.record_bytes(corpus))
   summary = {"kept": len(kept), "num_passages": num_passages, "fraction": len(kept) / num_passages,
              "kept_bytes": int(pf.record_bytes(corpus)[kept].sum()), "keep": float(fcfg.keep),
@@ -184,6 +190,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> np.nd
   logging.info("Kept %d of %d passages (%d bytes of token ids) with the filter of step %d (hit_val %.4f).",
                len(kept), num_passages, summary["kept_bytes"], best["step"], best["metrics"]["hit_val"])
   return kept
+
+
+def _scores_of(workdir: str, step: int) -> np.ndarray | None:
+  """The passage scores an earlier run wrote with the filter of ``step`` (a new ``filter.keep`` reuses them)."""
+  try:
+    with open(os.path.join(workdir, "subset.json"), encoding="utf-8") as f:
+      if json.load(f).get("best_step") != step:
+        return None
+    return np.load(os.path.join(workdir, "passage_scores.npy"))
+  except (FileNotFoundError, ValueError):
+    return None
 
 
 def main(argv: Sequence[str]) -> None:

@@ -53,8 +53,9 @@ from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import atomic_write_json, atomic_write_text
+from rnr_jax.metrics import answer_top_k_accuracy
 from rnr_jax.models import Params
-from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
 from train import distill as distill_stage
 from train import filter as filter_stage
 from train import finetune as finetune_stage
@@ -314,7 +315,9 @@ class Pipeline:
       top20[split] = {"before": before, "after": after}
     with open(self.path("filter", "subset.json"), encoding="utf-8") as f:
       subset = json.load(f)
-    return {**subset, "survival": survival, "top20": top20}
+    return {**subset, "survival": survival, "top20": top20,
+            "sweep": keep_sweep(self.data, np.load(self.path("filter", "passage_scores.npy")), candidates,
+                                self.dev_splits)}
 
   def stage_eval_filtered(self) -> dict[str, Any]:
     system, footprint = self.teacher_system(self.subset_pids())
@@ -418,7 +421,7 @@ class Pipeline:
                         "needs: weights, index and passages (text for the uncompressed systems, the bundle's "
                         "compressed files for the last row)."),
         "dev_splits": list(self.dev_splits), "systems": rows, "retrieval": retrieval_rows,
-        "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20")},
+        "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
         "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()},
         "config": self.config.to_dict(),
     }
@@ -481,6 +484,35 @@ def write_slice(data_dir: str, out: str, questions: int, distractors: int, seed:
   atomic_write_text(os.path.join(out, "corpus.jsonl"), "".join(json.dumps(d) + "\n" for d in corpus))
   for name, rows in splits.items():
     atomic_write_text(os.path.join(out, name), "".join(json.dumps(r) + "\n" for r in rows))
+  return out
+
+
+def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: Sequence[str],
+               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
+  """What keeping the top fraction of passages by filter score does, for each fraction.
+
+  Per split: ``survival`` (questions with a gold answer-holding passage that keep at least one) and the top-1 /
+  top-20 answer accuracy of the ranked candidates restricted to the kept passages.
+  """
+  order = np.argsort(-scores, kind="stable")
+  out: dict[str, Any] = {}
+  with np.load(candidates) as ranked:
+    rankings = {s: ranked[s] for s in splits}
+  for fraction in fractions:
+    keep = np.zeros(len(scores), bool)
+    keep[order[:int(round(fraction * len(scores)))]] = True
+    row = {}
+    for split in splits:
+      questions, gold = data.questions(split), data.candidates(split).gold
+      with_gold = [q for q in range(len(questions)) if len(gold[q])]
+      kept = np.full((len(questions), 20), rd.NO_PASSAGE)
+      for i, pids in enumerate(rankings[split]):
+        pids = pids[(pids >= 0) & keep[np.maximum(pids, 0)]][:20]
+        kept[i, :len(pids)] = pids
+      accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
+      row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
+                    "top1": accuracy[1], "top20": accuracy[20]}
+    out[f"{fraction:g}"] = row
   return out
 
 

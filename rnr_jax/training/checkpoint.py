@@ -86,7 +86,8 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        rng=ocp.args.JsonSave({"key_data": np.asarray(jax.random.key_data(rng)).tolist()}),
+        rng=ocp.args.JsonSave({"key_data": np.asarray(jax.random.key_data(rng)).tolist(),
+                               "impl": str(jax.random.key_impl(rng))}),
         data=ocp.args.JsonSave(dict(data_state)))
     return self._manager.save(step, args=args, force=True)
 
@@ -96,7 +97,9 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               rng=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
     restored = self._manager.restore(step, args=args)
-    rng = jax.random.wrap_key_data(np.asarray(restored.rng["key_data"], np.uint32))
+    # Checkpoints written before the implementation was recorded used JAX's default, threefry.
+    rng = jax.random.wrap_key_data(np.asarray(restored.rng["key_data"], np.uint32),
+                                   impl=restored.rng.get("impl", "threefry2x32"))
     return restored.state, rng, dict(restored.data)
 
   def restore_latest(self, abstract_state: TrainState
