@@ -227,10 +227,10 @@ class Pipeline:
     out = self.path(run, "candidates.npz")
     spec, params, model = retrieval.load_retriever(self.path(run, "best"), self.mesh)
     embeddings = self.path(run, "embeddings")
-    vectors = encode_lib.encode(out=embeddings, prepared=self.prepared, spec=spec, params=params,
-                                fingerprint=model["fingerprint"], mesh=self.mesh,
-                                batch_size=int(self.config.encode_batch_size), chunk_size=4096)
-    del vectors
+    # Reuses the embeddings the trainer kept of its best evaluation (encodes only if they are missing).
+    encode_lib.encode(out=embeddings, prepared=self.prepared, spec=spec, params=params,
+                      fingerprint=model["fingerprint"], mesh=self.mesh,
+                      batch_size=int(self.config.encode_batch_size), chunk_size=4096)
     vectors, _ = retrieval.load_embeddings(embeddings)
     tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
     encoder = retrieval.BatchEncoder(spec.embed_fns()[0], self.mesh, int(self.config.encode_batch_size))
@@ -248,7 +248,10 @@ class Pipeline:
                                                   "retriever.eval_splits": self.dev_splits})
     retriever_stage.train_and_evaluate(cfg, run)
     self._retriever_candidates("teacher_retriever", int(self.config.candidates_k))
-    best = retrieval.RetrieverExport(self.path("teacher_retriever", "best"))
+    return self._retriever_summary("teacher_retriever")
+
+  def _retriever_summary(self, run: str) -> dict[str, Any]:
+    best = retrieval.RetrieverExport(self.path(run, "best"))
     info = best.latest_info()
     best.close()
     return {"best_step": info["step"], "metrics": info["info"]["metrics"]}
@@ -285,15 +288,8 @@ class Pipeline:
     keep = np.zeros(self.data.num_passages, bool)
     keep[pids] = True
     # The teacher's candidates restricted to the kept passages: J_read of distillation and finetuning.
-    ranked = {}
     with np.load(candidates) as f:
-      for split in f.files:
-        rows = f[split]
-        kept = np.full_like(rows, rd.NO_PASSAGE)
-        for i, row in enumerate(rows):
-          row = row[(row >= 0) & keep[np.maximum(row, 0)]]
-          kept[i, :len(row)] = row
-        ranked[split] = kept
+      ranked = {split: restrict_ranking(f[split], keep) for split in f.files}
     rd.save_ranked(self.path("filter", "candidates.npz"), ranked)
     # Survival of the dev questions' answer-holding passages and the teacher's top-20 before and after.
     vectors, _ = retrieval.load_embeddings(self.path("teacher_retriever", "embeddings"))
@@ -327,10 +323,7 @@ class Pipeline:
     cfg = self.stage_config("student_retriever", {"retriever.subset": self.path("filter", "subset.npz"),
                                                   "retriever.eval_splits": self.dev_splits})
     retriever_stage.train_and_evaluate(cfg, self.path("student_retriever"))
-    best = retrieval.RetrieverExport(self.path("student_retriever", "best"))
-    info = best.latest_info()
-    best.close()
-    return {"best_step": info["step"], "metrics": info["info"]["metrics"]}
+    return self._retriever_summary("student_retriever")
 
   def _pool_wiring(self) -> dict[str, Any]:
     return {"pool.candidates": self.path("filter", "candidates.npz"), "pool.subset": self.path("filter", "subset.npz"),
@@ -487,6 +480,15 @@ def write_slice(data_dir: str, out: str, questions: int, distractors: int, seed:
   return out
 
 
+def restrict_ranking(rows: np.ndarray, keep: np.ndarray, width: int | None = None) -> np.ndarray:
+  """Each row's passage ids that ``keep`` (bool per passage) keeps, in order, padded with -1 to ``width``."""
+  out = np.full((len(rows), width or rows.shape[1]), rd.NO_PASSAGE, np.int32)
+  for i, row in enumerate(rows):
+    row = row[(row >= 0) & keep[np.maximum(row, 0)]][:out.shape[1]]
+    out[i, :len(row)] = row
+  return out
+
+
 def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: Sequence[str],
                fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
   """What keeping the top fraction of passages by filter score does, for each fraction.
@@ -505,10 +507,7 @@ def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: 
     for split in splits:
       questions, gold = data.questions(split), data.candidates(split).gold
       with_gold = [q for q in range(len(questions)) if len(gold[q])]
-      kept = np.full((len(questions), 20), rd.NO_PASSAGE)
-      for i, pids in enumerate(rankings[split]):
-        pids = pids[(pids >= 0) & keep[np.maximum(pids, 0)]][:20]
-        kept[i, :len(pids)] = pids
+      kept = restrict_ranking(rankings[split], keep, width=20)
       accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
       row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
                     "top1": accuracy[1], "top20": accuracy[20]}
