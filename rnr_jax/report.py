@@ -27,11 +27,16 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.2f}"
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-  """The report's tables (Table 3 and 4 analogues, retrieval accuracy, stage times) as markdown."""
+def markdown(report: Mapping[str, Any], figure: str | None = "figure1.png") -> str:
+  """The report's tables (Table 3 and 4 analogues, retrieval accuracy, stage times) as markdown.
+
+  ``figure``: path of the Figure 1 analogue relative to the markdown file (None: no link).
+  """
   rows = report["systems"]
   splits = list(report["dev_splits"])
   out = [f"# {report['title']}", "", report.get("description", ""), ""]
+  if figure:
+    out += [f"![Footprint vs EM (Figure 1 analogue)]({figure})", ""]
   out += ["## Footprint per stage (Table 3 analogue, MB = 10^6 bytes)", "",
           "| system | retriever | reader | index | corpus | total | vs first |",
           "|---|---:|---:|---:|---:|---:|---:|"]

@@ -424,7 +424,7 @@ class Pipeline:
         "em_fraction": {s: (last["em"][s] / first["em"][s]) if first["em"][s] else None for s in self.dev_splits}}
     paths = report_lib.write(report, self.workdir)
     if self.results_md and jax.process_index() == 0:
-      atomic_write_text(self.results_md, report_lib.markdown(report))
+      atomic_write_text(self.results_md, report_lib.markdown(report, figure="results_figure1.png"))
       shutil.copyfile(paths["figure"], os.path.join(os.path.dirname(os.path.abspath(self.results_md)),
                                                     "results_figure1.png"))
     print(report_lib.markdown(report))
