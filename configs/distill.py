@@ -51,6 +51,17 @@ def eval_config() -> ml_collections.ConfigDict:
   return e
 
 
+def make_tiny_unified(c: ml_collections.ConfigDict) -> None:
+  """The seconds-long setting of a unified-model stage (distillation, finetuning): tiny model, pool and eval."""
+  common.make_tiny(c)
+  c.pool.k1 = 20
+  c.pool.encode_batch_size = 16
+  c.eval.passages = (1, 4)
+  c.eval.ks = (1, 4)
+  c.eval.questions = 16
+  c.eval.keep_best = 2
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: none for the paper's setting, "tiny" for a seconds-long random-init run."""
   c = common.base_config()
@@ -82,15 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 2000
 
   if arg == "tiny":
-    common.make_tiny(c)
-    c.pool.k1 = 20
-    c.pool.encode_batch_size = 16
+    make_tiny_unified(c)
     c.distill.m = 4
     c.distill.cache_batch_size = 2
-    c.eval.passages = (1, 4)
-    c.eval.ks = (1, 4)
-    c.eval.questions = 16
-    c.eval.keep_best = 2
   elif arg is not None:
     raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

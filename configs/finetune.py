@@ -37,14 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 2000
 
   if arg == "tiny":
-    common.make_tiny(c)
-    c.pool.k1 = 20
-    c.pool.encode_batch_size = 16
+    distill.make_tiny_unified(c)
     c.finetune.m = 4
-    c.eval.passages = (1, 4)
-    c.eval.ks = (1, 4)
-    c.eval.questions = 16
-    c.eval.keep_best = 2
   elif arg is not None:
     raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

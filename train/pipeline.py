@@ -356,13 +356,15 @@ class Pipeline:
     footprint["total"] = report_lib.total(footprint)
     return system, footprint
 
-  def stage_eval_distill(self) -> dict[str, Any]:
-    system, footprint = self.unified_system("distill")
+  def _evaluate_unified(self, run: str) -> dict[str, Any]:
+    system, footprint = self.unified_system(run)
     return {"footprint": footprint, "results": self.evaluate(system)}
 
+  def stage_eval_distill(self) -> dict[str, Any]:
+    return self._evaluate_unified("distill")
+
   def stage_eval_finetune(self) -> dict[str, Any]:
-    system, footprint = self.unified_system("finetune")
-    return {"footprint": footprint, "results": self.evaluate(system)}
+    return self._evaluate_unified("finetune")
 
   def stage_bundle(self) -> dict[str, Any]:
     b = self.config.bundle
