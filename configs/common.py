@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # Hugging Face directory or hub id of the initial encoder; "minilm" = the installed
-  # all-MiniLM-L6-v2; "" = random init from model.hf_config.
+  # all-MiniLM-L6-v2; an exported reader (train.reader's W/best: its encoder, e.g. to start the student from the
+  # teacher); "" = random init from model.hf_config.
   c.model.init = "minilm"
   c.model.hf_config = ml_collections.ConfigDict()  # used when init == "" (random init)
   c.model.num_layers = ml_collections.FieldReference(None, field_type=int)  # truncate to k layers

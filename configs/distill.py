@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # architecture, pooling, retrieval_dim, normalize and passage token type (model.* of this config are then
   # unused but model.dropout). "" = model.init with the settings below.
   u.init_retriever = ""
+  # Exported reader whose span and ranking heads the student starts from (e.g. the teacher, when the student's
+  # encoder descends from it: model.init of the student retriever); "" = fresh heads.
+  u.init_heads = ""
   u.normalize = False  # without init_retriever: cosine retrieval scores (x scale) instead of inner products
   u.passage_token_type = 1  # without init_retriever: token type of passage inputs (questions: 0)
   u.scale = 20.0  # training scores are scale x cosine when the retriever normalises

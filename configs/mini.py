@@ -40,14 +40,15 @@ def get_config(arg: str | None = None):
       "filter.positive_splits=('nq_train', 'squadshifts_train')", "filter.top_k=2", "filter.keep=0.9",
       "filter.val_negatives=3000", "filter.score_batch_size=128", "train.batch_size=18", "train.num_steps=150",
       "optim.lr=5e-5", "optim.warmup_steps=15", "train.eval_every=75", "train.ckpt_every=75")
+  c.student_init = "teacher_reader"
   c.stages.student_retriever = stage(
-      "configs/retriever.py", *retriever_common, "retriever.shared=True", "model.num_layers=3",
-      "model.retrieval_dim=128", "retriever.passage_token_type=0", "train.num_steps=400", "optim.lr=1e-4",
-      "optim.warmup_steps=40", "retriever.select_metric='mean/top20'")
+      "configs/retriever.py", *retriever_common, "retriever.shared=True", "model.retrieval_dim=128",
+      "retriever.passage_token_type=0", "train.num_steps=200", "optim.lr=5e-5", "optim.warmup_steps=20",
+      "retriever.select_metric='mean/top20'")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
           "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)", "eval.keep_best=1",
           "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50")
   c.stages.distill = stage("configs/distill.py", *pool, "distill.m=4", "distill.cache_batch_size=4",
-                           "train.num_steps=200", "optim.lr=5e-5")
-  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=150", "optim.lr=2e-5")
+                           "distill.retrieval_loss='nll'", "train.num_steps=150", "optim.lr=2e-5")
+  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=100", "optim.lr=2e-5")
   return c

@@ -27,6 +27,9 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   c.prepare = ml_collections.ConfigDict({"words_per_passage": 100, "bm25_topk": 100, "hard_negatives": 30,
                                          "max_train_questions": 0, "compress": ("bz2", "lzma")})
   c.dev_splits = ("nq_dev", "squadshifts_dev")
+  # What the student's encoder starts from: "minilm" (student_retriever's model.init) or "teacher_reader" (the
+  # teacher reader's encoder, cut to the student's model.num_layers, and its span and ranking heads in distill).
+  c.student_init = "minilm"
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

@@ -14,6 +14,7 @@ def get_config(arg: str | None = None):
   c.slice.questions = 24
   c.slice.distractors = 40
   c.prepare.compress = ()
+  c.student_init = "teacher_reader"  # as configs/mini.py: the student descends from the teacher reader
   c.candidates_k = 20
   c.encode_batch_size = 16
   c.eval.top_k = 4

@@ -64,7 +64,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out.")
   flags.DEFINE_enum("index_kind", "int8", list(KINDS), "Index kind (int8 = the paper's INT8 index).")
   flags.DEFINE_enum("weights_dtype", "float16", list(WEIGHTS_DTYPES), "Stored weight values (float16+int8-embeddings: "
-                    "the word-embedding table as per-row int8).")
+                    "the word-embedding table as per-row int8; int8: every matrix as int8, per row or output unit).")
   flags.DEFINE_integer("passage_len", 256, "Unified model without a system spec: passage tokens when encoding.")
   flags.DEFINE_integer("passage_token_type", 1, "Unified model without a system spec: passage token type.")
   flags.DEFINE_bool("normalize", False, "Unified model without a system spec: L2-normalise retrieval vectors.")
@@ -130,13 +130,19 @@ def corpus_records(data: PreparedData, subset: str | None) -> tuple[list[np.ndar
 
 def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: Sequence[np.ndarray],
                 pids: np.ndarray, mesh: jax.sharding.Mesh, *, embeddings: str | None = None, kind: str = "int8",
-                batch_size: int = 64, recall_split: str | None = None, recall_questions: int = 1000) -> DenseIndex:
-  """The index over the passages ``pids`` (encoded now, or rows of ``embeddings``), with its recall measured.
+                batch_size: int = 64, recall_split: str | None = None, recall_questions: int = 1000,
+                vectors: np.ndarray | None = None) -> DenseIndex:
+  """The index over the passages ``pids`` (encoded now, rows of ``embeddings``, or the given ``vectors`` of
+  ``pids``), with its recall measured.
 
   The recall is measured on the questions of ``recall_split`` when given, else on sampled passages.
   """
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
-  if embeddings:
+  if vectors is not None:
+    if vectors.shape[0] != len(pids):
+      raise ValueError(f"{vectors.shape[0]} vectors given for {len(pids)} passages")
+    vectors = np.asarray(vectors, np.float32)
+  elif embeddings:
     vectors = np.asarray(reuse_embeddings(embeddings, spec, params, data.num_passages)[pids], np.float32)
   else:
     vectors = encode_passages(spec, params, tokenizer, records, mesh, batch_size=batch_size, progress=True)
@@ -172,14 +178,16 @@ def write_system_bundle(out: str, data: PreparedData, spec: SystemSpec, params: 
 def export(*, out: str, prepared: str, spec: SystemSpec, params: Params, mesh: jax.sharding.Mesh,
            settings: InferenceSettings, subset: str | None = None, embeddings: str | None = None,
            index_kind: str = "int8", weights_dtype: str = "float16", batch_size: int = 64,
-           recall_split: str | None = None, recall_questions: int = 1000, overwrite: bool = False) -> dict[str, Any]:
+           recall_split: str | None = None, recall_questions: int = 1000, overwrite: bool = False,
+           vectors: np.ndarray | None = None) -> dict[str, Any]:
   """Builds the index and writes the bundle of a system over a prepared corpus; returns a summary."""
   start = time.perf_counter()
   data = PreparedData.load(prepared)
   check_tokenizer(spec, data)
   records, pids = corpus_records(data, subset)
   index = build_index(data, spec, params, records, pids, mesh, embeddings=embeddings, kind=index_kind,
-                      batch_size=batch_size, recall_split=recall_split, recall_questions=recall_questions)
+                      batch_size=batch_size, recall_split=recall_split, recall_questions=recall_questions,
+                      vectors=vectors)
   manifest = write_system_bundle(out, data, spec, params, index, records, pids, settings,
                                  weights_dtype=weights_dtype, overwrite=overwrite)
   return {"bundle": os.path.abspath(out), "passages": len(pids), "unified": spec.unified,

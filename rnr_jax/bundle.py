@@ -37,7 +37,9 @@ when its record matches the manifest and its files match the recorded sizes
 
 The weights are stored as float16 values and converted to ``param_dtype``
 (float32 by default) on load, the paper's "FP32 graph, FP16 values" setting;
-integer leaves are stored unchanged.
+integer leaves are stored unchanged. Smaller settings (:data:`WEIGHTS_DTYPES`):
+the word embeddings, or every matrix, as symmetric int8 with a float32 scale per
+row (embedding tables) or per output unit (kernels), dequantized on load.
 """
 
 from __future__ import annotations
@@ -82,8 +84,11 @@ SUFFIXES = {"bz2": ".bz2", "lzma": ".xz", "none": ""}
 DEFAULT_COMPRESSION = {"binary": "bz2", "text": "lzma"}
 # "float16+int8-embeddings": float16 values, but the word-embedding table (the largest tensor of a small encoder:
 # 2/3 of a 3-layer MiniLM) as int8 with one float32 scale per row (symmetric, max-abs); dequantized on load.
-WEIGHTS_DTYPES = ("float16", "float32", "float16+int8-embeddings")
+# "int8": weight-only int8 for every matrix: embedding tables per row, dense kernels per output unit (column);
+# vectors (biases, LayerNorm) float16. Half the float16 size; computed in float32 / bf16 after dequantization.
+WEIGHTS_DTYPES = ("float16", "float32", "float16+int8-embeddings", "int8")
 INT8_SCALE_SUFFIX = ":int8_row_scale"
+INT8_COL_SCALE_SUFFIX = ":int8_col_scale"
 _INT8_KEYS = ("word_embeddings/embedding",)
 
 _CHUNK = 1 << 22
@@ -191,6 +196,12 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
     if weights_dtype == "float16+int8-embeddings" and key.endswith(_INT8_KEYS) and value.ndim == 2:
       out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
       continue
+    if weights_dtype == "int8" and value.ndim >= 2:
+      if key.endswith("/embedding") and value.ndim == 2:
+        out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
+      else:
+        out[key], out[key + INT8_COL_SCALE_SUFFIX] = quantize_columns_int8(value)
+      continue
     with np.errstate(over="ignore"):  # Overflow is reported below, naming the parameter.
       cast = np.ascontiguousarray(value.astype(float_dtype))
     overflow = np.isfinite(value.astype(np.float32)) & ~np.isfinite(cast)
@@ -203,10 +214,7 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
 
 def stored_values(params: Mapping[str, Any], weights_dtype: str) -> dict[str, Any]:
   """The float32 parameters a bundle written with ``weights_dtype`` loads back (values rounded as stored)."""
-  flat = _weights_to_store(params, weights_dtype)
-  for key in [k for k in flat if k.endswith(INT8_SCALE_SUFFIX)]:
-    name = key.removesuffix(INT8_SCALE_SUFFIX)
-    flat[name] = dequantize_rows_int8(flat[name], flat.pop(key))
+  flat = _dequantize_int8(_weights_to_store(params, weights_dtype), np.float32)
   return unflatten_params({k: v.astype(np.float32) if _is_float(v.dtype) else v for k, v in flat.items()})
 
 
@@ -222,17 +230,37 @@ def dequantize_rows_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
   return q.astype(np.float32) * scale[:, None]
 
 
+def quantize_columns_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Symmetric int8 per output unit of a kernel ``[in, *out]``: ``(q int8 [in, *out], scale float32 [*out])``."""
+  x = np.asarray(x, np.float32)
+  q, scale = quantize_rows_int8(x.reshape(x.shape[0], -1).T)
+  return np.ascontiguousarray(q.T.reshape(x.shape)), scale.reshape(x.shape[1:])
+
+
+def dequantize_columns_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  return q.astype(np.float32) * scale[None]
+
+
+def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") -> dict[str, np.ndarray]:
+  """Replaces every int8 tensor and its scale (``:int8_row_scale`` / ``:int8_col_scale``) by ``dtype`` values."""
+  for suffix, want, dequantize in ((INT8_SCALE_SUFFIX, lambda q: (q.shape[0],), dequantize_rows_int8),
+                                   (INT8_COL_SCALE_SUFFIX, lambda q: q.shape[1:], dequantize_columns_int8)):
+    for key in [k for k in flat if k.endswith(suffix)]:
+      name = key.removesuffix(suffix)
+      q, scale = flat.get(name), flat.pop(key)
+      rows_ok = suffix != INT8_SCALE_SUFFIX or (q is not None and q.ndim == 2)
+      if q is None or q.dtype != np.int8 or q.ndim < 2 or not rows_ok or scale.shape != want(q):
+        raise BundleError(path, f"{key!r} does not match an int8 tensor {name!r}")
+      flat[name] = dequantize(q, scale).astype(dtype)
+  return flat
+
+
 def _load_params(path: str, param_dtype: Any) -> dict[str, Any]:
   try:
     flat = st_numpy.load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise BundleError(path, f"not a readable safetensors file ({e})") from e
-  for key in [k for k in flat if k.endswith(INT8_SCALE_SUFFIX)]:
-    name = key.removesuffix(INT8_SCALE_SUFFIX)
-    q, scale = flat.get(name), flat.pop(key)
-    if q is None or q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],):
-      raise BundleError(path, f"{key!r} does not match an int8 [rows, columns] tensor {name!r}")
-    flat[name] = dequantize_rows_int8(q, scale).astype(np.float16 if param_dtype is None else np.float32)
+  flat = _dequantize_int8(flat, np.float16 if param_dtype is None else np.float32, path)
   if param_dtype is not None:
     flat = {k: v.astype(param_dtype) if _is_float(v.dtype) else v for k, v in flat.items()}
   return unflatten_params(flat)

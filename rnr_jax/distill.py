@@ -79,6 +79,7 @@ from rnr_jax import passage_filter, qa_model, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
+from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import answer_top_k_accuracy, exact_match
 from rnr_jax.models import Params
@@ -359,8 +360,10 @@ class FreshIndex:
 
   def __init__(self, question_fn: retrieval.EmbedFn, passage_fn: retrieval.EmbedFn, spec: retrieval.RetrieverSpec,
                tokenizer: tk.Tokenizer, corpus: Sequence[np.ndarray], mesh: jax.sharding.Mesh, batch_size: int,
-               passage_ids: np.ndarray | None = None):
+               passage_ids: np.ndarray | None = None, cache_dir: str | None = None):
     self._spec = spec
+    self._cache_dir = cache_dir
+    self._num_passages = len(corpus)
     self._tokenizer = tokenizer
     self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
     self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
@@ -377,12 +380,52 @@ class FreshIndex:
                                               max_len=spec.passage_len, buckets=spec.buckets,
                                               token_type=spec.passage_token_type).vectors
       self._step = step
+      if self._cache_dir:
+        save_cached_vectors(self._cache_dir, self._vectors, params, self._ids())
     q = retrieval.encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
                                    buckets=spec.buckets)
     ids, _ = retrieval.search_exact(q, self._vectors, k)
     if self._passage_ids is not None:
       ids = self._passage_ids[ids]
     return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=rd.NO_PASSAGE)
+
+
+  def _ids(self) -> np.ndarray:
+    return np.arange(self._num_passages, dtype=np.int64) if self._passage_ids is None else self._passage_ids
+
+
+VECTORS_FILE, VECTORS_KEY_FILE = "vectors.npy", "vectors.json"
+
+
+def _vectors_key(params: Params, passage_ids: np.ndarray) -> dict[str, str]:
+  return {"params": retrieval.params_fingerprint(params),
+          "passage_ids": hashlib.sha256(np.ascontiguousarray(passage_ids, np.int64).tobytes()).hexdigest()}
+
+
+def save_cached_vectors(directory: str, vectors: np.ndarray, params: Params, passage_ids: np.ndarray) -> None:
+  """Keeps the latest fresh-index encoding (``vectors.npy`` + its key) so that a later evaluation or export of the
+  same parameters over the same passages reuses it instead of encoding the corpus again."""
+  key = _vectors_key(params, passage_ids)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  key_path = os.path.join(directory, VECTORS_KEY_FILE)
+  if os.path.exists(key_path):
+    os.remove(key_path)  # the key goes last: a half-written pair is never taken as valid
+  save_npy(os.path.join(directory, VECTORS_FILE), np.asarray(vectors, np.float32))
+  atomic_write_json(key_path, key)
+
+
+def load_cached_vectors(directory: str, params: Params, passage_ids: np.ndarray) -> np.ndarray | None:
+  """The vectors :func:`save_cached_vectors` kept for exactly these parameters and passages, else None."""
+  key_path = os.path.join(directory, VECTORS_KEY_FILE)
+  if not os.path.isfile(key_path):
+    return None
+  with open(key_path, encoding="utf-8") as f:
+    if json.load(f) != _vectors_key(params, passage_ids):
+      return None
+  vectors = np.load(os.path.join(directory, VECTORS_FILE))
+  return vectors if vectors.shape[0] == len(passage_ids) else None
 
 
 # ---- the candidate pool ---------------------------------------------------------------

@@ -29,6 +29,7 @@ from rnr_jax import embed
 from rnr_jax.models import EncoderConfig, build_encoder
 
 Params = Any
+HEAD_NAMES = ("qa_outputs", "qa_classifier")  # the reader heads of a RetrieverReader
 
 
 class Retriever(nn.Module):
@@ -109,6 +110,18 @@ def with_pretrained_encoders(params: Params, encoder_params: Params) -> Params:
       if want != got:
         raise ValueError(f"pretrained encoder parameters do not match the model's {name!r} subtree")
       out[name] = encoder_params
+  return out
+
+
+def with_pretrained_heads(params: Params, heads: Params) -> Params:
+  """Returns ``params`` with the reader heads (:data:`HEAD_NAMES`) replaced by ``heads`` (same shapes)."""
+  out = dict(params)
+  for name in HEAD_NAMES:
+    want = jax.tree_util.tree_map(jnp.shape, out[name])
+    got = jax.tree_util.tree_map(jnp.shape, heads[name])
+    if want != got:
+      raise ValueError(f"reader head {name!r}: shapes {got} do not match the model's {want}")
+    out[name] = heads[name]
   return out
 
 

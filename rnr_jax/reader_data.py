@@ -60,6 +60,7 @@ from rnr_jax.data.readers import Question
 from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict
+from rnr_jax.models.bert import resolve_num_layers
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.checkpoint import ParamsExport
 
@@ -350,3 +351,23 @@ def load_reader(directory: str, mesh: Mesh | None = None
     return spec, model, params, info
   finally:
     export.close()
+
+
+def load_reader_encoder(directory: str, num_layers: int | None = None
+                        ) -> tuple[EncoderConfig, Params, dict[str, Params]]:
+  """``(encoder config, encoder params, heads)`` of a reader export, its encoder cut to the first ``num_layers``.
+
+  Starts a student from the reader teacher (``model.init=<reader>/best``): the encoder that already reads, and
+  ``heads`` (``qa_outputs``, ``qa_classifier``) for :func:`rnr_jax.qa_model.with_pretrained_heads`. Host numpy
+  arrays.
+  """
+  spec, _, params, _ = load_reader(directory)
+  config = config_from_hf_dict(dict(spec.encoder))
+  keep = resolve_num_layers(config.num_hidden_layers, num_layers)
+  encoder = jax.device_get(params["encoder"])
+  dropped = [k for k in encoder if k.startswith("layer_") and int(k.split("_")[1]) >= keep]
+  if any(not k.split("_")[1].isdigit() for k in encoder if k.startswith("layer_")):
+    raise ValueError(f"{directory}: unexpected encoder layer names {sorted(encoder)}")
+  encoder = {k: v for k, v in encoder.items() if k not in dropped}
+  heads = {k: jax.device_get(params[k]) for k in qa_model.HEAD_NAMES}
+  return dataclasses.replace(config, num_hidden_layers=keep), encoder, heads

@@ -161,16 +161,25 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def is_reader_export(path: str) -> bool:
+  """Whether ``path`` is an exported model directory (``<dir>/<step>/``) rather than a Hugging Face one."""
+  return (bool(path) and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+          and any(d.isdigit() for d in os.listdir(path)))
+
+
 def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None]:
   """The encoder a config starts from: ``(config, pretrained params or None)``.
 
   ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face
-  directory or hub id, or ``""`` for a random initialisation of ``model_cfg.hf_config``.
-  ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the
-  hidden and attention dropout.
+  directory or hub id, an exported reader (its encoder), or ``""`` for a random
+  initialisation of ``model_cfg.hf_config``. ``model_cfg.num_layers`` keeps the first
+  layers; ``model_cfg.dropout`` sets the hidden and attention dropout.
   """
   if model_cfg.init == "minilm":
     config, params = load_minilm(model_cfg.num_layers)
+  elif is_reader_export(model_cfg.init):
+    from rnr_jax import reader_data  # pylint: disable=import-outside-toplevel  (reader_data imports this module)
+    config, params, _ = reader_data.load_reader_encoder(model_cfg.init, model_cfg.num_layers)
   elif model_cfg.init:
     config, params = load_hf_encoder(model_cfg.init, model_cfg.num_layers)
   else:

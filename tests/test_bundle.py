@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rnr_jax.bundle import (BundleError, flatten_params, format_footprint, load_bundle, unflatten_params,
-                            update_bundle, write_bundle)
+from rnr_jax.bundle import (BundleError, flatten_params, format_footprint, load_bundle, stored_values,
+                            unflatten_params, update_bundle, write_bundle)
 from rnr_jax.index import DenseIndex
 
 DIM = 32
@@ -299,3 +299,31 @@ def test_int8_word_embeddings(index, resources, tmp_path):
   np.testing.assert_array_equal(loaded["layer_0"]["kernel"],
                                 params["layer_0"]["kernel"].astype(np.float16).astype(np.float32))
   assert json.load(open(tmp_path / "int8" / "config.json"))["weights"]["stored_dtype"] == "float16+int8-embeddings"
+
+
+def test_int8_weights(index, resources, tmp_path):
+  rng = np.random.default_rng(6)
+  kernel = rng.standard_normal((DIM, 3, 8)).astype(np.float32)  # a DenseGeneral kernel [in, heads, head_dim]
+  kernel[:, 1, 2] = 0.0  # an all-zero output unit
+  params = {"embeddings": {"word_embeddings": {"embedding": rng.standard_normal((500, DIM)).astype(np.float32)}},
+            "layer_0": {"kernel": kernel, "bias": rng.standard_normal(24).astype(np.float32)}}
+  fp16 = _write(str(tmp_path / "fp16"), params, index, resources)
+  int8 = _write(str(tmp_path / "int8"), params, index, resources, weights_dtype="int8")
+  model_bytes = {m["weights_dtype"]: next(r for r in m["footprint"] if r["component"] == "model")["raw_bytes"]
+                 for m in (fp16, int8)}
+  assert model_bytes["int8"] < 0.6 * model_bytes["float16"]
+  loaded = load_bundle(str(tmp_path / "int8")).params
+  got = loaded["layer_0"]["kernel"]
+  assert got.dtype == np.float32 and got.shape == kernel.shape
+  unit_max = np.abs(kernel).max(axis=0, keepdims=True)  # per output unit, over the input dimension
+  assert np.all(np.abs(got - kernel) <= unit_max / 254 + 1e-7)
+  assert np.all(got[:, 1, 2] == 0.0)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  row_max = np.abs(table).max(axis=1, keepdims=True)
+  assert np.all(np.abs(loaded["embeddings"]["word_embeddings"]["embedding"] - table) <= row_max / 254 + 1e-7)
+  # Vectors stay float16 values; stored_values() predicts exactly what the bundle loads.
+  np.testing.assert_array_equal(loaded["layer_0"]["bias"], params["layer_0"]["bias"].astype(np.float16))
+  predicted = stored_values(params, "int8")
+  for key in ("kernel", "bias"):
+    np.testing.assert_array_equal(predicted["layer_0"][key], loaded["layer_0"][key])
+

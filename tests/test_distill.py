@@ -374,3 +374,17 @@ def test_top_exports_keep_the_best_evaluations(tmp_path):
   # A run resumed from step 30: the exports of later steps are dropped.
   assert update(35, 0.1) and top.steps() == {20: 0.5, 35: 0.1}
   assert sorted(os.listdir(tmp_path / "top")) == ["step_20", "step_35"]
+
+
+def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_passages(tmp_path):
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  vectors = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+  pids = np.array([3, 5, 8, 9])
+  cache = str(tmp_path / "index")
+  assert distill.load_cached_vectors(cache, params, pids) is None  # nothing kept yet
+  distill.save_cached_vectors(cache, vectors, params, pids)
+  np.testing.assert_array_equal(distill.load_cached_vectors(cache, params, pids), vectors)
+  assert distill.load_cached_vectors(cache, {"w": params["w"] + 1e-3}, pids) is None  # other parameters
+  assert distill.load_cached_vectors(cache, params, pids[:-1]) is None  # other passages
+  os.remove(os.path.join(cache, distill.VECTORS_KEY_FILE))  # an interrupted save: vectors without their key
+  assert distill.load_cached_vectors(cache, params, pids) is None

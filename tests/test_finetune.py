@@ -19,7 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from rnr_jax import distill, reader
+from rnr_jax import distill, qa_model, reader
 from rnr_jax import reader_data as rd
 from rnr_jax.config import load_config
 from rnr_jax.training.optim import make_optimizer
@@ -196,3 +196,32 @@ def test_distill_then_finetune_learn_toy_task(toy_run):
   _, _, params, info = distill.load_unified(os.path.join(workdir, "best"))
   assert info["step"] == 30 and set(params) == {"encoder", "qa_outputs", "qa_classifier"}
   assert rd.load_reader(os.path.join(workdir, "best"))[0] == system.reader  # served like any exported reader
+
+
+def test_student_from_the_teacher_reader_starts_where_the_teacher_is(toy_run):
+  """``model.init=<reader export>`` (student retriever) + ``unified.init_heads`` (distillation): the student's
+  encoder and heads are the teacher's, so the KD reading loss starts at zero (it does not with fresh heads)."""
+  root, prepared = toy_run
+  teacher = os.path.join(root, "teacher", "best")
+  encoder_config, encoder, heads = rd.load_reader_encoder(teacher)
+  _, _, teacher_params, _ = rd.load_reader(teacher)
+  assert encoder_config.num_hidden_layers == 1 and set(heads) == set(qa_model.HEAD_NAMES)
+  jax.tree.map(np.testing.assert_array_equal, encoder, jax.device_get(teacher_params["encoder"]))
+  # A retriever whose encoder starts from the teacher's (lr 0: it stays there).
+  common = [f"prepared_dir={prepared}", "tokens.buckets=(64,)", "tokens.question_len=64", "model.dropout=0.0",
+            "optim.warmup_steps=0"]
+  retriever_stage.train_and_evaluate(load_config(os.path.join(ROOT, "configs/retriever.py:tiny"), common + [
+      f"model.init={teacher}", "retriever.train_splits=('toy_train',)", "retriever.eval_splits=('toy_dev',)",
+      "retriever.eval_ks=(1,)", "retriever.select_metric=toy_dev/top1", "model.pooling=mean", "optim.lr=0.0",
+      "train.num_steps=1", "train.eval_every=1", "train.ckpt_every=1"]), os.path.join(root, "from_teacher"))
+  first_read_loss = {}
+  for name, extra in (("teacher_heads", [f"unified.init_heads={teacher}"]), ("fresh_heads", [])):
+    workdir = os.path.join(root, f"distill_{name}")
+    distill_stage.train_and_evaluate(load_config(os.path.join(ROOT, "configs/distill.py:tiny"), common + extra + [
+        "pool.train_splits=('toy_train',)", "eval.split=toy_train", "eval.questions=8", "eval.batch_size=8",
+        f"distill.teacher={teacher}", f"unified.init_retriever={os.path.join(root, 'from_teacher', 'best')}",
+        "pool.k1=4", "train.num_steps=1", "train.eval_every=1", "train.ckpt_every=1", "train.log_every=1"]),
+        workdir)
+    first_read_loss[name] = [r for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r][0][
+        "read_loss"]
+  assert first_read_loss["teacher_heads"] < 1e-4 < 0.1 < first_read_loss["fresh_heads"], first_read_loss

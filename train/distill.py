@@ -4,7 +4,8 @@ r"""Distils the reader teacher into the unified retriever-reader (paper §2.2.3,
       --config.unified.init_retriever=RETRIEVER/best [--config.pool.retriever=RETRIEVER/best]
 
 The student is one :class:`~rnr_jax.qa_model.RetrieverReader` started from the shared-encoder retriever of §2.2.2
-(``unified.init_retriever``: its encoder, fresh reader heads) or from ``model.init``. Each step takes
+(``unified.init_retriever``: its encoder; reader heads fresh or ``unified.init_heads``: an exported reader's, e.g. the
+teacher's when the retriever started from the teacher's encoder) or from ``model.init``. Each step takes
 ``train.batch_size`` training questions with ``distill.m`` passages of their candidate pool J_read (the top
 ``pool.k1`` passages of ``pool.candidates``, ``pool.retriever`` or BM25), the positive first, and minimises
 ``L_read + L_ret`` (:func:`rnr_jax.distill.distill_loss`): the KL to the teacher's start / end / ranking logits at
@@ -149,8 +150,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   def init_fn(rng: jax.Array) -> PyTree:
     return model.init(rng, retrieval.dummy_inputs())["params"]
 
+  heads = rd.load_reader_encoder(config.unified.init_heads)[2] if config.unified.init_heads else None
+
   def load_pretrained(params: PyTree) -> PyTree:
-    return qa_model.with_pretrained_encoders(params, pretrained)
+    if pretrained is not None:
+      params = qa_model.with_pretrained_encoders(params, pretrained)
+    return params if heads is None else qa_model.with_pretrained_heads(params, heads)
 
   loss_fn = distill.make_distill_loss(model, normalize=normalize, scale=scale, temperature=float(dcfg.temperature),
                                       retrieval_loss=dcfg.retrieval_loss)
@@ -159,14 +164,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
   # Evals (a fresh index of the corpus, shared with the pool refresh), then the loop.
   index = distill.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
-                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages))
+                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages),
+                             cache_dir=os.path.join(workdir, "index"))
   evaluator = distill.OpenEvaluator(config.eval, workdir, system, scale, data, tokenizer, index, mesh)
   try:
     return distill.train_loop(config, workdir=workdir, init_fn=init_fn,
                               new_state=lambda params: step_lib.TrainState.create(params, optimizer),
                               step_fn=step_fn, data=batches, eval_fn=evaluator,
                               refresh=distill.PoolRefresher(pool, batches, index), refresh_every=refresh_every,
-                              load_pretrained=None if pretrained is None else load_pretrained)
+                              load_pretrained=None if pretrained is None and heads is None else load_pretrained)
   finally:
     evaluator.close()
 

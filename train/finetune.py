@@ -19,6 +19,7 @@ pool refresh (``pool.refresh_every``), checkpoints and resuming are as in ``trai
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
   # Evals (a fresh index of the corpus, shared with the pool refresh), then the loop.
   index = distill.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
-                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages))
+                             int(pcfg.encode_batch_size), passage_filter.subset_ids(pcfg.subset, data.num_passages),
+                             cache_dir=os.path.join(workdir, "index"))
   evaluator = distill.OpenEvaluator(config.eval, workdir, system, scale, data, tokenizer, index, mesh)
   try:
     return distill.train_loop(config, workdir=workdir, init_fn=init_fn, new_state=new_state, step_fn=step_fn,

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from infer import encode as encode_lib
 from infer import evaluate as evaluate_lib
 from infer import export as export_lib
+from rnr_jax import distill as distill_lib
 from rnr_jax import passage_filter, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import report as report_lib
@@ -55,7 +56,7 @@ from rnr_jax.index import DenseIndex
 from rnr_jax.io import atomic_write_json, atomic_write_text
 from rnr_jax.metrics import answer_top_k_accuracy
 from rnr_jax.models import Params
-from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec, encode_passages
 from train import distill as distill_stage
 from train import filter as filter_stage
 from train import finetune as finetune_stage
@@ -140,6 +141,8 @@ class Pipeline:
 
   def validate(self) -> None:
     """Loads every stage config with its overrides, so a typo fails now rather than an hour in."""
+    if self.config.student_init not in ("minilm", "teacher_reader"):
+      raise ValueError(f"student_init must be 'minilm' or 'teacher_reader', got {self.config.student_init!r}")
     for name in ("teacher_retriever", "teacher_reader", "filter", "student_retriever", "distill", "finetune"):
       if name not in self.config.stages:
         raise KeyError(f"the pipeline config has no stages.{name}")
@@ -320,8 +323,10 @@ class Pipeline:
     return {"footprint": footprint, "results": self.evaluate(system)}
 
   def stage_student_retriever(self) -> dict[str, Any]:
-    cfg = self.stage_config("student_retriever", {"retriever.subset": self.path("filter", "subset.npz"),
-                                                  "retriever.eval_splits": self.dev_splits})
+    wiring = {"retriever.subset": self.path("filter", "subset.npz"), "retriever.eval_splits": self.dev_splits}
+    if self.config.student_init == "teacher_reader":
+      wiring["model.init"] = self.path("teacher_reader", "best")
+    cfg = self.stage_config("student_retriever", wiring)
     retriever_stage.train_and_evaluate(cfg, self.path("student_retriever"))
     return self._retriever_summary("student_retriever")
 
@@ -329,10 +334,15 @@ class Pipeline:
     return {"pool.candidates": self.path("filter", "candidates.npz"), "pool.subset": self.path("filter", "subset.npz"),
             "eval.split": self.dev_splits[0]}
 
+  def _heads_wiring(self) -> dict[str, Any]:
+    if self.config.student_init == "teacher_reader":
+      return {"unified.init_heads": self.path("teacher_reader", "best")}
+    return {}
+
   def stage_distill(self) -> dict[str, Any]:
     cfg = self.stage_config("distill", {"distill.teacher": self.path("teacher_reader", "best"),
                                         "unified.init_retriever": self.path("student_retriever", "best"),
-                                        **self._pool_wiring()})
+                                        **self._pool_wiring(), **self._heads_wiring()})
     distill_stage.train_and_evaluate(cfg, self.path("distill"))
     return {"eval": _last_best(self.path("distill", "eval.jsonl"))}
 
@@ -341,14 +351,28 @@ class Pipeline:
     finetune_stage.train_and_evaluate(cfg, self.path("finetune"))
     return {"eval": _last_best(self.path("finetune", "eval.jsonl"))}
 
+  def unified_vectors(self, run: str, spec: SystemSpec, params: Any, pids: np.ndarray) -> np.ndarray:
+    """The kept passages encoded by a unified run's exported model: the run's last fresh index when it encoded
+    exactly these parameters and passages (its final evaluation), else encoded now (and kept for the bundle)."""
+    cache = self.path(run, "index")
+    vectors = distill_lib.load_cached_vectors(cache, params, pids)
+    if vectors is not None:
+      logging.info("Reusing %s's encoding of the %d kept passages.", run, len(pids))
+      return vectors
+    corpus = self.data.token_corpus()
+    tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
+    vectors = encode_passages(spec, params, tokenizer, [corpus[p] for p in pids.tolist()], self.mesh,
+                              batch_size=int(self.config.encode_batch_size), progress=True)
+    distill_lib.save_cached_vectors(cache, vectors, params, pids)
+    return vectors
+
   def unified_system(self, run: str) -> tuple[QASystem, dict[str, Any]]:
     """A unified run's exported model (float32, exact index of the subset) and its footprint."""
     spec, params = export_lib.load_system(self.path(run, "best"), None, self.mesh)
     pids = self.subset_pids()
     corpus = self.data.token_corpus()
     tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
-    vectors = encode_passages(spec, params, tokenizer, [corpus[p] for p in pids.tolist()], self.mesh,
-                              batch_size=int(self.config.encode_batch_size), progress=True)
+    vectors = self.unified_vectors(run, spec, params, pids)
     index = DenseIndex.build(vectors, "exact", ids=pids, num_eval_queries=0)
     system = QASystem.from_parts(spec, params, index, corpus, tokenizer, settings=self.settings(), mesh=self.mesh)
     footprint = {"retriever": 0, "reader": _nbytes(params), "shared_encoder": True,
@@ -374,7 +398,8 @@ class Pipeline:
                                 settings=self.settings(), subset=self.path("filter", "subset.npz"),
                                 index_kind=b.index_kind, weights_dtype=b.weights_dtype,
                                 batch_size=int(self.config.encode_batch_size), recall_split=self.dev_splits[0],
-                                overwrite=True)
+                                overwrite=True, vectors=self.unified_vectors("finetune", spec, params,
+                                                                             self.subset_pids()))
     rows = {r["component"]: r for r in summary["footprint"]}
     footprint = {"retriever": 0, "shared_encoder": True, "reader": _row_bytes(rows, "model"),
                  "index": _row_bytes(rows, "index"), "corpus": _row_bytes(rows, "corpus"),
