@@ -14,12 +14,13 @@ command again continues an interrupted pipeline):
   eval_teacher       EM of the teacher system (retriever + reader, float32 exact index) on the dev splits
   filter             the passage filter (train.filter) and its subset; answer survival and top-20 change
   eval_filtered      the teacher system over the kept passages only
-  student_retriever  one shared encoder, first d dims, fewer layers (train.retriever over the subset)
+  student_retriever  one shared encoder, first d dims (train.retriever over the subset; from MiniLM, fewer layers, or
+                     from the teacher reader's encoder: student_init)
   distill            the unified retriever-reader distilled from the teacher reader (train.distill)
   eval_distill       its EM (float32 weights, exact index of the subset)
   finetune           iterative finetuning, Algorithm 1 (train.finetune)
   eval_finetune      its EM (float32 weights, exact index of the subset)
-  bundle             INT8 index, FP16 weights, token ids, bz2/lzma (infer.export) and the bundle's EM
+  bundle             INT8 index, FP16 (or int8) weights, token ids, bz2/lzma (infer.export) and the bundle's EM
   report             W/report.json, W/report.md, W/figure1.png (Tables 3 and 4, Figure 1 of the paper)
 
 Every stage reads its settings from the stage config named in the pipeline config (``configs/retriever.py`` ...),
@@ -79,6 +80,10 @@ def define_flags() -> None:
   flags.DEFINE_list("redo", [], "Stages to run again even if finished (their later stages are not redone).")
   flags.DEFINE_string("results_md", None, "Also write the report's markdown here (e.g. docs/results.md).")
   flags.mark_flag_as_required("workdir")
+
+
+_WEIGHTS_LABEL = {"float16": "FP16", "float32": "FP32", "float16+int8-embeddings": "FP16 + int8 embeddings",
+                  "int8": "int8"}
 
 
 class Pipeline:
@@ -414,7 +419,8 @@ class Pipeline:
     rows = []
     names = {"eval_teacher": "teacher (two encoders + reader)", "eval_filtered": "+ passage filter",
              "eval_distill": "+ unified retriever-reader (KD)", "eval_finetune": "+ iterative finetuning",
-             "bundle": "+ INT8 index, FP16, token ids, bz2/lzma"}
+             "bundle": f"+ INT8 index, {_WEIGHTS_LABEL.get(self.config.bundle.weights_dtype, 'FP16')} weights, "
+                       "token ids, bz2/lzma"}
     for stage, name in names.items():
       s = records[stage]["summary"]
       rows.append(report_lib.system_row(name, stage, s["footprint"], s["results"]))
@@ -422,7 +428,7 @@ class Pipeline:
         sp: {f"top{k}": m[f"bm25_top{k}_answer_acc"] for k in (1, 5, 20, 100)}
         for sp, m in records["prepare"]["summary"]["bm25"].items()}}]
     for stage, name in (("teacher_retriever", "teacher: two encoders, full width"),
-                        ("student_retriever", "student: shared encoder, first d dims, fewer layers (over the subset)")):
+                        ("student_retriever", "student: shared encoder, first d dims (over the subset)")):
       metrics = records[stage]["summary"]["metrics"]
       retrieval_rows.append({"name": name, "accuracy": {
           sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in self.dev_splits}})
