@@ -277,19 +277,24 @@ def test_incompressible_files_are_stored_plain(params, index, tmp_path):
   assert b.corpus_dir is None and b.extra_files == {}
 
 
+def _smaller_weights(tmp_path, params, index, resources, weights_dtype):
+  """Bundles of ``params`` as float16 and as ``weights_dtype`` (in tmp_path/int8): the model-bytes ratio of the
+  second to the first, and the second's loaded params."""
+  fp16 = _write(str(tmp_path / "fp16"), params, index, resources)
+  small = _write(str(tmp_path / "int8"), params, index, resources, weights_dtype=weights_dtype)
+  model_bytes = [next(r for r in m["footprint"] if r["component"] == "model")["raw_bytes"] for m in (fp16, small)]
+  return model_bytes[1] / model_bytes[0], load_bundle(str(tmp_path / "int8")).params
+
+
 def test_int8_word_embeddings(index, resources, tmp_path):
   rng = np.random.default_rng(5)
   table = rng.standard_normal((3000, DIM)).astype(np.float32) * 0.05
   table[7] = 0.0  # an all-zero row must survive (scale 1, not 0/0)
   params = {"embeddings": {"word_embeddings": {"embedding": table}},
             "layer_0": {"kernel": rng.standard_normal((DIM, DIM)).astype(np.float32)}}
-  fp16 = _write(str(tmp_path / "fp16"), params, index, resources)
-  int8 = _write(str(tmp_path / "int8"), params, index, resources, weights_dtype="float16+int8-embeddings")
-  model_bytes = {m["weights_dtype"]: next(r for r in m["footprint"] if r["component"] == "model")["raw_bytes"]
-                 for m in (fp16, int8)}
+  size_ratio, loaded = _smaller_weights(tmp_path, params, index, resources, "float16+int8-embeddings")
   # int8 rows + one float32 scale per row: a bit over half of the float16 table.
-  assert model_bytes["float16+int8-embeddings"] < 0.6 * model_bytes["float16"]
-  loaded = load_bundle(str(tmp_path / "int8")).params
+  assert size_ratio < 0.6
   got = loaded["embeddings"]["word_embeddings"]["embedding"]
   assert got.dtype == np.float32 and got.shape == table.shape
   row_max = np.abs(table).max(axis=1, keepdims=True)
@@ -307,12 +312,8 @@ def test_int8_weights(index, resources, tmp_path):
   kernel[:, 1, 2] = 0.0  # an all-zero output unit
   params = {"embeddings": {"word_embeddings": {"embedding": rng.standard_normal((500, DIM)).astype(np.float32)}},
             "layer_0": {"kernel": kernel, "bias": rng.standard_normal(24).astype(np.float32)}}
-  fp16 = _write(str(tmp_path / "fp16"), params, index, resources)
-  int8 = _write(str(tmp_path / "int8"), params, index, resources, weights_dtype="int8")
-  model_bytes = {m["weights_dtype"]: next(r for r in m["footprint"] if r["component"] == "model")["raw_bytes"]
-                 for m in (fp16, int8)}
-  assert model_bytes["int8"] < 0.6 * model_bytes["float16"]
-  loaded = load_bundle(str(tmp_path / "int8")).params
+  size_ratio, loaded = _smaller_weights(tmp_path, params, index, resources, "int8")
+  assert size_ratio < 0.6
   got = loaded["layer_0"]["kernel"]
   assert got.dtype == np.float32 and got.shape == kernel.shape
   unit_max = np.abs(kernel).max(axis=0, keepdims=True)  # per output unit, over the input dimension
