@@ -365,9 +365,8 @@ def load_reader_encoder(directory: str, num_layers: int | None = None
   config = config_from_hf_dict(dict(spec.encoder))
   keep = resolve_num_layers(config.num_hidden_layers, num_layers)
   encoder = jax.device_get(params["encoder"])
-  dropped = [k for k in encoder if k.startswith("layer_") and int(k.split("_")[1]) >= keep]
   if any(not k.split("_")[1].isdigit() for k in encoder if k.startswith("layer_")):
     raise ValueError(f"{directory}: unexpected encoder layer names {sorted(encoder)}")
-  encoder = {k: v for k, v in encoder.items() if k not in dropped}
+  encoder = {k: v for k, v in encoder.items() if not (k.startswith("layer_") and int(k.split("_")[1]) >= keep)}
   heads = {k: jax.device_get(params[k]) for k in qa_model.HEAD_NAMES}
   return dataclasses.replace(config, num_hidden_layers=keep), encoder, heads
