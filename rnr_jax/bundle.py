@@ -193,14 +193,12 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
     if not _is_float(value.dtype):
       out[key] = np.ascontiguousarray(value)
       continue
-    if weights_dtype == "float16+int8-embeddings" and key.endswith(_INT8_KEYS) and value.ndim == 2:
+    layout = _int8_layout(key, value, weights_dtype)
+    if layout == "rows":
       out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
       continue
-    if weights_dtype == "int8" and value.ndim >= 2:
-      if key.endswith("/embedding") and value.ndim == 2:
-        out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
-      else:
-        out[key], out[key + INT8_COL_SCALE_SUFFIX] = quantize_columns_int8(value)
+    if layout == "columns":
+      out[key], out[key + INT8_COL_SCALE_SUFFIX] = quantize_columns_int8(value)
       continue
     with np.errstate(over="ignore"):  # Overflow is reported below, naming the parameter.
       cast = np.ascontiguousarray(value.astype(float_dtype))
@@ -210,6 +208,17 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
                        "store it with weights_dtype='float32'")
     out[key] = cast
   return out
+
+
+def _int8_layout(key: str, value: np.ndarray, weights_dtype: str) -> str | None:
+  """How ``weights_dtype`` stores a float tensor as int8: ``"rows"`` (embedding tables, a scale per row),
+  ``"columns"`` (kernels, a scale per output unit) or None (not int8)."""
+  table = key.endswith("/embedding") and value.ndim == 2
+  if weights_dtype == "float16+int8-embeddings":
+    return "rows" if table and key.endswith(_INT8_KEYS) else None
+  if weights_dtype == "int8" and value.ndim >= 2:
+    return "rows" if table else "columns"
+  return None
 
 
 def stored_values(params: Mapping[str, Any], weights_dtype: str) -> dict[str, Any]:
@@ -243,13 +252,14 @@ def dequantize_columns_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") -> dict[str, np.ndarray]:
   """Replaces every int8 tensor and its scale (``:int8_row_scale`` / ``:int8_col_scale``) by ``dtype`` values."""
-  for suffix, want, dequantize in ((INT8_SCALE_SUFFIX, lambda q: (q.shape[0],), dequantize_rows_int8),
-                                   (INT8_COL_SCALE_SUFFIX, lambda q: q.shape[1:], dequantize_columns_int8)):
+  layouts = ((INT8_SCALE_SUFFIX, 2, lambda q: q.shape[:1], dequantize_rows_int8),  # [rows, columns], scale [rows]
+             (INT8_COL_SCALE_SUFFIX, None, lambda q: q.shape[1:], dequantize_columns_int8))  # [in, *out], [*out]
+  for suffix, ndim, scale_shape, dequantize in layouts:
     for key in [k for k in flat if k.endswith(suffix)]:
       name = key.removesuffix(suffix)
       q, scale = flat.get(name), flat.pop(key)
-      rows_ok = suffix != INT8_SCALE_SUFFIX or (q is not None and q.ndim == 2)
-      if q is None or q.dtype != np.int8 or q.ndim < 2 or not rows_ok or scale.shape != want(q):
+      if (q is None or q.dtype != np.int8 or q.ndim < 2 or (ndim and q.ndim != ndim)
+          or scale.shape != scale_shape(q)):
         raise BundleError(path, f"{key!r} does not match an int8 tensor {name!r}")
       flat[name] = dequantize(q, scale).astype(dtype)
   return flat
@@ -522,7 +532,7 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
     extra_files: ``{name: path}`` of further files, stored as ``extra/<name>``.
     compression: ``{"binary": "bz2"|"lzma"|"none", "text": "lzma"|"bz2"|"none"}``;
       missing keys take the defaults (bz2 binary, lzma text).
-    weights_dtype: ``"float16"`` (default), ``"float32"`` or ``"float16+int8-embeddings"`` stored values.
+    weights_dtype: stored values, one of :data:`WEIGHTS_DTYPES` (default ``"float16"``).
     inference_config: JSON-serialisable inference settings (``config.json["inference"]``).
     overwrite: replace an existing bundle at ``out_dir``.
 

@@ -363,10 +363,11 @@ class FreshIndex:
                passage_ids: np.ndarray | None = None, cache_dir: str | None = None):
     self._spec = spec
     self._cache_dir = cache_dir
-    self._num_passages = len(corpus)
     self._tokenizer = tokenizer
     self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
     self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
+    # The passage id of each row (the key of the kept encoding).
+    self._row_ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else self._passage_ids
     self._questions = retrieval.BatchEncoder(question_fn, mesh, batch_size)
     self._passages = retrieval.BatchEncoder(passage_fn, mesh, batch_size)
     self._step: int | None = None
@@ -381,17 +382,13 @@ class FreshIndex:
                                               token_type=spec.passage_token_type).vectors
       self._step = step
       if self._cache_dir:
-        save_cached_vectors(self._cache_dir, self._vectors, params, self._ids())
+        save_cached_vectors(self._cache_dir, self._vectors, params, self._row_ids)
     q = retrieval.encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
                                    buckets=spec.buckets)
     ids, _ = retrieval.search_exact(q, self._vectors, k)
     if self._passage_ids is not None:
       ids = self._passage_ids[ids]
     return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=rd.NO_PASSAGE)
-
-
-  def _ids(self) -> np.ndarray:
-    return np.arange(self._num_passages, dtype=np.int64) if self._passage_ids is None else self._passage_ids
 
 
 VECTORS_FILE, VECTORS_KEY_FILE = "vectors.npy", "vectors.json"
