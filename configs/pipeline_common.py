@@ -30,12 +30,16 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # What the student's encoder starts from: "minilm" (student_retriever's model.init) or "teacher_reader" (the
   # teacher reader's encoder, cut to the student's model.num_layers, and its span and ranking heads in distill).
   c.student_init = "minilm"
+  # Beyond the paper: the student retriever also distils the teacher retriever's scores over each batch's
+  # passages (train.retriever's retriever.teacher*), read from the teacher's kept corpus embeddings.
+  c.student_retriever_teacher = False
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")
   c.stages = ml_collections.ConfigDict()
-  # System evaluations (teacher, filtered, KD, finetuned, bundle): top_k passages retrieved and read.
+  # System evaluations (teacher, filtered, KD, finetuned, bundle): top_k passages retrieved and read (at most
+  # max_read of them when > 0: EM only for m' <= max_read, top-k accuracy for all top_k).
   c.eval = ml_collections.ConfigDict({"top_k": 10, "rule": "dpr", "passage_score_weight": 0.8, "questions": 0,
-                                      "batch_size": 64})
+                                      "batch_size": 64, "max_read": 0})
   c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16"})
   return c

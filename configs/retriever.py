@@ -38,6 +38,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # stage need not encode the corpus again.
   r.save_embeddings = False
   r.encode_batch_size = 64  # evaluation encoding batch (a multiple of the device count)
+  # Beyond the paper: distil the scores of another exported retriever (e.g. the two-encoder teacher system's)
+  # over each batch's passages; its corpus embeddings (infer.encode layout) give the passage vectors.
+  r.teacher = ""
+  r.teacher_embeddings = ""
+  r.teacher_weight = 1.0  # x tau^2 x KL(teacher || student), added to the NLL
+  r.teacher_temperature = 1.0
   r.init_checkpoint = ""  # start from another run's parameters (workdir or checkpoint path)
   if arg == "tiny":
     common.make_tiny(c)

@@ -151,6 +151,14 @@ def test_evaluate_cli_last_line_is_json(bundle, workdir, tmp_path):
   assert np.mean([r["correct"] for r in rows]) == summary["em"]  # the lines hold the best m' predictions
   assert "evaluate" in proc.stderr  # the progress bar
   assert evaluate.read_counts(8) == [1, 8] and evaluate.read_counts(25) == [1, 10, 20, 25]
+  assert evaluate.read_counts(25, max_read=10) == [1, 10] and evaluate.read_counts(25, max_read=1) == [1]
+
+  # Reading only the top passage: the same m'=1 answers, the top-k accuracy of all 8 retrieved.
+  system = QASystem.from_bundle(bundle[0])
+  one, _ = evaluate.evaluate(system, questions[:6], top_k=8, rule="weighted",
+                             passage_score_weight=system.settings.passage_score_weight, progress=False, max_read=1)
+  assert set(one["em_at"]) == {"1"} and one["em"] == summary["em_at"]["1"] and one["best_read_passages"] == 1
+  assert one["top_k_accuracy"] == summary["top_k_accuracy"]
 
 
 def test_corrupted_bundle_is_refused_naming_the_file(bundle, tmp_path):

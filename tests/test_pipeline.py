@@ -66,6 +66,9 @@ def test_every_stage_runs_and_reports(smoke_run):
     text = md.read()
   assert "Table 3 analogue" in text and "Table 4 analogue" in text
   assert os.path.exists(os.path.join(workdir, "bundle", "manifest.json"))
+  # The student retriever distilled the teacher retriever's scores (student_retriever_teacher).
+  with open(os.path.join(workdir, "student_retriever", "metrics.jsonl"), encoding="utf-8") as f:
+    assert any("teacher_kl" in json.loads(line) for line in f)
 
 
 def test_finished_stages_are_skipped_and_removed_ones_rerun(smoke_run):

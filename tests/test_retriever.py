@@ -200,3 +200,58 @@ def test_two_encoder_loss_trains_both_encoders_and_exports_them(prepared_dir, tm
   assert spec2 == spec and not spec2.shared and model_item["step"] == 5
   assert model_item["fingerprint"] == fingerprint == retrieval.params_fingerprint(params2)
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_teacher_scores_are_distilled(prepared_dir, tmp_path):
+  """retriever.teacher: the KL term is zero against the student's own scores, a run learns from a trained teacher's
+  scores, and embeddings of another model are refused."""
+  data = PreparedData.load(prepared_dir)
+  tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
+  mesh = retrieval.data_mesh()
+
+  # Zero against itself: the teacher's vectors are the student's own (no dropout), at the student's scale.
+  config = toy_config(prepared_dir, "model.dropout=0.0", "retriever.normalize=True")
+  spec = retrieval.RetrieverSpec.from_config(config, retrieval.initial_encoder(config.model)[0], "")
+  batches = trainer.RetrieverBatches(data, tokenizer, spec, splits=["toy_train"], hard_negatives=1, batch_size=8,
+                                     max_questions=0, seed=0)
+  params = retrieval.initial_params(spec.build(), jax.random.key(0))
+  q_fn, p_fn = spec.embed_fns()
+  corpus = data.token_corpus()
+  passages = np.asarray(p_fn(params, retrieval.passage_batch(tokenizer, [corpus[i] for i in range(NUM_DOCS)],
+                                                             spec.passage_len, spec.buckets,
+                                                             spec.passage_token_type).as_dict()))
+  questions = np.asarray(q_fn(params, tokenizer.questions(batches.questions, spec.question_len,
+                                                          spec.buckets).as_dict()))
+  batches.set_teacher(questions, passages)
+  batch = next(batches)
+  assert batch["t_q"].shape == (8, spec.dim) and batch["t_p"].shape == (16, spec.dim)
+  loss_fn = trainer.make_loss_fn(spec, 20.0, teacher_weight=1.0, teacher_temperature=2.0, teacher_scale=20.0)
+  loss, aux = jax.jit(loss_fn)(params, batch, jax.random.key(1))
+  assert float(aux["teacher_kl"]) < 1e-4 and float(loss) == pytest.approx(float(aux["nll"]), abs=1e-4)
+  with pytest.raises(ValueError, match="teacher question vectors"):
+    batches.set_teacher(questions[:3], passages)
+
+  # A trained teacher (export + its corpus embeddings); the student distils it (NLL and KL together).
+  teacher_dir = str(tmp_path / "teacher")
+  trainer.train_and_evaluate(toy_config(prepared_dir, "train.num_steps=40", "train.eval_every=40",
+                                        "train.ckpt_every=40"), teacher_dir)
+  t_spec, t_params, fingerprint = encode_cli.resolve_model(teacher_dir, None, None, data.manifest["settings"][
+      "tokenizer"], mesh)
+  encode_cli.encode(out=str(tmp_path / "t_emb"), prepared=prepared_dir, spec=t_spec, params=t_params,
+                    fingerprint=fingerprint, mesh=mesh, batch_size=16, chunk_size=4096, eval_splits=[])
+  student_dir = str(tmp_path / "student")
+  trainer.train_and_evaluate(toy_config(
+      prepared_dir, "train.num_steps=40", "train.eval_every=40", "train.ckpt_every=40", "train.log_every=5",
+      f"retriever.teacher={teacher_dir}/best", f"retriever.teacher_embeddings={tmp_path}/t_emb",
+      "retriever.teacher_temperature=1.0"), student_dir)
+  logs = [r for r in _read_jsonl(os.path.join(student_dir, "metrics.jsonl")) if "teacher_kl" in r]
+  assert logs[-1]["teacher_kl"] < 0.5 * logs[0]["teacher_kl"], logs
+  teacher_top1 = _read_jsonl(os.path.join(teacher_dir, "eval.jsonl"))[-1]["toy_dev/top1"]
+  student_top1 = _read_jsonl(os.path.join(student_dir, "eval.jsonl"))[-1]["toy_dev/top1"]
+  assert student_top1 > 10 / NUM_DOCS and student_top1 >= teacher_top1 - 0.15, (student_top1, teacher_top1)
+
+  # Embeddings of another model than the teacher are refused before training.
+  other = toy_config(prepared_dir, "train.num_steps=1", f"retriever.teacher={student_dir}/best",
+                     f"retriever.teacher_embeddings={tmp_path}/t_emb")
+  with pytest.raises(ValueError, match="encoded by another model"):
+    trainer.train_and_evaluate(other, str(tmp_path / "other"))

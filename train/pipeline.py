@@ -15,7 +15,8 @@ command again continues an interrupted pipeline):
   filter             the passage filter (train.filter) and its subset; answer survival and top-20 change
   eval_filtered      the teacher system over the kept passages only
   student_retriever  one shared encoder, first d dims (train.retriever over the subset; from MiniLM, fewer layers, or
-                     from the teacher reader's encoder: student_init)
+                     from the teacher reader's encoder: student_init; optionally distilling the teacher retriever's
+                     scores: student_retriever_teacher)
   distill            the unified retriever-reader distilled from the teacher reader (train.distill)
   eval_distill       its EM (float32 weights, exact index of the subset)
   finetune           iterative finetuning, Algorithm 1 (train.finetune)
@@ -190,7 +191,7 @@ class Pipeline:
     for split in self.dev_splits:
       summary, _ = evaluate_lib.evaluate(system, self.questions(split), top_k=int(e.top_k), rule=e.rule,
                                          passage_score_weight=float(e.passage_score_weight),
-                                         batch_size=int(e.batch_size))
+                                         batch_size=int(e.batch_size), max_read=int(e.max_read))
       logging.info("%s: EM %.4f (m'=%d), %.2f questions/s", split, summary["em"], summary["best_read_passages"],
                    summary["questions_per_s"])
       results[split] = summary
@@ -331,6 +332,9 @@ class Pipeline:
     wiring = {"retriever.subset": self.path("filter", "subset.npz"), "retriever.eval_splits": self.dev_splits}
     if self.config.student_init == "teacher_reader":
       wiring["model.init"] = self.path("teacher_reader", "best")
+    if self.config.student_retriever_teacher:
+      wiring["retriever.teacher"] = self.path("teacher_retriever", "best")
+      wiring["retriever.teacher_embeddings"] = self.path("teacher_retriever", "embeddings")
     cfg = self.stage_config("student_retriever", wiring)
     retriever_stage.train_and_evaluate(cfg, self.path("student_retriever"))
     return self._retriever_summary("student_retriever")

@@ -11,6 +11,12 @@ text [SEP]`` with ``retriever.passage_token_type``; both padded to length bucket
 The retrieval vector is the first ``model.retrieval_dim`` dims of the pooled output,
 L2-normalised with ``retriever.normalize`` (then scores are ``retriever.scale`` x cosine).
 
+Beyond the paper: with ``retriever.teacher`` (an exported retriever, e.g. the two-encoder teacher system's) and
+its corpus embeddings (``retriever.teacher_embeddings``, the ``infer.encode`` layout), the loss adds
+``retriever.teacher_weight`` x τ² x KL(softmax(teacher / τ) || softmax(student / τ)) over the same global batch
+of passages, τ = ``retriever.teacher_temperature``. The teacher's question vectors are encoded once before
+training; its passage vectors are looked up, so a step costs no teacher forward pass.
+
 Every ``train.eval_every`` steps (and after the last) the whole prepared corpus
 is encoded and each dev split's top-k answer accuracy is measured with exact
 inner-product search; the numbers go to ``W/metrics.jsonl`` (as ``eval/...``)
@@ -33,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -86,6 +93,7 @@ class RetrieverBatches:
   def __init__(self, data: PreparedData, tokenizer: tk.Tokenizer, spec: retrieval.RetrieverSpec, *,
                splits: Sequence[str], hard_negatives: int, batch_size: int, max_questions: int, seed: int):
     self._tokenizer = tokenizer
+    self._teacher: tuple[np.ndarray, np.ndarray] | None = None
     self._spec = spec
     self._hard_negatives = hard_negatives
     self._seed = seed
@@ -110,6 +118,18 @@ class RetrieverBatches:
                        f"of {batch_size}")
     self._order = loop.EpochIterator(lambda idx: {"index": idx}, len(self._questions), batch_size, seed=seed)
 
+  @property
+  def questions(self) -> list[str]:
+    """The training questions, in the order of :meth:`set_teacher`'s question vectors."""
+    return list(self._questions)
+
+  def set_teacher(self, question_vectors: np.ndarray, passage_vectors: np.ndarray) -> None:
+    """Adds the teacher's vectors to every batch: ``t_q [B, d]`` (of :attr:`questions`) and ``t_p [Bp, d]``
+    (``passage_vectors`` indexed by passage id, e.g. a memory map of the corpus embeddings)."""
+    if len(question_vectors) != len(self._questions):
+      raise ValueError(f"{len(question_vectors)} teacher question vectors for {len(self._questions)} questions")
+    self._teacher = (question_vectors, passage_vectors)
+
   def __iter__(self) -> RetrieverBatches:
     return self
 
@@ -129,7 +149,12 @@ class RetrieverBatches:
     q = self._tokenizer.questions([self._questions[i] for i in idx], spec.question_len, spec.buckets)
     p = retrieval.passage_batch(self._tokenizer, [self._corpus[pid] for pid in pids], spec.passage_len,
                                 spec.buckets, spec.passage_token_type)
-    return {**{f"q_{k}": v for k, v in q.as_dict().items()}, **{f"p_{k}": v for k, v in p.as_dict().items()}}
+    batch = {**{f"q_{k}": v for k, v in q.as_dict().items()}, **{f"p_{k}": v for k, v in p.as_dict().items()}}
+    if self._teacher is not None:
+      tq, tp = self._teacher
+      batch["t_q"] = np.asarray(tq[idx], np.float32)
+      batch["t_p"] = np.asarray(tp[np.asarray(pids)], np.float32)
+    return batch
 
   def state(self) -> dict[str, int]:
     return self._order.state()
@@ -142,13 +167,17 @@ def _inputs(batch: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]
   return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-def make_loss_fn(spec: retrieval.RetrieverSpec, scale: float) -> LossFn:
+def make_loss_fn(spec: retrieval.RetrieverSpec, scale: float, *, teacher_weight: float = 0.0,
+                 teacher_temperature: float = 1.0, teacher_scale: float | None = None) -> LossFn:
   """``loss_fn(params, batch, rng)``: in-batch-negative NLL of each question's positive, with dropout.
 
   ``batch`` holds global arrays (``q_*``, ``p_*``, see :class:`RetrieverBatches`);
   every question is scored against every passage of the global batch. With
   ``spec.normalize`` the scores are cosine similarities times ``scale`` (their
-  range [-1, 1] alone is too narrow for a softmax over the batch).
+  range [-1, 1] alone is too narrow for a softmax over the batch). With
+  ``teacher_weight`` > 0 the batch also holds the teacher's vectors ``t_q``, ``t_p``
+  and the loss adds ``teacher_weight`` x τ² x KL to the teacher's scores over the
+  same passages (teacher scores: ``t_q . t_p`` x ``teacher_scale``, None = no scaling).
   """
   model = spec.build()
 
@@ -157,8 +186,14 @@ def make_loss_fn(spec: retrieval.RetrieverSpec, scale: float) -> LossFn:
     q, p = model.apply({"params": params}, _inputs(batch, "q_"), _inputs(batch, "p_"), deterministic=False,
                        rngs={"dropout": rng})
     q, p = spec.finish(q), spec.finish(p)
-    nll, accuracy = losses.in_batch_nll(q * scale if spec.normalize else q, p)
-    return nll, {"in_batch_accuracy": accuracy}
+    q = q * scale if spec.normalize else q
+    nll, accuracy = losses.in_batch_nll(q, p)
+    if not teacher_weight:
+      return nll, {"in_batch_accuracy": accuracy}
+    teacher = batch["t_q"] @ batch["t_p"].T * (teacher_scale or 1.0)
+    student = jnp.einsum("qd,pd->qp", q, p, preferred_element_type=jnp.float32)
+    kd = losses.kl_div(teacher, student, teacher_temperature) * teacher_temperature ** 2
+    return nll + teacher_weight * kd, {"in_batch_accuracy": accuracy, "nll": nll, "teacher_kl": kd}
 
   return loss_fn
 
@@ -237,6 +272,33 @@ class Evaluator:
     self._export.close()
 
 
+def attach_teacher(batches: RetrieverBatches, rcfg: ml_collections.ConfigDict, data: PreparedData,
+                   tokenizer: tk.Tokenizer, mesh: jax.sharding.Mesh) -> float | None:
+  """Gives ``batches`` the teacher retriever's vectors (``retriever.teacher``, ``retriever.teacher_embeddings``);
+  returns the scale of its scores (``retriever.scale`` when it normalises, else None)."""
+  spec, params, model = retrieval.load_retriever(rcfg.teacher, mesh)
+  if not rcfg.teacher_embeddings:
+    raise ValueError("retriever.teacher needs retriever.teacher_embeddings (its corpus embeddings, infer.encode)")
+  passages, info = retrieval.load_embeddings(rcfg.teacher_embeddings)
+  where = f"retriever.teacher_embeddings={rcfg.teacher_embeddings}"
+  if info.get("model_fingerprint") != model["fingerprint"]:
+    raise ValueError(f"{where}: encoded by another model than retriever.teacher={rcfg.teacher}")
+  if passages.shape != (data.num_passages, spec.dim):
+    raise ValueError(f"{where}: shape {passages.shape}, expected ({data.num_passages}, {spec.dim}) "
+                     "(one vector per prepared passage)")
+  if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
+    raise ValueError(f"retriever.teacher={rcfg.teacher}: trained with another tokenizer than the prepared data's")
+  start = time.perf_counter()
+  q_fn, _ = spec.embed_fns()
+  encoder = retrieval.BatchEncoder(q_fn, mesh, int(rcfg.encode_batch_size))
+  questions = retrieval.encode_questions(encoder, params, tokenizer, batches.questions, max_len=spec.question_len,
+                                         buckets=spec.buckets)
+  logging.info("Teacher retriever: %d training questions encoded in %.1f s.", len(questions),
+               time.perf_counter() - start)
+  batches.set_teacher(questions, passages)
+  return float(rcfg.scale) if spec.normalize else None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains and evaluates the retriever of ``config`` in ``workdir`` (resuming if it holds checkpoints)."""
   rcfg = config.retriever
@@ -269,7 +331,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   load_pretrained = qa_model.pretrained_loader(pretrained)
 
-  loss_fn = make_loss_fn(spec, float(rcfg.scale))
+  teacher_weight = float(rcfg.teacher_weight) if rcfg.teacher else 0.0
+  teacher_scale = None
+  if rcfg.teacher:
+    teacher_scale = attach_teacher(batches, rcfg, data, tokenizer, mesh)
+  loss_fn = make_loss_fn(spec, float(rcfg.scale), teacher_weight=teacher_weight,
+                         teacher_temperature=float(rcfg.teacher_temperature), teacher_scale=teacher_scale)
 
   # Evals, then the loop.
   evaluator = Evaluator(config, workdir, spec, data, tokenizer, mesh)
