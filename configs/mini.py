@@ -31,6 +31,9 @@ def get_config(arg: str | None = None):
   c.eval.max_read = 1
   # Every matrix as int8 (per row / output unit; vectors float16): half the float16 bundle.
   c.bundle.weights_dtype = "int8"
+  # INT8 codes with one scale per row (ScaNN INT8 brute force + exact reordering of the stored rows): recall@20
+  # 0.993 vs exact float32 on this student's vectors, 0.988 with ScaNN's per-dimension scales ("int8").
+  c.bundle.index_kind = "int8_row"
   retriever_common = ("model.pooling='mean'", "retriever.normalize=True", "retriever.scale=20.0",
                       "retriever.hard_negatives=1", "train.batch_size=16", "optim.lr=2e-5",
                       "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256")

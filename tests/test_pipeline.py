@@ -11,6 +11,7 @@ import pytest
 from test_retriever import write_toy_data
 
 from rnr_jax.config import load_config
+from rnr_jax.qa_system import QASystem
 from train import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_every_stage_runs_and_reports(smoke_run):
-  _, workdir, _, records = smoke_run
+  config, workdir, _, records = smoke_run
   assert list(records) == list(pipeline.STAGES)
   with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
     report = json.load(f)
@@ -66,6 +67,7 @@ def test_every_stage_runs_and_reports(smoke_run):
     text = md.read()
   assert "Table 3 analogue" in text and "Table 4 analogue" in text
   assert os.path.exists(os.path.join(workdir, "bundle", "manifest.json"))
+  assert QASystem.from_bundle(os.path.join(workdir, "bundle")).index.kind == config.bundle.index_kind
   # The student retriever distilled the teacher retriever's scores (student_retriever_teacher).
   with open(os.path.join(workdir, "student_retriever", "metrics.jsonl"), encoding="utf-8") as f:
     assert any("teacher_kl" in json.loads(line) for line in f)
