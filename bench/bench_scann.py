@@ -34,7 +34,7 @@ flags.DEFINE_integer("queries", 1000, "Queries (one batch) for throughput and re
 flags.DEFINE_integer("single_queries", 100, "Queries searched one at a time for the batch-1 rate.")
 flags.DEFINE_integer("k", 10, "Neighbours per query (recall@k).")
 flags.DEFINE_integer("seed", 0, "Data seed.")
-flags.DEFINE_list("kinds", ["exact", "int8", "ah"], "Index kinds to compare.")
+flags.DEFINE_list("kinds", ["exact", "int8", "int8_row", "ah"], "Index kinds to compare.")
 flags.DEFINE_list("ah_options", [], "Overrides of the derived 'ah' settings, e.g. num_leaves=2000.")
 flags.DEFINE_list("ah_leaves_to_search", [], "One 'ah' row per value of num_leaves_to_search (default: derived).")
 flags.DEFINE_bool("no_record", False, "Only print the table.")
@@ -86,7 +86,8 @@ def table(rows: list[dict], q: int, k: int) -> str:
   lines = [f"| index | build (s) | queries/s, batch of {q} | queries/s, batch 1 | recall@{k} | "
            "bytes without ids | bytes, all files |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-  names = {"exact": "exact float32 (numpy matmul)", "int8": "ScaNN INT8 brute force"}
+  names = {"exact": "exact float32 (numpy matmul)", "int8": "ScaNN INT8 brute force",
+           "int8_row": "ScaNN INT8 brute force over per-row int8 codes + exact reorder of the top 100"}
   for r in rows:
     st = r["settings"]
     name = names.get(r["kind"]) or (f"ScaNN tree-AH + {st['reorder_dtype']} reorder, "

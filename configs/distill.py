@@ -82,6 +82,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.m = 24  # passages per question: one positive first, then m - 1 answer-free ones
   d.temperature = 3.0  # τ of every KL term
   d.retrieval_loss = "kd"  # "kd": KL to the teacher ranker's m scores (A.2); "nll": NLL of the positive
+  # Beyond the paper: the "nll" retrieval loss over every passage of the batch (other questions' passages as
+  # negatives) instead of the question's own m.
+  d.in_batch = False
+  # Beyond the paper: also distil a teacher *retriever*'s scores into the student's retrieval scores (KL x tau^2
+  # over the batch's passages, all of them with in_batch): an exported retriever (e.g. the teacher system's
+  # two-encoder retriever) and its corpus embeddings (infer.encode's layout). "" = none.
+  d.retriever_teacher = ""
+  d.retriever_teacher_embeddings = ""
+  d.retriever_teacher_weight = 1.0
+  d.retriever_teacher_temperature = 1.0
   # Passage samples per question whose teacher outputs are cached (epoch e reads sample e mod S); the cache
   # holds S x questions x m x reader_len float16 start and end logits.
   d.cache_samples = 1

@@ -30,9 +30,16 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # What the student's encoder starts from: "minilm" (student_retriever's model.init) or "teacher_reader" (the
   # teacher reader's encoder, cut to the student's model.num_layers, and its span and ranking heads in distill).
   c.student_init = "minilm"
-  # Beyond the paper: the student retriever also distils the teacher retriever's scores over each batch's
-  # passages (train.retriever's retriever.teacher*), read from the teacher's kept corpus embeddings.
+  # Beyond the paper: the student's retrieval training also distils the teacher retriever's scores over each
+  # batch's passages (train.retriever's retriever.teacher*, and train.distill's distill.retriever_teacher*), read
+  # from the teacher's kept corpus embeddings.
   c.student_retriever_teacher = False
+  # Whether the student first trains retrieval alone (stage student_retriever, the paper's §2.2.2). False: that
+  # stage is skipped and distillation starts from the student_init encoder itself (the teacher reader's, or
+  # MiniLM), learning retrieval there under the reading KL (set its retrieval settings, model.pooling,
+  # model.retrieval_dim, unified.normalize, unified.passage_token_type, in the distill stage); with
+  # student_retriever_teacher, distillation then also distils the teacher retriever's scores.
+  c.student_retriever_stage = True
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

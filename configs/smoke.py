@@ -32,6 +32,9 @@ def get_config(arg: str | None = None):
                                      "model.pooling='mean'")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.k1=8", "eval.questions=8",
           "eval.passages=(1, 4)", "eval.ks=(1, 4)", "eval.keep_best=1")
-  c.stages.distill = stage("configs/distill.py:tiny", *steps, *pool, "distill.m=2", "distill.cache_batch_size=4")
+  c.student_retriever_stage = False  # as configs/mini.py: distillation starts from the teacher reader
+  c.stages.distill = stage("configs/distill.py:tiny", *steps, *pool, "distill.m=2", "distill.cache_batch_size=4",
+                           "model.pooling='mean'", "unified.normalize=True", "distill.retrieval_loss='nll'",
+                           "distill.in_batch=True")
   c.stages.finetune = stage("configs/finetune.py:tiny", *steps, *pool, "finetune.m=2")
   return c

@@ -124,20 +124,57 @@ def score_passages(q: jax.Array, p: jax.Array, *, normalize: bool, scale: float)
   return scores * scale if normalize else scores
 
 
-def retrieval_scores(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None, *,
-                     normalize: bool, scale: float) -> jax.Array:
-  """Scores ``[B, m]`` of each question's m passages from the ``q_*`` and ``p_*`` inputs; ``rng=None``: no dropout.
+def retrieval_vectors(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Retrieval vectors of the questions ``[B, d]`` and of their passages ``[B * m, d]`` (``q_*`` / ``p_*`` inputs).
 
   Questions and passages are padded to one length and embedded in one encoder call (padding is masked, so the
-  vectors are those of separate calls): one encoder in the compiled step instead of two.
+  vectors are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout.
   """
   q, p = _inputs(batch, "q_"), _inputs(batch, "p_")
   length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])
   rows = {k: jnp.concatenate([jnp.pad(x[k], ((0, 0), (0, length - x[k].shape[1]))) for x in (q, p)])
           for k in ENCODER_INPUTS}
   vectors = model.apply({"params": params}, rows, deterministic=rng is None, rngs=_rngs(rng), method="embed")
+  num_q = batch["passage_mask"].shape[0]
+  return vectors[:num_q], vectors[num_q:]
+
+
+def retrieval_scores(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None, *,
+                     normalize: bool, scale: float) -> jax.Array:
+  """Scores ``[B, m]`` of each question's m passages from the ``q_*`` and ``p_*`` inputs; ``rng=None``: no dropout."""
+  q, p = retrieval_vectors(model, params, batch, rng)
   num_q, m = batch["passage_mask"].shape
-  return score_passages(vectors[:num_q], vectors[num_q:].reshape(num_q, m, -1), normalize=normalize, scale=scale)
+  return score_passages(q, p.reshape(num_q, m, -1), normalize=normalize, scale=scale)
+
+
+def score_in_batch(q: jax.Array, p: jax.Array, *, normalize: bool, scale: float) -> jax.Array:
+  """Scores ``[B, B * m]`` of every question against every passage of the batch (``q [B, d]``, ``p [B * m, d]``)."""
+  if normalize:
+    q, p = retrieval.l2_normalize(q), retrieval.l2_normalize(p)
+  scores = jnp.einsum("bd,pd->bp", q, p, preferred_element_type=jnp.float32)
+  return scores * scale if normalize else scores
+
+
+def own_scores(scores: jax.Array, m: int) -> jax.Array:
+  """The ``[B, m]`` block of each question's own passages in in-batch scores ``[B, B * m]``."""
+  num_q = scores.shape[0]
+  return scores.reshape(num_q, num_q, m)[jnp.arange(num_q), jnp.arange(num_q)]
+
+
+def in_batch_nll(scores: jax.Array, passage_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """NLL and top-1 accuracy of each question's positive (its first passage) among all real passages of the batch.
+
+  ``scores [B, B * m]`` (:func:`score_in_batch`), ``passage_mask [B, m]``: the other questions' passages are
+  negatives too, as DPR's in-batch negatives.
+  """
+  num_q, m = passage_mask.shape
+  mask = passage_mask.reshape(1, num_q * m)
+  positive = jnp.arange(num_q) * m
+  log_p = reader.masked_log_softmax(scores, mask)
+  nll = -jnp.mean(log_p[jnp.arange(num_q), positive])
+  accuracy = jnp.mean(jnp.argmax(jnp.where(mask, scores, reader.NEG_INF), -1) == positive)
+  return nll, accuracy
 
 
 def read_outputs(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None
@@ -203,14 +240,51 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
 
 
 def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale: float, temperature: float,
-                      retrieval_loss: str) -> step_lib.LossFn:
-  """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``)."""
+                      retrieval_loss: str, in_batch: bool = False, retriever_teacher_weight: float = 0.0,
+                      retriever_teacher_temperature: float = 1.0, retriever_teacher_scale: float | None = None
+                      ) -> step_lib.LossFn:
+  """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
+
+  Beyond the paper:
+
+  * ``in_batch``: the ``"nll"`` retrieval loss ranks each positive among all passages of the batch (the other
+    questions' passages as extra negatives, as in retriever training) instead of its own m.
+  * ``retriever_teacher_weight`` > 0: adds that weight x τ'² x KL(softmax(t / τ') || softmax(s / τ')) between a
+    teacher *retriever*'s scores ``t`` and the student's retrieval scores ``s`` over the batch's passages (all of
+    them with ``in_batch``, else each question's m), τ' = ``retriever_teacher_temperature``. The batch then holds
+    that retriever's vectors ``t_q [B, d]`` and ``t_p [B * m, d]``; its scores are ``t_q . t_p`` x
+    ``retriever_teacher_scale`` (None: unscaled). The paper's L_ret distils the reader teacher's ranking, which
+    is only useful when that ranker is strong; a two-encoder retriever is usually the better retrieval teacher.
+  """
   def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     read_rng, ret_rng = jax.random.split(rng)
     start, end, rank, valid = read_outputs(model, params, batch, read_rng)
-    scores = retrieval_scores(model, params, batch, ret_rng, normalize=normalize, scale=scale)
-    return distill_loss(start, end, rank, valid, batch["passage_mask"], batch["t_start"], batch["t_end"],
-                        batch["t_rank"], scores, temperature=temperature, retrieval_loss=retrieval_loss)
+    q, p = retrieval_vectors(model, params, batch, ret_rng)
+    mask = batch["passage_mask"]
+    num_q, m = mask.shape
+    if in_batch:
+      everything = score_in_batch(q, p, normalize=normalize, scale=scale)
+      scores = own_scores(everything, m)
+    else:
+      scores = score_passages(q, p.reshape(num_q, m, -1), normalize=normalize, scale=scale)
+    loss, aux = distill_loss(start, end, rank, valid, mask, batch["t_start"], batch["t_end"], batch["t_rank"],
+                             scores, temperature=temperature, retrieval_loss=retrieval_loss)
+    if in_batch and retrieval_loss == "nll":
+      nll, accuracy = in_batch_nll(everything, mask)
+      loss = loss - aux["retrieval_loss"] + nll
+      aux = {**aux, "retrieval_loss": nll, "in_batch_acc": accuracy}
+    if retriever_teacher_weight:
+      teacher = jnp.einsum("bd,pd->bp", batch["t_q"], batch["t_p"], preferred_element_type=jnp.float32)
+      teacher = teacher * retriever_teacher_scale if retriever_teacher_scale else teacher
+      tau = retriever_teacher_temperature
+      if in_batch:
+        kd = losses.kl_div(teacher, everything, tau, mask.reshape(1, num_q * m))
+      else:
+        kd = losses.kl_div(own_scores(teacher, m), scores, tau, mask)
+      kd = kd * tau ** 2
+      loss = loss + retriever_teacher_weight * kd
+      aux = {**aux, "retriever_kd": kd}
+    return loss, aux
   return loss_fn
 
 
@@ -759,10 +833,27 @@ class UnifiedBatches:
     self._samples = samples
     self._teacher_cache = teacher_cache
     self._cache: TeacherCache | None = None
+    self._retriever_teacher: tuple[np.ndarray, np.ndarray] | None = None
     self._order = EpochIterator(lambda idx: {"index": idx}, len(pool), batch_size, seed=seed)
 
   def __iter__(self) -> UnifiedBatches:
     return self
+
+  @property
+  def questions(self) -> list[str]:
+    """The text of every example (the pool's training questions), in the order of :meth:`set_retriever_teacher`."""
+    return [self._pool.question(i)[0] for i in range(len(self._pool))]
+
+  def set_retriever_teacher(self, question_vectors: np.ndarray, passage_vectors: np.ndarray) -> None:
+    """Adds a teacher retriever's vectors to every batch: ``t_q [B, d]`` (rows of ``question_vectors``, one per
+    example of :attr:`questions`) and ``t_p [B * m, d]`` (``passage_vectors`` indexed by passage id, e.g. a memory
+    map of its corpus embeddings; zeros for missing passages)."""
+    if len(question_vectors) != len(self._pool):
+      raise ValueError(f"{len(question_vectors)} teacher question vectors for {len(self._pool)} training questions")
+    if question_vectors.shape[1:] != passage_vectors.shape[1:]:
+      raise ValueError(f"teacher question vectors {question_vectors.shape} and passage vectors "
+                       f"{passage_vectors.shape} differ in width")
+    self._retriever_teacher = (np.asarray(question_vectors, np.float32), passage_vectors)
 
   def use_pool(self, step: int) -> None:
     """Samples from pool ``step`` from the next batch on."""
@@ -803,6 +894,12 @@ class UnifiedBatches:
     batch.update({f"p_{k}": v for k, v in p.as_dict().items()})
     if self._teacher_cache is not None:
       batch.update(cache.lookup(sample, idx, batch["input_ids"].shape[1]))
+    if self._retriever_teacher is not None:
+      tq, tp = self._retriever_teacher
+      flat = pids.reshape(-1)
+      t_p = np.asarray(tp[np.maximum(flat, 0)], np.float32)
+      t_p[flat == rd.NO_PASSAGE] = 0.0
+      batch.update(t_q=tq[np.asarray(idx)], t_p=t_p)
     return batch
 
   def state(self) -> dict[str, int]:

@@ -420,6 +420,36 @@ def load_embeddings(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[s
   return vectors, info
 
 
+def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], data: Any, tokenizer: tk.Tokenizer,
+                    mesh: Mesh, batch_size: int, *, field: str = "teacher"
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+  """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
+
+  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (the :func:`save_embeddings`
+  layout, a memory map indexed by passage id of the prepared ``data``); the questions are encoded here, once.
+  ``normalize`` says whether the teacher scores by cosine (its vectors are then unit length). ``field`` names the
+  setting in errors.
+  """
+  spec, params, model = load_retriever(teacher, mesh)
+  if not embeddings:
+    raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")
+  passages, info = load_embeddings(embeddings)
+  if info.get("model_fingerprint") != model["fingerprint"]:
+    raise ValueError(f"{embeddings}: encoded by another model than {field}={teacher}")
+  if passages.shape != (data.num_passages, spec.dim):
+    raise ValueError(f"{embeddings}: shape {passages.shape}, expected ({data.num_passages}, {spec.dim}) "
+                     "(one vector per prepared passage)")
+  if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
+    raise ValueError(f"{field}={teacher}: trained with another tokenizer than the prepared data's")
+  start = time.perf_counter()
+  q_fn, _ = spec.embed_fns()
+  vectors = encode_questions(BatchEncoder(q_fn, mesh, batch_size), params, tokenizer, list(questions),
+                             max_len=spec.question_len, buckets=spec.buckets)
+  logging.info("Teacher retriever %s: %d questions encoded in %.1f s.", teacher, len(vectors),
+               time.perf_counter() - start)
+  return vectors, passages, bool(spec.normalize)
+
+
 # ---- search and evaluation -----------------------------------------------------------
 
 

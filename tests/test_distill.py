@@ -161,6 +161,64 @@ def test_retrieval_scores_equal_separate_encodings():
   np.testing.assert_allclose(cosine, 20 * np.einsum("bd,bmd->bm", qn, pn), rtol=1e-5, atol=1e-5)
 
 
+def _log_softmax(x, mask):
+  x = np.where(mask, x.astype(np.float64), -np.inf)
+  return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
+  """In-batch NLL ranks each positive among every real passage of the batch; the teacher-retriever KL over them is
+  zero when the teacher's scores are the student's and matches a numpy reference otherwise."""
+  model, batch = tiny_model(), random_batch(seed=2)
+  params = model.init(jax.random.key(0), {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+  params = params["params"]
+  mask = batch["passage_mask"]
+  num_q, m = mask.shape
+
+  def outputs(params, batch):
+    q, p = distill.retrieval_vectors(model, params, batch, None)
+    everything = distill.score_in_batch(q, p, normalize=True, scale=20.0)
+    return (q, p, everything, distill.own_scores(everything, m), *distill.in_batch_nll(everything, mask),
+            distill.retrieval_scores(model, params, batch, None, normalize=True, scale=20.0))
+
+  q, p, everything, own, nll, accuracy, scores = compiled(outputs, params, batch)(params, batch)
+  np.testing.assert_allclose(own, scores, rtol=1e-5, atol=1e-5)  # the diagonal blocks are the own-m scores
+  flat = mask.reshape(1, -1)
+  log_p = _log_softmax(np.asarray(everything), flat)
+  positives = np.arange(num_q) * m
+  assert float(nll) == pytest.approx(-log_p[np.arange(num_q), positives].mean(), rel=1e-5)
+  want_acc = np.mean(np.argmax(np.where(flat, everything, -np.inf), -1) == positives)
+  assert float(accuracy) == pytest.approx(want_acc)
+
+  def parts(params, batch, in_batch):
+    loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
+                                        in_batch=in_batch, retriever_teacher_weight=0.5,
+                                        retriever_teacher_temperature=2.0, retriever_teacher_scale=20.0)
+    return loss_fn(params, batch, jax.random.key(0))
+
+  teacher_out = distill.read_outputs(model, params, batch, None)
+  base = {**batch, "t_start": teacher_out[0], "t_end": teacher_out[1], "t_rank": teacher_out[2]}
+  unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
+  other = np.random.default_rng(0).normal(size=p.shape).astype(np.float32)
+  for in_batch in (True, False):
+    run = compiled(lambda params, batch: parts(params, batch, in_batch), params,
+                   {**base, "t_q": unit(q), "t_p": unit(p)})
+    # Dropout is off in the tiny model, so the student's vectors equal the ones above.
+    loss, aux = run(params, {**base, "t_q": unit(q), "t_p": unit(p)})
+    assert abs(float(aux["retriever_kd"])) < 1e-5
+    loss_other, aux_other = run(params, {**base, "t_q": unit(q), "t_p": unit(other)})
+    teacher = 20.0 * unit(q) @ unit(other).T
+    if in_batch:
+      want = _kl_numpy(teacher, np.asarray(everything), 2.0, np.broadcast_to(flat, teacher.shape)) * 4.0
+      assert float(aux["retrieval_loss"]) == pytest.approx(float(nll), rel=1e-5)
+      assert "in_batch_acc" in aux
+    else:
+      blocks = teacher.reshape(num_q, num_q, m)[np.arange(num_q), np.arange(num_q)]
+      want = _kl_numpy(blocks, np.asarray(scores), 2.0, mask) * 4.0
+    assert float(aux_other["retriever_kd"]) == pytest.approx(want, rel=1e-4)
+    assert float(loss_other) - float(loss) == pytest.approx(0.5 * want, rel=1e-4, abs=1e-5)
+
+
 # ---- teacher cache --------------------------------------------------------------------
 
 
@@ -353,6 +411,40 @@ def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
   assert restarted.step == 7
   for q in range(NUM_TRAIN):
     np.testing.assert_array_equal(restarted.splits[0].negatives[q], pool.splits[0].negatives[q])
+
+
+def test_batches_carry_the_retriever_teachers_vectors(toy_prepared, tmp_path):
+  data = PreparedData.load(toy_prepared)
+  tokenizer = Tokenizer.from_pretrained(data.tokenizer_path)
+  system = _system(data)
+  pool_cfg = ml_collections.ConfigDict(dict(train_splits=("toy_train",), max_train_questions=0, candidates="",
+                                            retriever="", k1=6, encode_batch_size=8))
+  pool = distill.load_pool(pool_cfg, data, tokenizer, str(tmp_path / "run"), mesh=None)
+  it = distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3)
+  assert len(it.questions) == len(pool) and it.questions[1] == pool.question(1)[0]
+  rng = np.random.default_rng(0)
+  q_vectors = rng.normal(size=(len(pool), 5)).astype(np.float32)
+  p_vectors = rng.normal(size=(data.num_passages, 5)).astype(np.float32)
+  with pytest.raises(ValueError, match="teacher question vectors"):
+    it.set_retriever_teacher(q_vectors[:-1], p_vectors)
+  with pytest.raises(ValueError, match="width"):
+    it.set_retriever_teacher(q_vectors, p_vectors[:, :4])
+  it.set_retriever_teacher(q_vectors, p_vectors)
+  batch = next(it)
+  assert batch["t_q"].shape == (8, 5) and batch["t_p"].shape == (32, 5)
+  # t_q row r is the vector of the pool question whose tokens are in q_input_ids row r.
+  r = system.retriever
+  encoded = tokenizer.questions(it.questions, r.question_len, r.buckets).as_dict()
+  tokens = [tuple(ids[mask > 0].tolist()) for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+  for row in range(8):
+    ids = tuple(batch["q_input_ids"][row][batch["q_attention_mask"][row] > 0].tolist())
+    np.testing.assert_array_equal(batch["t_q"][row], q_vectors[tokens.index(ids)])
+  # t_p row j is the vector of the passage in p_input_ids row j (its token record is in that row).
+  corpus = data.token_corpus()
+  for row in range(32):
+    pid = int(np.flatnonzero((p_vectors == batch["t_p"][row]).all(1))[0])
+    ids = batch["p_input_ids"][row][batch["p_attention_mask"][row] > 0]
+    assert set(np.asarray(corpus[pid]).tolist()) <= set(ids.tolist())
 
 
 def test_top_exports_keep_the_best_evaluations(tmp_path):

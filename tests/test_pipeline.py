@@ -68,9 +68,20 @@ def test_every_stage_runs_and_reports(smoke_run):
   assert "Table 3 analogue" in text and "Table 4 analogue" in text
   assert os.path.exists(os.path.join(workdir, "bundle", "manifest.json"))
   assert QASystem.from_bundle(os.path.join(workdir, "bundle")).index.kind == config.bundle.index_kind
-  # The student retriever distilled the teacher retriever's scores (student_retriever_teacher).
-  with open(os.path.join(workdir, "student_retriever", "metrics.jsonl"), encoding="utf-8") as f:
-    assert any("teacher_kl" in json.loads(line) for line in f)
+  # No retrieval-only stage (student_retriever_stage=False): distillation started from the teacher reader, learned
+  # retrieval over the batch's passages and distilled the teacher retriever's scores (student_retriever_teacher).
+  assert "skipped" in records["student_retriever"]["summary"]
+  assert not os.path.exists(os.path.join(workdir, "student_retriever"))
+  assert [r["name"] for r in report["retrieval"]] == [
+      "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
+      "unified after finetuning (over the subset)", "bundle: INT8 index (over the subset)"]
+  with open(os.path.join(workdir, "distill", "config.json"), encoding="utf-8") as f:
+    distill_config = json.load(f)
+  assert distill_config["model"]["init"] == os.path.join(workdir, "teacher_reader", "best")
+  assert not distill_config["unified"]["init_retriever"]
+  with open(os.path.join(workdir, "distill", "metrics.jsonl"), encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f]
+  assert any("retriever_kd" in line and "in_batch_acc" in line for line in logged)
 
 
 def test_finished_stages_are_skipped_and_removed_ones_rerun(smoke_run):

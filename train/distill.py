@@ -10,7 +10,11 @@ teacher's when the retriever started from the teacher's encoder) or from ``model
 ``pool.k1`` passages of ``pool.candidates``, ``pool.retriever`` or BM25), the positive first, and minimises
 ``L_read + L_ret`` (:func:`rnr_jax.distill.distill_loss`): the KL to the teacher's start / end / ranking logits at
 temperature ``distill.temperature``, and the KL of the student's retrieval scores to the teacher's ranking (or the
-positive's NLL, ``distill.retrieval_loss``).
+positive's NLL, ``distill.retrieval_loss``). Beyond the paper, ``distill.in_batch`` ranks each positive among all
+passages of the batch, and ``distill.retriever_teacher`` (an exported retriever with its corpus embeddings
+``distill.retriever_teacher_embeddings``, e.g. the two-encoder teacher system's) adds the KL to that retriever's
+scores over the batch's passages (:func:`rnr_jax.distill.make_distill_loss`): with both, a student started from
+the teacher *reader* learns to retrieve while the reading KL keeps what it reads, with no retrieval-only stage.
 
 The teacher (``distill.teacher``, a :func:`rnr_jax.reader_data.load_reader` export) is loaded once and reads the
 sampled passages of every question once: its logits are cached in ``W/teacher_cache/`` (float16 memmaps keyed by a
@@ -157,8 +161,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       params = qa_model.with_pretrained_encoders(params, pretrained)
     return params if heads is None else qa_model.with_pretrained_heads(params, heads)
 
+  teacher_weight, teacher_scale = 0.0, None
+  if dcfg.retriever_teacher:
+    questions, passages, teacher_normalize = retrieval.teacher_vectors(
+        dcfg.retriever_teacher, dcfg.retriever_teacher_embeddings, batches.questions, data, tokenizer, mesh,
+        int(pcfg.encode_batch_size), field="distill.retriever_teacher")
+    batches.set_retriever_teacher(questions, passages)
+    teacher_weight, teacher_scale = float(dcfg.retriever_teacher_weight), scale if teacher_normalize else None
   loss_fn = distill.make_distill_loss(model, normalize=normalize, scale=scale, temperature=float(dcfg.temperature),
-                                      retrieval_loss=dcfg.retrieval_loss)
+                                      retrieval_loss=dcfg.retrieval_loss, in_batch=bool(dcfg.in_batch),
+                                      retriever_teacher_weight=teacher_weight,
+                                      retriever_teacher_temperature=float(dcfg.retriever_teacher_temperature),
+                                      retriever_teacher_scale=teacher_scale)
   optimizer, schedule = make_optimizer(config.optim, int(config.train.num_steps))
   step_fn = step_lib.make_train_step(loss_fn, optimizer, grad_accum=int(config.optim.grad_accum), schedule=schedule)
 

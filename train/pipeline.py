@@ -16,8 +16,10 @@ command again continues an interrupted pipeline):
   eval_filtered      the teacher system over the kept passages only
   student_retriever  one shared encoder, first d dims (train.retriever over the subset; from MiniLM, fewer layers, or
                      from the teacher reader's encoder: student_init; optionally distilling the teacher retriever's
-                     scores: student_retriever_teacher)
-  distill            the unified retriever-reader distilled from the teacher reader (train.distill)
+                     scores: student_retriever_teacher); skipped with student_retriever_stage=False
+  distill            the unified retriever-reader distilled from the teacher reader (train.distill); from the
+                     student retriever, or (student_retriever_stage=False) from the student_init encoder, learning
+                     retrieval here (student_retriever_teacher: also from the teacher retriever's scores)
   eval_distill       its EM (float32 weights, exact index of the subset)
   finetune           iterative finetuning, Algorithm 1 (train.finetune)
   eval_finetune      its EM (float32 weights, exact index of the subset)
@@ -329,6 +331,8 @@ class Pipeline:
     return {"footprint": footprint, "results": self.evaluate(system)}
 
   def stage_student_retriever(self) -> dict[str, Any]:
+    if not self.config.student_retriever_stage:
+      return {"skipped": "student_retriever_stage=False: distillation starts from the student_init encoder"}
     wiring = {"retriever.subset": self.path("filter", "subset.npz"), "retriever.eval_splits": self.dev_splits}
     if self.config.student_init == "teacher_reader":
       wiring["model.init"] = self.path("teacher_reader", "best")
@@ -349,9 +353,15 @@ class Pipeline:
     return {}
 
   def stage_distill(self) -> dict[str, Any]:
-    cfg = self.stage_config("distill", {"distill.teacher": self.path("teacher_reader", "best"),
-                                        "unified.init_retriever": self.path("student_retriever", "best"),
-                                        **self._pool_wiring(), **self._heads_wiring()})
+    wiring = {"distill.teacher": self.path("teacher_reader", "best"), **self._pool_wiring(), **self._heads_wiring()}
+    if self.config.student_retriever_stage:
+      wiring["unified.init_retriever"] = self.path("student_retriever", "best")
+    elif self.config.student_init == "teacher_reader":
+      wiring["model.init"] = self.path("teacher_reader", "best")
+    if self.config.student_retriever_teacher:
+      wiring["distill.retriever_teacher"] = self.path("teacher_retriever", "best")
+      wiring["distill.retriever_teacher_embeddings"] = self.path("teacher_retriever", "embeddings")
+    cfg = self.stage_config("distill", wiring)
     distill_stage.train_and_evaluate(cfg, self.path("distill"))
     return {"eval": _last_best(self.path("distill", "eval.jsonl"))}
 
@@ -433,6 +443,8 @@ class Pipeline:
         for sp, m in records["prepare"]["summary"]["bm25"].items()}}]
     for stage, name in (("teacher_retriever", "teacher: two encoders, full width"),
                         ("student_retriever", "student: shared encoder, first d dims (over the subset)")):
+      if "skipped" in records[stage]["summary"]:
+        continue
       metrics = records[stage]["summary"]["metrics"]
       retrieval_rows.append({"name": name, "accuracy": {
           sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in self.dev_splits}})

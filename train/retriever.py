@@ -276,27 +276,11 @@ def attach_teacher(batches: RetrieverBatches, rcfg: ml_collections.ConfigDict, d
                    tokenizer: tk.Tokenizer, mesh: jax.sharding.Mesh) -> float | None:
   """Gives ``batches`` the teacher retriever's vectors (``retriever.teacher``, ``retriever.teacher_embeddings``);
   returns the scale of its scores (``retriever.scale`` when it normalises, else None)."""
-  spec, params, model = retrieval.load_retriever(rcfg.teacher, mesh)
-  if not rcfg.teacher_embeddings:
-    raise ValueError("retriever.teacher needs retriever.teacher_embeddings (its corpus embeddings, infer.encode)")
-  passages, info = retrieval.load_embeddings(rcfg.teacher_embeddings)
-  where = f"retriever.teacher_embeddings={rcfg.teacher_embeddings}"
-  if info.get("model_fingerprint") != model["fingerprint"]:
-    raise ValueError(f"{where}: encoded by another model than retriever.teacher={rcfg.teacher}")
-  if passages.shape != (data.num_passages, spec.dim):
-    raise ValueError(f"{where}: shape {passages.shape}, expected ({data.num_passages}, {spec.dim}) "
-                     "(one vector per prepared passage)")
-  if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
-    raise ValueError(f"retriever.teacher={rcfg.teacher}: trained with another tokenizer than the prepared data's")
-  start = time.perf_counter()
-  q_fn, _ = spec.embed_fns()
-  encoder = retrieval.BatchEncoder(q_fn, mesh, int(rcfg.encode_batch_size))
-  questions = retrieval.encode_questions(encoder, params, tokenizer, batches.questions, max_len=spec.question_len,
-                                         buckets=spec.buckets)
-  logging.info("Teacher retriever: %d training questions encoded in %.1f s.", len(questions),
-               time.perf_counter() - start)
+  questions, passages, normalize = retrieval.teacher_vectors(
+      rcfg.teacher, rcfg.teacher_embeddings, batches.questions, data, tokenizer, mesh, int(rcfg.encode_batch_size),
+      field="retriever.teacher")
   batches.set_teacher(questions, passages)
-  return float(rcfg.scale) if spec.normalize else None
+  return float(rcfg.scale) if normalize else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
