@@ -67,8 +67,8 @@ def get_config(arg: str | None = None):
   c.student_retriever_stage = False
   c.stages.distill = stage("configs/distill.py", *pool, "model.pooling='mean'", "model.retrieval_dim=128",
                            "unified.normalize=True", "unified.passage_token_type=0", "tokens.passage_len=256",
-                           "pool.max_train_questions=800", "distill.m=4", "distill.cache_batch_size=4",
+                           "pool.max_train_questions=600", "distill.m=4", "distill.cache_batch_size=4",
                            "distill.retrieval_loss='nll'", "distill.in_batch=True", "train.batch_size=8",
-                           "train.num_steps=200", "optim.lr=4e-5", "optim.warmup_steps=20")
-  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=100", "optim.lr=2e-5")
+                           "train.num_steps=150", "optim.lr=5e-5", "optim.warmup_steps=15")
+  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=80", "optim.lr=2e-5")
   return c
