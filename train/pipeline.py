@@ -337,11 +337,15 @@ class Pipeline:
     if self.config.student_init == "teacher_reader":
       wiring["model.init"] = self.path("teacher_reader", "best")
     if self.config.student_retriever_teacher:
-      wiring["retriever.teacher"] = self.path("teacher_retriever", "best")
-      wiring["retriever.teacher_embeddings"] = self.path("teacher_retriever", "embeddings")
+      wiring.update(self._retriever_teacher_wiring("retriever.teacher"))
     cfg = self.stage_config("student_retriever", wiring)
     retriever_stage.train_and_evaluate(cfg, self.path("student_retriever"))
     return self._retriever_summary("student_retriever")
+
+  def _retriever_teacher_wiring(self, field: str) -> dict[str, str]:
+    """The teacher system's retriever and its corpus embeddings as ``<field>`` and ``<field>_embeddings``."""
+    return {field: self.path("teacher_retriever", "best"),
+            f"{field}_embeddings": self.path("teacher_retriever", "embeddings")}
 
   def _pool_wiring(self) -> dict[str, Any]:
     return {"pool.candidates": self.path("filter", "candidates.npz"), "pool.subset": self.path("filter", "subset.npz"),
@@ -359,8 +363,7 @@ class Pipeline:
     elif self.config.student_init == "teacher_reader":
       wiring["model.init"] = self.path("teacher_reader", "best")
     if self.config.student_retriever_teacher:
-      wiring["distill.retriever_teacher"] = self.path("teacher_retriever", "best")
-      wiring["distill.retriever_teacher_embeddings"] = self.path("teacher_retriever", "embeddings")
+      wiring.update(self._retriever_teacher_wiring("distill.retriever_teacher"))
     cfg = self.stage_config("distill", wiring)
     distill_stage.train_and_evaluate(cfg, self.path("distill"))
     return {"eval": _last_best(self.path("distill", "eval.jsonl"))}
