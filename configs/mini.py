@@ -1,15 +1,16 @@
-"""The mini pipeline: the whole method on the shared data in about 110 minutes on a 2-core CPU.
+"""The mini pipeline: the whole method on the shared data in about 2 hours on a 2-core CPU (141 min measured).
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
 
 The corpus and the dev sets stay whole (their EM compares across versions); training is cut to a few hundred
 steps on a sample of the training questions, and models are CPU-sized: the teacher is all-MiniLM-L6-v2
 (6 layers, 384 wide) as two retriever encoders and a reader. The student is ONE encoder that starts from the
-teacher reader (``student_init="teacher_reader"``: its encoder, then its span and ranking heads in distillation):
-a few hundred CPU steps cannot teach a fresh encoder to read (a 3-layer MiniLM student with fresh heads kept 9% of
-the teacher's EM), but they can teach a reader to retrieve with the first 128 dims of its mean-pooled output.
-Distillation then keeps the reading (KL to the teacher) while the retrieval NLL trains retrieval over J_read (the
-teacher's ranker is weak, so the NLL rather than its KL), and Algorithm 1 finetunes both. The compression comes from
+teacher reader (``student_init="teacher_reader"``: its encoder and its span and ranking heads): a few hundred CPU
+steps cannot teach a fresh encoder to read (a 3-layer MiniLM student with fresh heads kept 9% of the teacher's EM),
+but they can teach a reader to retrieve with the first 128 dims of its mean-pooled output. There is no
+retrieval-only stage (``student_retriever_stage=False``): distillation keeps the reading (KL to the teacher) while
+it teaches retrieval, by the positive's NLL among all passages of the batch (the teacher's ranker is weak, so the
+NLL rather than its KL) and the KL to the teacher retriever's scores, and Algorithm 1 finetunes both. The compression comes from
 one encoder instead of three, int8 weights (``bundle.weights_dtype="int8"``), a 128-d INT8 index instead of a 384-d
 float32 one, and the compressed token-ID corpus. The passage filter keeps 90% of the passages: trained on the topics
 of the training questions, it ranks passages of unseen articles low (at 50%, only a third of squadshifts_dev's
