@@ -48,5 +48,7 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # max_read of them when > 0: EM only for m' <= max_read, top-k accuracy for all top_k).
   c.eval = ml_collections.ConfigDict({"top_k": 10, "rule": "dpr", "passage_score_weight": 0.8, "questions": 0,
                                       "batch_size": 64, "max_read": 0})
-  c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16"})
+  # lexical_weight > 0: the bundle retrieves by dense + weight * BM25 (rnr_jax.lexical; BM25 built at load from the
+  # shipped passages, no bundle bytes); choose it on held-out questions with bench.hybrid_sweep.
+  c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16", "lexical_weight": 0.0})
   return c

@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   c.student_init = "teacher_reader"  # as configs/mini.py: the student descends from the teacher reader
   c.student_retriever_teacher = True  # as configs/mini.py: it also distils the teacher retriever's scores
   c.bundle.index_kind = "int8_row"  # as configs/mini.py
+  c.bundle.lexical_weight = 0.06  # as configs/mini.py
   c.candidates_k = 20
   c.encode_batch_size = 16
   c.eval.top_k = 4

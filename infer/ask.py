@@ -28,6 +28,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("read_passages", None, "Passages read, m' (default: the bundle's).")
   flags.DEFINE_enum("rule", None, ["dpr", "weighted"], "Answer rule (default: the bundle's).")
   flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
+  flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the bundle's).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
   flags.mark_flag_as_required("bundle")
 
@@ -58,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
   except (BundleError, FileNotFoundError) as e:
     sys.exit(f"infer.ask: error: {e}")
   predictions = system.answer(questions, top_k=FLAGS.top_k, read_passages=FLAGS.read_passages, rule=FLAGS.rule,
-                              passage_score_weight=FLAGS.passage_score_weight)
+                              passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight)
   tty = sys.stdout.isatty()
   print("\n".join(render(p, tty) for p in predictions), end="")
 

@@ -1,7 +1,7 @@
 r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
 
   python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted
-                           --passage_score_weight λ --out PRED.jsonl]
+                           --passage_score_weight λ --lexical_weight W --out PRED.jsonl]
 
 Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each
 question's top-k passages are retrieved once and read once; answers are chosen
@@ -46,6 +46,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("top_k", None, "Passages retrieved per question (default: the bundle's).")
   flags.DEFINE_enum("rule", None, ["dpr", "weighted"], "Answer rule (default: the bundle's).")
   flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
+  flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the "
+                     "bundle's; see rnr_jax.lexical).")
   flags.DEFINE_integer("batch_size", 64, "Questions per prediction call.")
   flags.DEFINE_integer("max_read", 0, "Read at most this many of the top_k passages (m' above it skipped); 0 = all.")
   flags.DEFINE_string("out", None, "Write per-question predictions to this jsonl file.")
@@ -60,17 +62,19 @@ def read_counts(top_k: int, max_read: int = 0) -> list[int]:
 
 
 def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str, passage_score_weight: float,
-             batch_size: int = 64, progress: bool = True, max_read: int = 0) -> tuple[dict[str, Any], list[Prediction]]:
+             batch_size: int = 64, progress: bool = True, max_read: int = 0, lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Prediction]]:
   """``(summary, predictions at the best m')`` of ``questions`` (see the module docstring).
 
   ``max_read`` > 0 reads at most that many of the ``top_k`` retrieved passages (the top-k accuracy still covers
   all ``top_k``): reading dominates the time, so ``max_read=1`` measures the DPR rule's EM several times faster.
+  ``lexical_weight`` None takes the system's setting (0 = dense retrieval only).
   """
   if not questions:
     raise ValueError("no questions to evaluate")
   if max_read < 0:
     raise ValueError(f"max_read must be >= 0, got {max_read}")
   top_k = min(top_k, len(system.index))
+  lexical_weight = system.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
   counts = read_counts(top_k, max_read)
   predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
   ranked = []
@@ -79,7 +83,7 @@ def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rul
     for i in range(0, len(questions), batch_size):
       chunk = questions[i:i + batch_size]
       results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
-                               passage_score_weight=passage_score_weight)
+                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight)
       for n in counts:
         predictions[n] += results.predictions[n]
       ranked.append(results.passage_ids)
@@ -96,7 +100,8 @@ def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rul
              "em_at": {str(n): v for n, v in em_at.items()}, "f1_at": {str(n): v for n, v in f1_at.items()},
              "top_k_accuracy": {f"top{k}": v for k, v in accuracy.items()},
              "questions_per_s": round(len(questions) / seconds, 3), "seconds": round(seconds, 3),
-             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight}
+             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight,
+             "lexical_weight": lexical_weight}
   return summary, predictions[best]
 
 
@@ -119,7 +124,8 @@ def main(argv: Sequence[str]) -> None:
   rule = FLAGS.rule or s.rule
   weight = s.passage_score_weight if FLAGS.passage_score_weight is None else FLAGS.passage_score_weight
   summary, predictions = evaluate(system, questions, top_k=FLAGS.top_k or s.top_k, rule=rule,
-                                  passage_score_weight=weight, batch_size=FLAGS.batch_size, max_read=FLAGS.max_read)
+                                  passage_score_weight=weight, batch_size=FLAGS.batch_size, max_read=FLAGS.max_read,
+                                  lexical_weight=FLAGS.lexical_weight)
   for n in summary["em_at"]:
     print(f"m'={n:>4}  EM {100 * summary['em_at'][n]:6.2f}  F1 {100 * summary['f1_at'][n]:6.2f}")
   print("retrieval: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in summary["top_k_accuracy"].items()))

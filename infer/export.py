@@ -75,6 +75,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("read_passages", 10, "Default passages read per question (m').")
   flags.DEFINE_enum("rule", "dpr", ["dpr", "weighted"], "Default answer rule (appendix A.3).")
   flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.")
+  flags.DEFINE_float("lexical_weight", 0.0, "Default BM25 fusion weight of retrieval (0 = dense only; BM25 is built "
+                     "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).")
   flags.mark_flag_as_required("out")
 
 
@@ -206,7 +208,7 @@ def main(argv: Sequence[str]) -> None:
   spec, params = load_system(model_dir, FLAGS.retriever, mesh, passage_len=FLAGS.passage_len,
                              passage_token_type=FLAGS.passage_token_type, normalize=FLAGS.normalize)
   settings = InferenceSettings(top_k=FLAGS.top_k, read_passages=FLAGS.read_passages, rule=FLAGS.rule,
-                               passage_score_weight=FLAGS.passage_score_weight)
+                               passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight)
   summary = export(out=FLAGS.out, prepared=prepared, spec=spec, params=params, mesh=mesh, settings=settings,
                    subset=FLAGS.subset, embeddings=FLAGS.embeddings, index_kind=FLAGS.index_kind,
                    weights_dtype=FLAGS.weights_dtype, batch_size=FLAGS.batch_size, recall_split=FLAGS.recall_split,

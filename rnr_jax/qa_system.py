@@ -8,7 +8,8 @@ given the same weights, index and settings. A question goes through
    questions of the same length bucket and embedded by a jitted function; a group
    is padded to a power-of-two number of rows, so only a few shapes compile;
 2. **search**: the top-``top_k`` passage ids by inner product (:class:`~rnr_jax.index.DenseIndex`,
-   the INT8 index of paper §2.3 in a bundle);
+   the INT8 index of paper §2.3 in a bundle), optionally fused with BM25 scores over
+   the same passages (``InferenceSettings.lexical_weight``, :mod:`rnr_jax.lexical`);
 3. **reading**: the first ``m'`` retrieved passages of each question are built
    from the token-ID corpus as ``[CLS] question [SEP] title [SEP] text [SEP]`` rows
    and read in one jitted batch (``questions x m'`` rows, questions padded to a
@@ -47,12 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rnr_jax import reader, retrieval
+from rnr_jax import lexical, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.bundle import BundleError, load_bundle
 from rnr_jax.data.token_corpus import TokenCorpus, save_npy
 from rnr_jax.index import DenseIndex
+from rnr_jax.lexical import LexicalIndex
 from rnr_jax.models import Params
 
 RULES = ("dpr", "weighted")
@@ -184,6 +186,7 @@ class PassageStore:
     self._removed = np.zeros(len(ids), bool)
     self._edited: dict[int, np.ndarray] = {}  # Added or replaced records.
     self._edited_texts: dict[int, tuple[str, str]] = {}  # Their (title, text), when given.
+    self.version = 0  # Counts edits, so indexes built over the passages know when they are stale.
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> PassageStore:
@@ -238,6 +241,7 @@ class PassageStore:
     """Adds passages or replaces the records of existing ones (``texts``: their ``(title, text)``)."""
     if len(pids) != len(records) or (texts is not None and len(texts) != len(pids)):
       raise ValueError(f"{len(pids)} passage ids for {len(records)} records")
+    self.version += 1
     for i, (pid, record) in enumerate(zip(pids, records)):
       pid = int(pid)
       row = self._row(pid)
@@ -254,6 +258,7 @@ class PassageStore:
     missing = [p for p in pids if p not in self]
     if missing:
       raise KeyError(f"no passages with ids {missing[:10]}")
+    self.version += 1
     for pid in pids:
       self._edited_texts.pop(pid, None)
       if self._edited.pop(pid, None) is None:
@@ -287,6 +292,10 @@ class InferenceSettings:
     read_passages: ``m'``, the retrieved passages read per question.
     rule: ``"dpr"`` or ``"weighted"`` (appendix A.3).
     passage_score_weight: λ of the weighted rule.
+    lexical_weight: > 0 ranks passages by ``dense + lexical_weight * BM25`` over the union of the dense and
+      the BM25 top ``lexical_candidates`` (:mod:`rnr_jax.lexical`; BM25 built from the shipped passages);
+      0 retrieves by the dense index alone, as the paper does.
+    lexical_candidates: candidates taken from each of the two retrievals when ``lexical_weight`` > 0.
     question_batch: most questions per encoding batch.
     read_batch: most questions per reading batch (each ``m'`` rows).
   """
@@ -295,6 +304,8 @@ class InferenceSettings:
   read_passages: int = 10
   rule: str = "dpr"
   passage_score_weight: float = 0.8
+  lexical_weight: float = 0.0
+  lexical_candidates: int = 100
   question_batch: int = 32
   read_batch: int = 4
 
@@ -305,6 +316,10 @@ class InferenceSettings:
       raise ValueError(f"top_k, read_passages, question_batch and read_batch must be >= 1: {self}")
     if not 0.0 <= self.passage_score_weight <= 1.0:
       raise ValueError(f"passage_score_weight must be in [0, 1], got {self.passage_score_weight}")
+    if not (self.lexical_weight >= 0.0 and np.isfinite(self.lexical_weight)):
+      raise ValueError(f"lexical_weight must be a finite number >= 0, got {self.lexical_weight}")
+    if self.lexical_candidates < 1:
+      raise ValueError(f"lexical_candidates must be >= 1, got {self.lexical_candidates}")
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> InferenceSettings:
@@ -434,6 +449,7 @@ class QASystem:
     self.tokenizer = tokenizer
     self.settings = settings or InferenceSettings()
     self._passage_texts = passage_texts
+    self._lexical: LexicalIndex | None = None
     self._is_continuation = reader.continuation_table(tokenizer.vocab())
     self._embed_questions, self._read = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
 
@@ -514,12 +530,36 @@ class QASystem:
     """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records."""
     return encode_passages(self.spec, self.params, self.tokenizer, records, self.mesh, progress=progress)
 
-  def search(self, questions: Sequence[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(passage ids [Q, k], scores [Q, k])`` of the questions, ``k = min(top_k, passages)``."""
-    return self._search(self.embed_questions(questions), top_k)
+  def search(self, questions: Sequence[str], top_k: int, *, lexical_weight: float | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(passage ids [Q, k], scores [Q, k])`` of the questions, ``k = min(top_k, passages)``.
+
+    ``lexical_weight`` (default ``settings.lexical_weight``) > 0 fuses BM25 scores in (:mod:`rnr_jax.lexical`).
+    """
+    questions = self._check_questions(questions)
+    return self._retrieve(questions, self.embed_questions(questions), top_k, lexical_weight)
 
   def _search(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return self.index.search(vectors, min(top_k, len(self.index)))
+
+  def lexical_index(self) -> LexicalIndex:
+    """BM25 over the indexed passages' text, built on first use and again after knowledge edits."""
+    version = (self.store.version, len(self.index))
+    if self._lexical is None or self._lexical.version != version:
+      self._lexical = LexicalIndex.build(self.index.ids, self.passage, version=version)
+    return self._lexical
+
+  def _retrieve(self, questions: Sequence[str], vectors: np.ndarray, top_k: int, lexical_weight: float | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    weight = self.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
+    if not (weight >= 0.0 and np.isfinite(weight)):
+      raise ValueError(f"lexical_weight must be a finite number >= 0, got {weight}")
+    if weight == 0.0:
+      return self._search(vectors, top_k)
+    n = min(max(top_k, self.settings.lexical_candidates), len(self.index))
+    dense_ids, dense_scores = self._search(vectors, n)
+    lexical_ids, lexical_scores = self.lexical_index().search(list(questions), n)
+    return lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, weight, min(top_k, len(self.index)))
 
   def passage(self, pid: int) -> tuple[str, str]:
     """``(title, text)`` of a passage: the original text if known, else decoded from its token ids."""
@@ -531,14 +571,16 @@ class QASystem:
   # ---- answering ------------------------------------------------------------------------
 
   def answer(self, questions: Sequence[str], *, top_k: int | None = None, read_passages: int | None = None,
-             rule: str | None = None, passage_score_weight: float | None = None) -> list[Prediction]:
+             rule: str | None = None, passage_score_weight: float | None = None,
+             lexical_weight: float | None = None) -> list[Prediction]:
     """The answer to each question; unset settings take :attr:`settings`."""
     m = read_passages or self.settings.read_passages
-    return self.predict(questions, top_k=top_k, read_counts=(m,), rule=rule,
-                        passage_score_weight=passage_score_weight).predictions[m]
+    return self.predict(questions, top_k=top_k, read_counts=(m,), rule=rule, passage_score_weight=passage_score_weight,
+                        lexical_weight=lexical_weight).predictions[m]
 
   def predict(self, questions: Sequence[str], *, top_k: int | None = None, read_counts: Sequence[int] | None = None,
-              rule: str | None = None, passage_score_weight: float | None = None) -> Results:
+              rule: str | None = None, passage_score_weight: float | None = None,
+              lexical_weight: float | None = None) -> Results:
     """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m'.
 
     Args:
@@ -547,9 +589,11 @@ class QASystem:
       read_counts: the m' to answer with (default ``(settings.read_passages,)``);
         an m' beyond ``top_k`` reads every retrieved passage.
       rule, passage_score_weight: the answer rule and its λ (defaults from ``settings``).
+      lexical_weight: BM25 fusion weight of retrieval (default from ``settings``; 0 = dense only).
     """
     s = dataclasses.replace(self.settings, **{k: v for k, v in (
-        ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight)) if v is not None})
+        ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight),
+        ("lexical_weight", lexical_weight)) if v is not None})
     counts = tuple(read_counts or (s.read_passages,))
     if min(counts) < 1:
       raise ValueError(f"read counts must be >= 1, got {counts}")
@@ -557,7 +601,7 @@ class QASystem:
     if not questions:
       empty = np.zeros((0, 0), np.int64)
       return Results(empty, empty.astype(np.float32), {n: [] for n in counts})
-    pids, scores = self._search(self.embed_questions(questions), s.top_k)
+    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s.lexical_weight)
     m = min(max(counts), pids.shape[1])
     q_ids = self.tokenizer.encode_texts(questions)
     predictions: dict[int, list[Prediction]] = {n: [] for n in counts}

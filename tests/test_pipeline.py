@@ -67,14 +67,22 @@ def test_every_stage_runs_and_reports(smoke_run):
     text = md.read()
   assert "Table 3 analogue" in text and "Table 4 analogue" in text
   assert os.path.exists(os.path.join(workdir, "bundle", "manifest.json"))
-  assert QASystem.from_bundle(os.path.join(workdir, "bundle")).index.kind == config.bundle.index_kind
+  bundle = QASystem.from_bundle(os.path.join(workdir, "bundle"))
+  assert bundle.index.kind == config.bundle.index_kind
+  # The bundle retrieves by dense + BM25 (configs/smoke.py sets lexical_weight, as mini does), and its evaluation
+  # in the report used that setting.
+  assert bundle.settings.lexical_weight == config.bundle.lexical_weight > 0
+  assert all(r["lexical_weight"] == config.bundle.lexical_weight
+             for r in records["bundle"]["summary"]["results"].values())
+  assert all(r["lexical_weight"] == 0.0 for r in records["eval_finetune"]["summary"]["results"].values())
   # No retrieval-only stage (student_retriever_stage=False): distillation started from the teacher reader, learned
   # retrieval over the batch's passages and distilled the teacher retriever's scores (student_retriever_teacher).
   assert "skipped" in records["student_retriever"]["summary"]
   assert not os.path.exists(os.path.join(workdir, "student_retriever"))
   assert [r["name"] for r in report["retrieval"]] == [
       "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
-      "unified after finetuning (over the subset)", "bundle: INT8 index (over the subset)"]
+      "unified after finetuning (over the subset)",
+      f"bundle: INT8 index, + BM25 fusion (weight {config.bundle.lexical_weight:g}) (over the subset)"]
   with open(os.path.join(workdir, "distill", "config.json"), encoding="utf-8") as f:
     distill_config = json.load(f)
   assert distill_config["model"]["init"] == os.path.join(workdir, "teacher_reader", "best")

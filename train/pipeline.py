@@ -32,6 +32,7 @@ changed by that config's overrides; the pipeline wires the stages' inputs and ou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -417,7 +418,9 @@ class Pipeline:
     spec, params = export_lib.load_system(self.path("finetune", "best"), None, self.mesh)
     out = self.path("bundle")
     summary = export_lib.export(out=out, prepared=self.prepared, spec=spec, params=params, mesh=self.mesh,
-                                settings=self.settings(), subset=self.path("filter", "subset.npz"),
+                                settings=dataclasses.replace(self.settings(),
+                                                             lexical_weight=float(b.lexical_weight)),
+                                subset=self.path("filter", "subset.npz"),
                                 index_kind=b.index_kind, weights_dtype=b.weights_dtype,
                                 batch_size=int(self.config.encode_batch_size), recall_split=self.dev_splits[0],
                                 overwrite=True, vectors=self.unified_vectors("finetune", spec, params,
@@ -431,13 +434,17 @@ class Pipeline:
     return {"footprint": footprint, "index": summary["index"], "bundle_footprint": summary["footprint"],
             "results": self.evaluate(system)}
 
+  def _lexical_label(self) -> str:
+    w = float(self.config.bundle.lexical_weight)
+    return f", + BM25 fusion (weight {w:g})" if w > 0 else ""
+
   def stage_report(self) -> dict[str, Any]:
     records = {s: self.finished(s) for s in STAGES[:-1]}
     rows = []
     names = {"eval_teacher": "teacher (two encoders + reader)", "eval_filtered": "+ passage filter",
              "eval_distill": "+ unified retriever-reader (KD)", "eval_finetune": "+ iterative finetuning",
              "bundle": f"+ INT8 index, {_WEIGHTS_LABEL.get(self.config.bundle.weights_dtype, 'FP16')} weights, "
-                       "token ids, bz2/lzma"}
+                       "token ids, bz2/lzma" + self._lexical_label()}
     for stage, name in names.items():
       s = records[stage]["summary"]
       rows.append(report_lib.system_row(name, stage, s["footprint"], s["results"]))
@@ -453,7 +460,7 @@ class Pipeline:
           sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in self.dev_splits}})
     for stage, name in (("eval_distill", "unified after KD (over the subset)"),
                         ("eval_finetune", "unified after finetuning (over the subset)"),
-                        ("bundle", "bundle: INT8 index (over the subset)")):
+                        ("bundle", "bundle: INT8 index" + self._lexical_label() + " (over the subset)")):
       results = records[stage]["summary"]["results"]
       retrieval_rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"] for sp, r in results.items()}})
     f = records["filter"]["summary"]
