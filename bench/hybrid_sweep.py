@@ -1,7 +1,8 @@
 r"""Choose a bundle's BM25 fusion weight (``lexical_weight``) on held-out questions.
 
   python -m bench.hybrid_sweep --bundle B --questions NAME=FILE[:first:last] [--questions ...]
-                               [--weights 0,0.01,0.02,0.04,0.08] [--top_k 20] [--record]
+                               [--weights 0,0.01,0.02,0.04,0.08] [--eval NAME=FILE ...] [--record]
+  python -m bench.hybrid_sweep --workdir W --config configs/mini.py --system teacher ...   (a pipeline's system)
 
 For each question set, the dense top ``lexical_candidates`` (the bundle's setting) and the BM25 top as many are
 retrieved once; each weight fuses them (:func:`rnr_jax.lexical.fuse`) and scores top-1/5/20 answer accuracy. The
@@ -9,6 +10,9 @@ chosen weight has the best top-1 accuracy averaged over the sets (ties: the smal
 the model never trained on and that are not the dev sets you report, e.g. the tail of a training split the mini
 pipeline does not use (``nq_train.jsonl:-500:``). The last line of stdout is a JSON object with every accuracy
 and ``chosen``; give that to ``infer.export --lexical_weight`` (or a pipeline config's ``bundle.lexical_weight``).
+``--eval`` then reports EM (DPR rule, top passage read) and top-1 of each named question file at weight 0 and at
+the chosen weight. ``--workdir`` takes the system from a finished pipeline work directory instead of a bundle: the
+teacher system over the whole corpus, or a unified run (``distill`` / ``finetune``) over the filter's subset.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import numpy as np
 
 from bench import report
+from infer import evaluate as evaluate_lib
 from rnr_jax.data.readers import read_questions
 from rnr_jax.lexical import fuse
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
@@ -42,8 +47,13 @@ def parse_questions(spec: str) -> tuple[str, str, slice]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--bundle", required=True)
+  parser.add_argument("--bundle", default=None)
+  parser.add_argument("--workdir", default=None, help="a finished pipeline work directory (instead of --bundle)")
+  parser.add_argument("--config", default=None, help="the pipeline config W was run with")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--system", default="teacher", choices=("teacher", "distill", "finetune"))
   parser.add_argument("--questions", action="append", required=True, type=parse_questions)
+  parser.add_argument("--eval", action="append", default=[], type=parse_questions)
   parser.add_argument("--weights", default="0,0.01,0.02,0.03,0.04,0.06,0.08")
   parser.add_argument("--cache_dir", default=None)
   parser.add_argument("--record", action="store_true")
@@ -52,7 +62,18 @@ def main() -> None:
   if not weights or min(weights) < 0:
     raise SystemExit("bench.hybrid_sweep: --weights must be numbers >= 0")
 
-  system = QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir)
+  if (args.bundle is None) == (args.workdir is None):
+    raise SystemExit("bench.hybrid_sweep: pass --bundle, or --workdir with --config")
+  if args.bundle is not None:
+    system, source = QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir), f"Bundle {args.bundle}"
+  else:
+    from rnr_jax.config import load_config  # pylint: disable=import-outside-toplevel
+    from train.pipeline import Pipeline  # pylint: disable=import-outside-toplevel
+    if args.config is None:
+      raise SystemExit("bench.hybrid_sweep: --workdir needs --config")
+    pipeline = Pipeline(load_config(args.config), args.workdir, data_dir=args.data_dir)
+    system = (pipeline.teacher_system(None) if args.system == "teacher" else pipeline.unified_system(args.system))[0]
+    source = f"System {args.system} of {args.workdir} (float32, exact index)"
   n = min(system.settings.lexical_candidates, len(system.index))
   start = time.perf_counter()
   lexical = system.lexical_index()
@@ -84,14 +105,30 @@ def main() -> None:
           for w in [*map(str, weights), "bm25"]]
   table = report.markdown_table(header, rows)
   print(table)
+  evals = {}
+  for name, path, part in args.eval:
+    questions = list(read_questions(path))[part]
+    for w in sorted({0.0, chosen}):
+      summary, _ = evaluate_lib.evaluate(system, questions, top_k=5, rule="dpr", passage_score_weight=0.0,
+                                         max_read=1, progress=False, lexical_weight=w)
+      evals[f"{name}@{w:g}"] = {"em": summary["em"], "top1": summary["top_k_accuracy"]["top1"], "n": len(questions)}
+      print(f"{name}, weight {w:g}: EM {100 * summary['em']:.2f}, top-1 {100 * evals[f'{name}@{w:g}']['top1']:.2f}",
+            flush=True)
+  if evals:
+    table += "\n\n" + report.markdown_table(
+        ["question set", "weight", "EM % (DPR rule, top passage)", "top-1 %"],
+        [[k.split("@")[0], k.split("@")[1], f"{100 * v['em']:.2f}", f"{100 * v['top1']:.2f}"] for k, v in evals.items()])
   if args.record:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
-    report.record("Hybrid retrieval: BM25 fusion weight", table,
-                  f"Bundle {args.bundle} ({len(system.index)} passages); BM25 (bm25s, stemmed) built from the "
-                  f"bundle's token-ID passages in {build_s:.1f} s; {n} candidates from each retrieval; weight 0 = "
-                  f"the dense index alone. Question sets: {sets}. Chosen: the best mean top-1.")
+    title = "Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")
+    report.record(title, table,
+                  f"{source} ({len(system.index)} passages); BM25 (bm25s, stemmed) built from the "
+                  f"system's token-ID passages in {build_s:.1f} s; {n} candidates from each retrieval; weight 0 = "
+                  f"the dense index alone. Question sets: {sets}. Chosen: the best mean top-1."
+                  + (" Second table: every question of each --eval file at weight 0 and the chosen weight, top 5 "
+                     "retrieved, answer by the DPR rule from the top passage (m'=1)." if evals else ""))
   print(json.dumps({"results": results, "mean_top1": {str(w): v for w, v in mean_top1.items()}, "chosen": chosen,
-                    "lexical_build_s": round(build_s, 2)}))
+                    "lexical_build_s": round(build_s, 2), "eval": evals}))
 
 
 if __name__ == "__main__":

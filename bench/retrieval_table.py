@@ -54,6 +54,8 @@ def main():
   ap.add_argument("--run", action="append", default=[], help="NAME=PATH of an infer.encode dir or retriever workdir")
   ap.add_argument("--splits", default="nq_dev,squadshifts_dev")
   ap.add_argument("--note", default="", help="extra text recorded under the table")
+  ap.add_argument("--title", default="Retrieval accuracy (Training stages I)",
+                  help="docs/benchmarks.md section to write (a new title keeps earlier tables)")
   ap.add_argument("--record", action="store_true")
   args = ap.parse_args()
   splits = args.splits.split(",")
@@ -68,7 +70,7 @@ def main():
   table = report.markdown_table(header, body)
   print(table)
   if args.record:
-    report.record("Retrieval accuracy (Training stages I)", table, args.note)
+    report.record(args.title, table, args.note)
 
 
 if __name__ == "__main__":
