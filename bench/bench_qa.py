@@ -31,6 +31,7 @@ matmuls of the model's largest shape, ``[read rows x reader_len, H] x [H, I]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -140,21 +141,26 @@ def measure(system: QASystem, questions: Sequence[str], repeats: int, batch_size
 # ---- report ----------------------------------------------------------------------------
 
 
-def table(result: dict, flops: np.ndarray | None, rate: float) -> str:
+def table(result: dict, flops: np.ndarray | None, rate: float, label: str = "") -> str:
   """Rows: batch-1 p50 / p95 latency and batched questions/s; columns: measured, floor, measured / floor."""
+  return report.markdown_table(["work", "measured", "FLOP floor", "measured / floor"],
+                               table_rows(result, flops, rate, label))
+
+
+def table_rows(result: dict, flops: np.ndarray | None, rate: float, label: str = "") -> list[list[str]]:
   lat = result["latencies_s"]
   rows = []
   for name, q in (("p50", 50), ("p95", 95)):
     measured = float(np.percentile(lat, q))
     floor = float(np.percentile(flops, q)) / rate if flops is not None else None
-    rows.append([f"batch 1, {name} latency", f"{1e3 * measured:.2f} ms",
+    rows.append([f"{label}batch 1, {name} latency", f"{1e3 * measured:.2f} ms",
                  f"{1e3 * floor:.3f} ms" if floor else "n/a", f"{measured / floor:,.0f}x" if floor else "n/a"])
   for size, qps in result["questions_per_s"].items():
     floor_qps = rate / float(np.mean(flops)) if flops is not None else None
-    rows.append([f"batch {size}, throughput", f"{qps:,.1f} questions/s",
+    rows.append([f"{label}batch {size}, throughput", f"{qps:,.1f} questions/s",
                  f"{floor_qps:,.0f} questions/s" if floor_qps else "n/a",
                  f"{floor_qps / qps:,.0f}x" if floor_qps else "n/a"])
-  return report.markdown_table(["work", "measured", "FLOP floor", "measured / floor"], rows)
+  return rows
 
 
 def describe(system: QASystem) -> str:
@@ -165,6 +171,7 @@ def describe(system: QASystem) -> str:
            f"FFN {enc['intermediate_size']}, {spec.reader.dtype}")
   kind = "unified retriever-reader" if spec.unified else "retriever + reader"
   return (f"{kind} ({model}); top_k {s.top_k}, read_passages {s.read_passages}, rule {s.rule}, "
+          f"BM25 fusion weight {s.lexical_weight:g}, "
           f"reader_len {spec.reader.reader_len}, buckets {list(spec.reader.buckets)}; "
           f"index {system.index.kind} ({len(system.index):,} passages, dim {system.index.dim})")
 
@@ -177,6 +184,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=3, help="timed passes over the questions")
   ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes for throughput")
   ap.add_argument("--cache_dir", default=None, help="where to unpack the bundle (default: <bundle>/.cache)")
+  ap.add_argument("--lexical_weight", type=float, default=None,
+                  help="BM25 fusion weight (default: the bundle's); when > 0 the dense-only system is timed too")
   ap.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
   args = ap.parse_args()
 
@@ -185,8 +194,18 @@ def main():
   t0 = time.perf_counter()
   system = QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir)
   load_s = time.perf_counter() - t0
+  if args.lexical_weight is not None:
+    system.settings = dataclasses.replace(system.settings, lexical_weight=args.lexical_weight)
+  hybrid = system.settings.lexical_weight > 0
+  lexical_s = _timed(system.lexical_index) if hybrid else 0.0
   batch_sizes = [int(b) for b in args.batches.split(",") if b]
   result = measure(system, questions, args.repeats, batch_sizes)
+  dense_result = None
+  if hybrid:  # the same system without BM25, timed in the same run
+    weight = system.settings.lexical_weight
+    system.settings = dataclasses.replace(system.settings, lexical_weight=0.0)
+    dense_result = measure(system, questions, args.repeats, batch_sizes)
+    system.settings = dataclasses.replace(system.settings, lexical_weight=weight)
 
   spec, s = system.spec, system.settings
   enc = spec.reader.encoder
@@ -199,7 +218,12 @@ def main():
   except ValueError as e:
     print(f"no FLOP floor: {e}")
     flops = None
-  result_table = table(result, flops, rate)
+  if dense_result is None:
+    result_table = table(result, flops, rate)
+  else:
+    result_table = report.markdown_table(["work", "measured", "FLOP floor", "measured / floor"],
+                                         table_rows(result, flops, rate, "dense + BM25: ")
+                                         + table_rows(dense_result, flops, rate, "dense only: "))
   warmup = ", ".join(f"batch {k}: {v:.1f} s" for k, v in result["warmup_s"].items())
   info = {"load_s": round(load_s, 2), "warmup_s": {k: round(v, 2) for k, v in result["warmup_s"].items()},
           "matmul_gflops": round(rate / 1e9, 2), "matmul_shape": shape, "square_1024_gflops": round(square / 1e9, 2),
@@ -213,7 +237,8 @@ def main():
       f"- questions: the first {len(questions)} of `{os.path.basename(args.questions)}`; batch-1 latency over "
       f"{args.repeats} passes; batched rates over {args.repeats} passes (questions cycled to fill a batch); "
       f"whole `QASystem.answer` calls (tokenization, encoding, search, reading, answer choice)",
-      f"- not in the table: loading the bundle {load_s:.1f} s; first pass over each shape (compilation) {warmup}",
+      f"- not in the table: loading the bundle {load_s:.1f} s; first pass over each shape (compilation) {warmup}"
+      + (f"; building the BM25 index from the bundle's passages {lexical_s:.1f} s (once per load)" if hybrid else ""),
       "- floor: model matmul FLOPs (question at its token length + read_passages rows at their length bucket; "
       f"mean {info['mean_mflops_per_question']} MFLOP per question) / the best jitted float32 matmul rate of "
       f"{shape[0]}x{shape[1]} x {shape[1]}x{shape[2]} measured in the same run: {rate / 1e9:.1f} GFLOP/s "

@@ -12,7 +12,9 @@ retrieval-only stage (``student_retriever_stage=False``): distillation keeps the
 it teaches retrieval, by the positive's NLL among all passages of the batch (the teacher's ranker is weak, so the
 NLL rather than its KL) and the KL to the teacher retriever's scores, and Algorithm 1 finetunes both. The compression comes from
 one encoder instead of three, int8 weights (``bundle.weights_dtype="int8"``), a 128-d INT8 index instead of a 384-d
-float32 one, and the compressed token-ID corpus. The passage filter keeps 90% of the passages: trained on the topics
+float32 one, and the compressed token-ID corpus. The bundle retrieves by dense + 0.06 * BM25 (``bundle.lexical_weight``;
+BM25 built at load from its own token ids, no bytes): the 128-d retrieval is the student's weak part, and SQuAD-style
+questions share words with their passages. The passage filter keeps 90% of the passages: trained on the topics
 of the training questions, it ranks passages of unseen articles low (at 50%, only a third of squadshifts_dev's
 answer passages survive; the report's sweep shows every fraction). Mean pooling with cosine scores, because MiniLM
 was pretrained that way and a few hundred steps cannot teach [CLS] pooling (the paper's choice,
