@@ -54,6 +54,9 @@ def main() -> None:
   parser.add_argument("--system", default="teacher", choices=("teacher", "distill", "finetune"))
   parser.add_argument("--questions", action="append", required=True, type=parse_questions)
   parser.add_argument("--eval", action="append", default=[], type=parse_questions)
+  parser.add_argument("--eval_rule", default="dpr", choices=("dpr", "weighted", "fused"),
+                      help="answer rule of the --eval runs")
+  parser.add_argument("--eval_read", type=int, default=1, help="passages read per question in the --eval runs (m')")
   parser.add_argument("--weights", default="0,0.01,0.02,0.03,0.04,0.06,0.08")
   parser.add_argument("--cache_dir", default=None)
   parser.add_argument("--record", action="store_true")
@@ -109,24 +112,27 @@ def main() -> None:
   for name, path, part in args.eval:
     questions = list(read_questions(path))[part]
     for w in sorted({0.0, chosen}):
-      summary, _ = evaluate_lib.evaluate(system, questions, top_k=5, rule="dpr", passage_score_weight=0.0,
-                                         max_read=1, progress=False, lexical_weight=w)
-      evals[f"{name}@{w:g}"] = {"em": summary["em"], "top1": summary["top_k_accuracy"]["top1"], "n": len(questions)}
-      print(f"{name}, weight {w:g}: EM {100 * summary['em']:.2f}, top-1 {100 * evals[f'{name}@{w:g}']['top1']:.2f}",
+      summary, _ = evaluate_lib.evaluate(system, questions, top_k=5, rule=args.eval_rule, passage_score_weight=0.8,
+                                         max_read=args.eval_read, progress=False, lexical_weight=w)
+      em = summary["em_at"][str(min(args.eval_read, 5))]
+      evals[f"{name}@{w:g}"] = {"em": em, "top1": summary["top_k_accuracy"]["top1"], "n": len(questions)}
+      print(f"{name}, weight {w:g}: EM {100 * em:.2f}, top-1 {100 * evals[f'{name}@{w:g}']['top1']:.2f}",
             flush=True)
   if evals:
     table += "\n\n" + report.markdown_table(
-        ["question set", "weight", "EM % (DPR rule, top passage)", "top-1 %"],
+        ["question set", "weight", f"EM % ({args.eval_rule} rule, m'={min(args.eval_read, 5)})", "top-1 %"],
         [[k.split("@")[0], k.split("@")[1], f"{100 * v['em']:.2f}", f"{100 * v['top1']:.2f}"] for k, v in evals.items()])
   if args.record:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
-    title = "Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")
+    title = ("Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")
+             + ("" if (args.eval_rule, args.eval_read) == ("dpr", 1) else f", {args.eval_rule} rule m'={args.eval_read}"))
     report.record(title, table,
                   f"{source} ({len(system.index)} passages); BM25 (bm25s, stemmed) built from the "
                   f"system's token-ID passages in {build_s:.1f} s; {n} candidates from each retrieval; weight 0 = "
                   f"the dense index alone. Question sets: {sets}. Chosen: the best mean top-1."
                   + (" Second table: every question of each --eval file at weight 0 and the chosen weight, top 5 "
-                     "retrieved, answer by the DPR rule from the top passage (m'=1)." if evals else ""))
+                     f"retrieved, answer by the {args.eval_rule} rule from the first {min(args.eval_read, 5)} "
+                     "(m')." if evals else ""))
   print(json.dumps({"results": results, "mean_top1": {str(w): v for w, v in mean_top1.items()}, "chosen": chosen,
                     "lexical_build_s": round(build_s, 2), "eval": evals}))
 

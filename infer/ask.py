@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from rnr_jax.bundle import BundleError
-from rnr_jax.qa_system import Prediction, QASystem
+from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
 BOLD, RESET = "\033[1m", "\033[0m"
@@ -26,7 +26,7 @@ def define_flags() -> None:
   flags.DEFINE_string("bundle", None, "Bundle directory (python -m infer.export).")
   flags.DEFINE_integer("top_k", None, "Passages retrieved (default: the bundle's).")
   flags.DEFINE_integer("read_passages", None, "Passages read, m' (default: the bundle's).")
-  flags.DEFINE_enum("rule", None, ["dpr", "weighted"], "Answer rule (default: the bundle's).")
+  flags.DEFINE_enum("rule", None, list(RULES), "Answer rule (default: the bundle's).")
   flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
   flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the bundle's).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")

@@ -33,7 +33,7 @@ from rnr_jax.bundle import BundleError
 from rnr_jax.data.readers import DataFormatError, Question, read_questions
 from rnr_jax.io import atomic_write_text
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy, exact_match, f1_score
-from rnr_jax.qa_system import Prediction, QASystem
+from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +44,7 @@ def define_flags() -> None:
   flags.DEFINE_string("questions", None, "Question file: our jsonl or NQ-open jsonl.")
   flags.DEFINE_integer("limit", 0, "First N questions; 0 = all.")
   flags.DEFINE_integer("top_k", None, "Passages retrieved per question (default: the bundle's).")
-  flags.DEFINE_enum("rule", None, ["dpr", "weighted"], "Answer rule (default: the bundle's).")
+  flags.DEFINE_enum("rule", None, list(RULES), "Answer rule (default: the bundle's).")
   flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
   flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the "
                      "bundle's; see rnr_jax.lexical).")
@@ -62,7 +62,8 @@ def read_counts(top_k: int, max_read: int = 0) -> list[int]:
 
 
 def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str, passage_score_weight: float,
-             batch_size: int = 64, progress: bool = True, max_read: int = 0, lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Prediction]]:
+             batch_size: int = 64, progress: bool = True, max_read: int = 0,
+             lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Prediction]]:
   """``(summary, predictions at the best m')`` of ``questions`` (see the module docstring).
 
   ``max_read`` > 0 reads at most that many of the ``top_k`` retrieved passages (the top-k accuracy still covers

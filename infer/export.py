@@ -47,7 +47,8 @@ from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import KINDS, DenseIndex
 from rnr_jax.models import Params
-from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, SystemSpec, encode_passages, write_passages
+from rnr_jax.qa_system import (RULES, TOKENIZER_FILES, InferenceSettings, SystemSpec, encode_passages,
+                               write_passages)
 
 FLAGS = flags.FLAGS
 
@@ -73,7 +74,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("recall_questions", 1000, "Questions of --recall_split used for the recall.")
   flags.DEFINE_integer("top_k", 20, "Default passages retrieved per question.")
   flags.DEFINE_integer("read_passages", 10, "Default passages read per question (m').")
-  flags.DEFINE_enum("rule", "dpr", ["dpr", "weighted"], "Default answer rule (appendix A.3).")
+  flags.DEFINE_enum("rule", "dpr", list(RULES), "Default answer rule (appendix A.3).")
   flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.")
   flags.DEFINE_float("lexical_weight", 0.0, "Default BM25 fusion weight of retrieval (0 = dense only; BM25 is built "
                      "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).")

@@ -57,7 +57,7 @@ from rnr_jax.index import DenseIndex
 from rnr_jax.lexical import LexicalIndex
 from rnr_jax.models import Params
 
-RULES = ("dpr", "weighted")
+RULES = ("dpr", "weighted", "fused")
 PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 NO_PASSAGE = rd.NO_PASSAGE
@@ -290,8 +290,10 @@ class InferenceSettings:
   Attributes:
     top_k: passages retrieved per question.
     read_passages: ``m'``, the retrieved passages read per question.
-    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3).
+    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3), or ``"fused"`` (reader span and rank scores plus the
+      retrieval score; :func:`rnr_jax.reader.select_answer`).
     passage_score_weight: λ of the weighted rule.
+    retrieval_scale: the fused rule's temperature on retrieval scores (the retriever's training scale).
     lexical_weight: > 0 ranks passages by ``dense + lexical_weight * BM25`` over the union of the dense and
       the BM25 top ``lexical_candidates`` (:mod:`rnr_jax.lexical`; BM25 built from the shipped passages);
       0 retrieves by the dense index alone, as the paper does.
@@ -304,6 +306,7 @@ class InferenceSettings:
   read_passages: int = 10
   rule: str = "dpr"
   passage_score_weight: float = 0.8
+  retrieval_scale: float = 20.0
   lexical_weight: float = 0.0
   lexical_candidates: int = 100
   question_batch: int = 32
@@ -316,6 +319,8 @@ class InferenceSettings:
       raise ValueError(f"top_k, read_passages, question_batch and read_batch must be >= 1: {self}")
     if not 0.0 <= self.passage_score_weight <= 1.0:
       raise ValueError(f"passage_score_weight must be in [0, 1], got {self.passage_score_weight}")
+    if not (self.retrieval_scale > 0.0 and np.isfinite(self.retrieval_scale)):
+      raise ValueError(f"retrieval_scale must be a finite number > 0, got {self.retrieval_scale}")
     if not (self.lexical_weight >= 0.0 and np.isfinite(self.lexical_weight)):
       raise ValueError(f"lexical_weight must be a finite number >= 0, got {self.lexical_weight}")
     if self.lexical_candidates < 1:
@@ -632,7 +637,8 @@ class QASystem:
     if not valid.any():
       return Prediction(question, "", NO_PASSAGE, "", "", -1, -1, 0.0, 0.0, -1)
     span = reader.select_answer(logits[rows, :length], logits[rows, length:2 * length], logits[rows, 2 * length],
-                                valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight)
+                                valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight,
+                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale)
     row = b * m + span.passage
     pid = int(pids[span.passage])
     answer, title, passage, char_start = self._span_text(pid, batch["input_ids"][row], int(batch["text_start"][row]),

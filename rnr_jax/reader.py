@@ -170,12 +170,16 @@ def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarra
 
 def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray,
                   valid: np.ndarray, max_answer_len: int = 10, rule: str = "dpr",
-                  passage_score_weight: float = 0.8, spans_per_passage: int = 5) -> Span:
+                  passage_score_weight: float = 0.8, spans_per_passage: int = 5,
+                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0) -> Span:
   """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
 
   ``rule="dpr"``: best span (by logits) of the top-ranked passage.
   ``rule="weighted"``: maximum of ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` over the
   top ``spans_per_passage`` spans of each passage, λ = ``passage_score_weight``.
+  ``rule="fused"`` (beyond the paper): maximum of ``start + end logits + log Prank + log Pret`` over the top
+  ``spans_per_passage`` spans of each passage, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``
+  over the m passages: the retriever's evidence joins the reader's, which a weak ranker needs.
   """
   m = len(rank_logits)
   has_text = np.asarray(valid).any(-1)
@@ -204,7 +208,24 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
     if best is None:
       raise ValueError("no valid span in any passage")
     return best
-  raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr' or 'weighted'")
+  if rule == "fused":
+    if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
+      raise ValueError(f"rule 'fused' needs the {m} passages' retrieval scores, got "
+                       f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
+    passage_lp = (_log_softmax_np(np.asarray(rank_logits), has_text)
+                  + _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
+    best = None
+    for p in range(m):
+      if not has_text[p]:
+        continue
+      for s, e, sc in top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, spans_per_passage):
+        total = sc + passage_lp[p]
+        if best is None or total > best.score:
+          best = Span(p, s, e, float(total))
+    if best is None:
+      raise ValueError("no valid span in any passage")
+    return best
+  raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,

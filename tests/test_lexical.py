@@ -121,3 +121,5 @@ def test_settings_round_trip_and_validation():
   for bad in ({"lexical_weight": -0.1}, {"lexical_weight": float("nan")}, {"lexical_candidates": 0}):
     with pytest.raises(ValueError, match="lexical"):
       InferenceSettings(**bad)
+  with pytest.raises(ValueError, match="retrieval_scale"):
+    InferenceSettings(rule="fused", retrieval_scale=0.0)

@@ -93,7 +93,7 @@ def test_trained_system_bundle_answers_like_in_memory(trained, built, toy):
 
   questions = _questions(toy) + _questions(toy, "toy_train")[:8]
   texts = [q.question for q in questions]
-  for rule in ("dpr", "weighted"):
+  for rule in ("dpr", "weighted", "fused"):
     got = bundled.predict(texts, read_counts=(1, 4, 8), rule=rule)
     want = in_memory.predict(texts, read_counts=(1, 4, 8), rule=rule)
     np.testing.assert_array_equal(got.passage_ids, want.passage_ids)

@@ -88,6 +88,20 @@ def test_select_answer_rules():
   # lambda = 1 ranks by passage only, so the answer comes from passage 0.
   w1 = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="weighted", passage_score_weight=1.0)
   assert w1.passage == 0
+  # fused: span logits + log Prank + log Pret. Against a hand computation for three retrieval settings.
+  for retrieval, scale in (([0.9, 0.1], 20.0), ([0.1, 0.9], 20.0), ([0.5, 0.49], 1.0)):
+    lp = lambda x: np.asarray(x) - np.log(np.sum(np.exp(x)))  # noqa: E731
+    passage = lp(rank) + lp(scale * np.asarray(retrieval))
+    # Each passage's best span by logits: passage 0 (3, 3) at 2.2, passage 1 (4, 5) at 18.
+    want = max([(2.2 + passage[0], 0, 3, 3), (18.0 + passage[1], 1, 4, 5)])
+    f = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="fused", retrieval_scores=retrieval,
+                             retrieval_scale=scale)
+    assert (f.passage, f.start, f.end) == want[1:] and f.score == pytest.approx(want[0])
+  # A retrieval margin of 0.8 at scale 20 (16 nats) outweighs passage 1's span margin: passage 0 is chosen.
+  assert reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="fused",
+                              retrieval_scores=[0.9, 0.1]).passage == 0
+  with pytest.raises(ValueError, match="retrieval scores"):
+    reader.select_answer(start, end, rank, valid, rule="fused")
   with pytest.raises(ValueError, match="rule"):
     reader.select_answer(start, end, rank, valid, rule="bogus")
 
