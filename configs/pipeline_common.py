@@ -49,6 +49,8 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict({"top_k": 10, "rule": "dpr", "passage_score_weight": 0.8, "questions": 0,
                                       "batch_size": 64, "max_read": 0})
   # lexical_weight > 0: the bundle retrieves by dense + weight * BM25 (rnr_jax.lexical; BM25 built at load from the
-  # shipped passages, no bundle bytes); choose it on held-out questions with bench.hybrid_sweep.
-  c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16", "lexical_weight": 0.0})
+  # shipped passages, no bundle bytes); choose it on held-out questions with bench.hybrid_sweep. rule / max_read:
+  # the bundle's default answer rule and the passages read when the pipeline evaluates it ("" / -1: eval's).
+  c.bundle = ml_collections.ConfigDict({"index_kind": "int8", "weights_dtype": "float16", "lexical_weight": 0.0,
+                                        "rule": "", "max_read": -1})
   return c

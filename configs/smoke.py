@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
   c.student_retriever_teacher = True  # as configs/mini.py: it also distils the teacher retriever's scores
   c.bundle.index_kind = "int8_row"  # as configs/mini.py
   c.bundle.lexical_weight = 0.06  # as configs/mini.py
+  c.bundle.rule, c.bundle.max_read = "fused", 5  # as configs/mini.py
   c.candidates_k = 20
   c.encode_batch_size = 16
   c.eval.top_k = 4

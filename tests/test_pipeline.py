@@ -75,6 +75,9 @@ def test_every_stage_runs_and_reports(smoke_run):
   assert all(r["lexical_weight"] == config.bundle.lexical_weight
              for r in records["bundle"]["summary"]["results"].values())
   assert all(r["lexical_weight"] == 0.0 for r in records["eval_finetune"]["summary"]["results"].values())
+  assert bundle.settings.rule == config.bundle.rule == "fused"
+  assert all(r["rule"] == "fused" for r in records["bundle"]["summary"]["results"].values())
+  assert systems[-1]["name"].endswith(", fused answer rule")
   # No retrieval-only stage (student_retriever_stage=False): distillation started from the teacher reader, learned
   # retrieval over the batch's passages and distilled the teacher retriever's scores (student_retriever_teacher).
   assert "skipped" in records["student_retriever"]["summary"]

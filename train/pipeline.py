@@ -187,14 +187,17 @@ class Pipeline:
     n = int(self.config.eval.questions)
     return self.data.questions(split)[:n or None]
 
-  def evaluate(self, system: QASystem) -> dict[str, dict[str, Any]]:
-    """infer.evaluate's summary of ``system`` on each dev split (the pipeline's eval settings)."""
+  def evaluate(self, system: QASystem, *, rule: str | None = None, max_read: int | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """infer.evaluate's summary of ``system`` on each dev split (the pipeline's eval settings, unless given)."""
     e = self.config.eval
+    rule = rule or e.rule
+    max_read = int(e.max_read) if max_read is None else max_read
     results = {}
     for split in self.dev_splits:
-      summary, _ = evaluate_lib.evaluate(system, self.questions(split), top_k=int(e.top_k), rule=e.rule,
+      summary, _ = evaluate_lib.evaluate(system, self.questions(split), top_k=int(e.top_k), rule=rule,
                                          passage_score_weight=float(e.passage_score_weight),
-                                         batch_size=int(e.batch_size), max_read=int(e.max_read))
+                                         batch_size=int(e.batch_size), max_read=max_read)
       logging.info("%s: EM %.4f (m'=%d), %.2f questions/s", split, summary["em"], summary["best_read_passages"],
                    summary["questions_per_s"])
       results[split] = summary
@@ -418,7 +421,7 @@ class Pipeline:
     spec, params = export_lib.load_system(self.path("finetune", "best"), None, self.mesh)
     out = self.path("bundle")
     summary = export_lib.export(out=out, prepared=self.prepared, spec=spec, params=params, mesh=self.mesh,
-                                settings=dataclasses.replace(self.settings(),
+                                settings=dataclasses.replace(self.settings(), rule=self._bundle_rule(),
                                                              lexical_weight=float(b.lexical_weight)),
                                 subset=self.path("filter", "subset.npz"),
                                 index_kind=b.index_kind, weights_dtype=b.weights_dtype,
@@ -431,12 +434,20 @@ class Pipeline:
                  "other": _row_bytes(rows, "other")}
     footprint["total"] = report_lib.total(footprint, (*report_lib.COMPONENTS, "other"))
     system = QASystem.from_bundle(out, mesh=self.mesh)
+    max_read = int(b.max_read) if int(b.max_read) >= 0 else None
     return {"footprint": footprint, "index": summary["index"], "bundle_footprint": summary["footprint"],
-            "results": self.evaluate(system)}
+            "results": self.evaluate(system, rule=self._bundle_rule(), max_read=max_read)}
+
+  def _bundle_rule(self) -> str:
+    return self.config.bundle.rule or self.config.eval.rule
 
   def _lexical_label(self) -> str:
     w = float(self.config.bundle.lexical_weight)
     return f", + BM25 fusion (weight {w:g})" if w > 0 else ""
+
+  def _rule_label(self) -> str:
+    rule = self._bundle_rule()
+    return f", {rule} answer rule" if rule != self.config.eval.rule else ""
 
   def stage_report(self) -> dict[str, Any]:
     records = {s: self.finished(s) for s in STAGES[:-1]}
@@ -444,7 +455,7 @@ class Pipeline:
     names = {"eval_teacher": "teacher (two encoders + reader)", "eval_filtered": "+ passage filter",
              "eval_distill": "+ unified retriever-reader (KD)", "eval_finetune": "+ iterative finetuning",
              "bundle": f"+ INT8 index, {_WEIGHTS_LABEL.get(self.config.bundle.weights_dtype, 'FP16')} weights, "
-                       "token ids, bz2/lzma" + self._lexical_label()}
+                       "token ids, bz2/lzma" + self._lexical_label() + self._rule_label()}
     for stage, name in names.items():
       s = records[stage]["summary"]
       rows.append(report_lib.system_row(name, stage, s["footprint"], s["results"]))
