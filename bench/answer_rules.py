@@ -21,9 +21,7 @@ from bench import report
 from bench.hybrid_sweep import parse_questions
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import QASystem, _power_of_two  # pylint: disable=protected-access
-
-RULES = (("dpr", 1), ("dpr", None), ("weighted", None), ("fused", None))
+from rnr_jax.qa_system import QASystem
 
 
 def main() -> None:
@@ -35,25 +33,16 @@ def main() -> None:
   parser.add_argument("--record", action="store_true")
   args = parser.parse_args()
   system = QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir)
-  base = system.settings
+  base = dataclasses.replace(system.settings, top_k=args.top_k, passage_score_weight=0.8)
+  k = min(args.top_k, len(system.index))
+  choices = [("dpr", 1), ("dpr", k), ("weighted", k), ("fused", k)]
   results: dict[str, dict[str, float]] = {}
   for name, path, part in args.questions:
     questions = list(read_questions(path))[part]
-    texts = [q.question for q in questions]
-    pids, scores = system._retrieve(texts, system.embed_questions(texts), args.top_k, None)  # pylint: disable=protected-access
-    m = pids.shape[1]
-    q_ids = system.tokenizer.encode_texts(texts)
-    correct = {f"{rule} m'={n or m}": [] for rule, n in RULES}
-    for start in range(0, len(texts), base.read_batch):
-      group = range(start, min(start + base.read_batch, len(texts)))
-      batch, logits = system._read_group([q_ids[i] for i in group], pids[group.start:group.stop],  # pylint: disable=protected-access
-                                         _power_of_two(len(group), base.read_batch))
-      for b, q in enumerate(group):
-        for rule, n in RULES:
-          s = dataclasses.replace(base, rule=rule, passage_score_weight=0.8)
-          p = system._choose(texts[q], batch, logits, b, m, n or m, pids[q], scores[q], s)  # pylint: disable=protected-access
-          correct[f"{rule} m'={n or m}"].append(exact_match(p.answer, questions[q].answers))
-    results[name] = {k: float(np.mean(v)) for k, v in correct.items()}
+    _, _, answers = system.predict_rules([q.question for q in questions], choices, settings=base)
+    results[name] = {f"{rule} m'={n}": float(np.mean([exact_match(p.answer, q.answers)
+                                                       for p, q in zip(answers[rule, n], questions)]))
+                     for rule, n in choices}
     print(name, json.dumps(results[name]), flush=True)
   rules = list(next(iter(results.values())))
   mean = {r: float(np.mean([results[q][r] for q in results])) for r in rules}

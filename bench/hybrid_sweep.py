@@ -89,7 +89,7 @@ def main() -> None:
       raise SystemExit(f"bench.hybrid_sweep: {path}: no questions in {part}")
     texts = [q.question for q in questions]
     answers = [q.answers for q in questions]
-    dense = system._search(system.embed_questions(texts), n)  # pylint: disable=protected-access
+    dense = system.search(texts, n, lexical_weight=0.0)
     bm25 = lexical.search(texts, n)
     results[name] = {}
     for w in weights:

@@ -541,8 +541,9 @@ class QASystem:
 
     ``lexical_weight`` (default ``settings.lexical_weight``) > 0 fuses BM25 scores in (:mod:`rnr_jax.lexical`).
     """
+    s = self.settings if lexical_weight is None else dataclasses.replace(self.settings, lexical_weight=lexical_weight)
     questions = self._check_questions(questions)
-    return self._retrieve(questions, self.embed_questions(questions), top_k, lexical_weight)
+    return self._retrieve(questions, self.embed_questions(questions), top_k, s)
 
   def _search(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return self.index.search(vectors, min(top_k, len(self.index)))
@@ -554,17 +555,15 @@ class QASystem:
       self._lexical = LexicalIndex.build(self.index.ids, self.passage, version=version)
     return self._lexical
 
-  def _retrieve(self, questions: Sequence[str], vectors: np.ndarray, top_k: int, lexical_weight: float | None
+  def _retrieve(self, questions: Sequence[str], vectors: np.ndarray, top_k: int, s: InferenceSettings
                 ) -> tuple[np.ndarray, np.ndarray]:
-    weight = self.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
-    if not (weight >= 0.0 and np.isfinite(weight)):
-      raise ValueError(f"lexical_weight must be a finite number >= 0, got {weight}")
-    if weight == 0.0:
+    if s.lexical_weight == 0.0:
       return self._search(vectors, top_k)
-    n = min(max(top_k, self.settings.lexical_candidates), len(self.index))
+    n = min(max(top_k, s.lexical_candidates), len(self.index))
     dense_ids, dense_scores = self._search(vectors, n)
     lexical_ids, lexical_scores = self.lexical_index().search(list(questions), n)
-    return lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, weight, min(top_k, len(self.index)))
+    return lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, s.lexical_weight,
+                        min(top_k, len(self.index)))
 
   def passage(self, pid: int) -> tuple[str, str]:
     """``(title, text)`` of a passage: the original text if known, else decoded from its token ids."""
@@ -600,24 +599,40 @@ class QASystem:
         ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight),
         ("lexical_weight", lexical_weight)) if v is not None})
     counts = tuple(read_counts or (s.read_passages,))
-    if min(counts) < 1:
-      raise ValueError(f"read counts must be >= 1, got {counts}")
+    pids, scores, answers = self.predict_rules(questions, [(s.rule, n) for n in counts], settings=s)
+    return Results(pids, scores, {n: answers[s.rule, n] for n in counts})
+
+  def predict_rules(self, questions: Sequence[str], choices: Sequence[tuple[str, int]], *,
+                    settings: InferenceSettings | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, int], list[Prediction]]]:
+    """Retrieves ``settings.top_k`` passages per question and reads them once, then answers by every
+    ``(rule, m')`` of ``choices`` from the same reader outputs.
+
+    Returns ``(passage ids, their scores, {(rule, m'): [Prediction per question]})``; ``settings`` defaults to
+    :attr:`settings` (its rule is not used).
+    """
+    s = settings or self.settings
+    choices = list(dict.fromkeys(choices))
+    if not choices or min(n for _, n in choices) < 1:
+      raise ValueError(f"read counts must be >= 1, got {[n for _, n in choices]}")
+    rule_settings = {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}  # checks each rule
     questions = self._check_questions(questions)
+    answers: dict[tuple[str, int], list[Prediction]] = {(rule, n): [] for rule, n in choices}
     if not questions:
       empty = np.zeros((0, 0), np.int64)
-      return Results(empty, empty.astype(np.float32), {n: [] for n in counts})
-    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s.lexical_weight)
-    m = min(max(counts), pids.shape[1])
+      return empty, empty.astype(np.float32), answers
+    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
+    m = min(max(n for _, n in choices), pids.shape[1])
     q_ids = self.tokenizer.encode_texts(questions)
-    predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
     for start in range(0, len(questions), s.read_batch):
       group = range(start, min(start + s.read_batch, len(questions)))
       batch, logits = self._read_group([q_ids[q] for q in group], pids[group.start:group.stop, :m],
                                        _power_of_two(len(group), s.read_batch))
       for b, q in enumerate(group):
-        for n in counts:
-          predictions[n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q], s))
-    return Results(pids, scores, predictions)
+        for rule, n in choices:
+          answers[rule, n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q],
+                                               rule_settings[rule]))
+    return pids, scores, answers
 
   def _read_group(self, q_ids: Sequence[np.ndarray], pids: np.ndarray, padded_questions: int
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:

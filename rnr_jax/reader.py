@@ -168,6 +168,22 @@ def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarra
   return chosen
 
 
+def _best_span(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarray, has_text: np.ndarray,
+               max_answer_len: int, spans_per_passage: int, *, log_probs: bool, span_weight: float,
+               passage_scores: np.ndarray) -> Span:
+  """Maximum of ``span_weight * span score + passage_scores[p]`` over the top spans of every passage with text."""
+  best = None
+  for p in np.flatnonzero(has_text).tolist():
+    for s, e, sc in top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, spans_per_passage,
+                              log_probs=log_probs):
+      total = span_weight * sc + passage_scores[p]
+      if best is None or total > best.score:
+        best = Span(p, s, e, float(total))
+  if best is None:
+    raise ValueError("no valid span in any passage")
+  return best
+
+
 def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray,
                   valid: np.ndarray, max_answer_len: int = 10, rule: str = "dpr",
                   passage_score_weight: float = 0.8, spans_per_passage: int = 5,
@@ -196,35 +212,16 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
   if rule == "weighted":
     lam = passage_score_weight
     rank_lp = _log_softmax_np(np.asarray(rank_logits), has_text)
-    best = None
-    for p in range(m):
-      if not has_text[p]:
-        continue
-      for s, e, sc in top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len,
-                                spans_per_passage, log_probs=True):
-        total = (1 - lam) * sc + 2 * lam * rank_lp[p]
-        if best is None or total > best.score:
-          best = Span(p, s, e, float(total))
-    if best is None:
-      raise ValueError("no valid span in any passage")
-    return best
+    return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
+                      log_probs=True, span_weight=1 - lam, passage_scores=2 * lam * rank_lp)
   if rule == "fused":
     if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
       raise ValueError(f"rule 'fused' needs the {m} passages' retrieval scores, got "
                        f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
     passage_lp = (_log_softmax_np(np.asarray(rank_logits), has_text)
                   + _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
-    best = None
-    for p in range(m):
-      if not has_text[p]:
-        continue
-      for s, e, sc in top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, spans_per_passage):
-        total = sc + passage_lp[p]
-        if best is None or total > best.score:
-          best = Span(p, s, e, float(total))
-    if best is None:
-      raise ValueError("no valid span in any passage")
-    return best
+    return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
+                      log_probs=False, span_weight=1.0, passage_scores=passage_lp)
   raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
 
 

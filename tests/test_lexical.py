@@ -8,7 +8,7 @@ import pytest
 from rnr_jax import knowledge, lexical, retrieval
 from rnr_jax.data import TokenCorpus
 from rnr_jax.index import DenseIndex
-from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec
+from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec, encode_passages
 from rnr_jax.reader_data import ReaderSpec
 from rnr_jax.tokenization import Tokenizer
 
@@ -78,12 +78,10 @@ def system(tmp_path_factory):
                                              max_answer_len=10, buckets=(32, 64)), passage_len=64)
   params = spec.init_params(jax.random.key(0))
   corpus = TokenCorpus.load(directory)
-  system = QASystem.from_parts(spec, params, DenseIndex.build(np.zeros((5, 8), np.float32), "exact",
-                                                              num_eval_queries=0),
-                               corpus, tokenizer, settings=InferenceSettings(top_k=3, read_passages=1),
-                               mesh=retrieval.data_mesh(jax.devices()[:1]))
-  system.index = DenseIndex.build(system.embed_passages([corpus[i] for i in range(5)]), "exact", num_eval_queries=0)
-  return system
+  mesh = retrieval.data_mesh(jax.devices()[:1])
+  vectors = encode_passages(spec, params, tokenizer, [corpus[i] for i in range(len(corpus))], mesh)
+  return QASystem.from_parts(spec, params, DenseIndex.build(vectors, "exact", num_eval_queries=0), corpus,
+                             tokenizer, settings=InferenceSettings(top_k=3, read_passages=1), mesh=mesh)
 
 
 def test_bm25_of_the_token_id_corpus_finds_word_matches(system):

@@ -23,7 +23,7 @@ from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData, TokenCorpus
 from rnr_jax.index import DenseIndex
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import InferenceSettings, PassageStore, QASystem, SystemSpec
+from rnr_jax.qa_system import RULES, InferenceSettings, PassageStore, QASystem, SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from test_reader_train import build_toy_prepared
 from train import reader as reader_trainer
@@ -93,9 +93,13 @@ def test_trained_system_bundle_answers_like_in_memory(trained, built, toy):
 
   questions = _questions(toy) + _questions(toy, "toy_train")[:8]
   texts = [q.question for q in questions]
-  for rule in ("dpr", "weighted", "fused"):
+  # Every rule and m' from one retrieval and one read: the same answers as a predict call per rule.
+  _, _, each = bundled.predict_rules(texts, [(rule, n) for rule in RULES for n in (1, 4, 8)])
+  for rule in RULES:
     got = bundled.predict(texts, read_counts=(1, 4, 8), rule=rule)
     want = in_memory.predict(texts, read_counts=(1, 4, 8), rule=rule)
+    for n in (1, 4, 8):
+      assert each[rule, n] == got.predictions[n]
     np.testing.assert_array_equal(got.passage_ids, want.passage_ids)
     np.testing.assert_allclose(got.passage_scores, want.passage_scores, rtol=1e-5, atol=1e-5)
     for n in (1, 4, 8):
