@@ -2,7 +2,8 @@ r"""Retrieval accuracy table (Training stages I) from finished runs' artifacts.
 
 Collects top-k answer accuracy per dev split from a prepared dataset's BM25
 numbers (``manifest.json``), embedding directories written by ``infer.encode``
-(``eval.json``) and retriever workdirs (the best row of ``eval.jsonl``), prints
+(``eval.json``, or the hybrid ``eval_lexical.json`` given as the path) and retriever
+workdirs (the best row of ``eval.jsonl``), prints
 one markdown table and, with ``--record``, stores it in docs/benchmarks.md.
 
   python -m bench.retrieval_table --prepared /tmp/prep_real \
@@ -28,7 +29,12 @@ def bm25_row(prepared: str, splits: list[str]) -> dict[str, dict[str, float]]:
 
 
 def run_row(path: str) -> tuple[dict[str, dict[str, float]], str]:
-  """Metrics of an ``infer.encode`` output dir or of the best eval of a retriever workdir."""
+  """Metrics of an ``infer.encode`` output dir, of one of its evaluation files (``eval_lexical.json``: the
+  hybrid ranking) or of the best eval of a retriever workdir."""
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      metrics = json.load(f)
+    return metrics.get("splits", metrics), ""
   if os.path.exists(os.path.join(path, "eval.json")):
     with open(os.path.join(path, "eval.json"), encoding="utf-8") as f:
       return json.load(f), ""

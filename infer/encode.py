@@ -15,7 +15,9 @@ saved under ``EMB/chunks/``, so a killed run started again skips the finished
 chunks. A finished output for the same model and corpus is left as it is. With
 ``--eval_splits``, the questions of those prepared splits are encoded too and
 their top-k answer accuracy over the whole corpus printed and written to
-``EMB/eval.json``.
+``EMB/eval.json``; ``--lexical_weight W`` adds that of the hybrid ranking dense +
+W x BM25 (the prepared BM25 index, :func:`rnr_jax.lexical.fuse`) to
+``EMB/eval_lexical.json``. Run again on a finished output, only the evaluation runs.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("chunk_size", 4096, "Passages per saved chunk (the unit of resumption).")
   flags.DEFINE_list("eval_splits", [], "Prepared splits whose top-k answer accuracy to report.")
   flags.DEFINE_integer("max_eval_questions", 0, "First N questions of each eval split; 0 = all.")
+  flags.DEFINE_float("lexical_weight", 0.0, "With --eval_splits and > 0: also the accuracy of dense + weight x "
+                     "BM25 (the prepared data's index, rnr_jax.lexical.fuse over both top 100s), in "
+                     "<out>/eval_lexical.json.")
   flags.mark_flag_as_required("out")
 
 
@@ -80,11 +85,14 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
 
 def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Params, fingerprint: str,
            mesh: jax.sharding.Mesh, batch_size: int, chunk_size: int, eval_splits: Sequence[str] = (),
-           max_eval_questions: int = 0) -> dict[str, Any]:
+           max_eval_questions: int = 0, lexical_weight: float = 0.0) -> dict[str, Any]:
   """Encodes the corpus of ``prepared`` into ``out`` (resuming or reusing earlier work); returns the info written.
 
-  With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}``.
+  With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}``; with ``lexical_weight`` > 0 also
+  ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25 (also written to ``<out>/eval_lexical.json``).
   """
+  if lexical_weight < 0:
+    raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
   data = PreparedData.load(prepared)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   corpus = data.token_corpus()
@@ -113,16 +121,23 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Pa
   if eval_splits:
     start = time.perf_counter()
     q_encoder = retrieval.BatchEncoder(q_fn, mesh, batch_size)
-    results = {}
+    results, hybrid = {}, {}
     for split in eval_splits:
       questions = data.questions(split)[:max_eval_questions or None]
-      q = retrieval.encode_questions(q_encoder, params, tokenizer, [x.question for x in questions],
-                                     max_len=spec.question_len, buckets=spec.buckets)
-      results[split] = retrieval.evaluate_retrieval(q, vectors, [x.answers for x in questions], data.matcher(),
-                                                    DEFAULT_KS)
+      texts, answers = [x.question for x in questions], [x.answers for x in questions]
+      q = retrieval.encode_questions(q_encoder, params, tokenizer, texts, max_len=spec.question_len,
+                                     buckets=spec.buckets)
+      results[split] = retrieval.evaluate_retrieval(q, vectors, answers, data.matcher(), DEFAULT_KS)
+      if lexical_weight > 0:
+        hybrid[split] = retrieval.evaluate_hybrid(q, vectors, texts, data.bm25(), lexical_weight, answers,
+                                                  data.matcher(), DEFAULT_KS)
     info = {**info, "eval": results, "eval_s": round(time.perf_counter() - start, 2)}
     if jax.process_index() == 0:
       atomic_write_json(os.path.join(out, "eval.json"), results)
+    if hybrid:
+      info["eval_lexical"] = {"lexical_weight": lexical_weight, "candidates": 100, "splits": hybrid}
+      if jax.process_index() == 0:
+        atomic_write_json(os.path.join(out, "eval_lexical.json"), info["eval_lexical"])
   return info
 
 
@@ -137,8 +152,8 @@ def main(argv: Sequence[str]) -> None:
   spec, params, fingerprint = resolve_model(FLAGS.workdir, FLAGS.model_dir, FLAGS.config, tokenizer_fingerprint, mesh)
   info = encode(out=FLAGS.out, prepared=prepared, spec=spec, params=params, fingerprint=fingerprint, mesh=mesh,
                 batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size, eval_splits=FLAGS.eval_splits,
-                max_eval_questions=FLAGS.max_eval_questions)
-  summary = ("dim", "pooling", "passages_per_s", "wall_s", "eval", "eval_s")
+                max_eval_questions=FLAGS.max_eval_questions, lexical_weight=FLAGS.lexical_weight)
+  summary = ("dim", "pooling", "passages_per_s", "wall_s", "eval", "eval_lexical", "eval_s")
   print(json.dumps({k: info[k] for k in summary if k in info}))
 
 

@@ -43,8 +43,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rnr_jax import embed, qa_model
+from rnr_jax import embed, lexical, qa_model
 from rnr_jax import tokenization as tk
+from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.index import exact_search
 from rnr_jax.io import atomic_write_json
@@ -475,6 +476,25 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
   ids, _ = search_exact(question_vectors, passage_vectors, max(ks))
   if passage_ids is not None:
     ids = np.asarray(passage_ids)[ids]
+  return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
+
+
+def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, questions: Sequence[str],
+                    bm25: BM25Index, weight: float, answers: Sequence[Sequence[str]], matcher: AnswerMatcher,
+                    ks: Sequence[int] = DEFAULT_KS, candidates: int = 100) -> dict[str, float]:
+  """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus.
+
+  Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top
+  ``candidates`` (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone.
+  """
+  if bm25.num_passages != len(passage_vectors):
+    raise ValueError(f"the BM25 index holds {bm25.num_passages} passages, the embeddings {len(passage_vectors)}")
+  if len(questions) != len(question_vectors):
+    raise ValueError(f"{len(questions)} questions for {len(question_vectors)} question vectors")
+  depth = max(candidates, *ks)
+  dense_ids, dense_scores = search_exact(question_vectors, passage_vectors, depth)
+  lexical_ids, lexical_scores = bm25.search(list(questions), depth)
+  ids, _ = lexical.fuse(dense_ids, dense_scores, np.asarray(lexical_ids, np.int64), lexical_scores, weight, max(ks))
   return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
 
 

@@ -14,7 +14,8 @@ from rnr_jax import retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data.prepared import PrepareSettings, prepare
-from rnr_jax.metrics import AnswerMatcher
+from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
+from rnr_jax.data import PreparedData
 from test_retriever import NUM_DOCS, write_toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,35 @@ def test_search_exact_and_answer_accuracy():
   assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3), "top3": 1.0}
 
 
+def test_hybrid_evaluation_goes_from_dense_to_bm25_with_the_weight(tmp_path):
+  """Weight 0 ranks as the dense search alone, a huge weight as BM25 alone; in between both count."""
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  write_toy_data(str(data_dir))
+  prepare(str(data_dir), str(tmp_path / "prepared"), PrepareSettings(compress=()), echo=lambda s: None)
+  data = PreparedData.load(str(tmp_path / "prepared"))
+  questions = data.questions("toy_dev")
+  texts, answers, matcher = [x.question for x in questions], [x.answers for x in questions], data.matcher()
+  rng = np.random.default_rng(0)
+  passages = rng.normal(size=(data.num_passages, 8)).astype(np.float32)
+  q = rng.normal(size=(len(questions), 8)).astype(np.float32)
+  ks = (1, 5)
+
+  dense = retrieval.evaluate_retrieval(q, passages, answers, matcher, ks)
+  assert retrieval.evaluate_hybrid(q, passages, texts, data.bm25(), 0.0, answers, matcher, ks) == dense
+  bm25_ids, _ = data.bm25().search(texts, 5)
+  bm25_only = {f"top{k}": v for k, v in answer_top_k_accuracy(bm25_ids, answers, matcher, ks).items()}
+  assert bm25_only["top1"] > dense["top1"] + 0.5  # the toy questions share their code word with the passage
+  assert retrieval.evaluate_hybrid(q, passages, texts, data.bm25(), 1e6, answers, matcher, ks) == bm25_only
+  # A question whose dense vector points at a passage: at a small weight dense decides, at a large one BM25.
+  q_aimed = passages[(np.arange(len(questions)) + 1) % data.num_passages] * 100  # a wrong passage, by far
+  wrong = retrieval.evaluate_hybrid(q_aimed, passages, texts, data.bm25(), 1e-3, answers, matcher, (1,))
+  right = retrieval.evaluate_hybrid(q_aimed, passages, texts, data.bm25(), 1e5, answers, matcher, (1,))
+  assert wrong["top1"] < 0.2 and right["top1"] == bm25_only["top1"]
+  with pytest.raises(ValueError, match="BM25 index holds"):
+    retrieval.evaluate_hybrid(q, passages[:-1], texts, data.bm25(), 0.1, answers, matcher, ks)
+
+
 def test_encode_cli_writes_embeddings_for_the_index(tmp_path):
   data = tmp_path / "data"
   data.mkdir()
@@ -123,11 +153,16 @@ def test_encode_cli_writes_embeddings_for_the_index(tmp_path):
   prepare(str(data), prepared, PrepareSettings(compress=()), echo=lambda s: None)
   out = str(tmp_path / "emb")
   cmd = [sys.executable, "-m", "infer.encode", "--config", "configs/retriever.py:tiny", "--prepared", prepared,
-         "--out", out, "--batch_size", "16", "--chunk_size", "20", "--eval_splits", "toy_dev"]
+         "--out", out, "--batch_size", "16", "--chunk_size", "20", "--eval_splits", "toy_dev",
+         "--lexical_weight", "0.5"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["dim"] == 16 and set(summary["eval"]["toy_dev"]) == {"top1", "top5", "top20", "top100"}
+  with open(os.path.join(out, "eval_lexical.json"), encoding="utf-8") as f:
+    hybrid = json.load(f)
+  assert hybrid == summary["eval_lexical"] and hybrid["lexical_weight"] == 0.5
+  assert set(hybrid["splits"]["toy_dev"]) == {"top1", "top5", "top20", "top100"}
 
   vectors, info = retrieval.load_embeddings(out)
   assert vectors.shape == (NUM_DOCS, 16) and vectors.dtype == np.float32
