@@ -28,7 +28,9 @@ from infer import evaluate as evaluate_lib
 from rnr_jax.data.readers import read_questions
 from rnr_jax.lexical import fuse
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
-from rnr_jax.qa_system import QASystem
+from rnr_jax.qa_system import RULES, QASystem
+
+EVAL_TOP_K = 5  # passages retrieved per question in the --eval runs
 
 KS = (1, 5, 20)
 
@@ -54,7 +56,7 @@ def main() -> None:
   parser.add_argument("--system", default="teacher", choices=("teacher", "distill", "finetune"))
   parser.add_argument("--questions", action="append", required=True, type=parse_questions)
   parser.add_argument("--eval", action="append", default=[], type=parse_questions)
-  parser.add_argument("--eval_rule", default="dpr", choices=("dpr", "weighted", "fused"),
+  parser.add_argument("--eval_rule", default="dpr", choices=RULES,
                       help="answer rule of the --eval runs")
   parser.add_argument("--eval_read", type=int, default=1, help="passages read per question in the --eval runs (m')")
   parser.add_argument("--weights", default="0,0.01,0.02,0.03,0.04,0.06,0.08")
@@ -109,29 +111,32 @@ def main() -> None:
   table = report.markdown_table(header, rows)
   print(table)
   evals = {}
+  eval_read = min(args.eval_read, EVAL_TOP_K)
   for name, path, part in args.eval:
     questions = list(read_questions(path))[part]
     for w in sorted({0.0, chosen}):
-      summary, _ = evaluate_lib.evaluate(system, questions, top_k=5, rule=args.eval_rule, passage_score_weight=0.8,
-                                         max_read=args.eval_read, progress=False, lexical_weight=w)
-      em = summary["em_at"][str(min(args.eval_read, 5))]
+      summary, _ = evaluate_lib.evaluate(system, questions, top_k=EVAL_TOP_K, rule=args.eval_rule,
+                                         passage_score_weight=0.8, max_read=args.eval_read, progress=False,
+                                         lexical_weight=w)
+      em = summary["em_at"][str(eval_read)]
       evals[f"{name}@{w:g}"] = {"em": em, "top1": summary["top_k_accuracy"]["top1"], "n": len(questions)}
       print(f"{name}, weight {w:g}: EM {100 * em:.2f}, top-1 {100 * evals[f'{name}@{w:g}']['top1']:.2f}",
             flush=True)
   if evals:
     table += "\n\n" + report.markdown_table(
-        ["question set", "weight", f"EM % ({args.eval_rule} rule, m'={min(args.eval_read, 5)})", "top-1 %"],
+        ["question set", "weight", f"EM % ({args.eval_rule} rule, m'={eval_read})", "top-1 %"],
         [[k.split("@")[0], k.split("@")[1], f"{100 * v['em']:.2f}", f"{100 * v['top1']:.2f}"] for k, v in evals.items()])
   if args.record:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
     title = ("Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")
-             + ("" if (args.eval_rule, args.eval_read) == ("dpr", 1) else f", {args.eval_rule} rule m'={args.eval_read}"))
+             + ("" if (args.eval_rule, args.eval_read) == ("dpr", 1)
+                else f", {args.eval_rule} rule m'={args.eval_read}"))
     report.record(title, table,
                   f"{source} ({len(system.index)} passages); BM25 (bm25s, stemmed) built from the "
                   f"system's token-ID passages in {build_s:.1f} s; {n} candidates from each retrieval; weight 0 = "
                   f"the dense index alone. Question sets: {sets}. Chosen: the best mean top-1."
-                  + (" Second table: every question of each --eval file at weight 0 and the chosen weight, top 5 "
-                     f"retrieved, answer by the {args.eval_rule} rule from the first {min(args.eval_read, 5)} "
+                  + (" Second table: every question of each --eval file at weight 0 and the chosen weight, top "
+                     f"{EVAL_TOP_K} retrieved, answer by the {args.eval_rule} rule from the first {eval_read} "
                      "(m')." if evals else ""))
   print(json.dumps({"results": results, "mean_top1": {str(w): v for w, v in mean_top1.items()}, "chosen": chosen,
                     "lexical_build_s": round(build_s, 2), "eval": evals}))

@@ -32,7 +32,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rnr_jax import retrieval
+from rnr_jax import lexical, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.io import atomic_write_json
@@ -135,7 +135,7 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Pa
     if jax.process_index() == 0:
       atomic_write_json(os.path.join(out, "eval.json"), results)
     if hybrid:
-      info["eval_lexical"] = {"lexical_weight": lexical_weight, "candidates": 100, "splits": hybrid}
+      info["eval_lexical"] = {"lexical_weight": lexical_weight, "candidates": lexical.CANDIDATES, "splits": hybrid}
       if jax.process_index() == 0:
         atomic_write_json(os.path.join(out, "eval_lexical.json"), info["eval_lexical"])
   return info

@@ -21,6 +21,8 @@ from absl import logging
 
 from rnr_jax.data.bm25 import BM25Index
 
+CANDIDATES = 100  # default candidates taken from each of the two retrievals before fusing
+
 
 class LexicalIndex:
   """BM25 (bm25s, stemmed, stopwords removed) over passages given as ``(title, text)``, keyed by passage id."""

@@ -308,7 +308,7 @@ class InferenceSettings:
   passage_score_weight: float = 0.8
   retrieval_scale: float = 20.0
   lexical_weight: float = 0.0
-  lexical_candidates: int = 100
+  lexical_candidates: int = lexical.CANDIDATES
   question_batch: int = 32
   read_batch: int = 4
 

@@ -481,7 +481,7 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
 
 def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, questions: Sequence[str],
                     bm25: BM25Index, weight: float, answers: Sequence[Sequence[str]], matcher: AnswerMatcher,
-                    ks: Sequence[int] = DEFAULT_KS, candidates: int = 100) -> dict[str, float]:
+                    ks: Sequence[int] = DEFAULT_KS, candidates: int = lexical.CANDIDATES) -> dict[str, float]:
   """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus.
 
   Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top
@@ -494,7 +494,7 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
   depth = max(candidates, *ks)
   dense_ids, dense_scores = search_exact(question_vectors, passage_vectors, depth)
   lexical_ids, lexical_scores = bm25.search(list(questions), depth)
-  ids, _ = lexical.fuse(dense_ids, dense_scores, np.asarray(lexical_ids, np.int64), lexical_scores, weight, max(ks))
+  ids, _ = lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, weight, max(ks))
   return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
 
 

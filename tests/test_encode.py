@@ -116,13 +116,19 @@ def test_search_exact_and_answer_accuracy():
   assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3), "top3": 1.0}
 
 
-def test_hybrid_evaluation_goes_from_dense_to_bm25_with_the_weight(tmp_path):
+@pytest.fixture(scope="module")
+def toy_prepared(tmp_path_factory):
+  """The toy corpus and questions of test_retriever, prepared (read-only for the tests)."""
+  data = tmp_path_factory.mktemp("toy_data")
+  write_toy_data(str(data))
+  prepared = str(tmp_path_factory.mktemp("toy") / "prepared")
+  prepare(str(data), prepared, PrepareSettings(compress=()), echo=lambda s: None)
+  return prepared
+
+
+def test_hybrid_evaluation_goes_from_dense_to_bm25_with_the_weight(toy_prepared):
   """Weight 0 ranks as the dense search alone, a huge weight as BM25 alone; in between both count."""
-  data_dir = tmp_path / "data"
-  data_dir.mkdir()
-  write_toy_data(str(data_dir))
-  prepare(str(data_dir), str(tmp_path / "prepared"), PrepareSettings(compress=()), echo=lambda s: None)
-  data = PreparedData.load(str(tmp_path / "prepared"))
+  data = PreparedData.load(toy_prepared)
   questions = data.questions("toy_dev")
   texts, answers, matcher = [x.question for x in questions], [x.answers for x in questions], data.matcher()
   rng = np.random.default_rng(0)
@@ -145,12 +151,8 @@ def test_hybrid_evaluation_goes_from_dense_to_bm25_with_the_weight(tmp_path):
     retrieval.evaluate_hybrid(q, passages[:-1], texts, data.bm25(), 0.1, answers, matcher, ks)
 
 
-def test_encode_cli_writes_embeddings_for_the_index(tmp_path):
-  data = tmp_path / "data"
-  data.mkdir()
-  write_toy_data(str(data))
-  prepared = str(tmp_path / "prepared")
-  prepare(str(data), prepared, PrepareSettings(compress=()), echo=lambda s: None)
+def test_encode_cli_writes_embeddings_for_the_index(toy_prepared, tmp_path):
+  prepared = toy_prepared
   out = str(tmp_path / "emb")
   cmd = [sys.executable, "-m", "infer.encode", "--config", "configs/retriever.py:tiny", "--prepared", prepared,
          "--out", out, "--batch_size", "16", "--chunk_size", "20", "--eval_splits", "toy_dev",
