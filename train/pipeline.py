@@ -90,6 +90,13 @@ _WEIGHTS_LABEL = {"float16": "FP16", "float32": "FP32", "float16+int8-embeddings
                   "int8": "int8"}
 
 
+def _reads(max_read: int) -> str:
+  """How many retrieved passages an evaluation reads (``eval.max_read`` / ``bundle.max_read``)."""
+  if max_read == 1:
+    return "the top passage (m'=1)"
+  return "m' = 1 up to all retrieved" if max_read <= 0 else f"m' = 1 up to {max_read}"
+
+
 class Pipeline:
   """Runs the stages of a pipeline config in a work directory (see the module docstring)."""
 
@@ -475,14 +482,20 @@ class Pipeline:
       results = records[stage]["summary"]["results"]
       retrieval_rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"] for sp, r in results.items()}})
     f = records["filter"]["summary"]
+    e, b = self.config.eval, self.config.bundle
+    reading = f"answers by the {e.rule} rule from {_reads(int(e.max_read))}"
+    if (self._bundle_rule(), int(b.max_read)) != (e.rule, -1):
+      bundle_read = int(b.max_read) if int(b.max_read) >= 0 else int(e.max_read)
+      chosen = ", ".join(f"{sp} {r['best_read_passages']}" for sp, r in records["bundle"]["summary"]["results"].items())
+      reading += f" (the bundle: {self._bundle_rule()} rule from {_reads(bundle_read)}; best m': {chosen})"
     report = {
         "title": f"rnr-jax pipeline ({os.path.basename(self.config.name)})",
         "description": (f"Data {self.data_dir}: {self.data.num_passages} passages; dev EM on "
                         + ", ".join(f"{s} ({len(self.questions(s))} questions)" for s in self.dev_splits)
-                        + f"; answers read from the top {self.config.eval.top_k} retrieved passages "
-                        f"({self.config.eval.rule} rule), EM at the best m'. Footprints count the files a system "
-                        "needs: weights, index and passages (text for the uncompressed systems, the bundle's "
-                        "compressed files for the last row)."),
+                        + f"; {e.top_k} passages retrieved, {reading}; EM at the best of those m' per split, as "
+                        "the paper reports. Footprints count the files a system needs: weights, index and "
+                        "passages (text for the uncompressed systems, the bundle's compressed files for the last "
+                        "row)."),
         "dev_splits": list(self.dev_splits), "systems": rows, "retrieval": retrieval_rows,
         "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
         "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()},
