@@ -84,4 +84,12 @@ def get_config(arg: str | None = None):
                            "distill.retrieval_loss='nll'", "distill.in_batch=True", "train.batch_size=8",
                            "train.num_steps=150", "optim.lr=5e-5", "optim.warmup_steps=15")
   c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=80", "optim.lr=2e-5")
+  # Beyond the paper: a weight-space merge of the finetuned student (rnr_jax.merge): part of the way back to MiniLM
+  # (the teacher reader's start, so the student's too) and + a shared retriever's task vector, the pair of weights
+  # chosen among merge.base_weights x merge.scales on the last 200 questions of each training split. The retriever
+  # trains from MiniLM with the student's retrieval settings, 200 steps, no evaluation, never on those questions.
+  c.merge.enabled = True
+  c.stages.merge_retriever = stage(
+      "configs/retriever.py", *retriever_common, "retriever.passage_token_type=0", "model.retrieval_dim=128",
+      "train.num_steps=200", "optim.lr=5e-5", "optim.warmup_steps=20")
   return c

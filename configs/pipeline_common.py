@@ -40,6 +40,18 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # model.retrieval_dim, unified.normalize, unified.passage_token_type, in the distill stage); with
   # student_retriever_teacher, distillation then also distils the teacher retriever's scores.
   c.student_retriever_stage = True
+  # Beyond the paper: weight-space merge (rnr_jax.merge) of the finetuned student: part of the way back to its
+  # pretrained encoder (base_weight, WiSE-FT) plus scale x the task vector of a shared retriever trained on its own
+  # from that encoder (stage merge_retriever, config stages.merge_retriever; trained only when a scale > 0):
+  #   theta = theta_student + base_weight (theta_pretrained - theta_student) + scale (theta_retriever - theta_pretrained)
+  # Every (base_weight, scale) of the grid is tried; the pair with the best mean EM (DPR rule, top-1 read) on the last
+  # merge.select_questions questions of each merge.splits split (never trained on by the merge retriever), retrieving
+  # among the union of their teacher top-select_k passages, is kept ((0, 0) = the student unchanged). The bundle is
+  # built from the merged student. merge.base: "" = the pretrained encoder the student started from (MiniLM);
+  # "teacher_reader" = the teacher reader's export (for randomly initialised models, as in smoke).
+  c.merge = ml_collections.ConfigDict({"enabled": False, "base_weights": (0.0, 0.25, 0.5), "scales": (0.0, 0.5, 1.0),
+                                       "select_questions": 200, "select_k": 10,
+                                       "splits": ("nq_train", "squadshifts_train"), "base": ""})
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

@@ -29,6 +29,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   r.hard_negatives = 1  # BM25 hard negatives per question, from the prepared candidates
   r.train_splits = ("nq_train", "squadshifts_train")  # prepared splits to train on
   r.max_train_questions = 0  # keep the first N trainable questions of each split; 0 = all
+  r.holdout_tail = 0  # never train on the last N questions of each training split (held out for a later choice)
+  # Evaluation splits: every evaluation encodes the corpus and exports the best parameters by select_metric;
+  # () = no evaluation, the last parameters are exported (e.g. a retriever trained only as a merge ingredient).
   r.eval_splits = ("nq_dev", "squadshifts_dev")
   r.max_eval_questions = 0  # first N questions of each eval split; 0 = all
   r.eval_ks = (1, 5, 20, 100)

@@ -39,4 +39,13 @@ def get_config(arg: str | None = None):
                            "model.pooling='mean'", "unified.normalize=True", "distill.retrieval_loss='nll'",
                            "distill.in_batch=True")
   c.stages.finetune = stage("configs/finetune.py:tiny", *steps, *pool, "finetune.m=2")
+  # As configs/mini.py, the task-vector merge; random-init models share the teacher reader as their ancestor.
+  c.merge.enabled = True
+  c.merge.base = "teacher_reader"
+  c.merge.base_weights = (0.0, 0.5)
+  c.merge.scales = (0.0, 1.0)
+  c.merge.select_questions = 8
+  c.merge.select_k = 4
+  c.stages.merge_retriever = stage("configs/retriever.py:tiny", *steps, "model.pooling='mean'",
+                                   "retriever.normalize=True")
   return c

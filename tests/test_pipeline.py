@@ -7,9 +7,14 @@ the same layout.
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 from test_retriever import write_toy_data
 
+from infer import export as export_lib
+from rnr_jax import reader_data as rd
+from rnr_jax import retrieval
 from rnr_jax.config import load_config
 from rnr_jax.qa_system import QASystem
 from train import pipeline
@@ -49,7 +54,8 @@ def test_every_stage_runs_and_reports(smoke_run):
   with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
     report = json.load(f)
   systems = report["systems"]
-  assert [s["stage"] for s in systems] == ["eval_teacher", "eval_filtered", "eval_distill", "eval_finetune", "bundle"]
+  assert [s["stage"] for s in systems] == ["eval_teacher", "eval_filtered", "eval_distill", "eval_finetune",
+                                           "eval_merge", "bundle"]
   for s in systems:
     assert set(s["em"]) == {"nq_dev", "squadshifts_dev"}
     assert all(0.0 <= v <= 1.0 for v in s["em"].values())
@@ -84,7 +90,7 @@ def test_every_stage_runs_and_reports(smoke_run):
   assert not os.path.exists(os.path.join(workdir, "student_retriever"))
   assert [r["name"] for r in report["retrieval"]] == [
       "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
-      "unified after finetuning (over the subset)",
+      "unified after finetuning (over the subset)", "unified after the merge (over the subset)",
       f"bundle: INT8 index, + BM25 fusion (weight {config.bundle.lexical_weight:g}) (over the subset)"]
   with open(os.path.join(workdir, "distill", "config.json"), encoding="utf-8") as f:
     distill_config = json.load(f)
@@ -93,6 +99,41 @@ def test_every_stage_runs_and_reports(smoke_run):
   with open(os.path.join(workdir, "distill", "metrics.jsonl"), encoding="utf-8") as f:
     logged = [json.loads(line) for line in f]
   assert any("retriever_kd" in line and "in_batch_acc" in line for line in logged)
+
+
+def test_merge_adds_the_chosen_scale_of_the_retriever_task_vector(smoke_run):
+  config, workdir, _, records = smoke_run
+  summary = records["merge"]["summary"]
+  assert len(summary["trials"]) == len(config.merge.scales) * len(config.merge.base_weights)
+  assert summary["scale"] in config.merge.scales and summary["base_weight"] in config.merge.base_weights
+  assert set(summary["questions"]) == set(config.merge.splits)
+  # The merge retriever never trained on the held-out tail of each split that chose the scale.
+  with open(os.path.join(workdir, "merge_retriever", "config.json"), encoding="utf-8") as f:
+    retriever_config = json.load(f)
+  assert retriever_config["retriever"]["holdout_tail"] == config.merge.select_questions
+  assert retriever_config["model"]["init"] == os.path.join(workdir, "teacher_reader", "best")
+  # merge/best = finetune/best + base_weight x (base - finetune/best) + scale x (merge retriever - base), the heads
+  # untouched (base: the teacher reader's encoder, merge.base in configs/smoke.py).
+  _, finetuned = export_lib.load_system(os.path.join(workdir, "finetune", "best"), None, None)
+  _, merged = export_lib.load_system(os.path.join(workdir, "merge", "best"), None, None)
+  _, ret, _ = retrieval.load_retriever(os.path.join(workdir, "merge_retriever", "best"))
+  _, base, _ = rd.load_reader_encoder(os.path.join(workdir, "teacher_reader", "best"))
+  a, x = summary["base_weight"], summary["scale"]
+  expected = jax.tree.map(lambda f, r, b: f + a * (np.asarray(b) - f) + x * (np.asarray(r) - np.asarray(b)),
+                          jax.device_get(finetuned["encoder"]), jax.device_get(ret["encoder"]), base)
+  for got, want in zip(jax.tree.leaves(jax.device_get(merged["encoder"])), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for head in ("qa_outputs", "qa_classifier"):
+    for got, want in zip(jax.tree.leaves(jax.device_get(merged[head])), jax.tree.leaves(jax.device_get(finetuned[head]))):
+      np.testing.assert_array_equal(got, want)
+  # The bundle holds the merged student (FP16 weights), not the finetuned one.
+  bundle = QASystem.from_bundle(os.path.join(workdir, "bundle"))
+  shipped = jax.tree.leaves(jax.device_get(bundle.params["encoder"]))
+  for got, want in zip(shipped, jax.tree.leaves(jax.device_get(merged["encoder"]))):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-3, atol=2e-3)
+  if a > 0 or x > 0:
+    assert max(float(np.abs(np.asarray(g, np.float32) - f).max()) for g, f in
+               zip(shipped, jax.tree.leaves(jax.device_get(finetuned["encoder"])))) > 1e-2
 
 
 def test_finished_stages_are_skipped_and_removed_ones_rerun(smoke_run):

@@ -109,6 +109,34 @@ def test_batches_dpr_layout_and_resume(prepared_dir):
     np.testing.assert_array_equal(got[k], expected[k])
 
 
+def test_holdout_tail_never_trains_on_the_last_questions(prepared_dir):
+  config = toy_config(prepared_dir)
+  data = PreparedData.load(prepared_dir)
+  tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
+  spec = retrieval.RetrieverSpec.from_config(config, retrieval.initial_encoder(config.model)[0], "")
+  questions = [q.question for q in data.questions("toy_train")]
+  every = trainer.RetrieverBatches(data, tokenizer, spec, splits=["toy_train"], hard_negatives=0, batch_size=8,
+                                   max_questions=0, seed=0)
+  held = trainer.RetrieverBatches(data, tokenizer, spec, splits=["toy_train"], hard_negatives=0, batch_size=8,
+                                  max_questions=0, seed=0, holdout_tail=10)
+  assert every.questions == questions
+  assert held.questions == questions[:-10]
+
+
+def test_without_eval_splits_the_last_parameters_are_exported(prepared_dir, tmp_path):
+  workdir = str(tmp_path / "noeval")
+  state = trainer.train_and_evaluate(toy_config(prepared_dir, "retriever.eval_splits=()", "train.num_steps=3",
+                                                "train.eval_every=100000"), workdir)
+  assert not os.path.exists(os.path.join(workdir, "eval.jsonl"))
+  _, params, info = retrieval.load_retriever(os.path.join(workdir, "best"))
+  assert info["step"] == 3
+  for got, want in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="save_embeddings needs retriever.eval_splits"):
+    trainer.train_and_evaluate(toy_config(prepared_dir, "retriever.eval_splits=()", "retriever.save_embeddings=True"),
+                               str(tmp_path / "bad"))
+
+
 def test_shared_and_two_encoder_param_trees(prepared_dir):
   trees = {}
   for shared in (True, False):

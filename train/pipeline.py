@@ -14,6 +14,7 @@ command again continues an interrupted pipeline):
   eval_teacher       EM of the teacher system (retriever + reader, float32 exact index) on the dev splits
   filter             the passage filter (train.filter) and its subset; answer survival and top-20 change
   eval_filtered      the teacher system over the kept passages only
+  merge_retriever    (merge.enabled, a merge.scales > 0) a shared retriever from the student's pretrained encoder
   student_retriever  one shared encoder, first d dims (train.retriever over the subset; from MiniLM, fewer layers, or
                      from the teacher reader's encoder: student_init; optionally distilling the teacher retriever's
                      scores: student_retriever_teacher); skipped with student_retriever_stage=False
@@ -23,6 +24,10 @@ command again continues an interrupted pipeline):
   eval_distill       its EM (float32 weights, exact index of the subset)
   finetune           iterative finetuning, Algorithm 1 (train.finetune)
   eval_finetune      its EM (float32 weights, exact index of the subset)
+  merge              (merge.enabled) the finetuned student moved part of the way back to its pretrained weights
+                     and + scale x the merge retriever's task vector, both weights chosen on held-out training
+                     questions (rnr_jax.merge)
+  eval_merge         its EM (float32 weights, exact index of the subset)
   bundle             INT8 index, FP16 (or int8) weights, token ids, bz2/lzma (infer.export) and the bundle's EM
   report             W/report.json, W/report.md, W/figure1.png (Tables 3 and 4, Figure 1 of the paper)
 
@@ -50,6 +55,7 @@ from infer import encode as encode_lib
 from infer import evaluate as evaluate_lib
 from infer import export as export_lib
 from rnr_jax import distill as distill_lib
+from rnr_jax import merge as merge_lib
 from rnr_jax import passage_filter, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import report as report_lib
@@ -71,7 +77,8 @@ from train import retriever as retriever_stage
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("prepare", "teacher_retriever", "teacher_reader", "eval_teacher", "filter", "eval_filtered",
-          "student_retriever", "distill", "eval_distill", "finetune", "eval_finetune", "bundle", "report")
+          "merge_retriever", "student_retriever", "distill", "eval_distill", "finetune", "eval_finetune", "merge",
+          "eval_merge", "bundle", "report")
 
 
 def define_flags() -> None:
@@ -159,7 +166,16 @@ class Pipeline:
     """Loads every stage config with its overrides, so a typo fails now rather than an hour in."""
     if self.config.student_init not in ("minilm", "teacher_reader"):
       raise ValueError(f"student_init must be 'minilm' or 'teacher_reader', got {self.config.student_init!r}")
-    for name in ("teacher_retriever", "teacher_reader", "filter", "student_retriever", "distill", "finetune"):
+    names = ["teacher_retriever", "teacher_reader", "filter", "student_retriever", "distill", "finetune"]
+    if self.config.merge.enabled:
+      names.append("merge_retriever")
+      for key in ("scales", "base_weights"):
+        values = tuple(self.config.merge[key])
+        if not values or any(not 0 <= float(x) <= (1 if key == "base_weights" else float("inf")) for x in values):
+          raise ValueError(f"merge.{key} must be non-empty, in [0, 1] for base_weights, >= 0 for scales; got {values}")
+      if int(self.config.merge.select_questions) <= 0:
+        raise ValueError("merge.select_questions must be positive (the held-out questions that choose the scale)")
+    for name in names:
       if name not in self.config.stages:
         raise KeyError(f"the pipeline config has no stages.{name}")
       try:
@@ -423,9 +439,126 @@ class Pipeline:
   def stage_eval_finetune(self) -> dict[str, Any]:
     return self._evaluate_unified("finetune")
 
+  # ---- merge (beyond the paper: rnr_jax.merge) ---------------------------------------------
+
+  def _student_base_model(self) -> ml_collections.ConfigDict:
+    """The model config of the merge's base: the pretrained encoder the student started from (merge.base ""), or
+    the teacher reader's export (merge.base "teacher_reader": the student's and merge retriever's common ancestor,
+    for randomly initialised models)."""
+    if self.config.merge.base == "teacher_reader":
+      model = self.stage_config("teacher_reader", {}).model
+      model.init = self.path("teacher_reader", "best")
+      return model
+    if self.config.merge.base:
+      raise ValueError(f"merge.base must be '' or 'teacher_reader', got {self.config.merge.base!r}")
+    if self.config.student_init == "teacher_reader":
+      return self.stage_config("teacher_reader", {}).model
+    return self.stage_config("student_retriever" if self.config.student_retriever_stage else "distill", {}).model
+
+  def _merge_retriever_needed(self) -> bool:
+    return any(float(x) > 0 for x in self.config.merge.scales)
+
+  def stage_merge_retriever(self) -> dict[str, Any]:
+    m = self.config.merge
+    if not m.enabled:
+      return {"skipped": "merge.enabled=False"}
+    if not self._merge_retriever_needed():
+      return {"skipped": "merge.scales are all 0: no retriever task vector"}
+    base = self._student_base_model()
+    wiring = {"model.init": base.init, "model.num_layers": base.num_layers, "retriever.shared": True,
+              "retriever.eval_splits": (), "retriever.holdout_tail": int(m.select_questions)}
+    if self.config.student_retriever_teacher:
+      wiring.update(self._retriever_teacher_wiring("retriever.teacher"))
+    cfg = self.stage_config("merge_retriever", wiring)
+    retriever_stage.train_and_evaluate(cfg, self.path("merge_retriever"))
+    return {"steps": int(cfg.train.num_steps), "base": str(base.init)}
+
+  def merge_questions(self) -> dict[str, list]:
+    """The last merge.select_questions questions of each merge split (held out from the merge retriever)."""
+    n = int(self.config.merge.select_questions)
+    return {split: self.data.questions(split)[-n:] for split in self.config.merge.splits}
+
+  def _retriever_task_vector(self, spec: SystemSpec, pretrained: Params) -> Params | None:
+    if not self._merge_retriever_needed():
+      return None
+    path = self.path("merge_retriever", "best")
+    rspec, rparams, _ = retrieval.load_retriever(path)
+    differing = [k for k in ("pooling", "retrieval_dim", "normalize", "passage_token_type")
+                 if getattr(spec.retriever, k) != getattr(rspec, k)]
+    if not rspec.shared or differing:
+      raise ValueError(f"{path}: the merge retriever must be a shared encoder with the student's retrieval "
+                       f"settings (differing: {differing or ['shared']})")
+    return merge_lib.task_vector(jax.device_get(rparams["encoder"]), pretrained, what="the merge retriever")
+
+  def stage_merge(self) -> dict[str, Any]:
+    m = self.config.merge
+    if not m.enabled:
+      return {"skipped": "merge.enabled=False"}
+    spec, params = export_lib.load_system(self.path("finetune", "best"), None, self.mesh)
+    params = jax.device_get(params)
+    _, pretrained = retrieval.initial_encoder(self._student_base_model())
+    if pretrained is None:
+      raise ValueError("merge: the student's base encoder is a random initialisation (set merge.base)")
+    vector = self._retriever_task_vector(spec, pretrained)
+    # Held-out questions and their candidate passages: the teacher's top select_k over the kept passages.
+    questions = self.merge_questions()
+    teacher, _ = self.teacher_system(self.subset_pids())
+    cands: set[int] = set()
+    for qs in questions.values():
+      ids, _ = teacher.search([q.question for q in qs], int(m.select_k))
+      cands.update(int(i) for i in np.asarray(ids).ravel() if i >= 0)
+    del teacher
+    pids = np.array(sorted(cands), np.int64)
+    corpus = self.data.token_corpus()
+    tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
+    records = [corpus[p] for p in pids.tolist()]
+    trials, scores = {}, {}
+    grid = sorted({(float(a), float(x)) for a in m.base_weights for x in m.scales})
+    for weights in grid:
+      merged = jax.device_put(merge_lib.merge_encoder(params, merge_lib.student_terms(
+          params["encoder"], pretrained, vector, *weights)))
+      vectors = encode_passages(spec, merged, tokenizer, records, self.mesh,
+                                batch_size=int(self.config.encode_batch_size))
+      index = DenseIndex.build(vectors, "exact", ids=pids, num_eval_queries=0)
+      system = QASystem.from_parts(spec, merged, index, corpus, tokenizer, settings=self.settings(), mesh=self.mesh)
+      trial = {}
+      for split, qs in questions.items():
+        summary, _ = evaluate_lib.evaluate(system, qs, top_k=1, rule="dpr", passage_score_weight=0.0, max_read=1,
+                                           progress=False)
+        trial[split] = {"em": summary["em"], "top1": summary["top_k_accuracy"]["top1"]}
+      trials["base_weight %g, scale %g" % weights] = trial
+      scores[weights] = float(np.mean([t["em"] for t in trial.values()]))
+      logging.info("merge base_weight %g, scale %g: %s", *weights, trial)
+    base_weight, scale = merge_lib.choose(scores)
+    merged = merge_lib.merge_encoder(params, merge_lib.student_terms(params["encoder"], pretrained, vector,
+                                                                     base_weight, scale))
+    source = rd.ParamsExport(self.path("finetune", "best"))
+    try:
+      info = source.latest_info()
+    finally:
+      source.close()
+    export = rd.ParamsExport(self.path("merge", "best"))
+    try:
+      step = int(info.pop("step", 0))
+      export.save(step, jax.device_put(merged), {**info, "merge": {"base_weight": base_weight, "scale": scale}})
+    finally:
+      export.close()
+    return {"base_weight": base_weight, "scale": scale, "trials": trials, "candidates": len(pids),
+            "questions": {s: len(q) for s, q in questions.items()}}
+
+  def stage_eval_merge(self) -> dict[str, Any]:
+    if not self.config.merge.enabled:
+      return {"skipped": "merge.enabled=False"}
+    return self._evaluate_unified("merge")
+
+  def _final_run(self) -> str:
+    """The unified run the bundle is built from."""
+    return "merge" if self.config.merge.enabled else "finetune"
+
   def stage_bundle(self) -> dict[str, Any]:
     b = self.config.bundle
-    spec, params = export_lib.load_system(self.path("finetune", "best"), None, self.mesh)
+    run = self._final_run()
+    spec, params = export_lib.load_system(self.path(run, "best"), None, self.mesh)
     out = self.path("bundle")
     summary = export_lib.export(out=out, prepared=self.prepared, spec=spec, params=params, mesh=self.mesh,
                                 settings=dataclasses.replace(self.settings(), rule=self._bundle_rule(),
@@ -433,7 +566,7 @@ class Pipeline:
                                 subset=self.path("filter", "subset.npz"),
                                 index_kind=b.index_kind, weights_dtype=b.weights_dtype,
                                 batch_size=int(self.config.encode_batch_size), recall_split=self.dev_splits[0],
-                                overwrite=True, vectors=self.unified_vectors("finetune", spec, params,
+                                overwrite=True, vectors=self.unified_vectors(run, spec, params,
                                                                              self.subset_pids()))
     rows = {r["component"]: r for r in summary["footprint"]}
     footprint = {"retriever": 0, "shared_encoder": True, "reader": _row_bytes(rows, "model"),
@@ -461,10 +594,16 @@ class Pipeline:
     rows = []
     names = {"eval_teacher": "teacher (two encoders + reader)", "eval_filtered": "+ passage filter",
              "eval_distill": "+ unified retriever-reader (KD)", "eval_finetune": "+ iterative finetuning",
+             "eval_merge": "+ weight-space merge",
              "bundle": f"+ INT8 index, {_WEIGHTS_LABEL.get(self.config.bundle.weights_dtype, 'FP16')} weights, "
                        "token ids, bz2/lzma" + self._lexical_label() + self._rule_label()}
     for stage, name in names.items():
       s = records[stage]["summary"]
+      if "skipped" in s:
+        continue
+      if stage == "eval_merge":
+        chosen = records["merge"]["summary"]
+        name += f" (pretrained weight {chosen['base_weight']:g}, retriever task vector {chosen['scale']:g})"
       rows.append(report_lib.system_row(name, stage, s["footprint"], s["results"]))
     retrieval_rows = [{"name": "BM25", "accuracy": {
         sp: {f"top{k}": m[f"bm25_top{k}_answer_acc"] for k in (1, 5, 20, 100)}
@@ -478,7 +617,10 @@ class Pipeline:
           sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in self.dev_splits}})
     for stage, name in (("eval_distill", "unified after KD (over the subset)"),
                         ("eval_finetune", "unified after finetuning (over the subset)"),
+                        ("eval_merge", "unified after the merge (over the subset)"),
                         ("bundle", "bundle: INT8 index" + self._lexical_label() + " (over the subset)")):
+      if "skipped" in records[stage]["summary"]:
+        continue
       results = records[stage]["summary"]["results"]
       retrieval_rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"] for sp, r in results.items()}})
     f = records["filter"]["summary"]

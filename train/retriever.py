@@ -91,7 +91,8 @@ class RetrieverBatches:
   """
 
   def __init__(self, data: PreparedData, tokenizer: tk.Tokenizer, spec: retrieval.RetrieverSpec, *,
-               splits: Sequence[str], hard_negatives: int, batch_size: int, max_questions: int, seed: int):
+               splits: Sequence[str], hard_negatives: int, batch_size: int, max_questions: int, seed: int,
+               holdout_tail: int = 0):
     self._tokenizer = tokenizer
     self._teacher: tuple[np.ndarray, np.ndarray] | None = None
     self._spec = spec
@@ -106,6 +107,8 @@ class RetrieverBatches:
       usable = cands.positives.lengths() > 0
       if hard_negatives:
         usable &= cands.hard_negatives.lengths() > 0
+      if holdout_tail:  # the last questions stay unseen (e.g. to choose a merge scale on them)
+        usable[max(len(usable) - holdout_tail, 0):] = False
       rows = np.flatnonzero(usable)[:max_questions or None]
       texts = data.questions(split)
       self._questions += [texts[q].question for q in rows]
@@ -213,8 +216,11 @@ class Evaluator:
     self._tokenizer = tokenizer
     self._ks = tuple(int(k) for k in rcfg.eval_ks)
     self._splits = tuple(rcfg.eval_splits)
-    if not self._splits:
-      raise ValueError("retriever.eval_splits is empty: the best model is chosen by evaluation")
+    self._export = retrieval.RetrieverExport(os.path.join(workdir, "best"))
+    if not self._splits:  # no evaluation: every call (the last after the final step) exports the parameters
+      if rcfg.save_embeddings:
+        raise ValueError("retriever.save_embeddings needs retriever.eval_splits (the embeddings of an evaluation)")
+      return
     names = {f"{s}/top{k}" for s in (*self._splits, "mean") for k in self._ks}
     if rcfg.select_metric not in names:
       raise ValueError(f"retriever.select_metric {rcfg.select_metric!r} is not one of {sorted(names)}")
@@ -228,13 +234,17 @@ class Evaluator:
     self._records = corpus if self._passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
     self._embeddings_dir = os.path.join(workdir, "embeddings") if rcfg.save_embeddings else None
     self._path = os.path.join(workdir, "eval.jsonl")
-    self._export = retrieval.RetrieverExport(os.path.join(workdir, "best"))
     exported = self._export.latest_info()
     self._best = exported["info"]["metrics"].get(self._select, -math.inf) if exported else -math.inf
 
   def __call__(self, state: TrainState, step: int) -> dict[str, float]:
     start = time.perf_counter()
     spec = self._spec
+    if not self._splits:
+      self._export.save(step, spec, state.params, {"metrics": {}, "select_metric": None})
+      logging.info("Step %d: exported to %s (no evaluation: retriever.eval_splits is empty).", step,
+                   self._export.directory)
+      return {"export_s": time.perf_counter() - start}
     encoded = retrieval.encode_corpus(self._p_encoder, state.params, self._tokenizer, self._records,
                                       max_len=spec.passage_len, buckets=spec.buckets,
                                       token_type=spec.passage_token_type, progress=True)
@@ -304,7 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   spec = retrieval.RetrieverSpec.from_config(config, encoder_config, data.manifest["settings"]["tokenizer"])
   batches = RetrieverBatches(data, tokenizer, spec, splits=tuple(rcfg.train_splits),
                              hard_negatives=int(rcfg.hard_negatives), batch_size=int(config.train.batch_size),
-                             max_questions=int(rcfg.max_train_questions), seed=int(config.train.seed))
+                             max_questions=int(rcfg.max_train_questions), seed=int(config.train.seed),
+                             holdout_tail=int(rcfg.holdout_tail))
 
   # Model: parameter init and the loss. Abstract shapes, shardings, the jitted init
   # (params born sharded), the step and the resume order are the training loop's.
