@@ -50,17 +50,17 @@ def main() -> None:
   q_encoder = retrieval.BatchEncoder(spec.embed_fns()[0], mesh, 64)
   by_variance = np.argsort(-passages.var(axis=0), kind="stable")
   ks = (1, 5, 20)
-  variants = [(f"first {d}", np.arange(d)) for d in (int(x) for x in args.dims.split(","))]
-  variants += [(f"{d} of highest variance", by_variance[:d]) for d in (int(x) for x in args.dims.split(","))
-               if d < passages.shape[1]]
+  dims = [int(x) for x in args.dims.split(",")]
+  variants = [(f"first {d}", np.arange(d)) for d in dims]
+  variants += [(f"{d} of highest variance", by_variance[:d]) for d in dims if d < passages.shape[1]]
   splits = args.splits.split(",")
   results: dict[str, dict[str, dict[str, float]]] = {name: {} for name, _ in variants}
   for split in splits:
     questions = data.questions(split)
     q = retrieval.encode_questions(q_encoder, params, tokenizer, [x.question for x in questions],
                                    max_len=spec.question_len, buckets=spec.buckets)
-    for name, dims in variants:
-      results[name][split] = retrieval.evaluate_retrieval(_normalized(q[:, dims]), _normalized(passages[:, dims]),
+    for name, kept in variants:
+      results[name][split] = retrieval.evaluate_retrieval(_normalized(q[:, kept]), _normalized(passages[:, kept]),
                                                           [x.answers for x in questions], data.matcher(), ks)
   table = report.markdown_table(["dims (cosine)", *(f"{s} top-{k}" for s in splits for k in ks)],
                                 [[name, *(f"{results[name][s][f'top{k}']:.3f}" for s in splits for k in ks)]

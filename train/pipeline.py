@@ -173,6 +173,8 @@ class Pipeline:
         values = tuple(self.config.merge[key])
         if not values or any(not 0 <= float(x) <= (1 if key == "base_weights" else float("inf")) for x in values):
           raise ValueError(f"merge.{key} must be non-empty, in [0, 1] for base_weights, >= 0 for scales; got {values}")
+      if self.config.merge.base not in ("", "teacher_reader"):
+        raise ValueError(f"merge.base must be '' or 'teacher_reader', got {self.config.merge.base!r}")
       if int(self.config.merge.select_questions) <= 0:
         raise ValueError("merge.select_questions must be positive (the held-out questions that choose the scale)")
     for name in names:
@@ -299,16 +301,20 @@ class Pipeline:
     reader_stage.train_and_evaluate(cfg, self.path("teacher_reader"))
     return {"eval": _last_best(self.path("teacher_reader", "eval.jsonl"))}
 
+  def exact_system(self, spec: SystemSpec, params: Params, vectors: np.ndarray, pids: np.ndarray) -> QASystem:
+    """A system over an exact index of ``vectors`` (rows: passages ``pids``), the pipeline's eval settings."""
+    index = DenseIndex.build(np.asarray(vectors, np.float32), "exact", ids=pids, num_eval_queries=0)
+    tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
+    return QASystem.from_parts(spec, params, index, self.data.token_corpus(), tokenizer, settings=self.settings(),
+                               mesh=self.mesh)
+
   def teacher_system(self, pids: np.ndarray | None) -> tuple[QASystem, dict[str, Any]]:
     """The teacher system (float32, exact index over ``pids``, default all) and its footprint."""
     spec, params = export_lib.load_system(self.path("teacher_reader", "best"),
                                           self.path("teacher_retriever", "best"), self.mesh)
     vectors, _ = retrieval.load_embeddings(self.path("teacher_retriever", "embeddings"))
     pids = np.arange(self.data.num_passages) if pids is None else pids
-    index = DenseIndex.build(np.asarray(vectors[pids], np.float32), "exact", ids=pids, num_eval_queries=0)
-    tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
-    system = QASystem.from_parts(spec, params, index, self.data.token_corpus(), tokenizer,
-                                 settings=self.settings(), mesh=self.mesh)
+    system = self.exact_system(spec, params, vectors[pids], pids)
     footprint = {"retriever": _nbytes(params["retriever"]), "reader": _nbytes(params["reader"]),
                  "index": int(len(pids) * vectors.shape[1] * 4), "corpus": self.corpus_text_bytes(pids)}
     footprint["total"] = report_lib.total(footprint)
@@ -419,11 +425,8 @@ class Pipeline:
     """A unified run's exported model (float32, exact index of the subset) and its footprint."""
     spec, params = export_lib.load_system(self.path(run, "best"), None, self.mesh)
     pids = self.subset_pids()
-    corpus = self.data.token_corpus()
-    tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
     vectors = self.unified_vectors(run, spec, params, pids)
-    index = DenseIndex.build(vectors, "exact", ids=pids, num_eval_queries=0)
-    system = QASystem.from_parts(spec, params, index, corpus, tokenizer, settings=self.settings(), mesh=self.mesh)
+    system = self.exact_system(spec, params, vectors, pids)
     footprint = {"retriever": 0, "reader": _nbytes(params), "shared_encoder": True,
                  "index": int(vectors.size * 4), "corpus": self.corpus_text_bytes(pids)}
     footprint["total"] = report_lib.total(footprint)
@@ -449,8 +452,6 @@ class Pipeline:
       model = self.stage_config("teacher_reader", {}).model
       model.init = self.path("teacher_reader", "best")
       return model
-    if self.config.merge.base:
-      raise ValueError(f"merge.base must be '' or 'teacher_reader', got {self.config.merge.base!r}")
     if self.config.student_init == "teacher_reader":
       return self.stage_config("teacher_reader", {}).model
     return self.stage_config("student_retriever" if self.config.student_retriever_stage else "distill", {}).model
@@ -519,8 +520,7 @@ class Pipeline:
           params["encoder"], pretrained, vector, *weights)))
       vectors = encode_passages(spec, merged, tokenizer, records, self.mesh,
                                 batch_size=int(self.config.encode_batch_size))
-      index = DenseIndex.build(vectors, "exact", ids=pids, num_eval_queries=0)
-      system = QASystem.from_parts(spec, merged, index, corpus, tokenizer, settings=self.settings(), mesh=self.mesh)
+      system = self.exact_system(spec, merged, vectors, pids)
       trial = {}
       for split, qs in questions.items():
         summary, _ = evaluate_lib.evaluate(system, qs, top_k=1, rule="dpr", passage_score_weight=0.0, max_read=1,
