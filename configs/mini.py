@@ -1,4 +1,4 @@
-"""The mini pipeline: the whole method on the shared data in about 2.5 hours on a 2-core CPU (141-153 min measured).
+"""The mini pipeline: the whole method on the shared data in about 70 minutes on a 2-core CPU (69.4 min measured).
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
 
@@ -21,7 +21,7 @@ was pretrained that way and a few hundred steps cannot teach [CLS] pooling (the 
 ``model.pooling=cls``); for the same reason passages use token type 0, as MiniLM was trained (the paper's type 1
 needs longer training). With ``merge.enabled=True`` the finetuned student also gets half the task vector of a shared
 128-d retriever trained on its own from MiniLM (merge stages, beyond the paper; the scale chosen on held-out training
-questions): nq_dev EM 16.36 -> 17.03 in the paper's setting, the bundle unchanged; off by default (40 min more).
+questions): nq_dev EM 16.36 -> 17.03 in the paper's setting, the bundle unchanged; off by default (it added 40 min at the batch sizes of then).
 """
 
 from configs.pipeline_common import pipeline_config, stage
@@ -49,9 +49,19 @@ def get_config(arg: str | None = None):
   # DPR rule at m'=1 (docs/benchmarks.md "Answer rules").
   c.bundle.rule = "fused"
   c.bundle.max_read = 5
+  # CPU speed (bench.bench_batch, docs/benchmarks.md "Batch size and length buckets on CPU"): XLA's CPU kernels run
+  # a MiniLM forward ~1.6x faster in batches of 8 than of 64 (the activations of a small batch stay in cache), and
+  # buckets every 32 tokens pad the corpus's passages (median 103 tokens) ~10% less than (32, 64, 128, 192, 256):
+  # 1.8x together. With the micro-batched steps the pipeline went from 148 to 69 min (docs/benchmarks.md "Mini
+  # pipeline wall time"). On TPU / GPU use larger batches (configs/common.py's defaults).
+  # So every corpus / question encoding runs 8 rows at a time, reading passes 8-10 rows, and the reader and
+  # finetuning steps accumulate gradients over micro-batches of 2 questions (exact: their losses are per question).
+  c.encode_batch_size = 8
+  c.common_overrides = ("tokens.buckets=(32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)",)
   retriever_common = ("model.pooling='mean'", "retriever.normalize=True", "retriever.scale=20.0",
                       "retriever.hard_negatives=1", "train.batch_size=16", "optim.lr=2e-5",
-                      "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256")
+                      "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256",
+                      "retriever.encode_batch_size=8")
   c.stages.teacher_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
       "retriever.passage_token_type=0", "train.num_steps=60", "optim.warmup_steps=6",
@@ -60,11 +70,12 @@ def get_config(arg: str | None = None):
       "configs/reader.py", "reader.m=3", "reader.num_negatives=20", "tokens.reader_len=192",
       "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=500",
       "optim.lr=5e-5", "optim.warmup_steps=50", "train.eval_every=100000", "train.ckpt_every=100",
-      "reader.eval_questions=200", "reader.eval_passages=(1, 5)", "reader.eval_batch_size=8")
+      "reader.eval_questions=200", "reader.eval_passages=(1, 5)", "reader.eval_batch_size=2",
+      "optim.grad_accum=2")
   c.stages.filter = stage(
       "configs/filter.py", "model.num_layers=2", "model.pooling='mean'", "tokens.passage_len=128",
       "filter.positive_splits=('nq_train', 'squadshifts_train')", "filter.top_k=2", "filter.keep=0.9",
-      "filter.val_negatives=3000", "filter.score_batch_size=128", "train.batch_size=18", "train.num_steps=150",
+      "filter.val_negatives=3000", "filter.score_batch_size=16", "train.batch_size=18", "train.num_steps=150",
       "optim.lr=5e-5", "optim.warmup_steps=15", "train.eval_every=75", "train.ckpt_every=75")
   c.student_init = "teacher_reader"
   c.student_retriever_teacher = True
@@ -74,7 +85,8 @@ def get_config(arg: str | None = None):
       "retriever.select_metric='mean/top20'")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
           "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)", "eval.keep_best=1",
-          "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50")
+          "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50",
+          "pool.encode_batch_size=8", "eval.batch_size=2")
   # No retrieval-only stage: distillation starts from the teacher reader itself (its encoder and heads) and learns
   # retrieval under the reading KL, from the positive's NLL among all 32 passages of the batch and the teacher
   # retriever's scores over them (session 3: a retrieval-only stage first cut the student's EM given a correct
@@ -82,10 +94,11 @@ def get_config(arg: str | None = None):
   c.student_retriever_stage = False
   c.stages.distill = stage("configs/distill.py", *pool, "model.pooling='mean'", "model.retrieval_dim=128",
                            "unified.normalize=True", "unified.passage_token_type=0", "tokens.passage_len=256",
-                           "pool.max_train_questions=600", "distill.m=4", "distill.cache_batch_size=4",
+                           "pool.max_train_questions=600", "distill.m=4", "distill.cache_batch_size=2",
                            "distill.retrieval_loss='nll'", "distill.in_batch=True", "train.batch_size=8",
                            "train.num_steps=150", "optim.lr=5e-5", "optim.warmup_steps=15")
-  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=80", "optim.lr=2e-5")
+  c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=80", "optim.lr=2e-5",
+                            "optim.grad_accum=2")
   # Beyond the paper: a weight-space merge of the finetuned student (rnr_jax.merge): part of the way back to MiniLM
   # (the teacher reader's start, so the student's too) and + a shared retriever's task vector, the pair of weights
   # chosen among merge.base_weights x merge.scales on the last 200 questions of each training split. The retriever
