@@ -4,10 +4,10 @@ r"""Encoder speed by batch size, length buckets and gradient accumulation, side 
 
 Encodes the same random sample of the prepared corpus's passages with MiniLM (the mini pipeline's encoder) in
 batches of several sizes and with two bucket sets, then times a training step (forward + backward of a
-mean-squared output, as a stand-in for any loss) of a ``[B, L]`` batch as one pass and as micro-batches
-accumulated by ``lax.scan`` (the training core's ``optim.grad_accum``). Every variant is warmed up (compiled)
-before it is timed; ratios are against the first row of each table, so noise from a shared machine shows in
-them less than in the absolute rates.
+mean-squared output, as a stand-in for any loss, and an SGD update) of a ``[B, L]`` batch with the training
+core's step (``rnr_jax.training.step.make_train_step``) at several ``grad_accum`` (``optim.grad_accum``). Every
+variant is warmed up (compiled) before it is timed; ratios are against the first row of each table, so noise from
+a shared machine shows in them less than in the absolute rates.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bench import report
 from rnr_jax import retrieval
@@ -25,6 +26,7 @@ from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.models import bert
 from rnr_jax.models.hf import load_minilm
+from rnr_jax.training import step as step_lib
 
 COARSE = (32, 64, 128, 192, 256)
 FINE = (32, 64, 96, 128, 160, 192, 224, 256)
@@ -41,30 +43,25 @@ def encode_rate(p_fn, params, tokenizer, records, mesh, batch_size: int, buckets
 
 
 def step_seconds(model, params, batch_rows: int, length: int, accum: int, repeats: int) -> float:
+  """Seconds per step of the training core's train step (``grad_accum=accum``, plain SGD) on a random batch."""
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(1000, 20000, (batch_rows, length)), jnp.int32)
-  mask = jnp.ones_like(ids)
+  batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
 
-  def loss(p, i, m):
-    return jnp.mean(model.apply({"params": p}, i, m, jnp.zeros_like(i), deterministic=True).sequence ** 2)
+  def loss_fn(p, b, _):
+    out = model.apply({"params": p}, b["input_ids"], b["attention_mask"], jnp.zeros_like(b["input_ids"]),
+                      deterministic=True)
+    return jnp.mean(out.sequence ** 2), {}
 
-  grad = jax.grad(loss)
-
-  @jax.jit
-  def step(p, i, m):
-    if accum == 1:
-      return grad(p, i, m)
-    split = lambda x: x.reshape(accum, batch_rows // accum, length)
-
-    def body(total, xs):
-      return jax.tree.map(jnp.add, total, grad(p, *xs)), None
-
-    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, p), (split(i), split(m)))[0]
-
-  jax.block_until_ready(step(params, ids, mask))
+  optimizer = optax.sgd(1e-6)
+  step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, grad_accum=accum))
+  state, key = step_lib.TrainState.create(params, optimizer), jax.random.key(0)
+  state, _ = step(state, batch, key)
+  jax.block_until_ready(state.params)
   start = time.perf_counter()
   for _ in range(repeats):
-    jax.block_until_ready(step(params, ids, mask))
+    state, _ = step(state, batch, key)
+  jax.block_until_ready(state.params)
   return (time.perf_counter() - start) / repeats
 
 
@@ -86,8 +83,8 @@ def main() -> None:
   records = [corpus[int(i)] for i in sample]
   lengths = np.minimum(np.array([len(r) + 2 for r in records]), 256)
   config, params = load_minilm()
-  spec = retrieval.RetrieverSpec(encoder=config.to_hf_dict(), pooling="mean", retrieval_dim=0, normalize=True, shared=True,
-                                 question_len=64, passage_len=256, passage_token_type=0, buckets=FINE,
+  spec = retrieval.RetrieverSpec(encoder=config.to_hf_dict(), pooling="mean", retrieval_dim=0, normalize=True,
+                                 shared=True, question_len=64, passage_len=256, passage_token_type=0, buckets=FINE,
                                  tokenizer_fingerprint="")
   mesh = retrieval.data_mesh()
   params_on_mesh = jax.device_put(retrieval.initial_params(spec.build(), jax.random.key(0), params),

@@ -21,10 +21,13 @@ was pretrained that way and a few hundred steps cannot teach [CLS] pooling (the 
 ``model.pooling=cls``); for the same reason passages use token type 0, as MiniLM was trained (the paper's type 1
 needs longer training). With ``merge.enabled=True`` the finetuned student also gets half the task vector of a shared
 128-d retriever trained on its own from MiniLM (merge stages, beyond the paper; the scale chosen on held-out training
-questions): nq_dev EM 16.36 -> 17.03 in the paper's setting, the bundle unchanged; off by default (it added 40 min at the batch sizes of then).
+questions): nq_dev EM 16.36 -> 17.03 in the paper's setting, the bundle unchanged; off by default (it added 40 min
+at session 7's batch sizes).
 """
 
 from configs.pipeline_common import pipeline_config, stage
+
+ENCODE_BATCH = 8  # rows per encoding batch on CPU (see get_config)
 
 
 def get_config(arg: str | None = None):
@@ -50,18 +53,18 @@ def get_config(arg: str | None = None):
   c.bundle.rule = "fused"
   c.bundle.max_read = 5
   # CPU speed (bench.bench_batch, docs/benchmarks.md "Batch size and length buckets on CPU"): XLA's CPU kernels run
-  # a MiniLM forward ~1.6x faster in batches of 8 than of 64 (the activations of a small batch stay in cache), and
-  # buckets every 32 tokens pad the corpus's passages (median 103 tokens) ~10% less than (32, 64, 128, 192, 256):
-  # 1.8x together. With the micro-batched steps the pipeline went from 148 to 69 min (docs/benchmarks.md "Mini
-  # pipeline wall time"). On TPU / GPU use larger batches (configs/common.py's defaults).
-  # So every corpus / question encoding runs 8 rows at a time, reading passes 8-10 rows, and the reader and
-  # finetuning steps accumulate gradients over micro-batches of 2 questions (exact: their losses are per question).
-  c.encode_batch_size = 8
+  # a MiniLM forward 1.6x faster in batches of 8 than of 64 (the activations of a small batch stay in cache), 2.0x
+  # with buckets every 32 tokens (mean padded passage length 119 -> 108 tokens), and a 12-row reader step 1.5x
+  # faster as 2 accumulated micro-batches. So every corpus / question encoding runs ENCODE_BATCH rows at a time,
+  # reading passes 8-10 rows, and the reader and finetuning steps accumulate gradients over micro-batches of 2
+  # questions (exact: their losses are per question). The pipeline went from 148 to 69 min (docs/benchmarks.md
+  # "Mini pipeline wall time"). On TPU / GPU keep larger batches (configs/common.py's defaults).
+  c.encode_batch_size = ENCODE_BATCH
   c.common_overrides = ("tokens.buckets=(32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)",)
   retriever_common = ("model.pooling='mean'", "retriever.normalize=True", "retriever.scale=20.0",
                       "retriever.hard_negatives=1", "train.batch_size=16", "optim.lr=2e-5",
                       "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256",
-                      "retriever.encode_batch_size=8")
+                      f"retriever.encode_batch_size={ENCODE_BATCH}")
   c.stages.teacher_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
       "retriever.passage_token_type=0", "train.num_steps=60", "optim.warmup_steps=6",
@@ -86,7 +89,7 @@ def get_config(arg: str | None = None):
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
           "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)", "eval.keep_best=1",
           "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50",
-          "pool.encode_batch_size=8", "eval.batch_size=2")
+          f"pool.encode_batch_size={ENCODE_BATCH}", "eval.batch_size=2")
   # No retrieval-only stage: distillation starts from the teacher reader itself (its encoder and heads) and learns
   # retrieval under the reading KL, from the positive's NLL among all 32 passages of the batch and the teacher
   # retriever's scores over them (session 3: a retrieval-only stage first cut the student's EM given a correct
