@@ -219,3 +219,29 @@ def test_schedule_and_decay_mask_for_sharded_training():
   mask = optim.regex_mask(optim.NO_DECAY_REGEX, init_fn(jax.random.key(0)), match=False)
   assert mask["hidden"] == {"kernel": True, "bias": False}
   assert mask["embed"] == {"embedding": True}
+
+
+def test_head_lr_mult_scales_head_updates_only():
+  """optim.head_lr_mult: the heads' AdamW step is mult x the encoder's; frozen leaves stay out of the clip norm."""
+  rng = np.random.default_rng(0)
+  params = {"encoder": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
+            "qa_outputs": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)},
+            "embed": {"embedding": rng.normal(size=(5,)).astype(np.float32)}}
+  trained = {k: v for k, v in params.items() if k != "embed"}
+  cfg = optim_cfg(lr=1e-2, clip_norm=0.5, weight_decay=0.01)
+  mult = optim_cfg(lr=1e-2, clip_norm=0.5, weight_decay=0.01, head_lr_mult=7.0)
+  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params) for _ in range(3)]
+  for g in grads:
+    g["embed"]["embedding"] *= 1e3  # would dominate the global norm if frozen leaves counted
+  ref, _ = optim.make_optimizer(cfg, 10)  # the reference: trained leaves only, one learning rate
+  got, _ = optim.make_optimizer(mult, 10, optim.frozen_regex_mask(r"embed/.*"))
+  ref_state, got_state = ref.init(trained), got.init(params)
+  for g in grads:
+    ref_up, ref_state = ref.update({k: v for k, v in g.items() if k != "embed"}, ref_state, trained)
+    got_up, got_state = got.update(g, got_state, params)
+    np.testing.assert_allclose(got_up["encoder"]["kernel"], ref_up["encoder"]["kernel"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(got_up["qa_outputs"]["kernel"], 7.0 * ref_up["qa_outputs"]["kernel"],
+                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(got_up["embed"]["embedding"], 0.0)
+  with pytest.raises(ValueError, match="head_lr_mult"):
+    optim.make_optimizer(optim_cfg(head_lr_mult=0.0), 10)
