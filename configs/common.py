@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from rnr_jax.training import optim
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -58,9 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.schedule = "linear"
   c.optim.grad_accum = 1
-  # Learning-rate multiplier of the task heads (optim.head_regex: the reader's span and ranking layers).
+  # Learning-rate multiplier of the task heads (optim.head_regex: by default the reader's span and ranking layers).
   c.optim.head_lr_mult = 1.0
-  c.optim.head_regex = r"(.*/)?(qa_outputs|qa_classifier)/.*"
+  c.optim.head_regex = optim.HEAD_REGEX
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16

@@ -79,7 +79,7 @@ def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None
     ``(optimizer, schedule)``; ``schedule(step)`` is the learning rate, for logs.
   """
   schedule = make_schedule(optim_cfg, total_steps)
-  head_mult = float(optim_cfg.get("head_lr_mult", 1.0)) if hasattr(optim_cfg, "get") else 1.0
+  head_mult = float(optim_cfg.get("head_lr_mult", 1.0))
   if head_mult <= 0:
     raise ValueError(f"optim.head_lr_mult must be > 0, got {head_mult}")
 
@@ -88,38 +88,35 @@ def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None
         lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
         mask=lambda params: regex_mask(no_decay_regex, params, match=False))
 
+  def trained(params: PyTree) -> PyTree:
+    if trainable_mask is None:
+      return jax.tree.map(lambda _: True, params)
+    return trainable_mask(params) if callable(trainable_mask) else trainable_mask
+
   clip = [optax.clip_by_global_norm(float(optim_cfg.clip_norm))] if optim_cfg.clip_norm else []
   if head_mult == 1.0:
     # One AdamW for every trained parameter (the optimiser state layout of earlier checkpoints).
     optimizer = optax.chain(*clip, adamw(schedule))
     if trainable_mask is not None:
-      def labels(params: PyTree) -> PyTree:
-        mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
-        return jax.tree.map(lambda t: "trainable" if t else "frozen", mask)
       optimizer = optax.multi_transform(
-          {"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+          {"trainable": optimizer, "frozen": optax.set_to_zero()},
+          lambda params: jax.tree.map(lambda t: "trainable" if t else "frozen", trained(params)))
     return optimizer, schedule
 
   # Heads at head_mult x the encoder's rate: a freshly initialised layer on a pretrained encoder moves at most
   # ~lr per Adam step, so at BERT-finetuning rates a few hundred steps leave it near its random init.
-  head_regex = optim_cfg.get("head_regex", HEAD_REGEX) or HEAD_REGEX
+  head_regex = optim_cfg.get("head_regex", HEAD_REGEX)
 
   def head_schedule(step: jax.Array) -> jax.Array:
     return head_mult * schedule(step)
 
   def group_labels(params: PyTree) -> PyTree:
-    heads = regex_mask(head_regex, params)
-    if trainable_mask is None:
-      return jax.tree.map(lambda h: "head" if h else "body", heads)
-    mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
-    return jax.tree.map(lambda t, h: ("head" if h else "body") if t else "frozen", mask, heads)
-
-  def frozen(params: PyTree) -> PyTree:
-    return jax.tree.map(lambda label: label == "frozen", group_labels(params))
+    return jax.tree.map(lambda t, h: ("head" if h else "body") if t else "frozen",
+                        trained(params), regex_mask(head_regex, params))
 
   # Frozen gradients are zeroed before clipping, so they do not count in the global norm.
   optimizer = optax.chain(
-      optax.masked(optax.set_to_zero(), frozen), *clip,
+      optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(lambda t: not t, trained(params))), *clip,
       optax.multi_transform({"body": adamw(schedule), "head": adamw(head_schedule),
                              "frozen": optax.set_to_zero()}, group_labels))
   return optimizer, schedule
