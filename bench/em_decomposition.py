@@ -18,7 +18,6 @@ import json
 import numpy as np
 
 from bench import report
-from infer import evaluate as evaluate_lib
 from rnr_jax.config import load_config
 from rnr_jax.metrics import exact_match
 from train.pipeline import Pipeline
@@ -39,28 +38,22 @@ def main() -> None:
       raise SystemExit(f"bench.em_decomposition: {args.workdir} has not finished stage {stage}")
   pids = pipeline.subset_pids()
   readers = {"teacher": pipeline.teacher_system(pids)[0], "student": pipeline.unified_system(args.run)[0]}
-  retrievals = {name: (system.embed_questions, system.index) for name, system in readers.items()}
   matcher = pipeline.data.matcher()
   rows, results = [], {}
   for split in pipeline.dev_splits:
     questions = pipeline.questions(split)
-    answers = [q.answers for q in questions]
-    for retriever, (embed, index) in retrievals.items():
+    texts, answers = [q.question for q in questions], [q.answers for q in questions]
+    for retriever, searcher in readers.items():
+      ids, scores = searcher.search(texts, 1, lexical_weight=0.0)
       for reader, system in readers.items():
-        own = system.embed_questions, system.index
-        system.embed_questions, system.index = embed, index  # this reader over that retrieval
-        try:
-          summary, predictions = evaluate_lib.evaluate(system, questions, top_k=1, rule="dpr",
-                                                       passage_score_weight=0.0, max_read=1, progress=False)
-        finally:
-          system.embed_questions, system.index = own
+        predictions = system.read_given(texts, ids, scores, [("dpr", 1)])["dpr", 1]  # this reader, that retrieval
         correct = np.array([exact_match(p.answer, a) for p, a in zip(predictions, answers)])
         hit = np.array([p.passage_id >= 0 and matcher.has_answer(a, p.passage_id)
                         for p, a in zip(predictions, answers)])
         given = float(correct[hit].mean()) if hit.any() else 0.0
         results[f"{split}/{reader} reader/{retriever} retrieval"] = {
-            "em": summary["em"], "top1": float(hit.mean()), "em_given_top1": given}
-        rows.append([split, f"{reader} reader", f"{retriever} retrieval", f"{100 * summary['em']:.2f}",
+            "em": float(correct.mean()), "top1": float(hit.mean()), "em_given_top1": given}
+        rows.append([split, f"{reader} reader", f"{retriever} retrieval", f"{100 * correct.mean():.2f}",
                      f"{100 * hit.mean():.2f}", f"{given:.3f}"])
         print(" | ".join(rows[-1]), flush=True)
   table = report.markdown_table(["split", "reader", "retrieval (top-1 read)", "EM %", "top-1 holds an answer %",

@@ -212,8 +212,9 @@ def retrieval_nll(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
 
 def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.Array, passage_mask: jax.Array,
                  teacher_start: jax.Array, teacher_end: jax.Array, teacher_rank: jax.Array, scores: jax.Array, *,
-                 temperature: float, retrieval_loss: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``L_read + L_ret`` of paper §2.2.3 (module docstring) and its parts.
+                 temperature: float, retrieval_loss: str, read_weight: float = 1.0
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``read_weight x L_read + L_ret`` of paper §2.2.3 (module docstring) and its parts.
 
   Args:
     start, end, valid: the student's logits and text mask ``[B, m, L]``; rank: its ranking logits ``[B, m]``.
@@ -222,6 +223,9 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
     scores: the student's retrieval scores ``[B, m]``.
     temperature: τ of every KL term.
     retrieval_loss: ``"kd"`` (KL to the teacher's ranking) or ``"nll"`` (of the positive).
+    read_weight: the weight of L_read (the paper's loss: 1). Beyond the paper, τ² keeps the reading KL's
+      gradient at the scale of a hard-label loss (Hinton et al.), which the softened KL otherwise loses by 1/τ²
+      against L_ret. ``read_loss`` in the parts stays unweighted.
   """
   if retrieval_loss not in RETRIEVAL_LOSSES:
     raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {retrieval_loss!r}")
@@ -234,19 +238,20 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
   else:
     ret = retrieval_nll(scores, passage_mask)
   read = start_kl + end_kl + rank_kl
-  return read + ret, {"start_kl": start_kl, "end_kl": end_kl, "rank_kl": rank_kl, "read_loss": read,
+  return read_weight * read + ret, {"start_kl": start_kl, "end_kl": end_kl, "rank_kl": rank_kl, "read_loss": read,
                       "retrieval_loss": ret, "retrieval_acc": _positive_top1(scores, passage_mask),
                       "rank_acc": _positive_top1(rank, passage_mask)}
 
 
 def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale: float, temperature: float,
                       retrieval_loss: str, in_batch: bool = False, retriever_teacher_weight: float = 0.0,
-                      retriever_teacher_temperature: float = 1.0, retriever_teacher_scale: float | None = None
-                      ) -> step_lib.LossFn:
+                      retriever_teacher_temperature: float = 1.0, retriever_teacher_scale: float | None = None,
+                      read_weight: float = 1.0) -> step_lib.LossFn:
   """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
 
   Beyond the paper:
 
+  * ``read_weight``: the weight of L_read (:func:`distill_loss`).
   * ``in_batch``: the ``"nll"`` retrieval loss ranks each positive among all passages of the batch (the other
     questions' passages as extra negatives, as in retriever training) instead of its own m.
   * ``retriever_teacher_weight`` > 0: adds that weight x τ'² x KL(softmax(t / τ') || softmax(s / τ')) between a
@@ -268,7 +273,8 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
     else:
       scores = score_passages(q, p.reshape(num_q, m, -1), normalize=normalize, scale=scale)
     loss, aux = distill_loss(start, end, rank, valid, mask, batch["t_start"], batch["t_end"], batch["t_rank"],
-                             scores, temperature=temperature, retrieval_loss=retrieval_loss)
+                             scores, temperature=temperature, retrieval_loss=retrieval_loss,
+                             read_weight=read_weight)
     if in_batch and retrieval_loss == "nll":
       nll, accuracy = in_batch_nll(everything, mask)
       loss = loss - aux["retrieval_loss"] + nll

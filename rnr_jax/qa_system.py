@@ -425,6 +425,13 @@ def _runners(spec_json: str, mesh: Mesh) -> tuple[_Batched, _Batched]:
 # ---- the system -------------------------------------------------------------------------
 
 
+def _check_choices(choices: Sequence[tuple[str, int]], s: InferenceSettings) -> dict[str, InferenceSettings]:
+  """The settings of each rule of ``(rule, m')`` choices (checking each rule); raises on an m' below 1."""
+  if not choices or min(n for _, n in choices) < 1:
+    raise ValueError(f"read counts must be >= 1, got {[n for _, n in choices]}")
+  return {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}
+
+
 class QASystem:
   """Retrieve-and-read question answering over a passage index (see the module docstring).
 
@@ -612,16 +619,33 @@ class QASystem:
     :attr:`settings` (its rule is not used).
     """
     s = settings or self.settings
-    choices = list(dict.fromkeys(choices))
-    if not choices or min(n for _, n in choices) < 1:
-      raise ValueError(f"read counts must be >= 1, got {[n for _, n in choices]}")
-    rule_settings = {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}  # checks each rule
+    _check_choices(choices, s)
     questions = self._check_questions(questions)
-    answers: dict[tuple[str, int], list[Prediction]] = {(rule, n): [] for rule, n in choices}
     if not questions:
       empty = np.zeros((0, 0), np.int64)
-      return empty, empty.astype(np.float32), answers
+      return empty, empty.astype(np.float32), {(rule, n): [] for rule, n in choices}
     pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
+    return pids, scores, self.read_given(questions, pids, scores, choices, settings=s)
+
+  def read_given(self, questions: Sequence[str], pids: np.ndarray, scores: np.ndarray,
+                 choices: Sequence[tuple[str, int]], *, settings: InferenceSettings | None = None
+                 ) -> dict[tuple[str, int], list[Prediction]]:
+    """Reads the given ranked passages instead of retrieving: ``{(rule, m'): [Prediction per question]}``.
+
+    ``pids [Q, k]`` are passage ids of this system's store in rank order, ``scores [Q, k]`` their retrieval scores
+    (used by the rules that fuse them); e.g. another system's retrieval, to tell its reading from its retrieval.
+    """
+    s = settings or self.settings
+    choices = list(dict.fromkeys(choices))
+    rule_settings = _check_choices(choices, s)
+    questions = self._check_questions(questions)
+    pids, scores = np.asarray(pids), np.asarray(scores)
+    if pids.ndim != 2 or pids.shape != scores.shape or len(pids) != len(questions):
+      raise ValueError(f"pids and scores must both be [questions={len(questions)}, k], got {pids.shape} and "
+                       f"{scores.shape}")
+    answers: dict[tuple[str, int], list[Prediction]] = {(rule, n): [] for rule, n in choices}
+    if not questions:
+      return answers
     m = min(max(n for _, n in choices), pids.shape[1])
     q_ids = self.tokenizer.encode_texts(questions)
     for start in range(0, len(questions), s.read_batch):
@@ -632,7 +656,7 @@ class QASystem:
         for rule, n in choices:
           answers[rule, n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q],
                                                rule_settings[rule]))
-    return pids, scores, answers
+    return answers
 
   def _read_group(self, q_ids: Sequence[np.ndarray], pids: np.ndarray, padded_questions: int
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:

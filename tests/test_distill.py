@@ -104,6 +104,13 @@ def test_distill_loss_matches_numpy_kl_with_temperature():
     assert float(parts[name]) == pytest.approx(value, rel=1e-5), name
   assert float(loss) == pytest.approx(sum(want.values()), rel=1e-5)
   assert want["start_kl"] != pytest.approx(_kl_numpy(t_start, start, 1.0, rows), rel=1e-2)  # τ matters
+  # read_weight scales L_read only; the reported parts stay unweighted.
+  weighted, weighted_parts = distill.distill_loss(start, end, rank, valid, passage_mask, t_start, t_end, t_rank,
+                                                  scores, temperature=temperature, retrieval_loss="kd",
+                                                  read_weight=temperature ** 2)
+  read = want["start_kl"] + want["end_kl"] + want["rank_kl"]
+  assert float(weighted) == pytest.approx(temperature ** 2 * read + want["retrieval_loss"], rel=1e-5)
+  assert float(weighted_parts["read_loss"]) == pytest.approx(read, rel=1e-5)
 
   _, parts = distill.distill_loss(start, end, rank, valid, passage_mask, t_start, t_end, t_rank, scores,
                                   temperature=temperature, retrieval_loss="nll")
@@ -190,10 +197,11 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
   want_acc = np.mean(np.argmax(np.where(flat, everything, -np.inf), -1) == positives)
   assert float(accuracy) == pytest.approx(want_acc)
 
-  def parts(params, batch, in_batch):
+  def parts(params, batch, in_batch, read_weight=1.0):
     loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
                                         in_batch=in_batch, retriever_teacher_weight=0.5,
-                                        retriever_teacher_temperature=2.0, retriever_teacher_scale=20.0)
+                                        retriever_teacher_temperature=2.0, retriever_teacher_scale=20.0,
+                                        read_weight=read_weight)
     return loss_fn(params, batch, jax.random.key(0))
 
   teacher_out = distill.read_outputs(model, params, batch, None)
@@ -217,6 +225,14 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
       want = _kl_numpy(blocks, np.asarray(scores), 2.0, mask) * 4.0
     assert float(aux_other["retriever_kd"]) == pytest.approx(want, rel=1e-4)
     assert float(loss_other) - float(loss) == pytest.approx(0.5 * want, rel=1e-4, abs=1e-5)
+
+  # read_weight reaches L_read through make_distill_loss: a teacher other than the student makes it non-zero.
+  shifted = {**base, "t_q": unit(q), "t_p": unit(p), "t_start": base["t_start"][..., ::-1],
+             "t_end": base["t_end"][..., ::-1], "t_rank": base["t_rank"][..., ::-1]}
+  (loss_1, aux_1), (loss_3, _) = (compiled(lambda params, batch: parts(params, batch, True, w), params, shifted)(
+      params, shifted) for w in (1.0, 3.0))
+  assert float(aux_1["read_loss"]) > 1e-3
+  assert float(loss_3) - float(loss_1) == pytest.approx(2.0 * float(aux_1["read_loss"]), rel=1e-4)
 
 
 # ---- teacher cache --------------------------------------------------------------------

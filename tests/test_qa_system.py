@@ -108,6 +108,16 @@ def test_trained_system_bundle_answers_like_in_memory(trained, built, toy):
       np.testing.assert_allclose([p.score for p in got.predictions[n]], [p.score for p in want.predictions[n]],
                                  rtol=1e-4, atol=1e-4)
 
+  # Reading given passages: the retrieved ones give predict's answers; others are read in the order given.
+  ranked = bundled.predict(texts, read_counts=(4,))
+  given = bundled.read_given(texts, ranked.passage_ids, ranked.passage_scores, [("dpr", 4), ("dpr", 4)])
+  assert list(given) == [("dpr", 4)] and given["dpr", 4] == ranked.predictions[4]
+  flipped = ranked.passage_ids[:, ::-1]
+  last = bundled.read_given(texts, flipped, ranked.passage_scores[:, ::-1], [("dpr", 1)])["dpr", 1]
+  assert [p.passage_id for p in last] == flipped[:, 0].tolist()
+  with pytest.raises(ValueError, match="pids and scores"):
+    bundled.read_given(texts, ranked.passage_ids[:-1], ranked.passage_scores[:-1], [("dpr", 1)])
+
   # It learned the task: the held-out questions are answered from their marker passage.
   dev = _questions(toy)
   predictions = bundled.answer([q.question for q in dev])

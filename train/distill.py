@@ -172,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                                       retrieval_loss=dcfg.retrieval_loss, in_batch=bool(dcfg.in_batch),
                                       retriever_teacher_weight=teacher_weight,
                                       retriever_teacher_temperature=float(dcfg.retriever_teacher_temperature),
-                                      retriever_teacher_scale=teacher_scale)
+                                      retriever_teacher_scale=teacher_scale,
+                                      read_weight=float(dcfg.read_weight))
   optimizer, schedule = make_optimizer(config.optim, int(config.train.num_steps))
   step_fn = step_lib.make_train_step(loss_fn, optimizer, grad_accum=int(config.optim.grad_accum), schedule=schedule)
 
