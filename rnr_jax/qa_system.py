@@ -425,11 +425,14 @@ def _runners(spec_json: str, mesh: Mesh) -> tuple[_Batched, _Batched]:
 # ---- the system -------------------------------------------------------------------------
 
 
-def _check_choices(choices: Sequence[tuple[str, int]], s: InferenceSettings) -> dict[str, InferenceSettings]:
-  """The settings of each rule of ``(rule, m')`` choices (checking each rule); raises on an m' below 1."""
+def _check_choices(choices: Sequence[tuple[str, int]], s: InferenceSettings
+                   ) -> tuple[list[tuple[str, int]], dict[str, InferenceSettings]]:
+  """``(the distinct choices, each rule's settings)`` of ``(rule, m')`` choices; raises on an unknown rule or an
+  m' below 1."""
+  choices = list(dict.fromkeys(choices))
   if not choices or min(n for _, n in choices) < 1:
     raise ValueError(f"read counts must be >= 1, got {[n for _, n in choices]}")
-  return {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}
+  return choices, {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}
 
 
 class QASystem:
@@ -619,13 +622,13 @@ class QASystem:
     :attr:`settings` (its rule is not used).
     """
     s = settings or self.settings
-    _check_choices(choices, s)
+    choices, rule_settings = _check_choices(choices, s)
     questions = self._check_questions(questions)
-    if not questions:
-      empty = np.zeros((0, 0), np.int64)
-      return empty, empty.astype(np.float32), {(rule, n): [] for rule, n in choices}
-    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
-    return pids, scores, self.read_given(questions, pids, scores, choices, settings=s)
+    if questions:
+      pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
+    else:
+      pids, scores = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return pids, scores, self._read_ranked(questions, pids, scores, choices, rule_settings, s)
 
   def read_given(self, questions: Sequence[str], pids: np.ndarray, scores: np.ndarray,
                  choices: Sequence[tuple[str, int]], *, settings: InferenceSettings | None = None
@@ -636,13 +639,18 @@ class QASystem:
     (used by the rules that fuse them); e.g. another system's retrieval, to tell its reading from its retrieval.
     """
     s = settings or self.settings
-    choices = list(dict.fromkeys(choices))
-    rule_settings = _check_choices(choices, s)
+    choices, rule_settings = _check_choices(choices, s)
     questions = self._check_questions(questions)
     pids, scores = np.asarray(pids), np.asarray(scores)
     if pids.ndim != 2 or pids.shape != scores.shape or len(pids) != len(questions):
       raise ValueError(f"pids and scores must both be [questions={len(questions)}, k], got {pids.shape} and "
                        f"{scores.shape}")
+    return self._read_ranked(questions, pids, scores, choices, rule_settings, s)
+
+  def _read_ranked(self, questions: list[str], pids: np.ndarray, scores: np.ndarray, choices: list[tuple[str, int]],
+                   rule_settings: dict[str, InferenceSettings], s: InferenceSettings
+                   ) -> dict[tuple[str, int], list[Prediction]]:
+    """predict_rules / read_given after their checks: each question's first passages read once, every choice."""
     answers: dict[tuple[str, int], list[Prediction]] = {(rule, n): [] for rule, n in choices}
     if not questions:
       return answers
