@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
   c.merge.scales = (0.0, 1.0)
   c.merge.select_questions = 8
   c.merge.select_k = 4
+  c.merge.init_scale = 0.5  # the student also starts from the teacher reader + 0.5 x the retriever's task vector
   c.stages.merge_retriever = stage("configs/retriever.py:tiny", *steps, "model.pooling='mean'",
                                    "retriever.normalize=True")
   return c

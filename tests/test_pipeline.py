@@ -94,7 +94,10 @@ def test_every_stage_runs_and_reports(smoke_run):
       f"bundle: INT8 index, + BM25 fusion (weight {config.bundle.lexical_weight:g}) (over the subset)"]
   with open(os.path.join(workdir, "distill", "config.json"), encoding="utf-8") as f:
     distill_config = json.load(f)
-  assert distill_config["model"]["init"] == os.path.join(workdir, "teacher_reader", "best")
+  # merge.init_scale (configs/smoke.py): the student starts from the teacher reader + the retriever's task vector.
+  assert distill_config["model"]["init"] == distill_config["unified"]["init_heads"] == os.path.join(
+      workdir, "student_init", "best")
+  assert records["distill"]["summary"]["init_scale"] == config.merge.init_scale
   assert not distill_config["unified"]["init_retriever"]
   with open(os.path.join(workdir, "distill", "metrics.jsonl"), encoding="utf-8") as f:
     logged = [json.loads(line) for line in f]
@@ -125,6 +128,16 @@ def test_merge_adds_the_chosen_scale_of_the_retriever_task_vector(smoke_run):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   for head in ("qa_outputs", "qa_classifier"):
     for got, want in zip(jax.tree.leaves(jax.device_get(merged[head])), jax.tree.leaves(jax.device_get(finetuned[head]))):
+      np.testing.assert_array_equal(got, want)
+  # The student's init (merge.init_scale): teacher reader + init_scale x (merge retriever - base), heads the teacher's.
+  _, _, teacher, _ = rd.load_reader(os.path.join(workdir, "teacher_reader", "best"))
+  _, _, init, _ = rd.load_reader(os.path.join(workdir, "student_init", "best"))
+  expected = jax.tree.map(lambda t, r, b: t + config.merge.init_scale * (r - b), jax.device_get(teacher["encoder"]),
+                          jax.device_get(ret["encoder"]), jax.device_get(base))
+  for got, want in zip(jax.tree.leaves(jax.device_get(init["encoder"])), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for head in ("qa_outputs", "qa_classifier"):
+    for got, want in zip(jax.tree.leaves(jax.device_get(init[head])), jax.tree.leaves(jax.device_get(teacher[head]))):
       np.testing.assert_array_equal(got, want)
   # The bundle holds the merged student (FP16 weights), not the finetuned one.
   bundle = QASystem.from_bundle(os.path.join(workdir, "bundle"))

@@ -76,6 +76,7 @@ from train import retriever as retriever_stage
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RETRIEVAL_SETTINGS = ("pooling", "retrieval_dim", "normalize", "passage_token_type")  # must match to merge encoders
 STAGES = ("prepare", "teacher_retriever", "teacher_reader", "eval_teacher", "filter", "eval_filtered",
           "merge_retriever", "student_retriever", "distill", "eval_distill", "finetune", "eval_finetune", "merge",
           "eval_merge", "bundle", "report")
@@ -167,7 +168,12 @@ class Pipeline:
     if self.config.student_init not in ("minilm", "teacher_reader"):
       raise ValueError(f"student_init must be 'minilm' or 'teacher_reader', got {self.config.student_init!r}")
     names = ["teacher_retriever", "teacher_reader", "filter", "student_retriever", "distill", "finetune"]
-    if self.config.merge.enabled:
+    init_scale = float(self.config.merge.init_scale)
+    if init_scale < 0:
+      raise ValueError(f"merge.init_scale must be >= 0, got {init_scale}")
+    if init_scale and (self.config.student_init != "teacher_reader" or self.config.student_retriever_stage):
+      raise ValueError("merge.init_scale needs student_init='teacher_reader' and student_retriever_stage=False")
+    if self.config.merge.enabled or init_scale:
       names.append("merge_retriever")
       for key in ("scales", "base_weights"):
         values = tuple(self.config.merge[key])
@@ -395,11 +401,42 @@ class Pipeline:
       wiring["unified.init_retriever"] = self.path("student_retriever", "best")
     elif self.config.student_init == "teacher_reader":
       wiring["model.init"] = self.path("teacher_reader", "best")
+    init_scale = float(self.config.merge.init_scale)
+    if init_scale:
+      # The student starts from the teacher reader plus init_scale x the merge retriever's task vector (its heads
+      # are the teacher's): a head start on retrieval that distillation then keeps reading well.
+      wiring["model.init"] = wiring["unified.init_heads"] = self._merged_student_init(init_scale, wiring)
     if self.config.student_retriever_teacher:
       wiring.update(self._retriever_teacher_wiring("distill.retriever_teacher"))
     cfg = self.stage_config("distill", wiring)
     distill_stage.train_and_evaluate(cfg, self.path("distill"))
-    return {"eval": _last_best(self.path("distill", "eval.jsonl"))}
+    summary = {"eval": _last_best(self.path("distill", "eval.jsonl"))}
+    return {**summary, "init_scale": init_scale} if init_scale else summary
+
+  def _merged_student_init(self, scale: float, wiring: Mapping[str, Any]) -> str:
+    """Writes ``W/student_init/best``: the teacher reader's export with ``scale`` x the merge retriever's task vector
+    added to its encoder (heads unchanged); returns that path (``merge.init_scale``, beyond the paper)."""
+    if self.config.student_init != "teacher_reader" or self.config.student_retriever_stage:
+      raise ValueError("merge.init_scale needs student_init='teacher_reader' and student_retriever_stage=False "
+                       f"(got {self.config.student_init!r}, {self.config.student_retriever_stage})")
+    source = self.path("teacher_reader", "best")
+    _, _, params, info = rd.load_reader(source)
+    params = jax.device_get(params)
+    _, pretrained = retrieval.initial_encoder(self._student_base_model())
+    if pretrained is None:
+      raise ValueError("merge.init_scale: the student's base encoder is a random initialisation (set merge.base)")
+    student = self.stage_config("distill", wiring)
+    want = {"pooling": student.model.pooling, "retrieval_dim": int(student.model.retrieval_dim),
+            "normalize": bool(student.unified.normalize),
+            "passage_token_type": int(student.unified.passage_token_type)}
+    merged = merge_lib.merge_encoder(params, [(scale, self._retriever_task_vector(want, pretrained))])
+    path = self.path("student_init", "best")
+    export = rd.ParamsExport(path)
+    try:
+      export.save(int(info.pop("step", 0)), jax.device_put(merged), {**info, "merge": {"init_scale": scale}})
+    finally:
+      export.close()
+    return path
 
   def stage_finetune(self) -> dict[str, Any]:
     cfg = self.stage_config("finetune", {"finetune.init": self.path("distill", "best"), **self._pool_wiring()})
@@ -457,14 +494,14 @@ class Pipeline:
     return self.stage_config("student_retriever" if self.config.student_retriever_stage else "distill", {}).model
 
   def _merge_retriever_needed(self) -> bool:
-    return any(float(x) > 0 for x in self.config.merge.scales)
+    m = self.config.merge
+    return (bool(m.enabled) and any(float(x) > 0 for x in m.scales)) or float(m.init_scale) > 0
 
   def stage_merge_retriever(self) -> dict[str, Any]:
     m = self.config.merge
-    if not m.enabled:
-      return {"skipped": "merge.enabled=False"}
     if not self._merge_retriever_needed():
-      return {"skipped": "merge.scales are all 0: no retriever task vector"}
+      return {"skipped": "merge.enabled=False" if not m.enabled else
+              "merge.scales are all 0 and merge.init_scale is 0: no retriever task vector"}
     base = self._student_base_model()
     wiring = {"model.init": base.init, "model.num_layers": base.num_layers, "retriever.shared": True,
               "retriever.eval_splits": (), "retriever.holdout_tail": int(m.select_questions)}
@@ -479,13 +516,14 @@ class Pipeline:
     n = int(self.config.merge.select_questions)
     return {split: self.data.questions(split)[-n:] for split in self.config.merge.splits}
 
-  def _retriever_task_vector(self, spec: SystemSpec, pretrained: Params) -> Params | None:
+  def _retriever_task_vector(self, want: Mapping[str, Any], pretrained: Params) -> Params | None:
+    """The merge retriever's encoder minus ``pretrained``, after checking its retrieval settings are ``want``'s
+    (the student's ``pooling``, ``retrieval_dim``, ``normalize``, ``passage_token_type``); None when not trained."""
     if not self._merge_retriever_needed():
       return None
     path = self.path("merge_retriever", "best")
     rspec, rparams, _ = retrieval.load_retriever(path)
-    differing = [k for k in ("pooling", "retrieval_dim", "normalize", "passage_token_type")
-                 if getattr(spec.retriever, k) != getattr(rspec, k)]
+    differing = [k for k, v in want.items() if getattr(rspec, k) != v]
     if not rspec.shared or differing:
       raise ValueError(f"{path}: the merge retriever must be a shared encoder with the student's retrieval "
                        f"settings (differing: {differing or ['shared']})")
@@ -500,7 +538,7 @@ class Pipeline:
     _, pretrained = retrieval.initial_encoder(self._student_base_model())
     if pretrained is None:
       raise ValueError("merge: the student's base encoder is a random initialisation (set merge.base)")
-    vector = self._retriever_task_vector(spec, pretrained)
+    vector = self._retriever_task_vector({k: getattr(spec.retriever, k) for k in RETRIEVAL_SETTINGS}, pretrained)
     # Held-out questions and their candidate passages: the teacher's top select_k over the kept passages.
     questions = self.merge_questions()
     teacher, _ = self.teacher_system(self.subset_pids())
