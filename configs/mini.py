@@ -115,6 +115,10 @@ def get_config(arg: str | None = None):
   # bundle, which retrieves with BM25 fusion and answers by the fused rule, is unchanged within a few questions
   # (nq_dev 19.02 -> 18.94, squadshifts_dev 12.80 -> 13.02) while the stages add about 40 min.
   c.merge.enabled = False
+  # The same retriever's task vector added to the student's init instead (merge.init_scale=1.0) gave a head start on
+  # retrieval that was gone by step 20 of distillation, and nq_dev EM 18.27 vs 19.35 after finetuning
+  # (docs/benchmarks.md "Retriever task vector at the student's init"): off.
+  c.merge.init_scale = 0.0
   # Pulling back toward MiniLM (base_weights 0.25, 0.5) never beat base_weight 0 at the same scale in the 3 x 3 grid
   # on held-out questions (one tie; it buys retrieval, it costs reading), so the mini grid tries scales only.
   c.merge.base_weights = (0.0,)
