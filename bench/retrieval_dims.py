@@ -36,7 +36,8 @@ def _normalized(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--embeddings", required=True, help="infer.encode output of the config's initial encoder")
+  parser.add_argument("--embeddings", required=True,
+                      help="infer.encode output (full width) of --config's initial encoder or of --model_dir")
   parser.add_argument("--config", default=None, help="config of an initial encoder (or pass --model_dir)")
   parser.add_argument("--model_dir", default=None, help="an exported retriever (e.g. W/teacher_retriever/best)")
   parser.add_argument("--subset", default=None, help="a passage filter's subset.npz: search only its passages")
