@@ -49,11 +49,14 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # among the union of their teacher top-select_k passages, is kept ((0, 0) = the student unchanged). The bundle is
   # built from the merged student. merge.base: "" = the pretrained encoder the student started from (MiniLM);
   # "teacher_reader" = the teacher reader's export (for randomly initialised models, as in smoke).
+  # merge.soup: export directories of other unified students finetuned from the same start (same architecture and
+  # retrieval settings, e.g. other workdirs' finetune/best); the grid is then tried from this student alone and from
+  # the uniform average of it and them (a model soup, every parameter, heads included), the best kept.
   # merge.init_scale > 0 (independent of merge.enabled): the same retriever's task vector at that scale is added to
   # the student's initial encoder before distillation (student_init="teacher_reader" without a retrieval-only stage).
   c.merge = ml_collections.ConfigDict({"enabled": False, "base_weights": (0.0, 0.25, 0.5), "scales": (0.0, 0.5, 1.0),
                                        "select_questions": 200, "select_k": 10,
-                                       "splits": ("nq_train", "squadshifts_train"), "base": "", "init_scale": 0.0})
+                                       "splits": ("nq_train", "squadshifts_train"), "base": "", "init_scale": 0.0, "soup": ()})
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

@@ -11,7 +11,11 @@ moves in weight space, neither a training step of the student:
 
   theta = theta_student + base_weight * (theta_pretrained - theta_student) + scale * (theta_retriever - theta_pretrained)
 
-Both weights are chosen by evaluation (``train.pipeline``'s merge stage: on held-out training questions). Heads and
+A third, optional move averages the student with other unified students finetuned from the same start (a
+uniform *model soup*; Wortsman et al., "Model soups", ICML 2022): every parameter, heads included, is the mean of
+the ingredients' (:func:`average`), and the two moves above then apply to that average.
+
+Both weights (and whether to use the soup) are chosen by evaluation (``train.pipeline``'s merge stage: on held-out training questions). Heads and
 the retrieval settings stay the student's.
 """
 
@@ -53,6 +57,24 @@ def add_scaled(params: Params, vector: Params, scale: float, *, what: str = "the
   check_same_layout(params, vector, what, "the task vector")
   return jax.tree.map(lambda p, v: (np.asarray(p, np.float32) + np.float32(scale) * v).astype(np.asarray(p).dtype),
                       params, vector)
+
+
+def average(trees: Sequence[Params], whats: Sequence[str]) -> Params:
+  """The uniform mean of ``trees`` leaf by leaf (float32 sum, each leaf back in the first tree's dtype); every tree
+  must have the first one's layout (``whats`` name them in the error)."""
+  if not trees or len(trees) != len(whats):
+    raise ValueError(f"average needs one name per tree and at least one tree, got {len(trees)} and {len(whats)}")
+  for tree, what in zip(trees[1:], whats[1:]):
+    check_same_layout(trees[0], tree, whats[0], what)
+  n = np.float32(len(trees))
+
+  def mean(*leaves):
+    total = np.asarray(leaves[0], np.float32).copy()
+    for leaf in leaves[1:]:
+      total += np.asarray(leaf, np.float32)
+    return (total / n).astype(np.asarray(leaves[0]).dtype)
+
+  return jax.tree.map(mean, *[jax.device_get(t) for t in trees])
 
 
 def merge_encoder(params: Params, terms: Sequence[tuple[float, Params]]) -> Params:

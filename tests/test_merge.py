@@ -61,6 +61,21 @@ def test_choose_prefers_the_least_change_on_ties():
     merge.choose({})
 
 
+def test_average_is_the_leafwise_mean_in_each_leafs_dtype():
+  a = {"w": np.array([1.0, 2.0], np.float32), "h": np.array([1, 3], np.float16)}
+  b = {"w": np.array([3.0, -2.0], np.float32), "h": np.array([5, 5], np.float16)}
+  c = {"w": np.array([2.0, 3.0], np.float32), "h": np.array([0, 1], np.float16)}
+  got = merge.average([a, b, c], ["a", "b", "c"])
+  np.testing.assert_array_equal(got["w"], np.array([2.0, 1.0], np.float32))
+  np.testing.assert_array_equal(got["h"], np.array([2, 3], np.float16))
+  assert got["h"].dtype == np.float16
+  np.testing.assert_array_equal(merge.average([a], ["a"])["w"], a["w"])
+  with pytest.raises(ValueError, match=r"\['w'\]: shape \(2,\) in a but \(3,\) in d"):
+    merge.average([a, {"w": np.zeros(3, np.float32), "h": a["h"]}], ["a", "d"])
+  with pytest.raises(ValueError, match="at least one tree"):
+    merge.average([], [])
+
+
 def test_task_vectors_of_two_finetunes_add_both_skills():
   """Two linear heads finetuned from one start, on targets that depend on disjoint input features: adding the
   second's task vector to the first fits both tasks far better than either alone."""

@@ -6,6 +6,7 @@ the same layout.
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -173,6 +174,37 @@ def test_config_errors_name_the_stage_before_running(tmp_path):
   with pytest.raises(ValueError, match="unknown stage"):
     pipeline.run_pipeline(load_config(os.path.join(ROOT, "configs/smoke.py")), str(tmp_path / "w"),
                           until="no_such_stage")
+
+
+def test_merge_soup_averages_students_before_the_task_vector(smoke_run, tmp_path):
+  """merge.soup: the grid is tried from the student alone and from its average with other students (here the KD
+  student of the same run); merge/best is the chosen start + the chosen base_weight and scale, heads averaged too."""
+  _, workdir, data, _ = smoke_run
+  work = str(tmp_path / "w")
+  shutil.copytree(workdir, work)
+  config = load_config(os.path.join(ROOT, "configs/smoke.py"))
+  config.merge.soup = ("/no/such/student",)
+  with pytest.raises(FileNotFoundError, match="merge.soup: /no/such/student"):
+    pipeline.run_pipeline(config, work, data_dir=data, until="merge", redo=("merge",))
+  config.merge.soup = (os.path.join(work, "distill", "best"),)
+  summary = pipeline.run_pipeline(config, work, data_dir=data, until="merge", redo=("merge",))["merge"]["summary"]
+  n = len(config.merge.scales) * len(config.merge.base_weights)
+  assert len(summary["trials"]) == 2 * n and sum(k.endswith(", soup") for k in summary["trials"]) == n
+  load = lambda name: jax.device_get(export_lib.load_system(os.path.join(work, name, "best"), None, None)[1])
+  finetuned, distilled, merged = load("finetune"), load("distill"), load("merge")
+  start = jax.tree.map(lambda f, d: (f + d) / 2, finetuned, distilled) if summary["soup"] else finetuned
+  _, ret, _ = retrieval.load_retriever(os.path.join(work, "merge_retriever", "best"))
+  _, base, _ = rd.load_reader_encoder(os.path.join(work, "teacher_reader", "best"))
+  a, x = summary["base_weight"], summary["scale"]
+  expected = jax.tree.map(lambda s, r, b: s + a * (np.asarray(b) - s) + x * (np.asarray(r) - np.asarray(b)),
+                          start["encoder"], jax.device_get(ret["encoder"]), base)
+  for got, want in zip(jax.tree.leaves(merged["encoder"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for head in ("qa_outputs", "qa_classifier"):
+    for got, want in zip(jax.tree.leaves(merged[head]), jax.tree.leaves(start[head])):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # The soup itself differs from the student (the KD and finetuned students are not the same weights).
+  assert any(not np.array_equal(f, d) for f, d in zip(jax.tree.leaves(finetuned), jax.tree.leaves(distilled)))
 
 
 def test_slice_keeps_gold_documents(tmp_path):

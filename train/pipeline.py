@@ -183,6 +183,10 @@ class Pipeline:
         raise ValueError(f"merge.base must be '' or 'teacher_reader', got {self.config.merge.base!r}")
       if int(self.config.merge.select_questions) <= 0:
         raise ValueError("merge.select_questions must be positive (the held-out questions that choose the scale)")
+      for path in self.config.merge.soup:
+        if not os.path.isdir(str(path)):
+          raise FileNotFoundError(f"merge.soup: {path} is not a directory (a unified student's export, e.g. another "
+                                  "workdir's finetune/best)")
     for name in names:
       if name not in self.config.stages:
         raise KeyError(f"the pipeline config has no stages.{name}")
@@ -551,11 +555,27 @@ class Pipeline:
     corpus = self.data.token_corpus()
     tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
     records = [corpus[p] for p in pids.tolist()]
+    # merge.soup: the uniform average of this student and other students finetuned from the same start, tried as a
+    # second starting point of the same grid (key 1.0; 0.0 = this student alone).
+    starts = {0.0: params}
+    soup = [str(p) for p in m.soup]
+    if soup:
+      want = {k: getattr(spec.retriever, k) for k in RETRIEVAL_SETTINGS}
+      ingredients = [params]
+      for path in soup:
+        ispec, iparams = export_lib.load_system(path, None, self.mesh)
+        differing = [k for k, v in want.items() if getattr(ispec.retriever, k) != v]
+        if differing:
+          raise ValueError(f"merge.soup: {path} retrieves with other settings than the student ({differing})")
+        ingredients.append(jax.device_get(iparams))
+      starts[1.0] = merge_lib.average(ingredients, [self.path("finetune", "best"), *soup])
+      del ingredients
     trials, scores = {}, {}
-    grid = sorted({(float(a), float(x)) for a in m.base_weights for x in m.scales})
-    for weights in grid:
-      merged = jax.device_put(merge_lib.merge_encoder(params, merge_lib.student_terms(
-          params["encoder"], pretrained, vector, *weights)))
+    grid = sorted({(s, float(a), float(x)) for s in starts for a in m.base_weights for x in m.scales})
+    for key in grid:
+      start, weights = starts[key[0]], key[1:]
+      merged = jax.device_put(merge_lib.merge_encoder(start, merge_lib.student_terms(
+          start["encoder"], pretrained, vector, *weights)))
       vectors = encode_passages(spec, merged, tokenizer, records, self.mesh,
                                 batch_size=int(self.config.encode_batch_size))
       system = self.exact_system(spec, merged, vectors, pids)
@@ -564,12 +584,14 @@ class Pipeline:
         summary, _ = evaluate_lib.evaluate(system, qs, top_k=1, rule="dpr", passage_score_weight=0.0, max_read=1,
                                            progress=False)
         trial[split] = {"em": summary["em"], "top1": summary["top_k_accuracy"]["top1"]}
-      trials["base_weight %g, scale %g" % weights] = trial
-      scores[weights] = float(np.mean([t["em"] for t in trial.values()]))
-      logging.info("merge base_weight %g, scale %g: %s", *weights, trial)
-    base_weight, scale = merge_lib.choose(scores)
-    merged = merge_lib.merge_encoder(params, merge_lib.student_terms(params["encoder"], pretrained, vector,
-                                                                     base_weight, scale))
+      label = "base_weight %g, scale %g" % weights + (", soup" if key[0] else "")
+      trials[label] = trial
+      scores[key] = float(np.mean([t["em"] for t in trial.values()]))
+      logging.info("merge %s: %s", label, trial)
+    use_soup, base_weight, scale = merge_lib.choose(scores)
+    start = starts[use_soup]
+    merged = merge_lib.merge_encoder(start, merge_lib.student_terms(start["encoder"], pretrained, vector,
+                                                                    base_weight, scale))
     source = rd.ParamsExport(self.path("finetune", "best"))
     try:
       info = source.latest_info()
@@ -578,10 +600,12 @@ class Pipeline:
     export = rd.ParamsExport(self.path("merge", "best"))
     try:
       step = int(info.pop("step", 0))
-      export.save(step, jax.device_put(merged), {**info, "merge": {"base_weight": base_weight, "scale": scale}})
+      export.save(step, jax.device_put(merged), {**info, "merge": {"base_weight": base_weight, "scale": scale,
+                                                                   "soup": soup if use_soup else []}})
     finally:
       export.close()
-    return {"base_weight": base_weight, "scale": scale, "trials": trials, "candidates": len(pids),
+    return {"base_weight": base_weight, "scale": scale, "soup": soup if use_soup else [], "trials": trials,
+            "candidates": len(pids),
             "questions": {s: len(q) for s, q in questions.items()}}
 
   def stage_eval_merge(self) -> dict[str, Any]:
