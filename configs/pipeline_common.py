@@ -56,7 +56,8 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # the student's initial encoder before distillation (student_init="teacher_reader" without a retrieval-only stage).
   c.merge = ml_collections.ConfigDict({"enabled": False, "base_weights": (0.0, 0.25, 0.5), "scales": (0.0, 0.5, 1.0),
                                        "select_questions": 200, "select_k": 10,
-                                       "splits": ("nq_train", "squadshifts_train"), "base": "", "init_scale": 0.0, "soup": ()})
+                                       "splits": ("nq_train", "squadshifts_train"), "base": "", "init_scale": 0.0,
+                                       "soup": ()})
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

@@ -15,8 +15,9 @@ A third, optional move averages the student with other unified students finetune
 uniform *model soup*; Wortsman et al., "Model soups", ICML 2022): every parameter, heads included, is the mean of
 the ingredients' (:func:`average`), and the two moves above then apply to that average.
 
-Both weights (and whether to use the soup) are chosen by evaluation (``train.pipeline``'s merge stage: on held-out training questions). Heads and
-the retrieval settings stay the student's.
+Both weights, and whether to start from the soup, are chosen by evaluation (``train.pipeline``'s merge stage: on
+held-out training questions). The two moves change the encoder only (heads stay those of the student, or of the
+soup); the retrieval settings stay the student's.
 """
 
 from __future__ import annotations

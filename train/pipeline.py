@@ -82,6 +82,11 @@ STAGES = ("prepare", "teacher_retriever", "teacher_reader", "eval_teacher", "fil
           "eval_merge", "bundle", "report")
 
 
+def _differing_settings(retriever_spec: Any, want: Mapping[str, Any]) -> list[str]:
+  """The names of ``want``'s retrieval settings that ``retriever_spec`` holds with another value."""
+  return [k for k, v in want.items() if getattr(retriever_spec, k) != v]
+
+
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so entry modules import together)."""
   config_flags.DEFINE_config_file("config", "configs/mini.py", "Pipeline config file.", lock_config=True)
@@ -527,7 +532,7 @@ class Pipeline:
       return None
     path = self.path("merge_retriever", "best")
     rspec, rparams, _ = retrieval.load_retriever(path)
-    differing = [k for k, v in want.items() if getattr(rspec, k) != v]
+    differing = _differing_settings(rspec, want)
     if not rspec.shared or differing:
       raise ValueError(f"{path}: the merge retriever must be a shared encoder with the student's retrieval "
                        f"settings (differing: {differing or ['shared']})")
@@ -542,7 +547,22 @@ class Pipeline:
     _, pretrained = retrieval.initial_encoder(self._student_base_model())
     if pretrained is None:
       raise ValueError("merge: the student's base encoder is a random initialisation (set merge.base)")
-    vector = self._retriever_task_vector({k: getattr(spec.retriever, k) for k in RETRIEVAL_SETTINGS}, pretrained)
+    want = {k: getattr(spec.retriever, k) for k in RETRIEVAL_SETTINGS}
+    vector = self._retriever_task_vector(want, pretrained)
+    # merge.soup: the uniform average of this student and other students finetuned from the same start, tried as a
+    # second starting point of the same grid (key 1.0; 0.0 = this student alone).
+    starts = {0.0: params}
+    soup = [str(p) for p in m.soup]
+    if soup:
+      ingredients = [params]
+      for path in soup:
+        ispec, iparams = export_lib.load_system(path, None, self.mesh)
+        differing = _differing_settings(ispec.retriever, want)
+        if differing:
+          raise ValueError(f"merge.soup: {path} retrieves with other settings than the student ({differing})")
+        ingredients.append(jax.device_get(iparams))
+      starts[1.0] = merge_lib.average(ingredients, [self.path("finetune", "best"), *soup])
+      del ingredients
     # Held-out questions and their candidate passages: the teacher's top select_k over the kept passages.
     questions = self.merge_questions()
     teacher, _ = self.teacher_system(self.subset_pids())
@@ -555,21 +575,6 @@ class Pipeline:
     corpus = self.data.token_corpus()
     tokenizer = tk.Tokenizer.from_pretrained(self.data.tokenizer_path)
     records = [corpus[p] for p in pids.tolist()]
-    # merge.soup: the uniform average of this student and other students finetuned from the same start, tried as a
-    # second starting point of the same grid (key 1.0; 0.0 = this student alone).
-    starts = {0.0: params}
-    soup = [str(p) for p in m.soup]
-    if soup:
-      want = {k: getattr(spec.retriever, k) for k in RETRIEVAL_SETTINGS}
-      ingredients = [params]
-      for path in soup:
-        ispec, iparams = export_lib.load_system(path, None, self.mesh)
-        differing = [k for k, v in want.items() if getattr(ispec.retriever, k) != v]
-        if differing:
-          raise ValueError(f"merge.soup: {path} retrieves with other settings than the student ({differing})")
-        ingredients.append(jax.device_get(iparams))
-      starts[1.0] = merge_lib.average(ingredients, [self.path("finetune", "best"), *soup])
-      del ingredients
     trials, scores = {}, {}
     grid = sorted({(s, float(a), float(x)) for s in starts for a in m.base_weights for x in m.scales})
     for key in grid:
@@ -589,7 +594,7 @@ class Pipeline:
       scores[key] = float(np.mean([t["em"] for t in trial.values()]))
       logging.info("merge %s: %s", label, trial)
     use_soup, base_weight, scale = merge_lib.choose(scores)
-    start = starts[use_soup]
+    start, chosen_soup = starts[use_soup], (soup if use_soup else [])
     merged = merge_lib.merge_encoder(start, merge_lib.student_terms(start["encoder"], pretrained, vector,
                                                                     base_weight, scale))
     source = rd.ParamsExport(self.path("finetune", "best"))
@@ -601,10 +606,10 @@ class Pipeline:
     try:
       step = int(info.pop("step", 0))
       export.save(step, jax.device_put(merged), {**info, "merge": {"base_weight": base_weight, "scale": scale,
-                                                                   "soup": soup if use_soup else []}})
+                                                                   "soup": chosen_soup}})
     finally:
       export.close()
-    return {"base_weight": base_weight, "scale": scale, "soup": soup if use_soup else [], "trials": trials,
+    return {"base_weight": base_weight, "scale": scale, "soup": chosen_soup, "trials": trials,
             "candidates": len(pids),
             "questions": {s: len(q) for s, q in questions.items()}}
 
