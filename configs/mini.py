@@ -123,6 +123,8 @@ def get_config(arg: str | None = None):
   # Pulling back toward MiniLM (base_weights 0.25, 0.5) never beat base_weight 0 at the same scale in the 3 x 3 grid
   # on held-out questions (one tie; it buys retrieval, it costs reading), so the mini grid tries scales only.
   c.merge.base_weights = (0.0,)
+  # 200 steps: a retriever trained 600 steps (42 min) gives a task vector that buys the same 5 nq_dev questions
+  # (docs/benchmarks.md "A longer-trained merge retriever", session 14).
   c.stages.merge_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.passage_token_type=0", "model.retrieval_dim=128",
       "train.num_steps=200", "optim.lr=5e-5", "optim.warmup_steps=20")

@@ -23,6 +23,7 @@ from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
+from rnr_jax.training.checkpoint import ParamsExport
 from train import retriever as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +229,13 @@ def test_two_encoder_loss_trains_both_encoders_and_exports_them(prepared_dir, tm
   assert spec2 == spec and not spec2.shared and model_item["step"] == 5
   assert model_item["fingerprint"] == fingerprint == retrieval.params_fingerprint(params2)
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+  # Another kind of export (a reader's or a unified student's: no retriever spec) is refused by name.
+  other = ParamsExport(str(tmp_path / "reader_best"))
+  other.save(3, {"w": np.zeros((2,), np.float32)}, {"reader": {}, "fingerprint": "x", "info": {}})
+  other.close()
+  with pytest.raises(ValueError, match=r"reader_best: not a retriever export .*'reader'"):
+    retrieval.load_retriever(str(tmp_path / "reader_best"))
 
 
 def test_teacher_scores_are_distilled(prepared_dir, tmp_path):
