@@ -1,7 +1,9 @@
-r"""Encodes the whole prepared corpus with a retriever, for the index stage.
+r"""Encodes the whole prepared corpus with a retriever (or a unified retriever-reader), for the index stage.
 
   python -m infer.encode --workdir W --out EMB                   # W's exported best retriever, W/prepared
   python -m infer.encode --model_dir W/best --prepared P --out EMB
+  python -m infer.encode --model_dir DISTILL/best --prepared P --out EMB   # a unified student (its retrieval
+                                                                 # settings); infer.export --embeddings EMB reuses it
   python -m infer.encode --config configs/retriever.py --config.model.pooling=mean \
       --config.model.retrieval_dim=0 --config.retriever.normalize=True --config.retriever.passage_token_type=0 \
       --prepared P --out EMB --eval_splits nq_dev,squadshifts_dev
@@ -33,11 +35,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rnr_jax import lexical, retrieval
+from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS
 from rnr_jax.models import Params
+from rnr_jax.qa_system import SystemSpec
 
 FLAGS = flags.FLAGS
 
@@ -46,7 +50,9 @@ def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so entry modules import together)."""
   flags.DEFINE_string("workdir", None, "Retriever run directory: encodes with <workdir>/best, reads "
                       "<workdir>/prepared.")
-  flags.DEFINE_string("model_dir", None, "Exported retriever directory (default: <workdir>/best).")
+  flags.DEFINE_string("model_dir", None, "Exported retriever directory, or a unified retriever-reader's exported "
+                      "with its system spec (train.distill, train.finetune, the pipeline's merge); default: "
+                      "<workdir>/best.")
   config_flags.DEFINE_config_file("config", None, "Instead of an exported retriever: a retriever config whose "
                                   "initial encoder (model.init, e.g. the untrained MiniLM) is used.")
   flags.DEFINE_string("prepared", None, "Prepared dataset directory (default: <workdir>/prepared).")
@@ -61,9 +67,31 @@ def define_flags() -> None:
   flags.mark_flag_as_required("out")
 
 
+def load_unified(model_dir: str, mesh: jax.sharding.Mesh) -> tuple[SystemSpec, Params, dict[str, Any]]:
+  """``(system spec, params, model item)`` of a unified retriever-reader exported with its system spec."""
+  _, _, params, info = rd.load_reader(model_dir, mesh)
+  if "system" not in info:
+    raise ValueError(f"{model_dir}: a reader export without a system spec (its retrieval settings: passage length, "
+                     "token type, normalisation); python -m infer.export --model DIR takes them as flags")
+  spec = SystemSpec.from_json(info["system"])
+  if not spec.unified:
+    raise ValueError(f"{model_dir}: its system spec is not a unified retriever-reader")
+  return spec, params, info
+
+
+def _is_retriever_export(model_dir: str) -> bool:
+  export = retrieval.RetrieverExport(model_dir)
+  try:
+    model = export.latest_info()
+  finally:
+    export.close()
+  return model is None or "spec" in model  # None: load_retriever names the missing export
+
+
 def resolve_model(workdir: str | None, model_dir: str | None, config: Any, tokenizer_fingerprint: str,
-                  mesh: jax.sharding.Mesh) -> tuple[retrieval.RetrieverSpec, Params, str]:
-  """``(spec, params replicated on mesh, fingerprint)`` of an exported retriever or of a config's initial one."""
+                  mesh: jax.sharding.Mesh) -> tuple[retrieval.RetrieverSpec | SystemSpec, Params, str]:
+  """``(spec, params replicated on mesh, fingerprint)`` of an exported retriever, an exported unified
+  retriever-reader (a :class:`SystemSpec`) or a config's initial retriever."""
   if config is not None:
     if workdir or model_dir:
       raise app.UsageError("pass either --config or --workdir/--model_dir, not both")
@@ -75,6 +103,13 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
   model_dir = model_dir or (os.path.join(workdir, "best") if workdir else None)
   if not model_dir:
     raise app.UsageError("pass --workdir, --model_dir or --config")
+  if os.path.isdir(model_dir) and not _is_retriever_export(model_dir):
+    spec, params, info = load_unified(model_dir, mesh)
+    if spec.reader.tokenizer_fingerprint != tokenizer_fingerprint:
+      raise ValueError(f"{model_dir} was trained with another tokenizer than the prepared data's; "
+                       "its embeddings of these token ids would be meaningless")
+    logging.info("Unified retriever-reader of %s, step %s.", model_dir, info.get("step"))
+    return spec, params, retrieval.params_fingerprint(params)
   spec, params, model = retrieval.load_retriever(model_dir, mesh)
   if spec.tokenizer_fingerprint != tokenizer_fingerprint:
     raise ValueError(f"{model_dir} was trained with another tokenizer than the prepared data's; "
@@ -83,7 +118,7 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
   return spec, params, model["fingerprint"]
 
 
-def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Params, fingerprint: str,
+def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec | SystemSpec, params: Params, fingerprint: str,
            mesh: jax.sharding.Mesh, batch_size: int, chunk_size: int, eval_splits: Sequence[str] = (),
            max_eval_questions: int = 0, lexical_weight: float = 0.0) -> dict[str, Any]:
   """Encodes the corpus of ``prepared`` into ``out`` (resuming or reusing earlier work); returns the info written.
@@ -96,9 +131,10 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Pa
   data = PreparedData.load(prepared)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   corpus = data.token_corpus()
-  key = {"model_fingerprint": fingerprint, "corpus_sha256": corpus.meta["sha256"], "pooling": spec.pooling,
-         "retrieval_dim": spec.retrieval_dim, "normalize": spec.normalize, "passage_len": spec.passage_len,
-         "passage_token_type": spec.passage_token_type}
+  r = spec.retriever if isinstance(spec, SystemSpec) else spec  # the retrieval inputs and vectors
+  key = {"model_fingerprint": fingerprint, "corpus_sha256": corpus.meta["sha256"], "pooling": r.pooling,
+         "retrieval_dim": r.retrieval_dim, "normalize": r.normalize, "passage_len": r.passage_len,
+         "passage_token_type": r.passage_token_type}
   q_fn, p_fn = spec.embed_fns()
   try:
     vectors, info = retrieval.load_embeddings(out)
@@ -108,8 +144,8 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Pa
   except FileNotFoundError:
     start = time.perf_counter()
     result = retrieval.encode_corpus(
-        retrieval.BatchEncoder(p_fn, mesh, batch_size), params, tokenizer, corpus, max_len=spec.passage_len,
-        buckets=spec.buckets, token_type=spec.passage_token_type,
+        retrieval.BatchEncoder(p_fn, mesh, batch_size), params, tokenizer, corpus, max_len=r.passage_len,
+        buckets=r.buckets, token_type=r.passage_token_type,
         chunk_dir=os.path.join(out, retrieval.CHUNKS_DIR), chunk_size=chunk_size, key=key, progress=True)
     vectors = result.vectors
     info = {**key, "dim": spec.dim, "spec": spec.to_json(), "prepared": data.path, "devices": jax.device_count(),
@@ -125,8 +161,8 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec, params: Pa
     for split in eval_splits:
       questions = data.questions(split)[:max_eval_questions or None]
       texts, answers = [x.question for x in questions], [x.answers for x in questions]
-      q = retrieval.encode_questions(q_encoder, params, tokenizer, texts, max_len=spec.question_len,
-                                     buckets=spec.buckets)
+      q = retrieval.encode_questions(q_encoder, params, tokenizer, texts, max_len=r.question_len,
+                                     buckets=r.buckets)
       results[split] = retrieval.evaluate_retrieval(q, vectors, answers, data.matcher(), DEFAULT_KS)
       if lexical_weight > 0:
         hybrid[split] = retrieval.evaluate_hybrid(q, vectors, texts, data.bm25(), lexical_weight, answers,

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from infer import ask, evaluate
+from infer import encode as encode_cli
+from infer import export as export_cli
 from rnr_jax import passage_filter, qa_model, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax.bundle import BundleError, load_bundle
@@ -24,7 +26,7 @@ from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import Prediction, QASystem, SystemSpec
+from rnr_jax.qa_system import Prediction, QASystem, SystemSpec, encode_passages
 from rnr_jax.tokenization import Tokenizer
 from test_reader_train import build_toy_prepared
 
@@ -91,6 +93,31 @@ def test_export_writes_compressed_bundle_and_footprint(bundle, workdir):
     np.testing.assert_array_equal(system.store[pid], corpus[pid])  # passage ids kept through the subset
   ids = system.predict(["which word follows zebra near lion"], top_k=200).passage_ids
   assert ids.shape == (1, len(kept)) and not set(DROPPED) & set(ids[0].tolist())
+
+
+def test_encode_takes_a_unified_export_and_export_reuses_its_vectors(workdir, tmp_path):
+  """infer.encode on a unified student's export encodes with the student's own retrieval settings: the vectors are
+  those the export encodes itself, infer.export --embeddings accepts them, and a reader export without a system
+  spec is refused by name."""
+  data = PreparedData.load(workdir / "prepared")
+  fingerprint_tok = data.manifest["settings"]["tokenizer"]
+  mesh = retrieval.data_mesh()
+  spec, params, fingerprint = encode_cli.resolve_model(None, str(workdir / "best"), None, fingerprint_tok, mesh)
+  assert isinstance(spec, SystemSpec) and spec.unified and spec.retriever.passage_len == 48
+  info = encode_cli.encode(out=str(tmp_path / "emb"), prepared=str(workdir / "prepared"), spec=spec, params=params,
+                           fingerprint=fingerprint, mesh=mesh, batch_size=8, chunk_size=64, eval_splits=["toy_dev"])
+  assert info["passage_len"] == 48 and info["dim"] == spec.dim and 0 <= info["eval"]["toy_dev"]["top1"] <= 1
+  corpus = data.token_corpus()
+  expected = encode_passages(spec, params, Tokenizer.from_pretrained(data.tokenizer_path),
+                             [corpus[p] for p in range(len(corpus))], mesh, batch_size=8)
+  reused = export_cli.reuse_embeddings(str(tmp_path / "emb"), spec, params, len(corpus))
+  np.testing.assert_allclose(reused, expected, rtol=1e-5, atol=1e-5)
+
+  plain = rd.ParamsExport(str(tmp_path / "reader_only"))
+  plain.save(1, params, {"reader": spec.reader.to_json()})
+  plain.close()
+  with pytest.raises(ValueError, match="reader_only: a reader export without a system spec"):
+    encode_cli.resolve_model(None, str(tmp_path / "reader_only"), None, fingerprint_tok, mesh)
 
 
 def test_edit_cli_adds_and_removes_passages(bundle, tmp_path):
