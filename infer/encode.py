@@ -34,8 +34,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from infer import export as export_lib
 from rnr_jax import lexical, retrieval
-from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.io import atomic_write_json
@@ -67,16 +67,9 @@ def define_flags() -> None:
   flags.mark_flag_as_required("out")
 
 
-def load_unified(model_dir: str, mesh: jax.sharding.Mesh) -> tuple[SystemSpec, Params, dict[str, Any]]:
-  """``(system spec, params, model item)`` of a unified retriever-reader exported with its system spec."""
-  _, _, params, info = rd.load_reader(model_dir, mesh)
-  if "system" not in info:
-    raise ValueError(f"{model_dir}: a reader export without a system spec (its retrieval settings: passage length, "
-                     "token type, normalisation); python -m infer.export --model DIR takes them as flags")
-  spec = SystemSpec.from_json(info["system"])
-  if not spec.unified:
-    raise ValueError(f"{model_dir}: its system spec is not a unified retriever-reader")
-  return spec, params, info
+def _retrieval_spec(spec: retrieval.RetrieverSpec | SystemSpec) -> retrieval.RetrieverSpec:
+  """The retrieval inputs and vectors of a retriever's or a unified system's spec."""
+  return spec.retriever if isinstance(spec, SystemSpec) else spec
 
 
 def _is_retriever_export(model_dir: str) -> bool:
@@ -104,18 +97,17 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
   if not model_dir:
     raise app.UsageError("pass --workdir, --model_dir or --config")
   if os.path.isdir(model_dir) and not _is_retriever_export(model_dir):
-    spec, params, info = load_unified(model_dir, mesh)
-    if spec.reader.tokenizer_fingerprint != tokenizer_fingerprint:
-      raise ValueError(f"{model_dir} was trained with another tokenizer than the prepared data's; "
-                       "its embeddings of these token ids would be meaningless")
-    logging.info("Unified retriever-reader of %s, step %s.", model_dir, info.get("step"))
-    return spec, params, retrieval.params_fingerprint(params)
-  spec, params, model = retrieval.load_retriever(model_dir, mesh)
-  if spec.tokenizer_fingerprint != tokenizer_fingerprint:
+    spec, params = export_lib.load_system(model_dir, None, mesh, require_system=True)
+    fingerprint = retrieval.params_fingerprint(params)
+    logging.info("Unified retriever-reader of %s.", model_dir)
+  else:
+    spec, params, model = retrieval.load_retriever(model_dir, mesh)
+    fingerprint = model["fingerprint"]
+    logging.info("Retriever of %s, step %d (%s).", model_dir, model["step"], model["info"].get("metrics"))
+  if _retrieval_spec(spec).tokenizer_fingerprint != tokenizer_fingerprint:
     raise ValueError(f"{model_dir} was trained with another tokenizer than the prepared data's; "
                      "its embeddings of these token ids would be meaningless")
-  logging.info("Retriever of %s, step %d (%s).", model_dir, model["step"], model["info"].get("metrics"))
-  return spec, params, model["fingerprint"]
+  return spec, params, fingerprint
 
 
 def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec | SystemSpec, params: Params, fingerprint: str,
@@ -131,7 +123,7 @@ def encode(*, out: str, prepared: str, spec: retrieval.RetrieverSpec | SystemSpe
   data = PreparedData.load(prepared)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   corpus = data.token_corpus()
-  r = spec.retriever if isinstance(spec, SystemSpec) else spec  # the retrieval inputs and vectors
+  r = _retrieval_spec(spec)
   key = {"model_fingerprint": fingerprint, "corpus_sha256": corpus.meta["sha256"], "pooling": r.pooling,
          "retrieval_dim": r.retrieval_dim, "normalize": r.normalize, "passage_len": r.passage_len,
          "passage_token_type": r.passage_token_type}

@@ -82,17 +82,22 @@ def define_flags() -> None:
 
 
 def load_system(model_dir: str, retriever_dir: str | None, mesh: jax.sharding.Mesh, *, passage_len: int = 256,
-                passage_token_type: int = 1, normalize: bool = False) -> tuple[SystemSpec, Params]:
+                passage_token_type: int = 1, normalize: bool = False,
+                require_system: bool = False) -> tuple[SystemSpec, Params]:
   """The spec and parameters (replicated on ``mesh``) of a unified model, or of a retriever plus a reader.
 
   A unified model exported with its system spec (``train.distill``, ``train.finetune``) keeps its own retrieval
   settings; for a plain reader export ``passage_len``, ``passage_token_type`` and ``normalize`` set them
-  (:meth:`SystemSpec.unified_model`). A separate retriever's come from its own spec.
+  (:meth:`SystemSpec.unified_model`), or, with ``require_system``, it is refused. A separate retriever's come
+  from its own spec.
   """
   reader_spec, _, reader_params, info = rd.load_reader(model_dir, mesh)
   if retriever_dir is None:
     if "system" in info:
       return SystemSpec.from_json(info["system"]), reader_params
+    if require_system:
+      raise ValueError(f"{model_dir}: a reader export without a system spec (its retrieval settings: passage "
+                       "length, token type, normalisation); python -m infer.export --model DIR takes them as flags")
     return SystemSpec.unified_model(reader_spec, passage_len=passage_len, passage_token_type=passage_token_type,
                                     normalize=normalize), reader_params
   retriever_spec, retriever_params, _ = retrieval.load_retriever(retriever_dir, mesh)

@@ -529,7 +529,7 @@ class RetrieverExport:
     if "spec" not in model:
       raise ValueError(f"{self.directory}: not a retriever export (its model item has no retriever spec, only "
                        f"{sorted(model)}); a reader's or a unified student's export loads with "
-                       "rnr_jax.reader_data.load_reader, and python -m infer.export --model DIR encodes the "
+                       "rnr_jax.reader_data.load_reader, and python -m infer.encode --model_dir DIR encodes the "
                        "corpus with it")
     spec = RetrieverSpec.from_json(model["spec"])
     sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
