@@ -35,6 +35,31 @@ EVAL_TOP_K = 5  # passages retrieved per question in the --eval runs
 KS = (1, 5, 20)
 
 
+def add_system_flags(parser: argparse.ArgumentParser) -> None:
+  """``--bundle``, or ``--workdir`` / ``--config`` / ``--data_dir`` / ``--system``: the system to measure."""
+  parser.add_argument("--bundle", default=None)
+  parser.add_argument("--workdir", default=None, help="a finished pipeline work directory (instead of --bundle)")
+  parser.add_argument("--config", default=None, help="the pipeline config W was run with")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--system", default="teacher", choices=("teacher", "distill", "finetune"))
+  parser.add_argument("--cache_dir", default=None)
+
+
+def load_system(args: argparse.Namespace, prog: str) -> tuple[QASystem, str]:
+  """``(system, description)`` from the flags of :func:`add_system_flags`."""
+  if (args.bundle is None) == (args.workdir is None):
+    raise SystemExit(f"{prog}: pass --bundle, or --workdir with --config")
+  if args.bundle is not None:
+    return QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir), f"Bundle {args.bundle}"
+  from rnr_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from train.pipeline import Pipeline  # pylint: disable=import-outside-toplevel
+  if args.config is None:
+    raise SystemExit(f"{prog}: --workdir needs --config")
+  pipeline = Pipeline(load_config(args.config), args.workdir, data_dir=args.data_dir)
+  system = (pipeline.teacher_system(None) if args.system == "teacher" else pipeline.unified_system(args.system))[0]
+  return system, f"System {args.system} of {args.workdir} (float32, exact index)"
+
+
 def parse_questions(spec: str) -> tuple[str, str, slice]:
   """``NAME=FILE[:first:last]`` -> (name, file, slice); first / last are Python slice bounds."""
   name, sep, rest = spec.partition("=")
@@ -49,36 +74,20 @@ def parse_questions(spec: str) -> tuple[str, str, slice]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--bundle", default=None)
-  parser.add_argument("--workdir", default=None, help="a finished pipeline work directory (instead of --bundle)")
-  parser.add_argument("--config", default=None, help="the pipeline config W was run with")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--system", default="teacher", choices=("teacher", "distill", "finetune"))
+  add_system_flags(parser)
   parser.add_argument("--questions", action="append", required=True, type=parse_questions)
   parser.add_argument("--eval", action="append", default=[], type=parse_questions)
   parser.add_argument("--eval_rule", default="dpr", choices=RULES,
                       help="answer rule of the --eval runs")
   parser.add_argument("--eval_read", type=int, default=1, help="passages read per question in the --eval runs (m')")
   parser.add_argument("--weights", default="0,0.01,0.02,0.03,0.04,0.06,0.08")
-  parser.add_argument("--cache_dir", default=None)
   parser.add_argument("--record", action="store_true")
   args = parser.parse_args()
   weights = sorted({float(w) for w in args.weights.split(",")})
   if not weights or min(weights) < 0:
     raise SystemExit("bench.hybrid_sweep: --weights must be numbers >= 0")
 
-  if (args.bundle is None) == (args.workdir is None):
-    raise SystemExit("bench.hybrid_sweep: pass --bundle, or --workdir with --config")
-  if args.bundle is not None:
-    system, source = QASystem.from_bundle(args.bundle, cache_dir=args.cache_dir), f"Bundle {args.bundle}"
-  else:
-    from rnr_jax.config import load_config  # pylint: disable=import-outside-toplevel
-    from train.pipeline import Pipeline  # pylint: disable=import-outside-toplevel
-    if args.config is None:
-      raise SystemExit("bench.hybrid_sweep: --workdir needs --config")
-    pipeline = Pipeline(load_config(args.config), args.workdir, data_dir=args.data_dir)
-    system = (pipeline.teacher_system(None) if args.system == "teacher" else pipeline.unified_system(args.system))[0]
-    source = f"System {args.system} of {args.workdir} (float32, exact index)"
+  system, source = load_system(args, "bench.hybrid_sweep")
   n = min(system.settings.lexical_candidates, len(system.index))
   start = time.perf_counter()
   lexical = system.lexical_index()

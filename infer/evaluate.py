@@ -1,6 +1,6 @@
 r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
 
-  python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted
+  python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted|fused|vote
                            --passage_score_weight λ --lexical_weight W --out PRED.jsonl]
 
 Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each

@@ -57,7 +57,7 @@ from rnr_jax.index import DenseIndex
 from rnr_jax.lexical import LexicalIndex
 from rnr_jax.models import Params
 
-RULES = ("dpr", "weighted", "fused")
+RULES = ("dpr", "weighted", "fused", "vote")
 PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 NO_PASSAGE = rd.NO_PASSAGE
@@ -290,10 +290,11 @@ class InferenceSettings:
   Attributes:
     top_k: passages retrieved per question.
     read_passages: ``m'``, the retrieved passages read per question.
-    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3), or ``"fused"`` (reader span and rank scores plus the
-      retrieval score; :func:`rnr_jax.reader.select_answer`).
+    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3), ``"fused"`` (reader span and rank scores plus the
+      retrieval score) or ``"vote"`` (each passage's best span votes with its retrieval probability;
+      :func:`rnr_jax.reader.select_answer`).
     passage_score_weight: λ of the weighted rule.
-    retrieval_scale: the fused rule's temperature on retrieval scores (the retriever's training scale).
+    retrieval_scale: the fused and vote rules' temperature on retrieval scores (the retriever's training scale).
     lexical_weight: > 0 ranks passages by ``dense + lexical_weight * BM25`` over the union of the dense and
       the BM25 top ``lexical_candidates`` (:mod:`rnr_jax.lexical`; BM25 built from the shipped passages);
       0 retrieves by the dense index alone, as the paper does.
@@ -685,7 +686,8 @@ class QASystem:
       return Prediction(question, "", NO_PASSAGE, "", "", -1, -1, 0.0, 0.0, -1)
     span = reader.select_answer(logits[rows, :length], logits[rows, length:2 * length], logits[rows, 2 * length],
                                 valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight,
-                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale)
+                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale,
+                                input_ids=batch["input_ids"][rows])
     row = b * m + span.passage
     pid = int(pids[span.passage])
     answer, title, passage, char_start = self._span_text(pid, batch["input_ids"][row], int(batch["text_start"][row]),

@@ -187,7 +187,8 @@ def _best_span(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarr
 def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray,
                   valid: np.ndarray, max_answer_len: int = 10, rule: str = "dpr",
                   passage_score_weight: float = 0.8, spans_per_passage: int = 5,
-                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0) -> Span:
+                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0,
+                  input_ids: np.ndarray | None = None) -> Span:
   """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
 
   ``rule="dpr"``: best span (by logits) of the top-ranked passage.
@@ -196,6 +197,10 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
   ``rule="fused"`` (beyond the paper): maximum of ``start + end logits + log Prank + log Pret`` over the top
   ``spans_per_passage`` spans of each passage, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``
   over the m passages: the retriever's evidence joins the reader's, which a weak ranker needs.
+  ``rule="vote"`` (beyond the paper; evidence aggregation): each passage's best span (by logits) votes with the
+  passage's ``Pret``; the answer is the span (its tokens, ``input_ids [m, L]``) with the most votes, taken from
+  its best-retrieved passage; score = log of its votes. Span logits are never compared across passages (the reader
+  learns spans on answer passages only), nor is the ranker used; at m = 1 it answers as ``"dpr"``.
   """
   m = len(rank_logits)
   has_text = np.asarray(valid).any(-1)
@@ -214,15 +219,31 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
     rank_lp = _log_softmax_np(np.asarray(rank_logits), has_text)
     return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
                       log_probs=True, span_weight=1 - lam, passage_scores=2 * lam * rank_lp)
+  if rule in ("fused", "vote") and (retrieval_scores is None or np.shape(retrieval_scores) != (m,)):
+    raise ValueError(f"rule {rule!r} needs the {m} passages' retrieval scores, got "
+                     f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
+  if rule == "vote":
+    if input_ids is None or np.shape(input_ids) != np.shape(valid):
+      raise ValueError(f"rule 'vote' needs the passages' input ids of shape {np.shape(valid)}, got "
+                       f"{None if input_ids is None else np.shape(input_ids)}")
+    weights = np.exp(_log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
+    votes: dict[tuple[int, ...], list] = {}  # span tokens -> [votes, first span]; passages in retrieval order
+    for p in np.flatnonzero(has_text).tolist():
+      spans = top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, 1)
+      if spans:
+        s, e, _ = spans[0]
+        entry = votes.setdefault(tuple(np.asarray(input_ids[p, s:e + 1]).tolist()), [0.0, Span(p, s, e, 0.0)])
+        entry[0] += float(weights[p])
+    if not votes:
+      raise ValueError("no valid span in any passage")
+    total, span = max(votes.values(), key=lambda v: v[0])  # ties: the best-retrieved passage's span
+    return dataclasses.replace(span, score=float(np.log(total)))
   if rule == "fused":
-    if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
-      raise ValueError(f"rule 'fused' needs the {m} passages' retrieval scores, got "
-                       f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
     passage_lp = (_log_softmax_np(np.asarray(rank_logits), has_text)
                   + _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
     return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
                       log_probs=False, span_weight=1.0, passage_scores=passage_lp)
-  raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
+  raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted', 'fused' or 'vote'")
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,
