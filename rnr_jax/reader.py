@@ -219,31 +219,33 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
     rank_lp = _log_softmax_np(np.asarray(rank_logits), has_text)
     return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
                       log_probs=True, span_weight=1 - lam, passage_scores=2 * lam * rank_lp)
-  if rule in ("fused", "vote") and (retrieval_scores is None or np.shape(retrieval_scores) != (m,)):
+  if rule not in ("fused", "vote"):
+    raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted', 'fused' or 'vote'")
+  if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
     raise ValueError(f"rule {rule!r} needs the {m} passages' retrieval scores, got "
                      f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
+  retrieval_lp = _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text)
   if rule == "vote":
     if input_ids is None or np.shape(input_ids) != np.shape(valid):
       raise ValueError(f"rule 'vote' needs the passages' input ids of shape {np.shape(valid)}, got "
                        f"{None if input_ids is None else np.shape(input_ids)}")
-    weights = np.exp(_log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
-    votes: dict[tuple[int, ...], list] = {}  # span tokens -> [votes, first span]; passages in retrieval order
-    for p in np.flatnonzero(has_text).tolist():
+    input_ids, weights = np.asarray(input_ids), np.exp(retrieval_lp)
+    votes: dict[tuple[int, ...], float] = {}  # span tokens -> votes
+    first: dict[tuple[int, ...], Span] = {}  # span tokens -> its span in the best-retrieved passage
+    for p in np.flatnonzero(has_text).tolist():  # passages in retrieval order
       spans = top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, 1)
       if spans:
         s, e, _ = spans[0]
-        entry = votes.setdefault(tuple(np.asarray(input_ids[p, s:e + 1]).tolist()), [0.0, Span(p, s, e, 0.0)])
-        entry[0] += float(weights[p])
+        key = tuple(input_ids[p, s:e + 1].tolist())
+        votes[key] = votes.get(key, 0.0) + float(weights[p])
+        first.setdefault(key, Span(p, s, e, 0.0))
     if not votes:
       raise ValueError("no valid span in any passage")
-    total, span = max(votes.values(), key=lambda v: v[0])  # ties: the best-retrieved passage's span
-    return dataclasses.replace(span, score=float(np.log(total)))
-  if rule == "fused":
-    passage_lp = (_log_softmax_np(np.asarray(rank_logits), has_text)
-                  + _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text))
-    return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
-                      log_probs=False, span_weight=1.0, passage_scores=passage_lp)
-  raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted', 'fused' or 'vote'")
+    key = max(votes, key=votes.get)  # ties: the span met first, i.e. from the best-retrieved passage
+    return dataclasses.replace(first[key], score=float(np.log(votes[key])))
+  passage_lp = _log_softmax_np(np.asarray(rank_logits), has_text) + retrieval_lp  # the fused rule
+  return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
+                    log_probs=False, span_weight=1.0, passage_scores=passage_lp)
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,

@@ -71,6 +71,11 @@ def test_top_spans_best_equals_brute_force_and_no_overlap():
     assert all(5 <= x <= y < 27 and y - x < 4 for x, y, _ in spans)
 
 
+def _log_softmax(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x - np.log(np.sum(np.exp(x)))
+
+
 def test_select_answer_rules():
   length = 8
   valid = np.zeros((2, length), bool)
@@ -90,8 +95,7 @@ def test_select_answer_rules():
   assert w1.passage == 0
   # fused: span logits + log Prank + log Pret. Against a hand computation for three retrieval settings.
   for retrieval, scale in (([0.9, 0.1], 20.0), ([0.1, 0.9], 20.0), ([0.5, 0.49], 1.0)):
-    lp = lambda x: np.asarray(x) - np.log(np.sum(np.exp(x)))  # noqa: E731
-    passage = lp(rank) + lp(scale * np.asarray(retrieval))
+    passage = _log_softmax(rank) + _log_softmax(scale * np.asarray(retrieval))
     # Each passage's best span by logits: passage 0 (3, 3) at 2.2, passage 1 (4, 5) at 18.
     want = max([(2.2 + passage[0], 0, 3, 3), (18.0 + passage[1], 1, 4, 5)])
     f = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="fused", retrieval_scores=retrieval,
@@ -118,9 +122,8 @@ def test_select_answer_vote_sums_retrieval_probabilities_over_equal_spans():
   ids[2, 1:3] = (14, 15)
   start[2, 1], end[2, 2] = 1.0, 1.0
   rank = np.array([5.0, 0.0, 0.0])  # the ranker is ignored
-  lp = lambda x: np.asarray(x) - np.log(np.sum(np.exp(x)))  # noqa: E731
   for retrieval, want in (([0.30, 0.29, 0.28], (1, 4, 5)), ([0.40, 0.29, 0.28], (0, 2, 2))):
-    p_ret = np.exp(lp(20.0 * np.asarray(retrieval)))
+    p_ret = np.exp(_log_softmax(20.0 * np.asarray(retrieval)))
     votes = {(0, 2, 2): p_ret[0], (1, 4, 5): p_ret[1] + p_ret[2]}  # by hand: 0.40 vs 0.60, then 0.83 vs 0.17
     v = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="vote", retrieval_scores=retrieval,
                              input_ids=ids)
