@@ -84,6 +84,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Weight of L_read (the paper: 1). Beyond the paper: τ² (Hinton et al.) puts the softened reading KL's gradient
   # at a hard-label loss's scale next to L_ret (on the mini pipeline it slowed retrieval and gained no EM).
   d.read_weight = 1.0
+  # Beyond the paper: weight of the hard-label reader loss (train.reader's: marginal NLL of the answer spans in the
+  # positive + the positive's ranking CE) added to the KD loss, Hinton et al.'s hard-target term; the paper's
+  # distillation reads the teacher's soft scores only. 0 = none. ``max_spans`` answer occurrences are targets.
+  d.label_weight = 0.0
+  d.max_spans = 10
   d.retrieval_loss = "kd"  # "kd": KL to the teacher ranker's m scores (A.2); "nll": NLL of the positive
   # Beyond the paper: the "nll" retrieval loss over every passage of the batch (other questions' passages as
   # negatives) instead of the question's own m.

@@ -246,12 +246,14 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
 def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale: float, temperature: float,
                       retrieval_loss: str, in_batch: bool = False, retriever_teacher_weight: float = 0.0,
                       retriever_teacher_temperature: float = 1.0, retriever_teacher_scale: float | None = None,
-                      read_weight: float = 1.0) -> step_lib.LossFn:
+                      read_weight: float = 1.0, label_weight: float = 0.0) -> step_lib.LossFn:
   """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
 
   Beyond the paper:
 
   * ``read_weight``: the weight of L_read (:func:`distill_loss`).
+  * ``label_weight`` > 0: adds that weight x the hard-label reader loss (:func:`rnr_jax.reader.reader_loss`, the
+    batch's span targets in each positive); the parts report it unweighted as ``label_loss``.
   * ``in_batch``: the ``"nll"`` retrieval loss ranks each positive among all passages of the batch (the other
     questions' passages as extra negatives, as in retriever training) instead of its own m.
   * ``retriever_teacher_weight`` > 0: adds that weight x τ'² x KL(softmax(t / τ') || softmax(s / τ')) between a
@@ -275,6 +277,11 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
     loss, aux = distill_loss(start, end, rank, valid, mask, batch["t_start"], batch["t_end"], batch["t_rank"],
                              scores, temperature=temperature, retrieval_loss=retrieval_loss,
                              read_weight=read_weight)
+    if label_weight:
+      label, label_aux = reader.reader_loss(start, end, rank, valid, batch["span_starts"], batch["span_ends"],
+                                            batch["span_mask"], mask)
+      loss = loss + label_weight * label
+      aux = {**aux, "label_loss": label, "span_loss": label_aux["span_loss"]}
     if in_batch and retrieval_loss == "nll":
       nll, accuracy = in_batch_nll(everything, mask)
       loss = loss - aux["retrieval_loss"] + nll

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rnr_jax import distill, qa_model
+from rnr_jax import distill, qa_model, reader
 from rnr_jax import reader_data as rd
 from rnr_jax.data import PreparedData
 from rnr_jax.models import config_from_hf_dict
@@ -234,6 +234,21 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
   assert float(aux_1["read_loss"]) > 1e-3
   assert float(loss_3) - float(loss_1) == pytest.approx(2.0 * float(aux_1["read_loss"]), rel=1e-4)
 
+  # label_weight adds that weight x train.reader's hard-label loss on the batch's span targets.
+  def labelled(params, batch):
+    loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
+                                        in_batch=True, label_weight=0.25)
+    return loss_fn(params, batch, jax.random.key(0)), reader.reader_loss(
+        *distill.read_outputs(model, params, batch, None), batch["span_starts"], batch["span_ends"],
+        batch["span_mask"], batch["passage_mask"])[0]
+  (loss_l, aux_l), want_label = compiled(labelled, params, shifted)(params, shifted)
+  plain, _ = compiled(lambda params, batch: distill.make_distill_loss(
+      model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll", in_batch=True)(
+          params, batch, jax.random.key(0)), params, shifted)(params, shifted)
+  assert float(want_label) > 0.1  # random heads: far from the targets
+  assert float(aux_l["label_loss"]) == pytest.approx(float(want_label), rel=1e-5)
+  assert float(loss_l) - float(plain) == pytest.approx(0.25 * float(want_label), rel=1e-4)
+
 
 # ---- teacher cache --------------------------------------------------------------------
 
@@ -406,6 +421,18 @@ def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
   assert teacher.calls == 2 * NUM_TRAIN // 8
+
+  # With span targets (distill.label_weight): the same rows and teacher logits, plus each positive's answer spans.
+  spanned = distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3,
+                                   samples=2, teacher_cache=teacher_cache, max_spans=3)
+  for want in first[:2]:
+    got = next(spanned)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+    assert got["span_starts"].shape == (8, 3) and got["span_mask"][:, 0].all()  # every positive holds its answer
+    assert (got["span_starts"] <= got["span_ends"]).all()
+  assert teacher.calls == 2 * NUM_TRAIN // 8  # they reopened the same cache
+  caches.pop()
 
   # A refresh (here with a fake index ranking every key's distractors first) saves pool <step>, names it in the
   # data position and makes the teacher read the new samples.
