@@ -112,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   dcfg, pcfg = config.distill, config.pool
   if not dcfg.teacher:
     raise ValueError("distill.teacher (an exported reader directory) is required")
-  if float(dcfg.label_weight) < 0 or (float(dcfg.label_weight) and int(dcfg.max_spans) < 1):
+  label_weight = float(dcfg.label_weight)
+  if label_weight < 0 or (label_weight and int(dcfg.max_spans) < 1):
     raise ValueError(f"distill.label_weight must be >= 0 (got {dcfg.label_weight}) and needs distill.max_spans >= 1 "
                      f"(got {dcfg.max_spans})")
   workdir = loop.start_run(config, workdir)
@@ -149,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   batches = distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=m,
                                    batch_size=int(config.train.batch_size), seed=int(config.train.seed),
                                    samples=int(dcfg.cache_samples), teacher_cache=teacher_cache,
-                                   max_spans=int(dcfg.max_spans) if float(dcfg.label_weight) else 0)
+                                   max_spans=int(dcfg.max_spans) if label_weight else 0)
 
   # Model: parameter init, the loss and the step (shardings, jitted init and resume order are the loop's).
   model = system.reader.build()
@@ -178,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                                       retriever_teacher_temperature=float(dcfg.retriever_teacher_temperature),
                                       retriever_teacher_scale=teacher_scale,
                                       read_weight=float(dcfg.read_weight),
-                                      label_weight=float(dcfg.label_weight))
+                                      label_weight=label_weight)
   optimizer, schedule = make_optimizer(config.optim, int(config.train.num_steps))
   step_fn = step_lib.make_train_step(loss_fn, optimizer, grad_accum=int(config.optim.grad_accum), schedule=schedule)
 
