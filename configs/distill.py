@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.retriever_teacher_embeddings = ""
   d.retriever_teacher_weight = 1.0
   d.retriever_teacher_temperature = 1.0
+  # Beyond the paper: weight of embedding matching, 1 - cos between the student's retrieval vectors and that
+  # teacher retriever's, questions and passages (EmbedDistill); needs a student as wide as the teacher. 0 = none.
+  d.embed_weight = 0.0
   # Passage samples per question whose teacher outputs are cached (epoch e reads sample e mod S); the cache
   # holds S x questions x m x reader_len float16 start and end logits.
   d.cache_samples = 1

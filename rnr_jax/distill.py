@@ -246,7 +246,8 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
 def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale: float, temperature: float,
                       retrieval_loss: str, in_batch: bool = False, retriever_teacher_weight: float = 0.0,
                       retriever_teacher_temperature: float = 1.0, retriever_teacher_scale: float | None = None,
-                      read_weight: float = 1.0, label_weight: float = 0.0) -> step_lib.LossFn:
+                      read_weight: float = 1.0, label_weight: float = 0.0,
+                      embed_weight: float = 0.0) -> step_lib.LossFn:
   """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
 
   Beyond the paper:
@@ -262,6 +263,11 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
     that retriever's vectors ``t_q [B, d]`` and ``t_p [B * m, d]``; its scores are ``t_q . t_p`` x
     ``retriever_teacher_scale`` (None: unscaled). The paper's L_ret distils the reader teacher's ranking, which
     is only useful when that ranker is strong; a two-encoder retriever is usually the better retrieval teacher.
+  * ``embed_weight`` > 0 (needs the same teacher retriever's vectors): adds that weight x the mean of
+    1 - cos(student vector, teacher vector) over the batch's questions and real passages, embedding matching
+    (Kim et al., EmbedDistill, 2023): the teacher's whole vector, not only its scores over the batch's passages,
+    so the student learns the teacher's geometry for the corpus it never sees in training. The student's
+    retrieval vectors must be as wide as the teacher's; the parts report it unweighted as ``embed_loss``.
   """
   def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     read_rng, ret_rng = jax.random.split(rng)
@@ -297,8 +303,30 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
       kd = kd * tau ** 2
       loss = loss + retriever_teacher_weight * kd
       aux = {**aux, "retriever_kd": kd}
+    if embed_weight:
+      if q.shape[-1] != batch["t_q"].shape[-1]:
+        raise ValueError(f"distill.embed_weight matches the student's {q.shape[-1]}-d retrieval vectors to the "
+                         f"teacher retriever's {batch['t_q'].shape[-1]}-d ones: set model.retrieval_dim to "
+                         f"{batch['t_q'].shape[-1]} (0 = the encoder's width)")
+      embed = embedding_distance(q, p, batch["t_q"], batch["t_p"], mask.reshape(-1))
+      loss = loss + embed_weight * embed
+      aux = {**aux, "embed_loss": embed}
     return loss, aux
   return loss_fn
+
+
+def embedding_distance(q: jax.Array, p: jax.Array, t_q: jax.Array, t_p: jax.Array, passage_mask: jax.Array
+                       ) -> jax.Array:
+  """Mean of 1 - cos between student and teacher vectors over the ``[B]`` questions and the real passages.
+
+  ``q``, ``t_q``: ``[B, d]``; ``p``, ``t_p``: ``[B * m, d]``; ``passage_mask``: ``[B * m]`` (padding rows, whose
+  teacher vectors are zero, do not count).
+  """
+  cos = lambda a, b: jnp.sum(retrieval.l2_normalize(a.astype(jnp.float32)) * retrieval.l2_normalize(
+      b.astype(jnp.float32)), -1)
+  weights = jnp.concatenate([jnp.ones(q.shape[:1], jnp.float32), passage_mask.astype(jnp.float32)])
+  distance = 1.0 - jnp.concatenate([cos(q, t_q), cos(p, t_p)])
+  return jnp.sum(weights * distance) / jnp.sum(weights)
 
 
 def _reader_loss(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None

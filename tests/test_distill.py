@@ -234,6 +234,27 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
   assert float(aux_1["read_loss"]) > 1e-3
   assert float(loss_3) - float(loss_1) == pytest.approx(2.0 * float(aux_1["read_loss"]), rel=1e-4)
 
+  # embed_weight adds that weight x the mean 1 - cos to the teacher retriever's vectors over the questions and the
+  # real passages: zero for the student's own vectors (padding rows' zero teacher vectors do not count).
+  def embedded(params, batch, weight=0.75):
+    return distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
+                                     in_batch=True, embed_weight=weight)(params, batch, jax.random.key(0))
+
+  flat_mask = mask.reshape(-1)
+  assert not flat_mask.all()  # the batch has padding passages
+  own_p = np.where(flat_mask[:, None], unit(p), 0.0)
+  run = compiled(embedded, params, {**base, "t_q": unit(q), "t_p": own_p})
+  (loss_own, aux_own), (loss_other, aux_other) = (run(params, {**base, "t_q": unit(q), "t_p": t_p})
+                                                  for t_p in (own_p, other * flat_mask[:, None]))
+  assert abs(float(aux_own["embed_loss"])) < 1e-5
+  cos_other = np.sum(unit(p) * unit(other), -1)
+  want = np.concatenate([np.zeros(num_q), (1.0 - cos_other)[flat_mask]]).sum() / (num_q + flat_mask.sum())
+  assert float(aux_other["embed_loss"]) == pytest.approx(want, rel=1e-4)
+  assert float(loss_other) - float(loss_own) == pytest.approx(0.75 * want, rel=1e-4)
+  narrow = {**base, "t_q": unit(q)[:, :-1], "t_p": own_p[:, :-1]}
+  with pytest.raises(ValueError, match="embed_weight.*retrieval_dim"):
+    jax.eval_shape(embedded, params, narrow)
+
   # label_weight adds that weight x train.reader's hard-label loss on the batch's span targets.
   def labelled(params, batch):
     loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
@@ -523,3 +544,18 @@ def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_pass
   assert distill.load_cached_vectors(cache, params, pids[:-1]) is None  # other passages
   os.remove(os.path.join(cache, distill.VECTORS_KEY_FILE))  # an interrupted save: vectors without their key
   assert distill.load_cached_vectors(cache, params, pids) is None
+
+
+def test_distill_refuses_bad_loss_weights_before_writing(tmp_path):
+  """Negative weights, and embedding matching without the teacher retriever it matches, fail naming the field."""
+  from configs import distill as distill_config
+  from train import distill as distill_train
+  for field, value, match in (("embed_weight", 1.0, "embed_weight.*retriever_teacher"),
+                              ("embed_weight", -1.0, "embed_weight must be >= 0"),
+                              ("label_weight", -1.0, "label_weight must be >= 0")):
+    config = distill_config.get_config()
+    config.distill.teacher = str(tmp_path / "teacher")
+    config.distill[field] = value
+    with pytest.raises(ValueError, match=match):
+      distill_train.train_and_evaluate(config, str(tmp_path / field))
+    assert not os.path.exists(tmp_path / field)

@@ -116,6 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   if label_weight < 0 or (label_weight and int(dcfg.max_spans) < 1):
     raise ValueError(f"distill.label_weight must be >= 0 (got {dcfg.label_weight}) and needs distill.max_spans >= 1 "
                      f"(got {dcfg.max_spans})")
+  embed_weight = float(dcfg.embed_weight)
+  if embed_weight < 0 or (embed_weight and not dcfg.retriever_teacher):
+    raise ValueError(f"distill.embed_weight must be >= 0 (got {dcfg.embed_weight}) and needs "
+                     "distill.retriever_teacher (the vectors it matches)")
   workdir = loop.start_run(config, workdir)
 
   # Mesh: the training loop builds the same one from config.mesh; caching, encoding and evaluation run on this one.
@@ -179,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                                       retriever_teacher_temperature=float(dcfg.retriever_teacher_temperature),
                                       retriever_teacher_scale=teacher_scale,
                                       read_weight=float(dcfg.read_weight),
-                                      label_weight=label_weight)
+                                      label_weight=label_weight, embed_weight=embed_weight)
   optimizer, schedule = make_optimizer(config.optim, int(config.train.num_steps))
   step_fn = step_lib.make_train_step(loss_fn, optimizer, grad_accum=int(config.optim.grad_accum), schedule=schedule)
 
