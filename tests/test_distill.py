@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import distill as distill_config
 from rnr_jax import distill, qa_model, reader
 from rnr_jax import reader_data as rd
 from rnr_jax.data import PreparedData
@@ -19,6 +20,7 @@ from rnr_jax.models import config_from_hf_dict
 from rnr_jax.qa_system import SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from test_reader_train import NUM_TRAIN, build_toy_prepared
+from train import distill as distill_train
 
 TINY_BERT = dict(model_type="bert", vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                  intermediate_size=32, max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu",
@@ -236,9 +238,9 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
 
   # embed_weight adds that weight x the mean 1 - cos to the teacher retriever's vectors over the questions and the
   # real passages: zero for the student's own vectors (padding rows' zero teacher vectors do not count).
-  def embedded(params, batch, weight=0.75):
+  def embedded(params, batch):
     return distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
-                                     in_batch=True, embed_weight=weight)(params, batch, jax.random.key(0))
+                                     in_batch=True, embed_weight=0.75)(params, batch, jax.random.key(0))
 
   flat_mask = mask.reshape(-1)
   assert not flat_mask.all()  # the batch has padding passages
@@ -548,8 +550,6 @@ def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_pass
 
 def test_distill_refuses_bad_loss_weights_before_writing(tmp_path):
   """Negative weights, and embedding matching without the teacher retriever it matches, fail naming the field."""
-  from configs import distill as distill_config
-  from train import distill as distill_train
   for field, value, match in (("embed_weight", 1.0, "embed_weight.*retriever_teacher"),
                               ("embed_weight", -1.0, "embed_weight must be >= 0"),
                               ("label_weight", -1.0, "label_weight must be >= 0")):
