@@ -1,78 +1,14 @@
-"""Maximum-inner-product search over passage embeddings (paper §2.3, INT8 index).
+"""Maximum-inner-product search over passage embeddings: :class:`DenseIndex`, its edits and its files.
 
-:class:`DenseIndex` maps float32 passage embeddings ``[N, d]`` with external
-``int64`` passage ids to a searchable index of one of three kinds:
-
-* ``"exact"``: float32 embeddings, scored by one BLAS matmul per block of
-  queries (blocks bound the ``[queries, N]`` score matrix to 128 MiB) and
-  ``np.argpartition``. The reference the other kinds are measured against.
-* ``"int8"``: ScaNN brute force over scalar-quantized vectors
-  (``score_brute_force(quantize=True)``), the paper's INT8 index. ScaNN keeps
-  ``codes = round(x * m)`` in ``[-127, 127]`` with one multiplier per dimension
-  ``m_j = 127 / max_i |x_ij|`` and scores a float32 query against ``codes / m``.
-  A quarter of the float32 size.
-* ``"int8_row"``: int8 codes with one scale per *row* (``codes = round(x / s_i)``,
-  ``s_i = max_j |x_ij| / 127``), searched by ScaNN: its INT8 brute force over the
-  dequantized rows proposes the best ``reorder_k`` (default 100) candidates and
-  ScaNN's exact reordering ranks them by their dequantized inner products. Same
-  size as ``"int8"`` plus 4 bytes per row. On the cosine-normalised 128-d vectors
-  of our students some dimensions span 0.006 and others 0.45, and the per-row
-  grid tracks each vector's own range: recall@20 0.993 where ``"int8"`` gives
-  0.988 (docs/benchmarks.md). Needs the dequantized float32 rows in memory while
-  loaded (4 bytes per value), so it is for corpora of millions, not billions.
-* ``"ah"``: ScaNN tree partitioning + anisotropic asymmetric hashing (4 bits per
-  2 dimensions) + reordering of the best ``reorder_k`` candidates with int8 (or
-  float32) vectors: sub-linear search for large corpora. Defaults follow from
-  ``N`` (``num_leaves = min(isqrt(N), N // 100)``, a tenth of the leaves
-  searched, AVQ threshold 0.2 x the median embedding norm); every one can be
-  overridden at :meth:`DenseIndex.build`.
-
-Every build measures recall@10 and @20 of the index against exact float32 search
-(on 1,000 sampled embeddings used as queries, or on given queries) and keeps it,
-with timings, in :attr:`DenseIndex.build_report`.
-
-**On-disk format** (:meth:`DenseIndex.save`, :meth:`DenseIndex.load`)::
-
-  index.json    kind, dim, size, options, build report, and the byte size and
-                sha256 of every other file
-  ids.npy       int64[N]: the passage id of each row
-  vectors.npy   float32[N, d]                              ("exact" only)
-  scann/        ScaNN's own serialization (relative asset paths, so the
-                directory can be moved or unpacked anywhere)  ("int8", "ah")
-  codes.npy     int8[N, d]                                 ("int8_row" only;
-  row_scales.npy  float32[N]: codes * scale = the stored vector; its ScaNN
-                searcher is rebuilt from them on load, in well under a second
-                per 100,000 rows)
-
-For ``"int8"`` ScaNN's serialization already is the compact form:
-``scann/int8_dataset.npy`` holds the int8 codes (``N * d`` bytes + a 128 byte
-npy header), ``scann/int8_multipliers.npy`` the ``d`` float32 multipliers, and
-the rest is < 1 KB (20,000 x 128 vectors: 2,560,128 + 640 + 321 bytes, against
-10,240,128 for float32 vectors). So nothing is stored twice: both files are
-plain ``.npy`` arrays, and :meth:`DenseIndex.compact` rebuilds a searcher from
-them (``codes / m``). Re-quantizing dequantized codes reproduces the same codes,
-so a rebuild does not lose precision a second time.
-
-**Edits** (knowledge updates). ScaNN searchers are rebuilt rather than mutated:
-:meth:`DenseIndex.remove` marks rows as removed (tombstones; a removed id is
-never returned), :meth:`DenseIndex.add` puts new embeddings in a small exact
-float32 side index searched with every query and merged with the main results,
-so an added passage is retrievable at once; :meth:`DenseIndex.replace` does
-both. :meth:`DenseIndex.compact` folds the edits into a fresh main index (the
-INT8 one is quantized anew; the AH tree is retrained), and :meth:`DenseIndex.save`
-compacts first, so a saved index never holds pending edits.
-
-**k larger than the index.** :meth:`DenseIndex.search` clips ``k`` to the number
-of live passages with a ``UserWarning`` and returns ``[Q, min(k, len(index))]``.
-An ``"ah"`` search may find fewer than ``k`` live rows in the leaves it visits;
-those slots hold id ``-1`` and score ``-inf``.
+Kinds (:data:`KINDS`): ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes with a
+scale per dimension (the paper's INT8 index, §2.3); ``"int8_row"`` int8 codes with a scale per row, ranked
+by exact reordering of the dequantized rows; ``"ah"`` ScaNN tree + anisotropic hashing, sub-linear for large
+corpora. Every build measures recall@10 and @20 against exact float32 search. The search kernels are in
+:mod:`rnr_jax.index_search`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import tempfile
 import time
@@ -82,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from rnr_jax.io import atomic_dir, atomic_write_json
+from rnr_jax.index_search import (ah_settings, build_scann, exact_search, merge_topk, recall_at_k, row_settings,
+                                  scann_search, scann_vectors)
+from rnr_jax.io import BadFileError, atomic_dir, atomic_write_json, check_file, read_json, relative_files, sha256_file
+from rnr_jax.quantize import dequantize_rows, quantize_rows
 
 PathLike = str | os.PathLike
 
@@ -101,80 +40,10 @@ RECALL_KS = (10, 20)
 _AH_OPTIONS = ("num_leaves", "num_leaves_to_search", "training_sample_size", "dims_per_block",
                "anisotropic_quantization_threshold", "reorder_k", "reorder_dtype")
 _KIND_OPTIONS = {"exact": (), "int8": (), "int8_row": ("reorder_k",), "ah": _AH_OPTIONS}
-_SCORE_BLOCK_ELEMS = 1 << 25  # float32 score entries per exact-search block (128 MiB).
 
 
-class IndexFileError(ValueError):
+class IndexFileError(BadFileError):
   """An index file is missing, truncated, corrupt or inconsistent; ``path`` names it."""
-
-  def __init__(self, path: PathLike, problem: str):
-    self.path = os.fspath(path)
-    super().__init__(f"{self.path}: {problem}")
-
-
-def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
-  """Hex sha256 of a file's bytes (file records of ``index.json`` and bundle manifests)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk_size):
-      h.update(block)
-  return h.hexdigest()
-
-
-def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None) -> float:
-  """Mean over queries of ``|reference[:k] & ids[:k]| / k``.
-
-  Args:
-    reference_ids: ``[Q, >=k]`` exact neighbours, best first.
-    ids: ``[Q, >=k]`` neighbours from the index under test, best first; ``-1``
-      slots (no result) never match.
-    k: cut-off; the width of ``reference_ids`` by default.
-  """
-  reference_ids, ids = np.asarray(reference_ids), np.asarray(ids)
-  if reference_ids.ndim != 2 or ids.ndim != 2 or len(reference_ids) != len(ids):
-    raise ValueError(f"expected two [Q, k] arrays, got shapes {reference_ids.shape} and {ids.shape}")
-  k = reference_ids.shape[1] if k is None else k
-  if k < 1 or reference_ids.shape[1] < k or ids.shape[1] < k:
-    raise ValueError(f"k={k} needs at least k columns in both arrays, got {reference_ids.shape} and {ids.shape}")
-  ref, got = reference_ids[:, :k], ids[:, :k]
-  hits = (ref[:, :, None] == got[:, None, :]) & (got[:, None, :] >= 0)
-  return float(hits.any(-1).mean())
-
-
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
-                 excluded_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows by inner product: ``(rows [Q, k] int64, scores [Q, k] float32)``, best first.
-
-  Queries are scored in blocks so the ``[block, N]`` float32 score matrix stays
-  within 128 MiB. Rows in ``excluded_rows`` score ``-inf``; a slot whose score
-  is ``-inf`` (excluded, or ``k`` > live rows) holds row ``-1``.
-  """
-  n, q = len(vectors), len(queries)
-  if not 1 <= k <= n:
-    raise ValueError(f"k={k} must be in [1, {n}]")
-  rows = np.empty((q, k), np.int64)
-  scores = np.empty((q, k), np.float32)
-  block = max(1, _SCORE_BLOCK_ELEMS // n)
-  for start in range(0, q, block):
-    s = queries[start:start + block] @ vectors.T
-    if excluded_rows is not None and len(excluded_rows):
-      s[:, excluded_rows] = -np.inf
-    top = np.argpartition(s, n - k, axis=1)[:, n - k:] if k < n else np.broadcast_to(np.arange(n), s.shape)
-    top_s = np.take_along_axis(s, top, axis=1)
-    order = np.argsort(-top_s, axis=1, kind="stable")
-    rows[start:start + block] = np.take_along_axis(top, order, axis=1)
-    scores[start:start + block] = np.take_along_axis(top_s, order, axis=1)
-  rows[np.isneginf(scores)] = -1
-  return rows, scores
-
-
-def _merge_topk(ids_a: np.ndarray, scores_a: np.ndarray, ids_b: np.ndarray, scores_b: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Best ``k`` of two ``[Q, *]`` result lists by score (``-inf`` slots last)."""
-  ids = np.concatenate([ids_a, ids_b], axis=1)
-  scores = np.concatenate([scores_a, scores_b], axis=1)
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def _as_embeddings(x: Any, dim: int | None, what: str) -> np.ndarray:
@@ -202,78 +71,14 @@ def _as_ids(ids: Any, n: int, what: str) -> np.ndarray:
   return arr
 
 
-def _ah_settings(vectors: np.ndarray, overrides: Mapping[str, Any]) -> dict[str, Any]:
-  """Tree-AH settings derived from the data (see the module docstring), then ``overrides``."""
-  n = len(vectors)
-  sample = vectors[:: max(1, n // 10_000)]
-  num_leaves = int(overrides.get("num_leaves") or max(1, min(math.isqrt(n), n // 100)))
-  settings = {
-      "num_leaves": num_leaves,
-      "num_leaves_to_search": max(1, math.ceil(num_leaves / 10)),
-      "training_sample_size": min(n, 100_000),
-      "dims_per_block": 2,
-      "anisotropic_quantization_threshold": 0.2 * float(np.median(np.linalg.norm(sample, axis=1))),
-      "reorder_k": 100,
-      "reorder_dtype": "int8",
-  }
-  settings.update(overrides)
-  if settings["reorder_dtype"] not in ("int8", "float32"):
-    raise ValueError(f"reorder_dtype must be 'int8' or 'float32', got {settings['reorder_dtype']!r}")
-  if not 1 <= settings["num_leaves_to_search"] <= settings["num_leaves"]:
-    raise ValueError(f"num_leaves_to_search={settings['num_leaves_to_search']} must be in "
-                     f"[1, num_leaves={settings['num_leaves']}]")
-  return settings
-
-
-def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(codes int8 [N, d], scales float32 [N])`` with ``codes * scales[:, None]`` the stored vectors: each row on
-  its own grid of 255 levels (``s_i = max_j |x_ij| / 127``; an all-zero row gets scale 1 and zero codes).
-  Quantizing the dequantized rows again gives the same codes."""
-  peak = np.abs(vectors).max(axis=1)
-  scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-  codes = np.clip(np.rint(vectors / scales[:, None]), -127, 127).astype(np.int8)
-  return codes, scales
-
-
-def _row_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
-  settings = {"reorder_k": 100, **overrides}
-  if int(settings["reorder_k"]) < 1:
-    raise ValueError(f"reorder_k must be >= 1, got {settings['reorder_k']}")
-  return settings
-
-
-def _build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
-  """A ScaNN searcher (dot product) over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``."""
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
-
-  builder = scann_ops_pybind.builder(vectors, 10, "dot_product")
-  if kind == "int8":
-    return builder.score_brute_force(quantize=True).build()
-  if kind == "int8_row":  # vectors: the dequantized rows, kept in float32 for exact reordering
-    return builder.score_brute_force(quantize=True).reorder(int(settings["reorder_k"]), quantize=False).build()
-  return (builder.tree(num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
-                       training_sample_size=settings["training_sample_size"])
-          .score_ah(settings["dims_per_block"],
-                    anisotropic_quantization_threshold=settings["anisotropic_quantization_threshold"])
-          .reorder(settings["reorder_k"], quantize=settings["reorder_dtype"] == "int8")
-          .build())
-
-
-def _read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape and dtype of an ``.npy`` file, or an IndexFileError."""
-  try:
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise IndexFileError(path, f"not a readable .npy array ({e})") from e
-  return arr.shape, arr.dtype
-
-
 class DenseIndex:
   """Maximum-inner-product index over passage embeddings with external passage ids.
 
   Build with :meth:`build`, query with :meth:`search`, edit with :meth:`add`,
   :meth:`remove`, :meth:`replace`, persist with :meth:`save` / :meth:`load`.
-  See the module docstring for the kinds, the file format and edit semantics.
+  ScaNN searchers are rebuilt rather than mutated: removed rows are tombstones, added
+  rows live in a small exact float32 side index searched with every query, and
+  :meth:`compact` (called by :meth:`save`) folds both into a fresh main index.
   """
 
   def __init__(self, kind: str, dim: int, options: Mapping[str, Any]):
@@ -284,7 +89,7 @@ class DenseIndex:
     self.dim = dim
     # Build overrides (re-applied when compacting), as plain Python scalars for index.json.
     self.options = {k: v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
-    self.settings: dict[str, Any] = {}  # Resolved ScaNN settings ("ah").
+    self.settings: dict[str, Any] = {}  # Resolved ScaNN settings ("ah", "int8_row").
     self.build_report: dict[str, Any] = {}
     self._vectors: np.ndarray | None = None  # "exact" main rows.
     self._searcher = None  # "int8" / "int8_row" / "ah" main rows.
@@ -303,6 +108,10 @@ class DenseIndex:
             **options: Any) -> "DenseIndex":
     """Builds an index over ``embeddings`` and measures its recall.
 
+    ``"int8"`` and ``"int8_row"`` store a quarter of the float32 size (``"int8_row"``
+    4 bytes more per row); ``"int8_row"`` suits vectors whose dimensions span very
+    different ranges, and holds its dequantized float32 rows in memory while loaded.
+
     Args:
       embeddings: float32 ``[N, d]`` passage embeddings, ``N >= 1``.
       kind: one of :data:`KINDS`.
@@ -311,11 +120,11 @@ class DenseIndex:
         ``num_eval_queries`` rows of ``embeddings`` sampled with ``seed``.
       num_eval_queries: sample size when ``eval_queries`` is not given (0 skips).
       seed: sampling seed.
-      **options: ``"ah"`` settings overriding the derived defaults:
-        ``num_leaves``, ``num_leaves_to_search``, ``training_sample_size``,
-        ``dims_per_block``, ``anisotropic_quantization_threshold``,
-        ``reorder_k``, ``reorder_dtype`` (``"int8"`` or ``"float32"``);
-        ``"int8_row"``: ``reorder_k``.
+      **options: ``"ah"`` settings overriding the defaults derived from the data
+        (:func:`rnr_jax.index_search.ah_settings`): ``num_leaves``,
+        ``num_leaves_to_search``, ``training_sample_size``, ``dims_per_block``,
+        ``anisotropic_quantization_threshold``, ``reorder_k``, ``reorder_dtype``
+        (``"int8"`` or ``"float32"``); ``"int8_row"``: ``reorder_k``.
 
     Returns:
       The index; ``build_report`` holds ``n``, ``dim``, ``build_seconds``,
@@ -355,12 +164,12 @@ class DenseIndex:
     if self.kind == "exact":
       self._vectors, self._searcher = vectors, None
     elif self.kind == "int8_row":
-      self.settings = _row_settings(self.options)
+      self.settings = row_settings(self.options)
       self._codes = quantize_rows(vectors)
-      self._vectors, self._searcher = None, _build_scann(self._dequantized(), self.kind, self.settings)
+      self._vectors, self._searcher = None, build_scann(self._dequantized(), self.kind, self.settings)
     else:
-      self.settings = _ah_settings(vectors, self.options) if self.kind == "ah" else {}
-      self._vectors, self._searcher = None, _build_scann(vectors, self.kind, self.settings)
+      self.settings = ah_settings(vectors, self.options) if self.kind == "ah" else {}
+      self._vectors, self._searcher = None, build_scann(vectors, self.kind, self.settings)
     self._set_rows(ids)
     report: dict[str, Any] = {"kind": self.kind, "n": len(ids), "dim": self.dim,
                               "build_seconds": round(time.perf_counter() - start, 3), "reference": reference}
@@ -447,7 +256,7 @@ class DenseIndex:
     ids, scores = self._search_main(q, k)
     if len(self._delta_ids):
       rows, d_scores = exact_search(self._delta_vectors, q, min(k, len(self._delta_ids)))
-      ids, scores = _merge_topk(ids, scores, self._delta_ids[rows], d_scores, k)
+      ids, scores = merge_topk(ids, scores, self._delta_ids[rows], d_scores, k)
     return ids, scores
 
   def _search_main(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -462,13 +271,7 @@ class DenseIndex:
       # Over-fetch by the number of removed rows so that k live rows remain after filtering.
       fetch = min(n_main, k + len(removed))
       pre = max(fetch, self.settings.get("reorder_k", 0)) if self.kind in ("ah", "int8_row") else None
-      if len(q) > 1:
-        batch = max(1, math.ceil(len(q) / (os.cpu_count() or 1)))
-        rows, scores = self._searcher.search_batched_parallel(q, fetch, pre, batch_size=min(batch, 256))
-      else:
-        rows, scores = self._searcher.search_batched(q, fetch, pre)
-      rows = rows.astype(np.int64)
-      scores = np.where(np.isnan(scores), -np.inf, scores).astype(np.float32)  # ScaNN pads with NaN.
+      rows, scores = scann_search(self._searcher, q, fetch, pre)
       if len(removed):
         scores[self._removed[rows]] = -np.inf
       order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -547,8 +350,7 @@ class DenseIndex:
                                         if eval_queries is not None else "none")
 
   def _dequantized(self) -> np.ndarray:
-    codes, scales = self._codes
-    return codes.astype(np.float32) * scales[:, None]
+    return dequantize_rows(*self._codes)
 
   def _main_vectors(self) -> np.ndarray:
     """float32 ``[n_main, d]`` vectors of the main rows (dequantized for ScaNN kinds)."""
@@ -558,7 +360,7 @@ class DenseIndex:
       return self._dequantized()
     with tempfile.TemporaryDirectory(prefix="rnr_index_") as tmp:
       self._searcher.serialize(tmp, relative_path=True)
-      return _scann_vectors(tmp)
+      return scann_vectors(tmp)
 
   # ------------------------------------------------------------- serialisation
 
@@ -566,6 +368,17 @@ class DenseIndex:
     """Writes the index to ``directory`` atomically; compacts pending edits first.
 
     An existing index directory there is replaced; any other non-empty directory is refused.
+    Files::
+
+      index.json      kind, dim, size, options, settings, build report, and the byte
+                      size and sha256 of every other file
+      ids.npy         int64[N]: the passage id of each row
+      vectors.npy     float32[N, d]                                        ("exact")
+      codes.npy       int8[N, d]; row_scales.npy float32[N]; codes * scale
+                      is the stored row                                    ("int8_row")
+      scann/          ScaNN's serialization with relative asset paths, so the directory
+                      can be moved ("int8", "ah"); for "int8" its int8_dataset.npy and
+                      int8_multipliers.npy are the codes and per-dimension multipliers
 
     Returns:
       ``{relative file path: bytes}`` of every file written.
@@ -586,12 +399,8 @@ class DenseIndex:
       else:
         os.makedirs(os.path.join(tmp, SCANN_DIR))
         self._searcher.serialize(os.path.join(tmp, SCANN_DIR), relative_path=True)
-      files = {}
-      for root, _, names in os.walk(tmp):
-        for name in sorted(names):
-          full = os.path.join(root, name)
-          rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-          files[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+      files = {rel: {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+               for rel, full in relative_files(tmp)}
       meta = {"format": FORMAT, "version": VERSION, "kind": self.kind, "dim": self.dim, "size": len(self._ids),
               "options": self.options, "settings": self.settings, "build_report": self.build_report,
               "files": files}
@@ -615,14 +424,8 @@ class DenseIndex:
     meta_path = os.path.join(directory, META_FILE)
     meta = _read_meta(meta_path)
     for rel, rec in meta["files"].items():
-      path = os.path.join(directory, rel)
-      if not os.path.isfile(path):
-        raise IndexFileError(path, "missing")
-      size = os.path.getsize(path)
-      if size != rec["bytes"]:
-        raise IndexFileError(path, f"size {size} bytes, index.json records {rec['bytes']} (truncated or altered)")
-      if verify and sha256_file(path) != rec["sha256"]:
-        raise IndexFileError(path, "sha256 does not match index.json (corrupt)")
+      check_file(os.path.join(directory, rel), rec["bytes"], rec["sha256"], verify=verify, recorded_in=META_FILE,
+                 error=IndexFileError)
     index = cls(meta["kind"], meta["dim"], meta["options"])
     index.settings = meta["settings"]
     index.build_report = meta["build_report"]
@@ -641,23 +444,16 @@ class DenseIndex:
       index._codes = (np.load(codes_path, allow_pickle=False), np.load(scales_path, allow_pickle=False))
       if not np.all(np.isfinite(index._codes[1]) & (index._codes[1] > 0)):
         raise IndexFileError(scales_path, "row scales must be finite and positive")
-      index.settings = _row_settings(index.options)
-      index._searcher = _build_scann(index._dequantized(), index.kind, index.settings)
+      index.settings = row_settings(index.options)
+      index._searcher = build_scann(index._dequantized(), index.kind, index.settings)
     else:
       index._searcher = _load_scann(os.path.join(directory, SCANN_DIR), n, dim)
     index._set_rows(ids)
     return index
 
-
 def _read_meta(path: str) -> dict[str, Any]:
   """Parsed and checked ``index.json``, or an IndexFileError naming it."""
-  if not os.path.isfile(path):
-    raise IndexFileError(path, "missing (not an index directory?)")
-  try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise IndexFileError(path, f"not valid JSON ({e})") from e
+  meta = read_json(path, missing="missing (not an index directory?)", error=IndexFileError)
   required = ("format", "version", "kind", "dim", "size", "options", "settings", "build_report", "files")
   if not isinstance(meta, dict) or any(key not in meta for key in required):
     raise IndexFileError(path, f"expected an object with keys {list(required)}")
@@ -668,21 +464,20 @@ def _read_meta(path: str) -> dict[str, Any]:
   return meta
 
 
+def _read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
+  """Shape and dtype of an ``.npy`` file, or an IndexFileError."""
+  try:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise IndexFileError(path, f"not a readable .npy array ({e})") from e
+  return arr.shape, arr.dtype
+
+
 def _check_npy(path: str, shape: tuple[int, ...], dtype: type) -> None:
   """Raises IndexFileError unless ``path`` is an ``.npy`` array of ``shape`` and ``dtype``."""
   got_shape, got_dtype = _read_npy_header(path)
   if got_shape != shape or got_dtype != np.dtype(dtype):
     raise IndexFileError(path, f"holds {got_dtype}{list(got_shape)}, expected {np.dtype(dtype)}{list(shape)}")
-
-
-def _scann_vectors(scann_dir: str) -> np.ndarray:
-  """float32 vectors held in a serialized ScaNN searcher: ``codes / multipliers``, or the float32 dataset."""
-  codes_path = os.path.join(scann_dir, "int8_dataset.npy")
-  if os.path.isfile(codes_path):
-    codes = np.load(codes_path, allow_pickle=False)
-    multipliers = np.load(os.path.join(scann_dir, "int8_multipliers.npy"), allow_pickle=False)
-    return codes.astype(np.float32) / multipliers
-  return np.load(os.path.join(scann_dir, "dataset.npy"), allow_pickle=False).astype(np.float32)
 
 
 def _load_scann(scann_dir: str, n: int, dim: int):

@@ -1,24 +1,32 @@
-"""Atomic writes of files and directories on a local (or mounted) filesystem.
+"""File helpers: atomic writes, hashing, and checking files against recorded sizes and hashes.
 
-A reader never sees a half-written file: data goes to a temporary sibling which
-is flushed, fsynced and then renamed over the target with ``os.replace`` (atomic
-on POSIX when both paths are on the same filesystem, which a sibling is).
-
-Orbax checkpoints do not go through this module; they have their own atomic
-commit protocol that also works on object stores.
+A reader never sees a half-written file: data goes to a temporary sibling which is flushed, fsynced and then
+renamed over the target with ``os.replace`` (atomic on POSIX within one filesystem, which a sibling is).
+Orbax checkpoints do not go through this module; they have their own commit protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 PathLike = str | os.PathLike[str]
+
+CHUNK_BYTES = 1 << 22  # Read size for hashing and copying.
+
+
+class BadFileError(ValueError):
+  """A file is missing, truncated, corrupt or inconsistent; ``path`` names it."""
+
+  def __init__(self, path: PathLike, problem: str):
+    self.path = os.fspath(path)
+    super().__init__(f"{self.path}: {problem}")
 
 
 def _umask() -> int:
@@ -41,16 +49,16 @@ def _fsync_dir(path: PathLike) -> None:
     os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+  """Yields a binary file that replaces ``path`` when the block succeeds; its directory must exist."""
   path = os.fspath(path)
   parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
   try:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual file mode.
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -59,6 +67,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
       os.remove(tmp)
     raise
   _fsync_dir(parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+  os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+  with atomic_file(path) as f:
+    f.write(data)
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -104,3 +119,66 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
   _fsync_dir(parent)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def relative_files(directory: PathLike) -> list[tuple[str, str]]:
+  """``(path relative to directory with '/' separators, full path)`` of every file below ``directory``, sorted
+  by folder then name (a folder's own files before its subfolders')."""
+  out = []
+  for root, dirs, names in os.walk(directory):
+    dirs.sort()
+    for name in sorted(names):
+      full = os.path.join(root, name)
+      out.append((os.path.relpath(full, directory).replace(os.sep, "/"), full))
+  return out
+
+
+def user_cache_dir() -> str:
+  """``$XDG_CACHE_HOME/rnr_jax`` (``~/.cache/rnr_jax`` when unset): where decompressed files are cached."""
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(xdg, "rnr_jax")
+
+
+def sha256_file(path: PathLike, chunk_size: int = CHUNK_BYTES) -> str:
+  """Hex sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk_size):
+      h.update(block)
+  return h.hexdigest()
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
+  """Copies ``src`` to ``dst``; returns the number of bytes and their hex sha256."""
+  h, n = hashlib.sha256(), 0
+  while block := src.read(CHUNK_BYTES):
+    h.update(block)
+    n += len(block)
+    dst.write(block)
+  return n, h.hexdigest()
+
+
+def check_file(path: PathLike, size: int, sha256: str, *, verify: bool, recorded_in: str,
+               error: type[BadFileError] = BadFileError) -> None:
+  """Raises ``error`` unless ``path`` is a file of ``size`` bytes (and, when ``verify``, of ``sha256``).
+
+  ``recorded_in`` names the record in the messages, e.g. ``"index.json"``.
+  """
+  if not os.path.isfile(path):
+    raise error(path, "missing")
+  got = os.path.getsize(path)
+  if got != size:
+    raise error(path, f"size {got} bytes, {recorded_in} records {size} (truncated or altered)")
+  if verify and sha256_file(path) != sha256:
+    raise error(path, f"sha256 does not match {recorded_in} (corrupt)")
+
+
+def read_json(path: PathLike, *, missing: str = "missing", error: type[BadFileError] = BadFileError) -> Any:
+  """Parsed JSON file, or ``error(path, missing)`` / ``error(path, "not valid JSON (...)")``."""
+  if not os.path.isfile(path):
+    raise error(path, missing)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise error(path, f"not valid JSON ({e})") from e

@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from rnr_jax import index as index_lib
+from rnr_jax import index_search
 from rnr_jax.index import DenseIndex, IndexFileError, exact_search, recall_at_k
+from rnr_jax.quantize import quantize_rows
 
 
 def _mixture(n: int, q: int, dim: int = 128, components: int = 1000, noise: float = 0.3, seed: int = 0):
@@ -51,7 +52,7 @@ def test_recall_at_k():
 
 def test_exact_equals_numpy_brute_force(mixture, monkeypatch):
   x, q = mixture
-  monkeypatch.setattr(index_lib, "_SCORE_BLOCK_ELEMS", 20_000 * 7)  # 7 queries per block: several blocks.
+  monkeypatch.setattr(index_search, "_SCORE_BLOCK_ELEMS", 20_000 * 7)  # 7 queries per block: several blocks.
   index = DenseIndex.build(x, "exact", num_eval_queries=0)
   ids, scores = index.search(q[:50], 20)
   want_ids, want_scores = _brute_force(x, q[:50], 20)
@@ -210,11 +211,14 @@ def test_int8_row_is_exact_search_over_its_codes_and_beats_per_dimension_scales(
   ids, scores = row.search(q[:200], 20)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)  # exact reordering of the stored rows
   assert recall_at_k(ref, ids) >= 0.999
-  again, again_scales = index_lib.quantize_rows(stored)  # re-quantizing the stored rows changes nothing
+  again, again_scales = quantize_rows(stored)  # re-quantizing the stored rows changes nothing
   np.testing.assert_array_equal(again, codes)
   np.testing.assert_array_equal(again_scales, scales)
-  zero_codes, zero_scales = index_lib.quantize_rows(np.zeros((2, 4), np.float32))
+  zero_codes, zero_scales = quantize_rows(np.zeros((2, 4), np.float32))
   assert not zero_codes.any() and (zero_scales == 1).all()
+  # A subnormal peak whose scale (peak / 127) underflows to 0 is treated as an all-zero row, not divided by 0.
+  tiny_codes, tiny_scales = quantize_rows(np.array([[1e-44, 0.0]], np.float32))
+  assert not tiny_codes.any() and (tiny_scales == 1).all()
 
 
 @pytest.mark.parametrize("name,problem", [("codes.npy", "missing"), ("row_scales.npy", "positive")])

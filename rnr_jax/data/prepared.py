@@ -43,8 +43,8 @@ from rnr_jax.data.bm25 import BM25Index, resolve_stemmer
 from rnr_jax.data.examples import DEFAULT_BM25_TOPK, DEFAULT_HARD_NEGATIVES, SplitCandidates, build_candidates
 from rnr_jax.data.passages import DEFAULT_WORDS_PER_PASSAGE, PassageTable, split_documents
 from rnr_jax.data.readers import Question, ReadStats, read_corpus, read_questions
-from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, compress_bytes, data_bytes, sha256_file
-from rnr_jax.io import atomic_dir, atomic_write_json
+from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, compress_bytes, data_bytes
+from rnr_jax.io import atomic_dir, atomic_write_json, sha256_file
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_accuracy
 
 logger = logging.getLogger(__name__)

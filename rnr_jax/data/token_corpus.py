@@ -1,35 +1,24 @@
 """The token-ID corpus (paper §2.3): passages stored as WordPiece ids, not text.
 
-A corpus directory holds
-
-* ``tokens.npy``: all records concatenated, ``uint16`` when the vocabulary has
-  at most 65,536 entries (else ``int32``);
-* ``offsets.npy``: ``int64[n + 1]``, record ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``;
-* ``meta.json``: dtype, vocabulary size, counts, tokenizer and the sha256 of
-  both arrays.
-
 A record is the tokenizer's passage body ``title [SEP] text``
 (:meth:`rnr_jax.tokenization.Tokenizer.passage_token_ids`), so retriever and
 reader inputs are built from it without tokenising text again. Arrays are
-loaded memory-mapped. :func:`compress` writes a bz2 or lzma form of a corpus
-(``tokens.npy.bz2`` ...); :meth:`TokenCorpus.load` of a compressed form
-decompresses it once into a cache directory, checks the hashes, and maps that.
+loaded memory-mapped; :func:`compress` writes a bz2 or lzma form of a corpus.
 """
 
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import lzma
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from rnr_jax.io import atomic_dir, atomic_write_json
+from rnr_jax.io import CHUNK_BYTES, atomic_dir, atomic_file, atomic_write_json, copy_hashed, sha256_file, user_cache_dir
 
 PathLike = str | os.PathLike
 
@@ -46,29 +35,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
-  """Hex sha256 of a file's bytes."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk_size):
-      h.update(block)
-  return h.hexdigest()
-
-
 def save_npy(path: PathLike, array: np.ndarray) -> None:
-  """``np.save`` to a temporary sibling, fsynced, then renamed onto ``path``."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """``np.save`` to ``path`` atomically (a temporary sibling, fsynced, renamed into place)."""
+  with atomic_file(path) as f:
+    np.save(f, array, allow_pickle=False)
 
 
 class RaggedArray:
@@ -174,6 +144,11 @@ class TokenCorpus:
             tokenizer: str | None = None) -> "TokenCorpus":
     """Writes records as a corpus directory ``path`` (atomically) and loads it.
 
+    Files: ``tokens.npy`` (all records concatenated, ``uint16`` when the vocabulary has at most
+    65,536 entries, else ``int32``), ``offsets.npy`` (``int64[n + 1]``: record ``i`` is
+    ``tokens[offsets[i]:offsets[i + 1]]``) and ``meta.json`` (dtype, vocabulary size, counts,
+    tokenizer and the sha256 of both arrays).
+
     Args:
       path: the corpus directory (replaced if it exists).
       records: token ids of each passage, in pid order.
@@ -226,12 +201,11 @@ def read_meta(path: PathLike) -> dict[str, Any]:
   return meta
 
 
-def _copy(src: BinaryIO, dst: BinaryIO) -> None:
-  shutil.copyfileobj(src, dst, 1 << 22)
-
-
 def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *, level: int = 9) -> str:
   """Writes the ``method``-compressed form of the corpus at ``path``.
+
+  The output holds ``tokens.npy.<method>``, ``offsets.npy.<method>`` and ``meta.json`` with
+  ``"compression": method``.
 
   Args:
     path: a plain corpus directory.
@@ -254,7 +228,7 @@ def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *
     for name in (TOKENS_FILE, OFFSETS_FILE):
       with open(os.path.join(path, name), "rb") as src, \
           COMPRESSORS[method].open(os.path.join(tmp, f"{name}.{method}"), "wb", **options) as dst:
-        _copy(src, dst)
+        shutil.copyfileobj(src, dst, CHUNK_BYTES)
     atomic_write_json(os.path.join(tmp, META_FILE), {**meta, "compression": method})
   return out
 
@@ -268,26 +242,20 @@ def compress_bytes(data: bytes, method: str, level: int = 9) -> bytes:
   raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
 
 
-def _default_cache_dir() -> str:
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(xdg, "rnr_jax")
-
-
 def _decompressed(path: str, meta: dict[str, Any], cache_dir: PathLike | None) -> str:
   """The plain corpus of compressed ``path`` in the cache, decompressed and verified once."""
   method = meta["compression"]
   if method not in COMPRESSORS:
     raise ValueError(f"{path}: unknown compression {method!r}")
   key = "-".join(meta["sha256"][f][:16] for f in (TOKENS_FILE, OFFSETS_FILE))
-  target = os.path.join(os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir(), "token_corpus", key)
+  target = os.path.join(os.fspath(cache_dir) if cache_dir is not None else user_cache_dir(), "token_corpus", key)
   if os.path.exists(os.path.join(target, META_FILE)):
     return target
   with atomic_dir(target) as tmp:
     for name in (TOKENS_FILE, OFFSETS_FILE):
       with COMPRESSORS[method].open(os.path.join(path, f"{name}.{method}"), "rb") as src, \
           open(os.path.join(tmp, name), "wb") as dst:
-        _copy(src, dst)
-      digest = sha256_file(os.path.join(tmp, name))
+        digest = copy_hashed(src, dst)[1]
       if digest != meta["sha256"][name]:
         raise ValueError(f"{path}: decompressed {name} has sha256 {digest}, expected {meta['sha256'][name]}")
     plain = {k: v for k, v in meta.items() if k != "compression"}
