@@ -60,7 +60,7 @@ from rnr_jax.data.readers import Question
 from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes
 from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict
-from rnr_jax.models.bert import resolve_num_layers
+from rnr_jax.models.encoder import resolve_num_layers
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.checkpoint import ParamsExport
 

@@ -19,24 +19,15 @@ from safetensors.numpy import save_file  # noqa: E402
 from rnr_jax import models  # noqa: E402
 from rnr_jax.models import hf  # noqa: E402
 
-BERT = models.BertConfig(
-  vocab_size=97,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=48,
-  max_position_embeddings=24,
-)
+_SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, max_position_embeddings=24)
+BERT = models.BertConfig(**_SIZES, num_attention_heads=4, intermediate_size=48)
 MOBILEBERT = models.MobileBertConfig(
-  vocab_size=97,
-  hidden_size=32,
-  num_hidden_layers=2,
+  **_SIZES,
   num_attention_heads=2,
   intermediate_size=40,
   embedding_size=8,
   intra_bottleneck_size=16,
   num_feedforward_networks=2,
-  max_position_embeddings=24,
 )
 CONFIGS = {"bert": BERT, "mobilebert": MOBILEBERT}
 

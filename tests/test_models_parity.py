@@ -98,40 +98,35 @@ def test_bert_parity_random_init(name: str, padded: bool) -> None:
   assert diff <= TOL, diff
 
 
+# Dimensions of the small MobileBERTs below.
+MOBILEBERT_SIZES = dict(
+  vocab_size=101, hidden_size=64, num_attention_heads=4, intermediate_size=96, max_position_embeddings=40
+)
+# A small MobileBERT with transformers' default switches (trigram input, shared query/key bottleneck).
+MOBILEBERT_SMALL = dict(**MOBILEBERT_SIZES, embedding_size=16, intra_bottleneck_size=32, num_feedforward_networks=2)
+
+# Each case lists only where it departs from transformers' MobileBertConfig defaults: NoNorm, trigram
+# input, bottlenecks with the shared query/key bottleneck (not use_bottleneck_attention), ReLU.
 MOBILEBERT_CONFIGS = {
   # NoNorm, trigram input, shared query/key bottleneck, 3 stacked FFNs, embedding_size != hidden_size.
-  "no_norm_trigram_kq_shared_ffn3": dict(
-    normalization_type="no_norm",
-    trigram_input=True,
-    embedding_size=16,
-    use_bottleneck=True,
-    intra_bottleneck_size=32,
-    key_query_shared_bottleneck=True,
-    use_bottleneck_attention=False,
-    num_feedforward_networks=3,
-    hidden_act="relu",
-  ),
+  "no_norm_trigram_kq_shared_ffn3": dict(embedding_size=16, intra_bottleneck_size=32, num_feedforward_networks=3),
   # LayerNorm, bottleneck attention (its unused shared bottleneck tensors are ignored), no trigrams.
   "layer_norm_bottleneck_attention": dict(
     normalization_type="layer_norm",
     trigram_input=False,
     embedding_size=32,
-    use_bottleneck=True,
     intra_bottleneck_size=32,
-    key_query_shared_bottleneck=True,
     use_bottleneck_attention=True,
     num_feedforward_networks=1,
     hidden_act="gelu",
   ),
   # No bottleneck, embedding_size == hidden_size (the unused embedding transformation is ignored).
   "no_bottleneck_plain_embeddings": dict(
-    normalization_type="no_norm",
     trigram_input=False,
     embedding_size=64,
     use_bottleneck=False,
     key_query_shared_bottleneck=False,
     num_feedforward_networks=2,
-    hidden_act="relu",
   ),
 }
 
@@ -140,15 +135,7 @@ MOBILEBERT_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(MOBILEBERT_CONFIGS))
 def test_mobilebert_parity_random_init(name: str, padded: bool) -> None:
   torch.manual_seed(0)
-  hf_config = transformers.MobileBertConfig(
-    vocab_size=101,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=40,
-    **MOBILEBERT_CONFIGS[name],
-  )
+  hf_config = transformers.MobileBertConfig(num_hidden_layers=2, **MOBILEBERT_SIZES, **MOBILEBERT_CONFIGS[name])
   torch_model = _perturbed(transformers.MobileBertModel(hf_config), seed=2)
   lengths = [11, 4, 2] if padded else [11, 11, 11]
   out, ids, mask, types = _flax_forward(torch_model, hf_config, lengths, max_len=11)
@@ -158,18 +145,9 @@ def test_mobilebert_parity_random_init(name: str, padded: bool) -> None:
 
 def test_mobilebert_truncation_parity() -> None:
   torch.manual_seed(0)
-  kwargs = dict(
-    vocab_size=101,
-    hidden_size=64,
-    num_attention_heads=4,
-    intermediate_size=96,
-    embedding_size=16,
-    intra_bottleneck_size=32,
-    num_feedforward_networks=2,
-    max_position_embeddings=40,
-  )
-  full = _perturbed(transformers.MobileBertModel(transformers.MobileBertConfig(num_hidden_layers=4, **kwargs)), 3)
-  shallow_config = transformers.MobileBertConfig(num_hidden_layers=2, **kwargs)
+  full_config = transformers.MobileBertConfig(num_hidden_layers=4, **MOBILEBERT_SMALL)
+  full = _perturbed(transformers.MobileBertModel(full_config), 3)
+  shallow_config = transformers.MobileBertConfig(num_hidden_layers=2, **MOBILEBERT_SMALL)
   shallow = transformers.MobileBertModel(shallow_config).eval()
   missing, _ = shallow.load_state_dict(full.state_dict(), strict=False)
   assert not missing
@@ -233,26 +211,9 @@ def _random_params(abstract: models.Params, seed: int = 0) -> models.Params:
 
 def _small_config(kind: str) -> models.EncoderConfig:
   if kind == "bert":
-    return models.BertConfig(
-      vocab_size=101,
-      hidden_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      intermediate_size=128,
-      max_position_embeddings=40,
-    )
+    return models.BertConfig(vocab_size=101, max_position_embeddings=40, **BERT_CONFIGS["h64_heads4"])
   return models.MobileBertConfig(
-    vocab_size=101,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    embedding_size=16,
-    intra_bottleneck_size=32,
-    num_feedforward_networks=2,
-    max_position_embeddings=40,
-    hidden_dropout_prob=0.1,
-    normalization_type="layer_norm",
+    num_hidden_layers=2, hidden_dropout_prob=0.1, normalization_type="layer_norm", **MOBILEBERT_SMALL
   )
 
 

@@ -14,7 +14,8 @@ Parameter paths are documented in :mod:`rnr_jax.models.bert` and
 :mod:`rnr_jax.models.mobilebert`.
 """
 
-from rnr_jax.models.bert import BertConfig, BertEncoder, EncoderOutput
+from rnr_jax.models.bert import BertConfig, BertEncoder
+from rnr_jax.models.encoder import EncoderOutput
 from rnr_jax.models.hf import (
   EncoderConfig,
   Params,

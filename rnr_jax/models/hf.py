@@ -7,7 +7,7 @@ and back, so that ``transformers.AutoModel.from_pretrained`` reads what
 :func:`save_hf_encoder` writes.
 
 The mapping between state-dict keys and parameter paths is mechanical (see the
-naming in :mod:`rnr_jax.models.bert`): ``encoder.layer.{i}`` <-> ``layer_{i}``,
+naming in :class:`~rnr_jax.models.bert.BertEncoder`): ``encoder.layer.{i}`` <-> ``layer_{i}``,
 ``ffn.{j}`` <-> ``ffn_{j}``, ``attention.self.{q,k,v}`` <-> ``attention/{q,k,v}``,
 ``LayerNorm`` <-> ``layer_norm``; ``weight`` <-> ``kernel`` (transposed), ``scale``
 (norms) or ``embedding`` (embedding tables). The set of expected tensors and their
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from rnr_jax.models.bert import BertConfig, BertEncoder, Dtype, resolve_num_layers
+from rnr_jax.models.bert import BertConfig, BertEncoder
+from rnr_jax.models.encoder import Dtype, resolve_num_layers
 from rnr_jax.models.mobilebert import MobileBertConfig, MobileBertEncoder
 
 logger = logging.getLogger(__name__)

@@ -1,43 +1,8 @@
-"""MobileBERT encoder in Flax (linen), numerically equivalent to transformers' ``MobileBertModel``.
+"""MobileBERT encoder in Flax (linen), numerically equivalent to transformers' ``MobileBertModel`` without its pooler.
 
-Implements every architecture switch of ``transformers.MobileBertConfig``: the
-trigram embedding transformation (``trigram_input``, ``embedding_size`` !=
-``hidden_size``), the bottleneck layers (``use_bottleneck``,
-``use_bottleneck_attention``, ``key_query_shared_bottleneck``), stacked FFNs
-(``num_feedforward_networks``) and ``normalization_type`` (``"no_norm"``:
-``x * scale + bias``, or ``"layer_norm"``). Like transformers, the embedding norm and
-the layer output norm use epsilon 1e-5 (``torch.nn.LayerNorm``'s default) while the
-other norms use ``layer_norm_eps``. The pooler is not part of the encoder; the [CLS]
-vector is returned as ``EncoderOutput.cls``.
-
-Parameter naming (stable; mirrors the Hugging Face state dict like
-:mod:`rnr_jax.models.bert`, with ``encoder.layer.{i}`` -> ``layer_{i}``,
-``ffn.{j}`` -> ``ffn_{j}`` and ``LayerNorm`` -> ``layer_norm``, kernels ``[in, out]``;
-``true = intra_bottleneck_size if use_bottleneck else hidden_size``)::
-
-    embeddings/word_embeddings/embedding                [vocab_size, embedding_size]
-    embeddings/embedding_transformation/{kernel,bias}   [3*embedding_size or embedding_size, hidden]
-                                                        (only if trigram_input or embedding_size != hidden)
-    embeddings/position_embeddings/embedding            [max_position_embeddings, hidden]
-    embeddings/token_type_embeddings/embedding          [type_vocab_size, hidden]
-    embeddings/layer_norm/{scale,bias}                  [hidden]
-    layer_{i}/bottleneck/input/dense/{kernel,bias}      [hidden, true]        (use_bottleneck)
-    layer_{i}/bottleneck/input/layer_norm/{scale,bias}  [true]                (use_bottleneck)
-    layer_{i}/bottleneck/attention/...                  as bottleneck/input   (use_bottleneck,
-                                                        key_query_shared_bottleneck, not use_bottleneck_attention)
-    layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]
-    layer_{i}/attention/output/dense/{kernel,bias}      [true, true]
-    layer_{i}/attention/output/layer_norm/{scale,bias}  [true]
-    layer_{i}/ffn_{j}/intermediate/dense/{kernel,bias}  [true, intermediate]  (j < num_feedforward_networks - 1)
-    layer_{i}/ffn_{j}/output/dense/{kernel,bias}        [intermediate, true]
-    layer_{i}/ffn_{j}/output/layer_norm/{scale,bias}    [true]
-    layer_{i}/intermediate/dense/{kernel,bias}          [true, intermediate]
-    layer_{i}/output/dense/{kernel,bias}                [intermediate, true]
-    layer_{i}/output/layer_norm/{scale,bias}            [true]
-    layer_{i}/output/bottleneck/dense/{kernel,bias}     [true, hidden]        (use_bottleneck)
-    layer_{i}/output/bottleneck/layer_norm/{scale,bias} [hidden]              (use_bottleneck)
-
-Numerics follow :mod:`rnr_jax.models.bert` (float32 norms, residual sums and softmax).
+Only MobileBERT's config, embeddings and layer (with its parts) live here; the
+skeleton and the shared blocks are in :mod:`rnr_jax.models.encoder`. Parameter
+paths are listed in :class:`MobileBertEncoder`.
 """
 
 from __future__ import annotations
@@ -49,18 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rnr_jax.models.bert import (
-  NORM_TYPES,
-  Attention,
-  Dtype,
-  EncoderOutput,
-  HFEncoderConfig,
-  Intermediate,
-  Norm,
-  ResidualProjection,
-  prepare_inputs,
-  resolve_num_layers,
-)
+from rnr_jax.models.encoder import NORM_TYPES, ConfigModule, Embeddings, Encoder, HFEncoderConfig
 
 # transformers builds these norms as ``NORM2FN[type](size)``, i.e. with torch's default epsilon.
 _TORCH_DEFAULT_EPS = 1e-5
@@ -73,19 +27,14 @@ class MobileBertConfig(HFEncoderConfig):
   model_type: ClassVar[str] = "mobilebert"
   architecture: ClassVar[str] = "MobileBertModel"
 
-  vocab_size: int = 30522
+  # transformers.MobileBertConfig's defaults for shared fields (each keeps its place in the base class's order).
   hidden_size: int = 512
   num_hidden_layers: int = 24
   num_attention_heads: int = 4
   intermediate_size: int = 512
   hidden_act: str = "relu"
   hidden_dropout_prob: float = 0.0
-  attention_probs_dropout_prob: float = 0.1
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  initializer_range: float = 0.02
-  layer_norm_eps: float = 1e-12
-  pad_token_id: int | None = 0
+
   embedding_size: int = 128
   trigram_input: bool = True
   use_bottleneck: bool = True
@@ -97,7 +46,7 @@ class MobileBertConfig(HFEncoderConfig):
   classifier_activation: bool = True  # only used by transformers' pooler; kept for config round trips
 
   def __post_init__(self) -> None:
-    self._validate_common()
+    super().__post_init__()
     if self.normalization_type not in NORM_TYPES:
       raise ValueError(f"normalization_type must be one of {NORM_TYPES}, got {self.normalization_type!r}")
     if self.num_feedforward_networks < 1:
@@ -107,6 +56,10 @@ class MobileBertConfig(HFEncoderConfig):
         f"true hidden size ({self.true_hidden_size}) is not a multiple of num_attention_heads "
         f"({self.num_attention_heads})"
       )
+
+  @property
+  def norm_kind(self) -> str:
+    return self.normalization_type
 
   @property
   def true_hidden_size(self) -> int:
@@ -124,28 +77,14 @@ class MobileBertConfig(HFEncoderConfig):
     return self.use_bottleneck and self.key_query_shared_bottleneck and not self.use_bottleneck_attention
 
 
-class MobileBertEmbeddings(nn.Module):
+class MobileBertEmbeddings(Embeddings):
   """Word embeddings (optionally as trigrams) projected to ``hidden_size``, + position and token type."""
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+  def words(self, input_ids: jax.Array) -> jax.Array:
     c = self.config
-
-    def embed(num: int, features: int, name: str) -> nn.Embed:
-      return nn.Embed(
-        num,
-        features,
-        dtype=self.param_dtype,
-        param_dtype=self.param_dtype,
-        embedding_init=nn.initializers.normal(c.initializer_range),
-        name=name,
-      )
-
-    x = embed(c.vocab_size, c.embedding_size, "word_embeddings")(input_ids)
+    x = self.embed(c.vocab_size, c.embedding_size, "word_embeddings")(input_ids)
     if c.trigram_input:
       # [next token, this token, previous token], zero beyond the ends (a width-3 convolution).
       x = jnp.concatenate(
@@ -157,44 +96,24 @@ class MobileBertEmbeddings(nn.Module):
         axis=-1,
       )
     if c.uses_embedding_transformation:
-      x = nn.Dense(
-        c.hidden_size,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(c.initializer_range),
-        name="embedding_transformation",
-      )(x)
-    positions = jnp.arange(input_ids.shape[1])[None, :]
-    x = (
-      x.astype(jnp.float32)
-      + embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")(positions).astype(jnp.float32)
-      + embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")(token_type_ids).astype(jnp.float32)
-    )
-    x = Norm(c.normalization_type, _TORCH_DEFAULT_EPS, self.dtype, self.param_dtype, name="layer_norm")(x)
-    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+      x = self.dense(c.hidden_size, "embedding_transformation")(x)
+    return x
+
+  def norm_eps(self) -> float:
+    return _TORCH_DEFAULT_EPS
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(ConfigModule):
   """``norm(dense(x))`` projecting to ``intra_bottleneck_size``; submodules ``dense`` and ``layer_norm``."""
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    y = nn.Dense(
-      c.intra_bottleneck_size,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(c.initializer_range),
-      name="dense",
-    )(x)
-    return Norm(c.normalization_type, c.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm")(y)
+    return self.norm(self.config.layer_norm_eps)(self.dense(self.config.intra_bottleneck_size, "dense")(x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ConfigModule):
   """Layer inputs from the bottlenecks: returns ``(query, key, value, residual)``.
 
   ``input`` always projects the residual stream; with ``use_bottleneck_attention`` its
@@ -203,8 +122,6 @@ class Bottleneck(nn.Module):
   """
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -218,75 +135,43 @@ class Bottleneck(nn.Module):
     return x, x, x, residual
 
 
-class MobileBertLayerOutput(nn.Module):
+class MobileBertLayerOutput(ConfigModule):
   """Last FFN projection: ``norm(dense(h) + attention_output)``, then (with bottlenecks)
   ``bottleneck``: ``norm(dropout(dense(.)) + layer_input)`` back to ``hidden_size``."""
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(
     self, h: jax.Array, attention_output: jax.Array, layer_input: jax.Array, *, deterministic: bool
   ) -> jax.Array:
     c = self.config
-    y = nn.Dense(
-      c.true_hidden_size,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(c.initializer_range),
-      name="dense",
-    )(h)
+    y = self.dense(c.true_hidden_size, "dense")(h)
     if not c.use_bottleneck:
       y = nn.Dropout(c.hidden_dropout_prob)(y, deterministic=deterministic)
     y = y.astype(jnp.float32) + attention_output.astype(jnp.float32)
-    y = Norm(c.normalization_type, _TORCH_DEFAULT_EPS, self.dtype, self.param_dtype, name="layer_norm")(y)
+    y = self.norm(_TORCH_DEFAULT_EPS)(y)
     if c.use_bottleneck:
-      y = ResidualProjection(
-        c.hidden_size,
-        c.initializer_range,
-        c.normalization_type,
-        c.layer_norm_eps,
-        c.hidden_dropout_prob,
-        self.dtype,
-        self.param_dtype,
-        name="bottleneck",
-      )(y, layer_input, deterministic=deterministic)
+      y = self.residual_projection(c.hidden_size, c.hidden_dropout_prob, "bottleneck")(
+        y, layer_input, deterministic=deterministic
+      )
     return y
 
 
-class FeedForward(nn.Module):
+class FeedForward(ConfigModule):
   """One of the stacked FFNs: ``norm(dense(act(dense(x))) + x)``, no dropout (as transformers)."""
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    h = Intermediate(
-      c.intermediate_size, c.hidden_act, c.initializer_range, self.dtype, self.param_dtype, name="intermediate"
-    )(x)
-    return ResidualProjection(
-      c.true_hidden_size,
-      c.initializer_range,
-      c.normalization_type,
-      c.layer_norm_eps,
-      0.0,
-      self.dtype,
-      self.param_dtype,
-      name="output",
-    )(h, x, deterministic=True)
+    return self.feed_forward(x, 0.0, deterministic=True)
 
 
-class MobileBertLayer(nn.Module):
+class MobileBertLayer(ConfigModule):
   """One MobileBERT layer: bottlenecks in, attention, stacked FFNs, FFN + bottleneck out."""
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
@@ -295,61 +180,60 @@ class MobileBertLayer(nn.Module):
       query, key, value, residual = Bottleneck(c, self.dtype, self.param_dtype, name="bottleneck")(x)
     else:
       query = key = value = residual = x
-    attention_output = Attention(
-      num_heads=c.num_attention_heads,
-      head_dim=c.true_hidden_size // c.num_attention_heads,
-      init_std=c.initializer_range,
-      attention_dropout_rate=c.attention_probs_dropout_prob,
-      output_dropout_rate=0.0 if c.use_bottleneck else c.hidden_dropout_prob,
-      norm_kind=c.normalization_type,
-      eps=c.layer_norm_eps,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="attention",
-    )(query, key, value, residual, mask, deterministic=deterministic)
+    # transformers drops out the attention output only in layers without bottlenecks.
+    output_dropout = 0.0 if c.use_bottleneck else c.hidden_dropout_prob
+    attention = self.attention(c.true_hidden_size // c.num_attention_heads, output_dropout)
+    attention_output = attention(query, key, value, residual, mask, deterministic=deterministic)
     for j in range(c.num_feedforward_networks - 1):
       attention_output = FeedForward(c, self.dtype, self.param_dtype, name=f"ffn_{j}")(attention_output)
-    h = Intermediate(
-      c.intermediate_size, c.hidden_act, c.initializer_range, self.dtype, self.param_dtype, name="intermediate"
-    )(attention_output)
+    h = self.intermediate(attention_output)
     return MobileBertLayerOutput(c, self.dtype, self.param_dtype, name="output")(
       h, attention_output, x, deterministic=deterministic
     )
 
 
-class MobileBertEncoder(nn.Module):
+class MobileBertEncoder(Encoder):
   """MobileBERT encoder (``MobileBertModel`` without pooler).
 
-  Attributes:
-    config: the architecture.
-    dtype: computation dtype (e.g. ``jnp.bfloat16``); outputs are in this dtype.
-    param_dtype: parameter dtype.
-    num_layers: keep only the first ``num_layers`` layers (``None``: all of them).
+  Implements every architecture switch of ``transformers.MobileBertConfig``: the
+  trigram embedding transformation (``trigram_input``, ``embedding_size`` !=
+  ``hidden_size``), the bottleneck layers (``use_bottleneck``,
+  ``use_bottleneck_attention``, ``key_query_shared_bottleneck``), stacked FFNs
+  (``num_feedforward_networks``) and ``normalization_type`` (``"no_norm"``:
+  ``x * scale + bias``, or ``"layer_norm"``). Like transformers, the embedding norm and
+  the layer output norm use epsilon 1e-5 (``torch.nn.LayerNorm``'s default) while the
+  other norms use ``layer_norm_eps``.
+
+  Parameter naming (stable; mirrors the Hugging Face state dict like
+  :class:`~rnr_jax.models.bert.BertEncoder`, with ``encoder.layer.{i}`` -> ``layer_{i}``,
+  ``ffn.{j}`` -> ``ffn_{j}`` and ``LayerNorm`` -> ``layer_norm``, kernels ``[in, out]``;
+  ``true = intra_bottleneck_size if use_bottleneck else hidden_size``)::
+
+      embeddings/word_embeddings/embedding                [vocab_size, embedding_size]
+      embeddings/embedding_transformation/{kernel,bias}   [3*embedding_size or embedding_size, hidden]
+                                                          (only if trigram_input or embedding_size != hidden)
+      embeddings/position_embeddings/embedding            [max_position_embeddings, hidden]
+      embeddings/token_type_embeddings/embedding          [type_vocab_size, hidden]
+      embeddings/layer_norm/{scale,bias}                  [hidden]
+      layer_{i}/bottleneck/input/dense/{kernel,bias}      [hidden, true]        (use_bottleneck)
+      layer_{i}/bottleneck/input/layer_norm/{scale,bias}  [true]                (use_bottleneck)
+      layer_{i}/bottleneck/attention/...                  as bottleneck/input   (use_bottleneck,
+                                                          key_query_shared_bottleneck, not use_bottleneck_attention)
+      layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]
+      layer_{i}/attention/output/dense/{kernel,bias}      [true, true]
+      layer_{i}/attention/output/layer_norm/{scale,bias}  [true]
+      layer_{i}/ffn_{j}/intermediate/dense/{kernel,bias}  [true, intermediate]  (j < num_feedforward_networks - 1)
+      layer_{i}/ffn_{j}/output/dense/{kernel,bias}        [intermediate, true]
+      layer_{i}/ffn_{j}/output/layer_norm/{scale,bias}    [true]
+      layer_{i}/intermediate/dense/{kernel,bias}          [true, intermediate]
+      layer_{i}/output/dense/{kernel,bias}                [intermediate, true]
+      layer_{i}/output/layer_norm/{scale,bias}            [true]
+      layer_{i}/output/bottleneck/dense/{kernel,bias}     [true, hidden]        (use_bottleneck)
+      layer_{i}/output/bottleneck/layer_norm/{scale,bias} [hidden]              (use_bottleneck)
+
+  Attributes are those of :class:`~rnr_jax.models.encoder.Encoder`.
   """
 
   config: MobileBertConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  num_layers: int | None = None
-
-  @nn.compact
-  def __call__(
-    self,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    token_type_ids: jax.Array | None = None,
-    *,
-    deterministic: bool = True,
-  ) -> EncoderOutput:
-    """Encodes ``input_ids`` ``[B, L]``; ``attention_mask`` is 1 for real tokens, 0 for padding.
-
-    With ``deterministic=False`` dropout is active and needs ``rngs={"dropout": key}``.
-    """
-    c = self.config
-    mask, token_type_ids = prepare_inputs(input_ids, attention_mask, token_type_ids, c.max_position_embeddings)
-    x = MobileBertEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(
-      input_ids, token_type_ids, deterministic=deterministic
-    )
-    for i in range(resolve_num_layers(c.num_hidden_layers, self.num_layers)):
-      x = MobileBertLayer(c, self.dtype, self.param_dtype, name=f"layer_{i}")(x, mask, deterministic=deterministic)
-    return EncoderOutput(sequence=x, cls=x[:, 0])
+  embeddings_class: ClassVar[type[Embeddings]] = MobileBertEmbeddings
+  layer_class: ClassVar[type[ConfigModule]] = MobileBertLayer
