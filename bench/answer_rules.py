@@ -4,11 +4,10 @@ r"""EM of the answer rules on the same retrieved and read passages: choose a bun
   python -m bench.answer_rules --workdir W --config configs/mini.py --system teacher ...   (a pipeline's system)
 
 Each question's top ``top_k`` passages are retrieved (the bundle's retrieval settings, BM25 fusion included; a
-pipeline's system retrieves densely over its exact index) and read once; then every rule answers from them: DPR
-(best span of the top-ranked passage) at m'=1 and m'=top_k, the paper's weighted rule (λ 0.8), the fused rule
-(span logits + log Prank + log Pret, retrieval scale 20) and the vote rule (each passage's best span votes with
-its Pret) at m'=top_k. Pass questions that are neither trained on nor the dev sets you report (e.g. the tails of
-training splits that the mini pipeline's student never sees).
+pipeline's system retrieves densely over its exact index) and read; every rule answers from the same passages:
+DPR (best span of the top-ranked passage) at m'=1 and m'=top_k, the paper's weighted rule (λ 0.8) and the fused
+rule (span logits + log Prank + log Pret, retrieval scale 20) at m'=top_k. Pass questions that are neither trained
+on nor the dev sets you report (e.g. the tails of training splits that the mini pipeline's student never sees).
 """
 
 from __future__ import annotations
@@ -36,14 +35,17 @@ def main() -> None:
   system, source = load_system(args, "bench.answer_rules")
   base = dataclasses.replace(system.settings, top_k=args.top_k, passage_score_weight=0.8)
   k = min(args.top_k, len(system.index))
-  choices = [("dpr", 1), ("dpr", k), ("weighted", k), ("fused", k), ("vote", k)]
+  choices = {"dpr": (1, k), "weighted": (k,), "fused": (k,)}
   results: dict[str, dict[str, float]] = {}
   for name, path, part in args.questions:
     questions = list(read_questions(path))[part]
-    _, _, answers = system.predict_rules([q.question for q in questions], choices, settings=base)
-    results[name] = {f"{rule} m'={n}": float(np.mean([exact_match(p.answer, q.answers)
-                                                       for p, q in zip(answers[rule, n], questions)]))
-                     for rule, n in choices}
+    results[name] = {}
+    for rule, counts in choices.items():
+      answers = system.predict([q.question for q in questions], top_k=args.top_k, read_counts=counts, rule=rule,
+                               passage_score_weight=base.passage_score_weight).predictions
+      for n in counts:
+        results[name][f"{rule} m'={n}"] = float(np.mean([exact_match(p.answer, q.answers)
+                                                         for p, q in zip(answers[n], questions)]))
     print(name, json.dumps(results[name]), flush=True)
   rules = list(next(iter(results.values())))
   mean = {r: float(np.mean([results[q][r] for q in results])) for r in rules}
@@ -55,7 +57,7 @@ def main() -> None:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
     report.record(args.title, table,
                   f"{source} (BM25 fusion weight {base.lexical_weight:g}); top {args.top_k} retrieved "
-                  f"and read once per question, every rule answering from the same logits. Question sets: {sets}.")
+                  f"and read per question, every rule answering from the same passages. Question sets: {sets}.")
   print(json.dumps({"results": results, "mean": mean}))
 
 

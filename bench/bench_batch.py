@@ -26,6 +26,8 @@ from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.models import bert
 from rnr_jax.models.hf import load_minilm
+from rnr_jax.specs import RetrieverSpec
+from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
 
 COARSE = (32, 64, 128, 192, 256)
@@ -83,11 +85,11 @@ def main() -> None:
   records = [corpus[int(i)] for i in sample]
   lengths = np.minimum(np.array([len(r) + 2 for r in records]), 256)
   config, params = load_minilm()
-  spec = retrieval.RetrieverSpec(encoder=config.to_hf_dict(), pooling="mean", retrieval_dim=0, normalize=True,
+  spec = RetrieverSpec(encoder=config.to_hf_dict(), pooling="mean", retrieval_dim=0, normalize=True,
                                  shared=True, question_len=64, passage_len=256, passage_token_type=0, buckets=FINE,
                                  tokenizer_fingerprint="")
-  mesh = retrieval.data_mesh()
-  params_on_mesh = jax.device_put(retrieval.initial_params(spec.build(), jax.random.key(0), params),
+  mesh = mesh_lib.data_mesh()
+  params_on_mesh = jax.device_put({"encoder": params},
                                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   p_fn = spec.embed_fns()[1]
 

@@ -26,12 +26,12 @@ import jax
 import numpy as np
 
 from bench import report
-from infer import evaluate as evaluate_lib
-from infer import export as export_lib
-from rnr_jax import retrieval
+from rnr_jax import exports
 from rnr_jax.bundle import stored_values
 from rnr_jax.data.readers import read_questions
+from rnr_jax.evaluation import evaluate_system
 from rnr_jax.qa_system import QASystem
+from rnr_jax.training import mesh as mesh_lib
 
 
 def bundled_config(bundle: str) -> dict:
@@ -49,10 +49,10 @@ def main() -> None:
   args = parser.parse_args()
 
   questions = list(read_questions(args.questions))[:args.limit or None]
-  mesh = retrieval.data_mesh(jax.devices()[:1])
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   bundled = QASystem.from_bundle(args.bundle, mesh=mesh)
   s = bundled.settings
-  spec, params32 = export_lib.load_system(args.model, None, mesh)
+  spec, params32 = exports.load_system(args.model, None, mesh)
   params32 = jax.device_get(params32)
   weights_dtype = bundled_config(args.bundle)["weights"]["stored_dtype"]
   params16 = stored_values(params32, weights_dtype)  # what the bundle stores, rounded in memory
@@ -64,8 +64,8 @@ def main() -> None:
   stored = f"in-memory {weights_dtype}"
   for name, system in (("bundle", bundled), (stored, in_memory(params16)),
                        ("in-memory FP32", in_memory(params32))):
-    summary, predictions = evaluate_lib.evaluate(system, questions, top_k=s.top_k, rule=s.rule,
-                                                 passage_score_weight=s.passage_score_weight)
+    summary, predictions = evaluate_system(system, questions, top_k=s.top_k, rule=s.rule,
+                                           passage_score_weight=s.passage_score_weight)
     runs[name] = (summary, predictions)
     print(f"{name}: EM {100 * summary['em']:.2f} (m'={summary['best_read_passages']}), "
           f"{summary['questions_per_s']:.2f} questions/s")

@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 from bench import report
-from infer import evaluate as evaluate_lib
 from rnr_jax.data.readers import read_questions
+from rnr_jax.evaluation import evaluate_system
 from rnr_jax.lexical import fuse
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.qa_system import RULES, QASystem
@@ -124,9 +124,9 @@ def main() -> None:
   for name, path, part in args.eval:
     questions = list(read_questions(path))[part]
     for w in sorted({0.0, chosen}):
-      summary, _ = evaluate_lib.evaluate(system, questions, top_k=EVAL_TOP_K, rule=args.eval_rule,
-                                         passage_score_weight=0.8, max_read=args.eval_read, progress=False,
-                                         lexical_weight=w)
+      summary, _ = evaluate_system(system, questions, top_k=EVAL_TOP_K, rule=args.eval_rule,
+                                     passage_score_weight=0.8, max_read=args.eval_read, progress=False,
+                                     lexical_weight=w)
       em = summary["em_at"][str(eval_read)]
       evals[f"{name}@{w:g}"] = {"em": em, "top1": summary["top_k_accuracy"]["top1"], "n": len(questions)}
       print(f"{name}, weight {w:g}: EM {100 * em:.2f}, top-1 {100 * evals[f'{name}@{w:g}']['top1']:.2f}",

@@ -24,10 +24,11 @@ import numpy as np
 
 from bench import report
 from infer import encode as encode_cli
-from rnr_jax import passage_filter, retrieval
+from rnr_jax import embeddings, passage_filter, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
+from rnr_jax.training import mesh as mesh_lib
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -48,9 +49,9 @@ def main() -> None:
   parser.add_argument("--record", action="store_true")
   args = parser.parse_args()
 
-  passages, info = retrieval.load_embeddings(args.embeddings, mmap=False)
+  passages, info = embeddings.load(args.embeddings, mmap=False)
   data = PreparedData.load(info["prepared"])
-  mesh = retrieval.data_mesh()
+  mesh = mesh_lib.data_mesh()
   if (args.config is None) == (args.model_dir is None):
     raise SystemExit("bench.retrieval_dims: pass exactly one of --config and --model_dir")
   config = load_config(args.config, args.override) if args.config else None

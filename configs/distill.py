@@ -16,22 +16,19 @@ from configs import common
 
 
 def pool_config() -> ml_collections.ConfigDict:
-  """The candidate pool J_read of the training questions, and its refresh."""
+  """The candidate pool J_read of the training questions."""
   p = ml_collections.ConfigDict()
   p.train_splits = ("nq_train",)
   p.max_train_questions = 0  # first N trainable questions of each split; 0 = all
   # Where J_read comes from (one of): a ranked candidates file (.npz, {split: int32 [Q, k]}, rnr_jax.reader_data),
-  # an exported retriever (its top k1 over the whole corpus, computed once into W/pool/0.npz), or, with both
+  # an exported retriever (its top k1 over the whole corpus, computed once into W/pool.npz), or, with both
   # empty, the prepared BM25 candidates.
   p.candidates = ""
   p.retriever = ""
   p.k1 = 200  # passages per question in J_read
-  # Passage filter subset (train.filter's subset.npz): fresh indexes (evaluation, refresh, a pool retriever's
-  # search) hold only its passages, as the deployed system will. "" = the whole corpus.
+  # Passage filter subset (train.filter's subset.npz): fresh indexes (evaluation, a pool retriever's search) hold
+  # only its passages, as the deployed system will. "" = the whole corpus.
   p.subset = ""
-  # Beyond the paper: every N steps re-encode the corpus with the current student and rebuild J_read from its
-  # top k1 (W/pool/<step>.npz); with distillation the teacher then reads the new samples. 0 = never.
-  p.refresh_every = 0
   p.encode_batch_size = 64  # passages / questions per encoding batch (fresh indexes, the pool's retriever)
   return p
 
@@ -66,13 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: none for the paper's setting, "tiny" for a seconds-long random-init run."""
   c = common.base_config()
   u = c.unified = ml_collections.ConfigDict()
-  # Exported shared-encoder retriever (train.retriever, §2.2.2) the student starts from: its encoder weights,
-  # architecture, pooling, retrieval_dim, normalize and passage token type (model.* of this config are then
-  # unused but model.dropout). "" = model.init with the settings below.
+  # Exported shared-encoder retriever (train.retriever, §2.2.2) the student starts from, with fresh reader heads:
+  # its encoder weights, architecture, pooling, retrieval_dim, normalize and passage token type (model.* of this
+  # config are then unused but model.dropout). "" = model.init (an exported reader gives its encoder and heads)
+  # with the settings below.
   u.init_retriever = ""
-  # Exported reader whose span and ranking heads the student starts from (e.g. the teacher, when the student's
-  # encoder descends from it: model.init of the student retriever); "" = fresh heads.
-  u.init_heads = ""
   u.normalize = False  # without init_retriever: cosine retrieval scores (x scale) instead of inner products
   u.passage_token_type = 1  # without init_retriever: token type of passage inputs (questions: 0)
   u.scale = 20.0  # training scores are scale x cosine when the retriever normalises
@@ -81,28 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.teacher = ""  # exported reader teacher (train.reader's W/best), required
   d.m = 24  # passages per question: one positive first, then m - 1 answer-free ones
   d.temperature = 3.0  # τ of every KL term
-  # Weight of L_read (the paper: 1). Beyond the paper: τ² (Hinton et al.) puts the softened reading KL's gradient
-  # at a hard-label loss's scale next to L_ret (on the mini pipeline it slowed retrieval and gained no EM).
-  d.read_weight = 1.0
-  # Beyond the paper: weight of the hard-label reader loss (train.reader's: marginal NLL of the answer spans in the
-  # positive + the positive's ranking CE) added to the KD loss, Hinton et al.'s hard-target term; the paper's
-  # distillation reads the teacher's soft scores only. 0 = none. ``max_spans`` answer occurrences are targets.
-  d.label_weight = 0.0
-  d.max_spans = 10
   d.retrieval_loss = "kd"  # "kd": KL to the teacher ranker's m scores (A.2); "nll": NLL of the positive
   # Beyond the paper: the "nll" retrieval loss over every passage of the batch (other questions' passages as
   # negatives) instead of the question's own m.
   d.in_batch = False
-  # Beyond the paper: also distil a teacher *retriever*'s scores into the student's retrieval scores (KL x tau^2
-  # over the batch's passages, all of them with in_batch): an exported retriever (e.g. the teacher system's
-  # two-encoder retriever) and its corpus embeddings (infer.encode's layout). "" = none.
+  # Beyond the paper: also distil a teacher *retriever*'s scores into the student's retrieval scores (KL over the
+  # batch's passages, all of them with in_batch): an exported retriever (e.g. the teacher system's two-encoder
+  # retriever) and its corpus embeddings (infer.encode's layout). "" = none.
   d.retriever_teacher = ""
   d.retriever_teacher_embeddings = ""
   d.retriever_teacher_weight = 1.0
-  d.retriever_teacher_temperature = 1.0
-  # Beyond the paper: weight of embedding matching, 1 - cos between the student's retrieval vectors and that
-  # teacher retriever's, questions and passages (EmbedDistill); needs a student as wide as the teacher. 0 = none.
-  d.embed_weight = 0.0
   # Passage samples per question whose teacher outputs are cached (epoch e reads sample e mod S); the cache
   # holds S x questions x m x reader_len float16 start and end logits.
   d.cache_samples = 1

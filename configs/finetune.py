@@ -20,10 +20,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pool = distill.pool_config()
   f = c.finetune = ml_collections.ConfigDict()
   f.init = ""  # exported student of train.distill (its W/best or W/top/step_<n>), required
-  f.mode = "iterative"  # "iterative" (Algorithm 1: two updates per step) or "joint" (reader + retrieval NLL, one)
-  # Algorithm 1's two updates: "shared" = one AdamW state advancing twice per step (the schedule counts updates),
-  # "separate" = one AdamW state per update.
-  f.optimizer_states = "shared"
   f.m = 24  # passages per question: one positive first, then m - 1 answer-free ones
   f.temperature = 3.0  # τ of L_recon
   f.max_spans = 10  # answer occurrences in the positive used as span targets

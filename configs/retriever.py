@@ -29,9 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   r.hard_negatives = 1  # BM25 hard negatives per question, from the prepared candidates
   r.train_splits = ("nq_train", "squadshifts_train")  # prepared splits to train on
   r.max_train_questions = 0  # keep the first N trainable questions of each split; 0 = all
-  r.holdout_tail = 0  # never train on the last N questions of each training split (held out for a later choice)
-  # Evaluation splits: every evaluation encodes the corpus and exports the best parameters by select_metric;
-  # () = no evaluation, the last parameters are exported (e.g. a retriever trained only as a merge ingredient).
+  # Evaluation splits: every evaluation encodes the corpus and exports the best parameters by select_metric.
   r.eval_splits = ("nq_dev", "squadshifts_dev")
   r.max_eval_questions = 0  # first N questions of each eval split; 0 = all
   r.eval_ks = (1, 5, 20, 100)
@@ -41,12 +39,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # stage need not encode the corpus again.
   r.save_embeddings = False
   r.encode_batch_size = 64  # evaluation encoding batch (a multiple of the device count)
-  # Beyond the paper: distil the scores of another exported retriever (e.g. the two-encoder teacher system's)
-  # over each batch's passages; its corpus embeddings (infer.encode layout) give the passage vectors.
-  r.teacher = ""
-  r.teacher_embeddings = ""
-  r.teacher_weight = 1.0  # x tau^2 x KL(teacher || student), added to the NLL
-  r.teacher_temperature = 1.0
   r.init_checkpoint = ""  # start from another run's parameters (workdir or checkpoint path)
   if arg == "tiny":
     common.make_tiny(c)

@@ -1,6 +1,6 @@
 r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
 
-  python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted|fused|vote
+  python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted|fused
                            --passage_score_weight λ --lexical_weight W --out PRED.jsonl]
 
 Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each
@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from rnr_jax.bundle import BundleError
 from rnr_jax.data.readers import DataFormatError, Question, read_questions
+from rnr_jax.evaluation import evaluate_system
 from rnr_jax.io import atomic_write_text
-from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy, exact_match, f1_score
+from rnr_jax.metrics import exact_match
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
@@ -55,57 +53,6 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["bundle", "questions"])
 
 
-def read_counts(top_k: int, max_read: int = 0) -> list[int]:
-  """The m' of appendix A.3 up to ``top_k``: 1, 10, 20, ..., and ``top_k`` itself; none above ``max_read`` (> 0)."""
-  counts = sorted({1, *range(10, top_k + 1, 10), top_k})
-  return [n for n in counts if n <= max_read] if max_read > 0 else counts
-
-
-def evaluate(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str, passage_score_weight: float,
-             batch_size: int = 64, progress: bool = True, max_read: int = 0,
-             lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Prediction]]:
-  """``(summary, predictions at the best m')`` of ``questions`` (see the module docstring).
-
-  ``max_read`` > 0 reads at most that many of the ``top_k`` retrieved passages (the top-k accuracy still covers
-  all ``top_k``): reading dominates the time, so ``max_read=1`` measures the DPR rule's EM several times faster.
-  ``lexical_weight`` None takes the system's setting (0 = dense retrieval only).
-  """
-  if not questions:
-    raise ValueError("no questions to evaluate")
-  if max_read < 0:
-    raise ValueError(f"max_read must be >= 0, got {max_read}")
-  top_k = min(top_k, len(system.index))
-  lexical_weight = system.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
-  counts = read_counts(top_k, max_read)
-  predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
-  ranked = []
-  start = time.perf_counter()
-  with tqdm(total=len(questions), desc="evaluate", unit="question", disable=not progress, file=sys.stderr) as bar:
-    for i in range(0, len(questions), batch_size):
-      chunk = questions[i:i + batch_size]
-      results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
-                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight)
-      for n in counts:
-        predictions[n] += results.predictions[n]
-      ranked.append(results.passage_ids)
-      bar.update(len(chunk))
-  seconds = time.perf_counter() - start
-  answers = [q.answers for q in questions]
-  em_at = {n: float(np.mean([exact_match(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
-  f1_at = {n: float(np.mean([f1_score(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
-  best = max(counts, key=lambda n: (em_at[n], -n))
-  matcher = AnswerMatcher(lambda pid: system.passage(pid)[1] if pid >= 0 else "")  # -1: an empty "ah" slot
-  ks = sorted({k for k in DEFAULT_KS if k < top_k} | {top_k})
-  accuracy = answer_top_k_accuracy(np.concatenate(ranked), answers, matcher, ks)
-  summary = {"n": len(questions), "em": em_at[best], "f1": f1_at[best], "best_read_passages": best,
-             "em_at": {str(n): v for n, v in em_at.items()}, "f1_at": {str(n): v for n, v in f1_at.items()},
-             "top_k_accuracy": {f"top{k}": v for k, v in accuracy.items()},
-             "questions_per_s": round(len(questions) / seconds, 3), "seconds": round(seconds, 3),
-             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight,
-             "lexical_weight": lexical_weight}
-  return summary, predictions[best]
-
-
 def prediction_records(questions: Sequence[Question], predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
   """The ``--out`` line of each question."""
   return [{"id": q.id, "question": q.question, "prediction": p.answer, "passage_id": p.passage_id, "title": p.title,
@@ -124,9 +71,9 @@ def main(argv: Sequence[str]) -> None:
   s = system.settings
   rule = FLAGS.rule or s.rule
   weight = s.passage_score_weight if FLAGS.passage_score_weight is None else FLAGS.passage_score_weight
-  summary, predictions = evaluate(system, questions, top_k=FLAGS.top_k or s.top_k, rule=rule,
-                                  passage_score_weight=weight, batch_size=FLAGS.batch_size, max_read=FLAGS.max_read,
-                                  lexical_weight=FLAGS.lexical_weight)
+  summary, predictions = evaluate_system(system, questions, top_k=FLAGS.top_k or s.top_k, rule=rule,
+                                         passage_score_weight=weight, batch_size=FLAGS.batch_size,
+                                         max_read=FLAGS.max_read, lexical_weight=FLAGS.lexical_weight)
   for n in summary["em_at"]:
     print(f"m'={n:>4}  EM {100 * summary['em_at'][n]:6.2f}  F1 {100 * summary['f1_at'][n]:6.2f}")
   print("retrieval: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in summary["top_k_accuracy"].items()))

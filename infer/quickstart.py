@@ -13,13 +13,15 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 
-from rnr_jax import embed, metrics, tokenization
+from rnr_jax import metrics, retrieval, tokenization
 from rnr_jax.data import readers
-from rnr_jax.models import build_encoder
 from rnr_jax.models.hf import load_hf_encoder
+from rnr_jax.specs import RetrieverSpec
+from rnr_jax.training import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", os.environ.get("RNR_DATA", "../shared/data"), "Directory of corpus.jsonl and *_dev.jsonl.")
@@ -49,22 +51,24 @@ def main(argv):
 
   encoder_path = FLAGS.encoder or tokenization.default_tokenizer_path()
   config, params = load_hf_encoder(encoder_path)
-  module = build_encoder(config)
   tok = tokenization.Tokenizer.from_pretrained(encoder_path)
-  fn = embed.make_embed_fn(module, FLAGS.pooling, 0)
+  # One shared encoder scoring by cosine, passages of token type 0: how sentence-transformers models were trained.
+  spec = RetrieverSpec(encoder=config.to_hf_dict(), shared=True, pooling=FLAGS.pooling, retrieval_dim=0,
+                       normalize=True, passage_token_type=0, tokenizer_fingerprint="", question_len=64,
+                       passage_len=FLAGS.passage_len, buckets=tokenization.DEFAULT_BUCKETS)
+  params = {"encoder": params}
+  q_fn, p_fn = spec.embed_fns()
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   print(f"encoder {encoder_path} ({config.num_hidden_layers} layers, hidden {config.hidden_size}); pooling={FLAGS.pooling}")
 
   records = tok.passage_token_ids([d.title for d in docs], [d.text for d in docs])
-  lengths = [min(len(r) + 2, FLAGS.passage_len) for r in records]
-  batches = [(idx, embed.pad_rows(tok.passages_from_records([records[i] for i in idx], FLAGS.passage_len), FLAGS.batch_size))
-             for idx in tokenization.bucketed_batches(lengths, FLAGS.batch_size)]
   t0 = time.perf_counter()
-  p_vecs, p_rate = embed.embed_in_batches(fn, params, batches, len(docs), config.hidden_size, progress=True)
-  q_batch = tok.questions([q.question for q in questions])
-  q_vecs = np.array(fn(params, q_batch.as_dict()))
-  p_vecs /= np.linalg.norm(p_vecs, axis=1, keepdims=True)
-  q_vecs /= np.linalg.norm(q_vecs, axis=1, keepdims=True)
-  scores = q_vecs @ p_vecs.T
+  encoded = retrieval.encode_corpus(retrieval.BatchEncoder(p_fn, mesh, FLAGS.batch_size), params, tok, records,
+                                    max_len=FLAGS.passage_len, buckets=spec.buckets, token_type=0, progress=True)
+  q_vecs = retrieval.encode_questions(retrieval.BatchEncoder(q_fn, mesh, FLAGS.batch_size), params, tok,
+                                      [q.question for q in questions], max_len=64, buckets=spec.buckets)
+  scores = q_vecs @ encoded.vectors.T
+  p_rate = encoded.passages_per_s
   print(f"encoded {len(docs)} passages in {time.perf_counter() - t0:.1f}s ({p_rate:.0f} passages/s)\n")
 
   hits = []

@@ -40,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnr_jax import embed, retrieval
+from rnr_jax import qa_model, retrieval
 from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes
-from rnr_jax.metrics import AnswerMatcher
+from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.models import EncoderConfig, build_encoder
+from rnr_jax.reader_data import NO_PASSAGE
 from rnr_jax.tokenization import Tokenizer, bucketed_batches
 
 OFFSET_BYTES = 8  # one int64 entry of the token corpus' offsets per passage
@@ -56,17 +57,16 @@ class PassageFilter(nn.Module):
   config: EncoderConfig
   pooling: str = "cls"
   dtype: Any = jnp.float32
-  num_layers: int | None = None
 
   def setup(self):
-    self.encoder = build_encoder(self.config, dtype=self.dtype, num_layers=self.num_layers)
+    self.encoder = build_encoder(self.config, dtype=self.dtype)
     self.w = self.param("w", nn.initializers.normal(0.02), (self.config.hidden_size,))
 
   def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
     """Scores ``[B]`` (float32) of passage inputs ``input_ids, attention_mask, token_type_ids``."""
     out = self.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                        deterministic=deterministic)
-    v = embed.pool(out.sequence, batch["attention_mask"], self.pooling).astype(jnp.float32)
+    v = qa_model.pool(out.sequence, batch["attention_mask"], self.pooling).astype(jnp.float32)
     return v @ self.w.astype(jnp.float32)
 
 
@@ -269,3 +269,38 @@ def subset_ids(path: str | os.PathLike | None, num_passages: int) -> np.ndarray 
   if total != num_passages:
     raise ValueError(f"{path} selects from {total} passages, the corpus has {num_passages}")
   return np.sort(pids.astype(np.int64))
+
+
+def restrict_ranking(rows: np.ndarray, keep: np.ndarray, width: int | None = None) -> np.ndarray:
+  """Each row's passage ids that ``keep`` (bool per passage) keeps, in order, padded with -1 to ``width``."""
+  out = np.full((len(rows), width or rows.shape[1]), NO_PASSAGE, np.int32)
+  for i, row in enumerate(rows):
+    row = row[(row >= 0) & keep[np.maximum(row, 0)]][:out.shape[1]]
+    out[i, :len(row)] = row
+  return out
+
+
+def keep_sweep(data: Any, scores: np.ndarray, candidates: str, splits: Sequence[str],
+               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
+  """What keeping the top fraction of passages by filter score does, for each fraction.
+
+  Per split: ``survival`` (questions with a gold answer-holding passage that keep at least one) and the top-1 /
+  top-20 answer accuracy of the ranked candidates restricted to the kept passages.
+  """
+  order = np.argsort(-scores, kind="stable")
+  out: dict[str, Any] = {}
+  with np.load(candidates) as ranked:
+    rankings = {s: ranked[s] for s in splits}
+  for fraction in fractions:
+    keep = np.zeros(len(scores), bool)
+    keep[order[:int(round(fraction * len(scores)))]] = True
+    row = {}
+    for split in splits:
+      questions, gold = data.questions(split), data.candidates(split).gold
+      with_gold = [q for q in range(len(questions)) if len(gold[q])]
+      kept = restrict_ranking(rankings[split], keep, width=20)
+      accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
+      row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
+                    "top1": accuracy[1], "top20": accuracy[20]}
+    out[f"{fraction:g}"] = row
+  return out

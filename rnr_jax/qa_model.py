@@ -1,49 +1,63 @@
-"""Retriever, reader and the unified retriever-reader as Flax modules.
+"""The retriever, the reader and the unified retriever-reader as Flax modules.
 
-* :class:`Retriever`: DPR bi-encoder with a question encoder and a passage
-  encoder, or (``shared=True``, paper §2.2.2) one encoder for both, questions
-  told apart by token type 0 and passages by token type 1. The retrieval vector
-  is the pooled output truncated to its first ``retrieval_dim`` dims.
-* :class:`RetrieverReader`: one encoder with DPR reader heads: per-token start
-  and end logits (``qa_outputs``) and a passage-ranking logit from the [CLS]
-  state (``qa_classifier``). Used as the reader teacher (``read`` only) and as
-  the unified retriever-reader (``embed`` and ``read``; paper §2.2.3).
-
-Parameter trees: ``{"encoder": ...}`` (shared) or ``{"question_encoder": ...,
-"passage_encoder": ...}``, plus ``qa_outputs`` / ``qa_classifier`` for readers.
-Encoder subtrees are exactly those of :mod:`rnr_jax.models`, so Hugging Face
-weights drop in with :func:`with_pretrained_encoders`.
+Parameter trees are ``{"encoder": ...}`` (one shared encoder) or ``{"question_encoder": ..., "passage_encoder":
+...}``, plus the reader heads ``qa_outputs`` (start / end logits per token) and ``qa_classifier`` (passage-ranking
+logit from the [CLS] state). Encoder subtrees are those of :mod:`rnr_jax.models`, so Hugging Face weights drop in.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rnr_jax import embed
 from rnr_jax.models import EncoderConfig, build_encoder
 
 Params = Any
 HEAD_NAMES = ("qa_outputs", "qa_classifier")  # the reader heads of a RetrieverReader
 
 
+def pool(sequence: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
+  """``[B, L, H] -> [B, H]`` by the [CLS] state (the paper, DPR) or the masked mean (how MiniLM was trained)."""
+  if pooling == "cls":
+    return sequence[:, 0]
+  if pooling == "mean":
+    m = attention_mask.astype(jnp.float32)[..., None]
+    return (sequence.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+  raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
+
+
+def retrieval_vector(sequence: jax.Array, attention_mask: jax.Array, pooling: str, dim: int) -> jax.Array:
+  """The pooled vector's first ``dim`` entries (paper §2.2.1; ``dim=0``: full width), in float32."""
+  v = pool(sequence, attention_mask, pooling).astype(jnp.float32)
+  return v[:, :dim] if dim else v
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def dummy_inputs() -> dict[str, np.ndarray]:
+  """A one-row input batch for ``init`` (parameter shapes do not depend on it)."""
+  ones = np.ones((1, 4), np.int32)
+  return {"input_ids": ones, "attention_mask": ones, "token_type_ids": np.zeros_like(ones)}
+
+
 class Retriever(nn.Module):
-  """Bi-encoder retriever (two encoders, or one shared)."""
+  """Bi-encoder retriever: DPR's two encoders, or one shared encoder (paper §2.2.2)."""
 
   config: EncoderConfig
   shared: bool = True
   pooling: str = "cls"
   retrieval_dim: int = 128
   dtype: Any = jnp.float32
-  num_layers: int | None = None
 
   def setup(self):
-    make = lambda: build_encoder(self.config, dtype=self.dtype, num_layers=self.num_layers)
+    make = lambda: build_encoder(self.config, dtype=self.dtype)
     if self.shared:
       self.encoder = make()
     else:
@@ -52,7 +66,7 @@ class Retriever(nn.Module):
 
   def _embed(self, enc, batch, deterministic):
     out = enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], deterministic=deterministic)
-    return embed.retrieval_vector(out.sequence, batch["attention_mask"], self.pooling, self.retrieval_dim)
+    return retrieval_vector(out.sequence, batch["attention_mask"], self.pooling, self.retrieval_dim)
 
   def embed_questions(self, batch, deterministic: bool = True) -> jax.Array:
     return self._embed(self.encoder if self.shared else self.question_encoder, batch, deterministic)
@@ -65,16 +79,15 @@ class Retriever(nn.Module):
 
 
 class RetrieverReader(nn.Module):
-  """One encoder that retrieves (``embed``) and reads (``read``)."""
+  """One encoder that retrieves (``embed``) and reads (``read``): the reader teacher and the unified student."""
 
   config: EncoderConfig
   pooling: str = "cls"
   retrieval_dim: int = 128
   dtype: Any = jnp.float32
-  num_layers: int | None = None
 
   def setup(self):
-    self.encoder = build_encoder(self.config, dtype=self.dtype, num_layers=self.num_layers)
+    self.encoder = build_encoder(self.config, dtype=self.dtype)
     self.qa_outputs = nn.Dense(2, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="qa_outputs")
     self.qa_classifier = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
                                   name="qa_classifier")
@@ -83,7 +96,7 @@ class RetrieverReader(nn.Module):
     """Retrieval vectors ``[B, retrieval_dim]`` (float32)."""
     out = self.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                        deterministic=deterministic)
-    return embed.retrieval_vector(out.sequence, batch["attention_mask"], self.pooling, self.retrieval_dim)
+    return retrieval_vector(out.sequence, batch["attention_mask"], self.pooling, self.retrieval_dim)
 
   def read(self, batch, deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``start_logits [B, L], end_logits [B, L], rank_logits [B]`` (float32)."""
@@ -97,36 +110,26 @@ class RetrieverReader(nn.Module):
     return self.embed(batch, deterministic), self.read(batch, deterministic)
 
 
-def with_pretrained_encoders(params: Params, encoder_params: Params) -> Params:
-  """Returns ``params`` with every encoder subtree replaced by ``encoder_params``.
+def init_params(model: Retriever | RetrieverReader, rng: jax.Array) -> Params:
+  """Randomly initialised parameters of either module."""
+  x = dummy_inputs()
+  args = (x, x) if isinstance(model, Retriever) else (x,)
+  return model.init(rng, *args)["params"]
 
-  Shapes must match (same config and ``num_layers``); heads are kept.
-  """
+
+def _check_shapes(want: Params, got: Params, what: str) -> None:
+  if jax.tree.map(jnp.shape, want) != jax.tree.map(jnp.shape, got):
+    raise ValueError(f"pretrained {what} parameters do not match the model's")
+
+
+def with_pretrained(params: Params, encoder: Params | None = None, heads: Params | None = None) -> Params:
+  """``params`` with every encoder subtree replaced by ``encoder`` and the reader heads by ``heads`` (if given)."""
   out = dict(params)
   for name in ("encoder", "question_encoder", "passage_encoder"):
-    if name in out:
-      want = jax.tree_util.tree_map(jnp.shape, out[name])
-      got = jax.tree_util.tree_map(jnp.shape, encoder_params)
-      if want != got:
-        raise ValueError(f"pretrained encoder parameters do not match the model's {name!r} subtree")
-      out[name] = encoder_params
-  return out
-
-
-def with_pretrained_heads(params: Params, heads: Params) -> Params:
-  """Returns ``params`` with the reader heads (:data:`HEAD_NAMES`) replaced by ``heads`` (same shapes)."""
-  out = dict(params)
-  for name in HEAD_NAMES:
-    want = jax.tree_util.tree_map(jnp.shape, out[name])
-    got = jax.tree_util.tree_map(jnp.shape, heads[name])
-    if want != got:
-      raise ValueError(f"reader head {name!r}: shapes {got} do not match the model's {want}")
+    if encoder is not None and name in out:
+      _check_shapes(out[name], encoder, f"encoder ({name})")
+      out[name] = encoder
+  for name in HEAD_NAMES if heads is not None else ():
+    _check_shapes(out[name], heads[name], f"reader head {name}")
     out[name] = heads[name]
   return out
-
-
-def pretrained_loader(encoder_params: Params | None) -> Callable[[Params], Params] | None:
-  """The training loop's ``load_pretrained`` hook for Hugging Face encoder weights (``None``: random init)."""
-  if encoder_params is None:
-    return None
-  return functools.partial(with_pretrained_encoders, encoder_params=encoder_params)

@@ -1,37 +1,12 @@
-"""The in-memory open-domain QA system: encode questions, search the index, read the top passages, answer.
+"""The in-memory QA system: encode questions, search the index, read the top passages, answer.
 
-One :class:`QASystem` serves both a freshly trained model (:meth:`QASystem.from_parts`)
-and a deployed bundle (:meth:`QASystem.from_bundle`), so both answer identically
-given the same weights, index and settings. A question goes through
-
-1. **encoding**: tokenized to ``[CLS] question [SEP]`` (token type 0), grouped with
-   questions of the same length bucket and embedded by a jitted function; a group
-   is padded to a power-of-two number of rows, so only a few shapes compile;
-2. **search**: the top-``top_k`` passage ids by inner product (:class:`~rnr_jax.index.DenseIndex`,
-   the INT8 index of paper §2.3 in a bundle), optionally fused with BM25 scores over
-   the same passages (``InferenceSettings.lexical_weight``, :mod:`rnr_jax.lexical`);
-3. **reading**: the first ``m'`` retrieved passages of each question are built
-   from the token-ID corpus as ``[CLS] question [SEP] title [SEP] text [SEP]`` rows
-   and read in one jitted batch (``questions x m'`` rows, questions padded to a
-   power of two, rows to one length bucket), giving start / end / rank logits;
-4. **choosing**: :func:`rnr_jax.reader.select_answer` with the ``"dpr"`` rule (best
-   span of the top-ranked passage) or the ``"weighted"`` rule of appendix A.3
-   (``(1-λ)(log Ps + log Pe) + 2λ log Prank`` over each passage's top five spans);
-   the span is widened to whole words.
-
-Answer text. With passage texts (``passage_texts`` of :meth:`QASystem.from_parts`)
-the answer is cut from the original text through character offsets. Without them
-(a bundle ships token ids only, paper §2.3) titles, passages and answers are decoded
-from the token ids: uncased WordPiece text, which EM/F1 normalisation tolerates.
-
-The system's models (:class:`SystemSpec`): a unified retriever-reader (one
-:class:`~rnr_jax.qa_model.RetrieverReader` whose ``embed`` retrieves and ``read``
-reads, paper §2.2.3), or a retriever plus a separate reader (parameters
-``{"retriever": ..., "reader": ...}``).
-
-Passages are looked up by passage id in a :class:`PassageStore`: a token-ID corpus
-whose row ``i`` holds passage ``passage_ids[i]``, plus in-memory edits
-(:mod:`rnr_jax.knowledge`).
+One :class:`QASystem` serves a freshly trained model (:meth:`QASystem.from_parts`) and a deployed bundle
+(:meth:`QASystem.from_bundle`), so both answer identically given the same weights, index and settings. Questions
+are encoded in length-bucketed jitted batches padded to a power-of-two number of rows (few shapes compile); the
+top-k passages come from the :class:`~rnr_jax.index.DenseIndex` (optionally fused with BM25,
+:mod:`rnr_jax.lexical`); the first m' are read in one jitted batch and the answer chosen by
+:func:`rnr_jax.reader.select_answer`, widened to whole words. A bundle ships token ids only (paper §2.3), so its
+titles, passages and answers are decoded from them.
 """
 
 from __future__ import annotations
@@ -56,107 +31,18 @@ from rnr_jax.data.token_corpus import TokenCorpus, save_npy
 from rnr_jax.index import DenseIndex
 from rnr_jax.lexical import LexicalIndex
 from rnr_jax.models import Params
+from rnr_jax.specs import ReaderSpec, SystemSpec
+from rnr_jax.training import mesh as mesh_lib
 
-RULES = ("dpr", "weighted", "fused", "vote")
+RULES = ("dpr", "weighted", "fused")
 PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 NO_PASSAGE = rd.NO_PASSAGE
 
-ReadFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
-
-
-# ---- models -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SystemSpec:
-  """What rebuilds a QA system's model(s) and inputs; ``config.json["model"]`` of a bundle.
-
-  Attributes:
-    reader: the reader (for a unified system, the whole retriever-reader).
-    retriever: the retrieval inputs and vectors (question / passage lengths,
-      passage token type, normalisation); for a unified system it describes the
-      reader's ``embed`` and shares its encoder.
-    unified: one model (parameters of the reader) or two (``{"retriever", "reader"}``).
-  """
-
-  reader: rd.ReaderSpec
-  retriever: retrieval.RetrieverSpec
-  unified: bool
-
-  def __post_init__(self) -> None:
-    if self.reader.tokenizer_fingerprint != self.retriever.tokenizer_fingerprint:
-      raise ValueError("the retriever and the reader were trained with different tokenizers")
-    if self.unified and (dict(self.reader.encoder) != dict(self.retriever.encoder)
-                         or self.reader.pooling != self.retriever.pooling
-                         or self.reader.retrieval_dim != self.retriever.retrieval_dim):
-      raise ValueError("a unified system's retrieval settings must be those of its reader's encoder")
-
-  @classmethod
-  def unified_model(cls, reader_spec: rd.ReaderSpec, *, passage_len: int = 256, passage_token_type: int = 1,
-                    normalize: bool = False) -> SystemSpec:
-    """A unified retriever-reader: the reader's ``embed`` retrieves (questions token type 0, paper §2.2.2)."""
-    retriever = retrieval.RetrieverSpec(
-        encoder=reader_spec.encoder, shared=True, pooling=reader_spec.pooling,
-        retrieval_dim=reader_spec.retrieval_dim, normalize=normalize, passage_token_type=passage_token_type,
-        tokenizer_fingerprint=reader_spec.tokenizer_fingerprint, question_len=reader_spec.question_len,
-        passage_len=passage_len, buckets=reader_spec.buckets, dtype=reader_spec.dtype)
-    return cls(reader_spec, retriever, unified=True)
-
-  @classmethod
-  def two_models(cls, retriever_spec: retrieval.RetrieverSpec, reader_spec: rd.ReaderSpec) -> SystemSpec:
-    """A retriever and a separate reader."""
-    return cls(reader_spec, retriever_spec, unified=False)
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> SystemSpec:
-    return cls(rd.ReaderSpec.from_json(d["reader"]), retrieval.RetrieverSpec.from_json(d["retriever"]),
-               bool(d["unified"]))
-
-  def to_json(self) -> dict[str, Any]:
-    return {"unified": self.unified, "reader": self.reader.to_json(), "retriever": self.retriever.to_json()}
-
-  @property
-  def dim(self) -> int:
-    """Width of the retrieval vectors."""
-    return self.retriever.dim
-
-  def init_params(self, rng: jax.Array) -> Params:
-    """Randomly initialised parameters of the system's model(s)."""
-    reader_rng, retriever_rng = jax.random.split(rng)
-    reader_params = self.reader.build().init(reader_rng, retrieval.dummy_inputs())["params"]
-    if self.unified:
-      return reader_params
-    return {"retriever": retrieval.initial_params(self.retriever.build(), retriever_rng), "reader": reader_params}
-
-  def embed_fns(self) -> tuple[retrieval.EmbedFn, retrieval.EmbedFn]:
-    """``(question_fn, passage_fn)``: ``(system params, batch) -> [B, dim]`` (not jitted)."""
-    if not self.unified:
-      questions, passages = self.retriever.embed_fns()
-      return (lambda params, batch: questions(params["retriever"], batch),
-              lambda params, batch: passages(params["retriever"], batch))
-    model = self.reader.build()
-
-    def embed_fn(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
-      return self.retriever.finish(model.apply({"params": params}, batch, method="embed"))
-
-    return embed_fn, embed_fn
-
-  def read_fn(self) -> ReadFn:
-    """``(system params, batch) -> [rows, 2L + 1]``: start logits, end logits and the rank logit, concatenated."""
-    model = self.reader.build()
-
-    def read(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
-      start, end, rank = model.apply({"params": params if self.unified else params["reader"]}, batch, method="read")
-      return jnp.concatenate([start, end, rank[:, None]], axis=1)
-
-    return read
-
-
 def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
                     mesh: Mesh, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
   """float32 ``[len(records), dim]`` passage vectors of token-ID records (``params`` placed on ``mesh``)."""
-  parallel = retrieval.data_parallelism(mesh)
+  parallel = mesh_lib.data_parallelism(mesh)
   encoder = retrieval.BatchEncoder(spec.embed_fns()[1], mesh, -(-batch_size // parallel) * parallel)
   r = spec.retriever
   return retrieval.encode_corpus(encoder, params, tokenizer, records, max_len=r.passage_len, buckets=r.buckets,
@@ -291,10 +177,10 @@ class InferenceSettings:
     top_k: passages retrieved per question.
     read_passages: ``m'``, the retrieved passages read per question.
     rule: ``"dpr"`` or ``"weighted"`` (appendix A.3), ``"fused"`` (reader span and rank scores plus the
-      retrieval score) or ``"vote"`` (each passage's best span votes with its retrieval probability;
+      retrieval score;
       :func:`rnr_jax.reader.select_answer`).
     passage_score_weight: λ of the weighted rule.
-    retrieval_scale: the fused and vote rules' temperature on retrieval scores (the retriever's training scale).
+    retrieval_scale: the fused rule's temperature on retrieval scores (the retriever's training scale).
     lexical_weight: > 0 ranks passages by ``dense + lexical_weight * BM25`` over the union of the dense and
       the BM25 top ``lexical_candidates`` (:mod:`rnr_jax.lexical`; BM25 built from the shipped passages);
       0 retrieves by the dense index alone, as the paper does.
@@ -395,45 +281,17 @@ def _locate(text: str, part: str, near: int) -> int:
   return best
 
 
-class _Batched:
-  """A ``(params, batch) -> [rows, ...]`` function jitted over a data mesh, one compilation per (rows, length)."""
-
-  def __init__(self, fn: Callable[[Params, dict[str, jax.Array]], jax.Array], mesh: Mesh):
-    self._fn = jax.jit(fn)
-    self._mesh = mesh
-    self._parallel = retrieval.data_parallelism(mesh)
-    self._encoders: dict[int, retrieval.BatchEncoder] = {}
-
-  def __call__(self, params: Params, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
-    """The outputs of the batch's rows, run padded to ``rows`` (rounded up to a multiple of the devices)."""
-    n = batch.input_ids.shape[0]
-    size = -(-max(rows, n) // self._parallel) * self._parallel
-    if size not in self._encoders:
-      self._encoders[size] = retrieval.BatchEncoder(self._fn, self._mesh, size)
-    return self._encoders[size](params, [(np.arange(n), batch)], n)
-
-
 @functools.lru_cache(maxsize=8)
-def _runners(spec_json: str, mesh: Mesh) -> tuple[_Batched, _Batched]:
-  """The jitted question encoder and reader of a spec, shared by every system of that spec on ``mesh``.
-
-  Systems reloaded in one process (after knowledge edits, say) reuse the compilations.
-  """
+def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrieval.BatchEncoder]:
+  """The jitted question encoder and reader of a spec, shared by every system of that spec on ``mesh``, so
+  systems reloaded in one process (after knowledge edits, say) reuse the compilations."""
   spec = SystemSpec.from_json(json.loads(spec_json))
-  return _Batched(spec.embed_fns()[0], mesh), _Batched(spec.read_fn(), mesh)
+  parallel = mesh_lib.data_parallelism(mesh)
+  return (retrieval.BatchEncoder(spec.embed_fns()[0], mesh, parallel),
+          retrieval.BatchEncoder(spec.read_fn(), mesh, parallel))
 
 
 # ---- the system -------------------------------------------------------------------------
-
-
-def _check_choices(choices: Sequence[tuple[str, int]], s: InferenceSettings
-                   ) -> tuple[list[tuple[str, int]], dict[str, InferenceSettings]]:
-  """``(the distinct choices, each rule's settings)`` of ``(rule, m')`` choices; raises on an unknown rule or an
-  m' below 1."""
-  choices = list(dict.fromkeys(choices))
-  if not choices or min(n for _, n in choices) < 1:
-    raise ValueError(f"read counts must be >= 1, got {[n for _, n in choices]}")
-  return choices, {rule: dataclasses.replace(s, rule=rule) for rule, _ in choices}
 
 
 class QASystem:
@@ -458,7 +316,7 @@ class QASystem:
     if missing.any():
       raise ValueError(f"indexed passages missing from the corpus: {index.ids[missing][:10].tolist()}")
     self.spec = spec
-    self.mesh = mesh if mesh is not None else retrieval.data_mesh(jax.devices()[:1])
+    self.mesh = mesh if mesh is not None else mesh_lib.data_mesh(jax.devices()[:1])
     self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
     self.index = index
     self.store = store
@@ -470,7 +328,7 @@ class QASystem:
     self._embed_questions, self._read = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
 
   @classmethod
-  def from_parts(cls, spec: SystemSpec | rd.ReaderSpec, params: Params, index: DenseIndex,
+  def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Params, index: DenseIndex,
                  token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
                  passage_texts: Callable[[int], tuple[str, str]] | None = None,
                  settings: InferenceSettings | None = None, mesh: Mesh | None = None) -> QASystem:
@@ -489,7 +347,7 @@ class QASystem:
       settings: default answering settings.
       mesh: a one-axis ``("data",)`` mesh to run on (default: the first device).
     """
-    if isinstance(spec, rd.ReaderSpec):
+    if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
     return cls(spec, params, index, PassageStore(token_corpus, passage_ids), tokenizer, settings=settings,
                passage_texts=passage_texts, mesh=mesh)
@@ -539,7 +397,7 @@ class QASystem:
     lengths = [min(len(ids) + 2, r.question_len) for ids in self.tokenizer.encode_texts(questions)]
     for idx in tk.bucketed_batches(lengths, limit, r.buckets):
       batch = self.tokenizer.questions([questions[i] for i in idx], r.question_len, r.buckets)
-      out[idx] = self._embed_questions(self.params, batch, _power_of_two(len(idx), limit))
+      out[idx] = self._embed_questions.run(self.params, batch, _power_of_two(len(idx), limit))
     return out
 
   def embed_passages(self, records: Sequence[np.ndarray], *, progress: bool = False) -> np.ndarray:
@@ -609,63 +467,24 @@ class QASystem:
     s = dataclasses.replace(self.settings, **{k: v for k, v in (
         ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight),
         ("lexical_weight", lexical_weight)) if v is not None})
-    counts = tuple(read_counts or (s.read_passages,))
-    pids, scores, answers = self.predict_rules(questions, [(s.rule, n) for n in counts], settings=s)
-    return Results(pids, scores, {n: answers[s.rule, n] for n in counts})
-
-  def predict_rules(self, questions: Sequence[str], choices: Sequence[tuple[str, int]], *,
-                    settings: InferenceSettings | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, int], list[Prediction]]]:
-    """Retrieves ``settings.top_k`` passages per question and reads them once, then answers by every
-    ``(rule, m')`` of ``choices`` from the same reader outputs.
-
-    Returns ``(passage ids, their scores, {(rule, m'): [Prediction per question]})``; ``settings`` defaults to
-    :attr:`settings` (its rule is not used).
-    """
-    s = settings or self.settings
-    choices, rule_settings = _check_choices(choices, s)
+    counts = tuple(dict.fromkeys(read_counts or (s.read_passages,)))
+    if min(counts) < 1:
+      raise ValueError(f"read counts must be >= 1, got {list(counts)}")
     questions = self._check_questions(questions)
-    if questions:
-      pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
-    else:
-      pids, scores = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
-    return pids, scores, self._read_ranked(questions, pids, scores, choices, rule_settings, s)
-
-  def read_given(self, questions: Sequence[str], pids: np.ndarray, scores: np.ndarray,
-                 choices: Sequence[tuple[str, int]], *, settings: InferenceSettings | None = None
-                 ) -> dict[tuple[str, int], list[Prediction]]:
-    """Reads the given ranked passages instead of retrieving: ``{(rule, m'): [Prediction per question]}``.
-
-    ``pids [Q, k]`` are passage ids of this system's store in rank order, ``scores [Q, k]`` their retrieval scores
-    (used by the rules that fuse them); e.g. another system's retrieval, to tell its reading from its retrieval.
-    """
-    s = settings or self.settings
-    choices, rule_settings = _check_choices(choices, s)
-    questions = self._check_questions(questions)
-    pids, scores = np.asarray(pids), np.asarray(scores)
-    if pids.ndim != 2 or pids.shape != scores.shape or len(pids) != len(questions):
-      raise ValueError(f"pids and scores must both be [questions={len(questions)}, k], got {pids.shape} and "
-                       f"{scores.shape}")
-    return self._read_ranked(questions, pids, scores, choices, rule_settings, s)
-
-  def _read_ranked(self, questions: list[str], pids: np.ndarray, scores: np.ndarray, choices: list[tuple[str, int]],
-                   rule_settings: dict[str, InferenceSettings], s: InferenceSettings
-                   ) -> dict[tuple[str, int], list[Prediction]]:
-    """predict_rules / read_given after their checks: each question's first passages read once, every choice."""
-    answers: dict[tuple[str, int], list[Prediction]] = {(rule, n): [] for rule, n in choices}
     if not questions:
-      return answers
-    m = min(max(n for _, n in choices), pids.shape[1])
+      return Results(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), {n: [] for n in counts})
+    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
+    answers: dict[int, list[Prediction]] = {n: [] for n in counts}
+    m = min(max(counts), pids.shape[1])
     q_ids = self.tokenizer.encode_texts(questions)
     for start in range(0, len(questions), s.read_batch):
       group = range(start, min(start + s.read_batch, len(questions)))
       batch, logits = self._read_group([q_ids[q] for q in group], pids[group.start:group.stop, :m],
                                        _power_of_two(len(group), s.read_batch))
       for b, q in enumerate(group):
-        for rule, n in choices:
-          answers[rule, n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q],
-                                               rule_settings[rule]))
-    return answers
+        for n in counts:
+          answers[n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q], s))
+    return Results(pids, scores, answers)
 
   def _read_group(self, q_ids: Sequence[np.ndarray], pids: np.ndarray, padded_questions: int
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -674,7 +493,7 @@ class QASystem:
     batch = rd.reader_batch(self.tokenizer, self.store, q_ids, pids, max_len=r.reader_len, buckets=r.buckets,
                             question_len=r.question_len, max_answer_len=r.max_answer_len, max_spans=1)
     inputs = tk.EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return batch, self._read(self.params, inputs, padded_questions * pids.shape[1])
+    return batch, self._read.run(self.params, inputs, padded_questions * pids.shape[1])
 
   def _choose(self, question: str, batch: Mapping[str, np.ndarray], logits: np.ndarray, b: int, m: int, n: int,
               pids: np.ndarray, scores: np.ndarray, s: InferenceSettings) -> Prediction:
@@ -686,8 +505,7 @@ class QASystem:
       return Prediction(question, "", NO_PASSAGE, "", "", -1, -1, 0.0, 0.0, -1)
     span = reader.select_answer(logits[rows, :length], logits[rows, length:2 * length], logits[rows, 2 * length],
                                 valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight,
-                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale,
-                                input_ids=batch["input_ids"][rows])
+                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale)
     row = b * m + span.passage
     pid = int(pids[span.passage])
     answer, title, passage, char_start = self._span_text(pid, batch["input_ids"][row], int(batch["text_start"][row]),

@@ -187,8 +187,7 @@ def _best_span(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarr
 def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray,
                   valid: np.ndarray, max_answer_len: int = 10, rule: str = "dpr",
                   passage_score_weight: float = 0.8, spans_per_passage: int = 5,
-                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0,
-                  input_ids: np.ndarray | None = None) -> Span:
+                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0) -> Span:
   """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
 
   ``rule="dpr"``: best span (by logits) of the top-ranked passage.
@@ -197,10 +196,6 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
   ``rule="fused"`` (beyond the paper): maximum of ``start + end logits + log Prank + log Pret`` over the top
   ``spans_per_passage`` spans of each passage, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``
   over the m passages: the retriever's evidence joins the reader's, which a weak ranker needs.
-  ``rule="vote"`` (beyond the paper; evidence aggregation): each passage's best span (by logits) votes with the
-  passage's ``Pret``; the answer is the span (its tokens, ``input_ids [m, L]``) with the most votes, taken from
-  its best-retrieved passage; score = log of its votes. Span logits are never compared across passages (the reader
-  learns spans on answer passages only), nor is the ranker used; at m = 1 it answers as ``"dpr"``.
   """
   m = len(rank_logits)
   has_text = np.asarray(valid).any(-1)
@@ -219,31 +214,13 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
     rank_lp = _log_softmax_np(np.asarray(rank_logits), has_text)
     return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
                       log_probs=True, span_weight=1 - lam, passage_scores=2 * lam * rank_lp)
-  if rule not in ("fused", "vote"):
-    raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted', 'fused' or 'vote'")
+  if rule != "fused":
+    raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
   if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
-    raise ValueError(f"rule {rule!r} needs the {m} passages' retrieval scores, got "
+    raise ValueError(f"rule 'fused' needs the {m} passages' retrieval scores, got "
                      f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
   retrieval_lp = _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text)
-  if rule == "vote":
-    if input_ids is None or np.shape(input_ids) != np.shape(valid):
-      raise ValueError(f"rule 'vote' needs the passages' input ids of shape {np.shape(valid)}, got "
-                       f"{None if input_ids is None else np.shape(input_ids)}")
-    input_ids, weights = np.asarray(input_ids), np.exp(retrieval_lp)
-    votes: dict[tuple[int, ...], float] = {}  # span tokens -> votes
-    first: dict[tuple[int, ...], Span] = {}  # span tokens -> its span in the best-retrieved passage
-    for p in np.flatnonzero(has_text).tolist():  # passages in retrieval order
-      spans = top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, 1)
-      if spans:
-        s, e, _ = spans[0]
-        key = tuple(input_ids[p, s:e + 1].tolist())
-        votes[key] = votes.get(key, 0.0) + float(weights[p])
-        first.setdefault(key, Span(p, s, e, 0.0))
-    if not votes:
-      raise ValueError("no valid span in any passage")
-    key = max(votes, key=votes.get)  # ties: the span met first, i.e. from the best-retrieved passage
-    return dataclasses.replace(first[key], score=float(np.log(votes[key])))
-  passage_lp = _log_softmax_np(np.asarray(rank_logits), has_text) + retrieval_lp  # the fused rule
+  passage_lp = _log_softmax_np(np.asarray(rank_logits), has_text) + retrieval_lp
   return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
                     log_probs=False, span_weight=1.0, passage_scores=passage_lp)
 

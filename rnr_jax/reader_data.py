@@ -1,41 +1,11 @@
-"""Reader inputs from a prepared dataset: question + m passages, span targets, answer text.
+"""Reader inputs from a prepared dataset: a question with m passages, span targets, answer text.
 
-A reader example is one question with ``m`` passages, the positive (a passage
-holding an answer) first and ``m - 1`` negatives (retrieved passages without
-one) after it, as DPR's reader is trained (paper §2.2.3, footnote 6). Inputs
-are built from the token-ID corpus records (``title [SEP] text``) with
-:meth:`Tokenizer.reader_from_records`, so no passage text is tokenized during
-training; all rows of a batch are padded to one length bucket. Span targets
-are every occurrence of a tokenized answer in the positive's text region
-(:func:`rnr_jax.reader.find_answer_spans`).
+A reader example is one question with ``m`` passages, the positive (holding an answer) first and ``m - 1``
+answer-free negatives after it, as DPR's reader is trained (paper §2.2.3). Rows are built from the token-ID corpus,
+so no passage text is tokenized during training.
 
-Where passages come from (:func:`load_reader_split`):
-
-* by default the prepared BM25 candidates: positives = gold passages then BM25
-  answer passages, negatives = the top BM25 passages without an answer, and the
-  BM25 ranking for the open setting;
-* or a *ranked candidates file* written by a retriever (:func:`save_ranked`):
-  positives = gold passages then the retrieved answer passages, negatives = the
-  top retrieved passages without an answer, and the retriever's ranking.
-
-Ranked candidates file: an ``.npz`` archive (``numpy.savez``) with one array per
-split, named after the split (``nq_dev``, ...), of shape ``[Q, k]`` and dtype
-int32: row ``q`` lists the passage ids retrieved for question ``q`` of
-``PreparedData.questions(split)``, best first; ``-1`` pads rows with fewer than
-``k`` passages. Passage ids are rows of the prepared ``passages.jsonl``.
-
-Answers are decoded from the original passage text: the predicted token span
-is widened to whole words and mapped back through the character offsets of the
-passage text, so casing and punctuation are those of the corpus.
-
-Exported parameters (:class:`ParamsExport`): an Orbax directory ``<dir>/<step>/``
-with two items, ``params`` (the parameter pytree) and ``model`` (JSON: what
-rebuilds the model, e.g. a :class:`ReaderSpec`, plus the step's metrics); only
-the newest step is kept. The reader stage exports its best evaluation there and
-:func:`load_reader` reads it back (e.g. as the distillation teacher).
-
-:func:`load_prepared` is also used by the passage filter stage (``train.filter``);
-exports use :class:`rnr_jax.training.checkpoint.ParamsExport`.
+**Ranked candidates file** (:func:`save_ranked`): an ``.npz`` with one ``int32 [Q, k]`` array per split (row q:
+the passage ids retrieved for question q of ``PreparedData.questions(split)``, best first, -1 padded).
 """
 
 from __future__ import annotations
@@ -44,41 +14,18 @@ import dataclasses
 import io
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rnr_jax import qa_model, reader, retrieval
+from rnr_jax import reader
 from rnr_jax.data.examples import sample_reader_passages
-from rnr_jax.data.prepared import PreparedData, prepare
+from rnr_jax.data.prepared import PreparedData
 from rnr_jax.data.readers import Question
 from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes
-from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict
-from rnr_jax.models.encoder import resolve_num_layers
 from rnr_jax.tokenization import Tokenizer
-from rnr_jax.training.checkpoint import ParamsExport
 
 NO_PASSAGE = -1
-
-
-# ---- stage set-up -----------------------------------------------------------------------
-
-
-def load_prepared(config: Any, workdir: str) -> PreparedData:
-  """``config.prepared_dir``, or ``<workdir>/prepared`` built (or found up to date) from ``config.data_dir``."""
-  if config.prepared_dir:
-    return PreparedData.load(config.prepared_dir)
-  path = os.path.join(workdir, "prepared")
-  if jax.process_index() == 0:
-    prepare(config.data_dir, path, echo=lambda s: logging.info("%s", s))
-  multihost_utils.sync_global_devices("rnr_jax.reader_data.load_prepared")
-  return PreparedData.load(path)
 
 
 # ---- ranked candidates files ------------------------------------------------------------
@@ -279,94 +226,3 @@ def predict_answers(tokenizer: Tokenizer, is_continuation: np.ndarray, texts: Se
     answers.append(answer_text(tokenizer, is_continuation, batch["input_ids"][row], int(batch["text_start"][row]),
                                int(batch["text_end"][row]), span.start, span.end, texts[pids[b, span.passage]]))
   return answers
-
-
-# ---- the exported reader ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ReaderSpec:
-  """What rebuilds a reader (:class:`~rnr_jax.qa_model.RetrieverReader`) and its inputs.
-
-  Attributes:
-    encoder: transformers ``config.json`` dict of the encoder (layers kept).
-    pooling, retrieval_dim: the model's retrieval head (unused when only reading).
-    tokenizer_fingerprint: sha256 of the tokenizer files (as in a prepared manifest).
-    question_len, reader_len, max_answer_len: input and answer lengths in tokens.
-    buckets: padding lengths.
-    dtype: compute dtype name.
-  """
-
-  encoder: Mapping[str, Any]
-  pooling: str
-  retrieval_dim: int
-  tokenizer_fingerprint: str
-  question_len: int
-  reader_len: int
-  max_answer_len: int
-  buckets: tuple[int, ...]
-  dtype: str = "float32"
-
-  @classmethod
-  def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> ReaderSpec:
-    """The spec of a stage config (sections ``model`` and ``tokens``)."""
-    return cls(encoder=encoder.to_hf_dict(), pooling=config.model.pooling,
-               retrieval_dim=int(config.model.retrieval_dim), tokenizer_fingerprint=tokenizer_fingerprint,
-               question_len=int(config.tokens.question_len), reader_len=int(config.tokens.reader_len),
-               max_answer_len=int(config.tokens.max_answer_len), buckets=tuple(int(b) for b in config.tokens.buckets),
-               dtype=config.model.dtype)
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> ReaderSpec:
-    return cls(**{**d, "buckets": tuple(d["buckets"])})
-
-  def to_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), "encoder": dict(self.encoder), "buckets": list(self.buckets)}
-
-  def build(self) -> qa_model.RetrieverReader:
-    return qa_model.RetrieverReader(config_from_hf_dict(self.encoder), pooling=self.pooling,
-                                    retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
-
-
-def load_reader(directory: str, mesh: Mesh | None = None
-                ) -> tuple[ReaderSpec, qa_model.RetrieverReader, Params, dict[str, Any]]:
-  """``(spec, model, params, model item)`` of a reader export (e.g. ``<reader workdir>/best``).
-
-  Parameters are restored replicated over ``mesh`` (default: on the first device).
-  """
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no exported reader (no such directory)")
-  export = ParamsExport(directory)
-  try:
-    info = export.latest_info()
-    if info is None or "reader" not in info:
-      raise FileNotFoundError(f"{directory}: no exported reader")
-    spec = ReaderSpec.from_json(info["reader"])
-    model = spec.build()
-    sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), retrieval.dummy_inputs())["params"])
-    params = export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                         abstract))
-    return spec, model, params, info
-  finally:
-    export.close()
-
-
-def load_reader_encoder(directory: str, num_layers: int | None = None
-                        ) -> tuple[EncoderConfig, Params, dict[str, Params]]:
-  """``(encoder config, encoder params, heads)`` of a reader export, its encoder cut to the first ``num_layers``.
-
-  Starts a student from the reader teacher (``model.init=<reader>/best``): the encoder that already reads, and
-  ``heads`` (``qa_outputs``, ``qa_classifier``) for :func:`rnr_jax.qa_model.with_pretrained_heads`. Host numpy
-  arrays.
-  """
-  spec, _, params, _ = load_reader(directory)
-  config = config_from_hf_dict(dict(spec.encoder))
-  keep = resolve_num_layers(config.num_hidden_layers, num_layers)
-  encoder = jax.device_get(params["encoder"])
-  if any(not k.split("_")[1].isdigit() for k in encoder if k.startswith("layer_")):
-    raise ValueError(f"{directory}: unexpected encoder layer names {sorted(encoder)}")
-  encoder = {k: v for k, v in encoder.items() if not (k.startswith("layer_") and int(k.split("_")[1]) >= keep)}
-  heads = {k: jax.device_get(params[k]) for k in qa_model.HEAD_NAMES}
-  return dataclasses.replace(config, num_hidden_layers=keep), encoder, heads

@@ -13,6 +13,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import numpy as np
+
 from rnr_jax.io import atomic_write_bytes, atomic_write_text
 
 COMPONENTS = ("retriever", "reader", "index", "corpus")
@@ -138,3 +141,8 @@ def system_row(name: str, stage: str, footprint: Mapping[str, Any], results: Map
 
 def total(parts: Mapping[str, Any], keys: Sequence[str] = COMPONENTS) -> int:
   return int(sum(parts.get(k) or 0 for k in keys))
+
+
+def nbytes(params: Any) -> int:
+  """Bytes of a parameter pytree as stored (float32 weights: 4 per value)."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))

@@ -1,217 +1,34 @@
-"""Dense retrieval with a retriever: encoding, exact search, evaluation and the exported model.
-
-* :class:`RetrieverSpec`: everything that rebuilds a :class:`~rnr_jax.qa_model.Retriever`
-  and feeds it (encoder architecture, sharing, pooling, dimension, input layout);
-  :func:`initial_encoder` and :func:`initial_params` give the weights a config starts from.
-* :class:`BatchEncoder`: jitted embedding of padded batches with the batch dimension
-  split over the mesh's data axes (every device, every process).
-* :func:`encode_questions`; :func:`encode_corpus`, length-bucketed and resumable in
-  chunks; :func:`save_embeddings` / :func:`load_embeddings`, the files the index stage reads.
-* :func:`search_exact` and :func:`evaluate_retrieval`: top-k answer accuracy of
-  exact inner-product search over a whole corpus.
-* :class:`RetrieverExport` / :func:`load_retriever`: a run's exported parameters.
-
-**Embeddings directory** (:func:`save_embeddings`)::
-
-  embeddings.npy    float32 [N, d]; row i is passage id i of the prepared directory
-  embeddings.json   written last: format, num_passages, dim, pooling, model fingerprint, spec, ...
-  chunks/           while encoding only: key.json and <chunk>.npy, one per finished chunk
-
-**Exported retriever** (:class:`RetrieverExport`): an Orbax checkpoint directory
-``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable onto
-any mesh) and ``model`` (JSON: the :class:`RetrieverSpec`, the parameters'
-fingerprint and free-form info such as the step's metrics). Only the newest step
-is kept; Orbax commits each step atomically.
-"""
+"""Dense retrieval: batched sharded encoding (resumable in chunks), exact search and its evaluation, and the fresh
+index a training run searches with its current parameters."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from rnr_jax import embed, lexical, qa_model
+from rnr_jax import exports, lexical
 from rnr_jax import tokenization as tk
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.token_corpus import save_npy
-from rnr_jax.index import exact_search
+from rnr_jax.index_search import exact_search
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
-from rnr_jax.models import EncoderConfig, Params, config_from_hf_dict, load_hf_encoder, load_minilm
+from rnr_jax.reader_data import NO_PASSAGE
+from rnr_jax.specs import EmbedFn, RetrieverSpec
 from rnr_jax.training import mesh as mesh_lib
-from rnr_jax.training.checkpoint import ParamsExport
 
-EmbedFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
-
-EMBEDDINGS_FORMAT = "rnr_jax.embeddings"
-EMBEDDINGS_VERSION = 1
-EMBEDDINGS_FILE = "embeddings.npy"
-EMBEDDINGS_META = "embeddings.json"
-CHUNKS_DIR = "chunks"
+Params = Any
 CHUNK_KEY = "key.json"
-
-
-# ---- the model -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrieverSpec:
-  """What rebuilds a retriever and its inputs; saved beside exported parameters.
-
-  Attributes:
-    encoder: transformers ``config.json`` dict of the encoder (``num_hidden_layers``
-      = the layers kept).
-    shared: one encoder for questions and passages (paper §2.2.2) or two (DPR).
-    pooling: ``"cls"`` or ``"mean"``.
-    retrieval_dim: first d dims of the pooled vector; 0 = full width.
-    normalize: L2-normalise the retrieval vectors, so inner products are cosine
-      similarities (how sentence-transformers models such as all-MiniLM-L6-v2 were
-      trained); False scores by the raw inner product (DPR and the paper).
-    passage_token_type: token type id of passage inputs (questions use 0).
-    tokenizer_fingerprint: sha256 of the tokenizer files (as in a prepared
-      directory's manifest), so ids from another vocabulary are refused.
-    question_len, passage_len: maximum input lengths.
-    buckets: padding lengths (see :mod:`rnr_jax.tokenization`).
-    dtype: compute dtype name.
-  """
-
-  encoder: Mapping[str, Any]
-  shared: bool
-  pooling: str
-  retrieval_dim: int
-  normalize: bool
-  passage_token_type: int
-  tokenizer_fingerprint: str
-  question_len: int
-  passage_len: int
-  buckets: tuple[int, ...]
-  dtype: str = "float32"
-
-  def __post_init__(self) -> None:
-    if self.pooling not in ("cls", "mean"):
-      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
-    if self.passage_token_type not in (0, 1):
-      raise ValueError(f"passage_token_type must be 0 or 1, got {self.passage_token_type}")
-    width = self.encoder_config().hidden_size
-    if not 0 <= self.retrieval_dim <= width:
-      raise ValueError(f"retrieval_dim must be in [0, {width}] (0 = full width), got {self.retrieval_dim}")
-    object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
-
-  @classmethod
-  def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> RetrieverSpec:
-    """The spec of a stage config (sections ``model``, ``tokens``, ``retriever``)."""
-    return cls(encoder=encoder.to_hf_dict(), shared=bool(config.retriever.shared),
-               pooling=config.model.pooling, retrieval_dim=int(config.model.retrieval_dim),
-               normalize=bool(config.retriever.normalize),
-               passage_token_type=int(config.retriever.passage_token_type),
-               tokenizer_fingerprint=tokenizer_fingerprint, question_len=int(config.tokens.question_len),
-               passage_len=int(config.tokens.passage_len), buckets=tuple(config.tokens.buckets),
-               dtype=config.model.dtype)
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> RetrieverSpec:
-    return cls(**{**d, "buckets": tuple(d["buckets"])})
-
-  def to_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), "encoder": dict(self.encoder), "buckets": list(self.buckets)}
-
-  def encoder_config(self) -> EncoderConfig:
-    return config_from_hf_dict(self.encoder)
-
-  @property
-  def dim(self) -> int:
-    """Width of the retrieval vectors."""
-    return self.retrieval_dim or self.encoder_config().hidden_size
-
-  def build(self) -> qa_model.Retriever:
-    return qa_model.Retriever(self.encoder_config(), shared=self.shared, pooling=self.pooling,
-                              retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
-
-  def finish(self, vectors: jax.Array) -> jax.Array:
-    """The model's retrieval vectors as scored: L2-normalised if ``normalize``."""
-    return l2_normalize(vectors) if self.normalize else vectors
-
-  def embed_fns(self) -> tuple[EmbedFn, EmbedFn]:
-    """``(question_fn, passage_fn)``: ``(params, batch) -> [B, dim]`` without dropout (not jitted)."""
-    model = self.build()
-
-    def questions(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
-      return self.finish(model.apply({"params": params}, batch, method="embed_questions"))
-
-    def passages(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
-      return self.finish(model.apply({"params": params}, batch, method="embed_passages"))
-
-    return questions, passages
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def is_reader_export(path: str) -> bool:
-  """Whether ``path`` is an exported model directory (``<dir>/<step>/``) rather than a Hugging Face one."""
-  return (bool(path) and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
-          and any(d.isdigit() for d in os.listdir(path)))
-
-
-def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None]:
-  """The encoder a config starts from: ``(config, pretrained params or None)``.
-
-  ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face
-  directory or hub id, an exported reader (its encoder), or ``""`` for a random
-  initialisation of ``model_cfg.hf_config``. ``model_cfg.num_layers`` keeps the first
-  layers; ``model_cfg.dropout`` sets the hidden and attention dropout.
-  """
-  if model_cfg.init == "minilm":
-    config, params = load_minilm(model_cfg.num_layers)
-  elif is_reader_export(model_cfg.init):
-    from rnr_jax import reader_data  # pylint: disable=import-outside-toplevel  (reader_data imports this module)
-    config, params, _ = reader_data.load_reader_encoder(model_cfg.init, model_cfg.num_layers)
-  elif model_cfg.init:
-    config, params = load_hf_encoder(model_cfg.init, model_cfg.num_layers)
-  else:
-    config, params = config_from_hf_dict(dict(model_cfg.hf_config)), None
-    if model_cfg.num_layers is not None:
-      config = dataclasses.replace(config, num_hidden_layers=int(model_cfg.num_layers))
-  return dataclasses.replace(config, hidden_dropout_prob=float(model_cfg.dropout),
-                             attention_probs_dropout_prob=float(model_cfg.dropout)), params
-
-
-def dummy_inputs() -> dict[str, np.ndarray]:
-  """A one-row input batch for ``init`` (parameter shapes do not depend on it)."""
-  ones = np.ones((1, 4), np.int32)
-  return {"input_ids": ones, "attention_mask": ones, "token_type_ids": np.zeros_like(ones)}
-
-
-def initial_params(model: qa_model.Retriever, rng: jax.Array, pretrained: Params | None = None) -> Params:
-  """Randomly initialised retriever parameters, every encoder replaced by ``pretrained`` if given."""
-  x = dummy_inputs()
-  params = jax.jit(lambda key: model.init(key, x, x)["params"])(rng)
-  return params if pretrained is None else qa_model.with_pretrained_encoders(params, pretrained)
-
-
-def params_fingerprint(params: Params) -> str:
-  """sha256 over the parameters' paths, dtypes, shapes and values (gathered from all processes)."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    x = np.asarray(multihost_utils.process_allgather(leaf, tiled=True) if isinstance(leaf, jax.Array) else leaf)
-    h.update(f"{mesh_lib.path_name(path)}:{x.dtype.str}:{x.shape};".encode())
-    h.update(np.ascontiguousarray(x).tobytes())
-  return h.hexdigest()
 
 
 # ---- batched, sharded encoding -------------------------------------------------------
@@ -224,42 +41,46 @@ def passage_batch(tokenizer: tk.Tokenizer, records: Sequence[np.ndarray], max_le
   return tk.EncodedBatch(b.input_ids, b.attention_mask, (b.attention_mask > 0).astype(np.int32) * token_type)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A one-axis ``("data",)`` mesh over ``devices`` (default: all), for inference with replicated parameters."""
-  return mesh_lib.make_mesh(types.SimpleNamespace(shape=(-1,), axes=("data",)), devices)
+def pad_rows(batch: tk.EncodedBatch, rows: int) -> tk.EncodedBatch:
+  """Pads a batch with empty rows up to ``rows`` (fixed batch shapes under jit)."""
+  n = batch.input_ids.shape[0]
+  if n >= rows:
+    return batch
 
+  def pad(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)])
 
-def data_parallelism(mesh: Mesh) -> int:
-  """Number of ways a batch is split: the product of the mesh's data axes."""
-  return int(np.prod([mesh.shape[a] for a in mesh_lib.DATA_AXES if a in mesh.shape]))
+  mask = pad(batch.attention_mask)
+  mask[n:, 0] = 1  # padding rows attend to one token, so no row is fully masked
+  return tk.EncodedBatch(pad(batch.input_ids), mask, pad(batch.token_type_ids))
 
 
 class BatchEncoder:
-  """Embeds padded batches of a fixed size with a jitted function, split over the mesh's data axes.
+  """Runs a ``(params, batch) -> [rows, ...]`` function jitted over the mesh's data axes, on padded batches.
 
-  Every process passes the same full batches; each puts its own rows on its
-  devices and the vectors are gathered back to every process. Batches of one
-  length bucket share one compilation. A couple of batches stay in flight so the
-  host prepares the next one while the devices compute.
+  Every process passes the same full batches; each puts its own rows on its devices and the outputs are gathered
+  back to every process. Batches of one (rows, length) shape share one compilation. A couple of batches stay in
+  flight so the host prepares the next one while the devices compute.
   """
 
   def __init__(self, embed_fn: EmbedFn, mesh: Mesh, batch_size: int):
-    parallel = data_parallelism(mesh)
-    if batch_size % parallel:
-      raise ValueError(f"encoding batch size {batch_size} is not divisible by the {parallel} data-parallel devices")
+    self._parallel = mesh_lib.data_parallelism(mesh)
+    if batch_size % self._parallel:
+      raise ValueError(f"encoding batch size {batch_size} is not divisible by the {self._parallel} data-parallel "
+                       "devices")
     self.mesh = mesh
     self.batch_size = batch_size
     self._fn = jax.jit(embed_fn)
 
-  def _device_batch(self, batch: tk.EncodedBatch) -> dict[str, jax.Array]:
-    rows = self.batch_size // jax.process_count()
-    start = jax.process_index() * rows
-    padded = embed.pad_rows(batch, self.batch_size).as_dict()
-    return mesh_lib.make_global_batch({k: v[start:start + rows] for k, v in padded.items()}, self.mesh)
+  def _device_batch(self, batch: tk.EncodedBatch, rows: int) -> dict[str, jax.Array]:
+    local = rows // jax.process_count()
+    start = jax.process_index() * local
+    padded = pad_rows(batch, rows).as_dict()
+    return mesh_lib.make_global_batch({k: v[start:start + local] for k, v in padded.items()}, self.mesh)
 
   def __call__(self, params: Params, batches: Iterable[tuple[np.ndarray, tk.EncodedBatch]], total: int,
                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Vectors ``[total, d]`` float32: row ``i`` from the batch holding index ``i``.
+    """Outputs ``[total, ...]`` float32: row ``i`` from the batch holding index ``i``.
 
     Args:
       params: parameters placed on ``mesh`` (sharded or replicated).
@@ -274,7 +95,7 @@ class BatchEncoder:
       nonlocal out
       v = np.asarray(multihost_utils.process_allgather(vectors, tiled=True), np.float32)
       if out is None:
-        out = np.zeros((total, v.shape[1]), np.float32)
+        out = np.zeros((total,) + v.shape[1:], np.float32)
       out[idx] = v[: len(idx)]
       if on_batch is not None:
         on_batch(len(idx))
@@ -282,7 +103,7 @@ class BatchEncoder:
     for idx, batch in batches:
       if len(idx) > self.batch_size:
         raise ValueError(f"batch of {len(idx)} rows exceeds the encoding batch size {self.batch_size}")
-      pending.append((idx, self._fn(params, self._device_batch(batch))))
+      pending.append((idx, self._fn(params, self._device_batch(batch, self.batch_size))))
       if len(pending) > 2:
         finish(*pending.pop(0))
     for idx, vectors in pending:
@@ -290,6 +111,14 @@ class BatchEncoder:
     if out is None:
       raise ValueError("nothing to encode")
     return out
+
+  def run(self, params: Params, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
+    """The outputs of one batch's rows, run padded to ``rows`` rounded up to a multiple of the devices (callers
+    keep ``rows`` to a few sizes, e.g. powers of two, so only a few shapes compile)."""
+    n = batch.input_ids.shape[0]
+    size = -(-max(rows, n) // self._parallel) * self._parallel
+    out = self._fn(params, self._device_batch(batch, size))
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32)[:n]
 
 
 def encode_questions(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer, questions: Sequence[str],
@@ -394,63 +223,6 @@ def _check_chunk_key(chunk_dir: str, key: Mapping[str, Any]) -> None:
   multihost_utils.sync_global_devices("rnr_jax.retrieval.chunk_key")
 
 
-def save_embeddings(out_dir: str, vectors: np.ndarray, info: Mapping[str, Any]) -> None:
-  """Writes ``embeddings.npy`` then ``embeddings.json`` (``info`` plus format, count and dim); drops ``chunks/``."""
-  os.makedirs(out_dir, exist_ok=True)
-  save_npy(os.path.join(out_dir, EMBEDDINGS_FILE), np.asarray(vectors, np.float32))
-  atomic_write_json(os.path.join(out_dir, EMBEDDINGS_META), {
-      "format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "num_passages": int(vectors.shape[0]),
-      "dim": int(vectors.shape[1]), **info})
-  shutil.rmtree(os.path.join(out_dir, CHUNKS_DIR), ignore_errors=True)
-
-
-def load_embeddings(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
-  """``(vectors [N, d] float32, info)`` of a directory written by :func:`save_embeddings`."""
-  meta_path = os.path.join(out_dir, EMBEDDINGS_META)
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{out_dir}: no {EMBEDDINGS_META} (encoding unfinished or not an embeddings directory)")
-  with open(meta_path, encoding="utf-8") as f:
-    info = json.load(f)
-  if info.get("format") != EMBEDDINGS_FORMAT or info.get("version") != EMBEDDINGS_VERSION:
-    raise ValueError(f"{meta_path}: format {info.get('format')!r} version {info.get('version')!r}, "
-                     f"expected {EMBEDDINGS_FORMAT!r} version {EMBEDDINGS_VERSION}")
-  vectors = np.load(os.path.join(out_dir, EMBEDDINGS_FILE), mmap_mode="r" if mmap else None)
-  if vectors.shape != (info["num_passages"], info["dim"]) or vectors.dtype != np.float32:
-    raise ValueError(f"{out_dir}: {EMBEDDINGS_FILE} is {vectors.dtype}{list(vectors.shape)}, "
-                     f"{EMBEDDINGS_META} says float32[{info['num_passages']}, {info['dim']}]")
-  return vectors, info
-
-
-def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], data: Any, tokenizer: tk.Tokenizer,
-                    mesh: Mesh, batch_size: int, *, field: str = "teacher"
-                    ) -> tuple[np.ndarray, np.ndarray, bool]:
-  """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
-
-  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (the :func:`save_embeddings`
-  layout, a memory map indexed by passage id of the prepared ``data``); the questions are encoded here, once.
-  ``normalize`` says whether the teacher scores by cosine (its vectors are then unit length). ``field`` names the
-  setting in errors.
-  """
-  spec, params, model = load_retriever(teacher, mesh)
-  if not embeddings:
-    raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")
-  passages, info = load_embeddings(embeddings)
-  if info.get("model_fingerprint") != model["fingerprint"]:
-    raise ValueError(f"{embeddings}: encoded by another model than {field}={teacher}")
-  if passages.shape != (data.num_passages, spec.dim):
-    raise ValueError(f"{embeddings}: shape {passages.shape}, expected ({data.num_passages}, {spec.dim}) "
-                     "(one vector per prepared passage)")
-  if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
-    raise ValueError(f"{field}={teacher}: trained with another tokenizer than the prepared data's")
-  start = time.perf_counter()
-  q_fn, _ = spec.embed_fns()
-  vectors = encode_questions(BatchEncoder(q_fn, mesh, batch_size), params, tokenizer, list(questions),
-                             max_len=spec.question_len, buckets=spec.buckets)
-  logging.info("Teacher retriever %s: %d questions encoded in %.1f s.", teacher, len(vectors),
-               time.perf_counter() - start)
-  return vectors, passages, bool(spec.normalize)
-
-
 # ---- search and evaluation -----------------------------------------------------------
 
 
@@ -498,59 +270,77 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
   return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
 
 
-# ---- exported parameters -------------------------------------------------------------
+# ---- the fresh index of a training run ----------------------------------------------------
 
 
-class RetrieverExport:
-  """A run's exported retriever: a :class:`ParamsExport` whose ``model`` item holds spec, fingerprint and info."""
+class FreshIndex:
+  """Exact search over the corpus encoded by a model's current parameters, encoded at most once per step.
 
-  def __init__(self, directory: str):
-    self._export = ParamsExport(directory)
-    self.directory = self._export.directory
-
-  def latest_info(self) -> dict[str, Any] | None:
-    """The ``model`` item (spec, fingerprint, step, info) of the exported step, or None."""
-    return self._export.latest_info()
-
-  def save(self, step: int, spec: RetrieverSpec, params: Params, info: Mapping[str, Any]) -> str:
-    """Exports ``params`` as step ``step`` (replacing any export); returns the fingerprint.
-
-    Every process must call it (the parameters may be sharded over processes).
-    """
-    fingerprint = params_fingerprint(params)
-    self._export.save(step, params, {"spec": spec.to_json(), "fingerprint": fingerprint, "info": dict(info)})
-    return fingerprint
-
-  def load(self, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
-    """``(spec, params, model item)`` of the exported step; params replicated over ``mesh`` (or on device 0)."""
-    model = self.latest_info()
-    if model is None:
-      raise FileNotFoundError(f"{self.directory}: no exported retriever")
-    if "spec" not in model:
-      raise ValueError(f"{self.directory}: not a retriever export (its model item has no retriever spec, only "
-                       f"{sorted(model)}); a reader's or a unified student's export loads with "
-                       "rnr_jax.reader_data.load_reader, and python -m infer.encode --model_dir DIR encodes the "
-                       "corpus with it")
-    spec = RetrieverSpec.from_json(model["spec"])
-    sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    abstract = jax.eval_shape(lambda: initial_params(spec.build(), jax.random.key(0)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    return spec, self._export.restore(target), model
-
-  def close(self) -> None:
-    self._export.close()
-
-
-def load_retriever(directory: str, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
-  """``(spec, params, model item)`` of an export (:class:`RetrieverExport` directory).
-
-  Parameters are restored replicated over ``mesh`` (default: on the first device).
+  Used by a unified student's evaluation and, with a retriever export, to build the initial candidate pool. With
+  ``passage_ids`` (the passage filter's subset) only those passages are indexed; with ``cache_dir`` the latest
+  encoding is kept for a later export of the same parameters (:func:`load_cached_vectors`).
   """
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no exported retriever (no such directory)")
-  export = RetrieverExport(directory)
-  try:
-    return export.load(mesh)
-  finally:
-    export.close()
+
+  def __init__(self, question_fn: EmbedFn, passage_fn: EmbedFn, spec: RetrieverSpec, tokenizer: tk.Tokenizer,
+               corpus: Sequence[np.ndarray], mesh: Mesh, batch_size: int, passage_ids: np.ndarray | None = None,
+               cache_dir: str | None = None):
+    self._spec = spec
+    self._cache_dir = cache_dir
+    self._tokenizer = tokenizer
+    self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
+    self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
+    self._row_ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else self._passage_ids
+    self._questions = BatchEncoder(question_fn, mesh, batch_size)
+    self._passages = BatchEncoder(passage_fn, mesh, batch_size)
+    self._step: int | None = None
+    self._vectors: np.ndarray | None = None
+
+  def search(self, params: Params, step: int, questions: Sequence[str], k: int) -> np.ndarray:
+    """``int32 [len(questions), k]`` passage ids, best first (-1 padded past the corpus size)."""
+    spec = self._spec
+    if self._step != step or self._vectors is None:
+      self._vectors = encode_corpus(self._passages, params, self._tokenizer, self._corpus, max_len=spec.passage_len,
+                                    buckets=spec.buckets, token_type=spec.passage_token_type).vectors
+      self._step = step
+      if self._cache_dir:
+        save_cached_vectors(self._cache_dir, self._vectors, params, self._row_ids)
+    q = encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
+                         buckets=spec.buckets)
+    ids, _ = search_exact(q, self._vectors, k)
+    if self._passage_ids is not None:
+      ids = self._passage_ids[ids]
+    return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=NO_PASSAGE)
+
+
+VECTORS_FILE, VECTORS_KEY_FILE = "vectors.npy", "vectors.json"
+
+
+def _vectors_key(params: Params, passage_ids: np.ndarray) -> dict[str, str]:
+  return {"params": exports.params_fingerprint(params),
+          "passage_ids": hashlib.sha256(np.ascontiguousarray(passage_ids, np.int64).tobytes()).hexdigest()}
+
+
+def save_cached_vectors(directory: str, vectors: np.ndarray, params: Params, passage_ids: np.ndarray) -> None:
+  """Keeps an encoding (``vectors.npy`` + its key) so a later evaluation or export of the same parameters over the
+  same passages reuses it instead of encoding the corpus again."""
+  key = _vectors_key(params, passage_ids)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  key_path = os.path.join(directory, VECTORS_KEY_FILE)
+  if os.path.exists(key_path):
+    os.remove(key_path)  # the key goes last: a half-written pair is never taken as valid
+  save_npy(os.path.join(directory, VECTORS_FILE), np.asarray(vectors, np.float32))
+  atomic_write_json(key_path, key)
+
+
+def load_cached_vectors(directory: str, params: Params, passage_ids: np.ndarray) -> np.ndarray | None:
+  """The vectors :func:`save_cached_vectors` kept for exactly these parameters and passages, else None."""
+  key_path = os.path.join(directory, VECTORS_KEY_FILE)
+  if not os.path.isfile(key_path):
+    return None
+  with open(key_path, encoding="utf-8") as f:
+    if json.load(f) != _vectors_key(params, passage_ids):
+      return None
+  vectors = np.load(os.path.join(directory, VECTORS_FILE))
+  return vectors if vectors.shape[0] == len(passage_ids) else None

@@ -24,7 +24,6 @@ Resume order, implemented by :func:`restore_or_initialize`:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -201,45 +200,3 @@ def restore_or_initialize(
     params = jax.device_put(load_pretrained(params), shardings)
     return Restored(create_state(params), rng, None, "pretrained weights")
   return Restored(create_state(params), rng, None, "random initialisation")
-
-
-class ParamsExport:
-  """A stage's exported parameters: Orbax ``<directory>/<step>/{params, model}``, newest step only.
-
-  ``params`` is the parameter pytree, ``model`` a JSON item describing how to rebuild
-  the model (spec, fingerprint, metrics). Unlike training checkpoints it holds no
-  optimizer state; stages write their best evaluation here (``<workdir>/best``).
-  """
-
-  def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_info(self) -> dict[str, Any] | None:
-    """The ``model`` item of the exported step, or None if nothing is exported."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    return dict(self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model)
-
-  def save(self, step: int, params: Any, model: Mapping[str, Any]) -> None:
-    """Exports ``params`` as ``step`` with the JSON ``model`` item; every process must call it."""
-    for old in self._manager.all_steps():
-      if old >= step:  # a resumed run exporting a step it had exported before
-        self._manager.delete(old)
-    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                     model=ocp.args.JsonSave({**model, "step": step})), force=True)
-    self._manager.wait_until_finished()
-
-  def restore(self, abstract_params: Any) -> Any:
-    """The exported parameters, placed like ``abstract_params`` (``ShapeDtypeStruct`` with shardings)."""
-    step = self._manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{self.directory}: no exported parameters")
-    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-                                 ).params
-
-  def close(self) -> None:
-    self._manager.close()

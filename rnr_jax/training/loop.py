@@ -1,49 +1,61 @@
-"""The generic training loop every stage runs, and a resumable batch iterator.
+"""The one training loop every stage runs, and the resumable batch iterator.
 
-A stage's ``main`` parses flags, calls ``maybe_initialize_distributed`` (before
-anything touches a device), builds its data iterator, then calls
-:func:`train_loop` with its ``init_fn`` and ``loss_fn``. The loop reads the
-``mesh``, ``optim`` and ``train`` config sections and runs, in this order:
-mesh, optimiser, abstract shapes, shardings, jitted init, jitted step, resume,
-then the steps with logging, evaluation and checkpoints, and a final save.
+A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`, which reads
+the ``mesh`` and ``train`` config sections and runs: abstract shapes, shardings, jitted init (parameters born
+sharded), jitted step, resume, then the steps with logs, evaluations (and the best export) and checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from rnr_jax.data.prepared import PreparedData, prepare
 from rnr_jax.io import atomic_write_json
 from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import mesh as mesh_lib
-from rnr_jax.training import step as step_lib
-from rnr_jax.training.metrics_log import MetricsLogger
-from rnr_jax.training.optim import Mask, make_optimizer
+from rnr_jax.training.metrics_log import MetricsLogger, append_eval
+from rnr_jax.training.step import Step, TrainState, jit_train_step
 
 PyTree = Any
 LocalBatch = dict[str, np.ndarray]
-EvalFn = Callable[[step_lib.TrainState, int], Mapping[str, Any]]
+Evaluator = Callable[[PyTree, int], Mapping[str, float]]  # (params, step) -> named metrics
 
 
 def start_run(config: Any, workdir: str) -> str:
-  """A stage's first step: joins the other hosts (when configured) and records the config.
-
-  Calls :func:`mesh.maybe_initialize_distributed` (before anything reads the process
-  index), creates ``workdir`` and writes ``<workdir>/config.json`` from process 0.
-  Returns the absolute workdir.
-  """
+  """A stage's first call: joins the other hosts (when configured), creates ``workdir`` and records the config."""
   mesh_lib.maybe_initialize_distributed(config.mesh)
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   return workdir
+
+
+def prepared_data(config: Any, workdir: str) -> PreparedData:
+  """``config.prepared_dir``, or ``<workdir>/prepared`` built (or found up to date) from ``config.data_dir``."""
+  if config.prepared_dir:
+    return PreparedData.load(config.prepared_dir)
+  path = os.path.join(workdir, "prepared")
+  if jax.process_index() == 0:
+    prepare(config.data_dir, path, echo=lambda s: logging.info("%s", s))
+  multihost_utils.sync_global_devices("rnr_jax.training.loop.prepared_data")
+  return PreparedData.load(path)
+
+
+def check_vocabulary(vocab_size: int, tokenizer: Any, data: PreparedData) -> None:
+  """Refuses an encoder whose vocabulary is smaller than the prepared data's tokenizer."""
+  if vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"the encoder's vocabulary ({vocab_size}) is smaller than the prepared data's tokenizer "
+                     f"({tokenizer.vocab_size}, {data.tokenizer_path})")
 
 
 class ResumableIterator(Protocol):
@@ -54,37 +66,29 @@ class ResumableIterator(Protocol):
   def restore(self, state: Mapping[str, Any]) -> None: ...
 
 
+class BestExport(Protocol):
+  """Exports the parameters of the best evaluation (:class:`rnr_jax.exports.BestExport`)."""
+
+  def offer(self, step: int, params: PyTree, metrics: Mapping[str, float]) -> bool: ...
+
+
 class EpochIterator:
   """Deterministic, resumable batches over an indexable dataset.
 
-  Epoch ``e`` visits the examples in the order
-  ``np.random.default_rng(seed + e).permutation(num_examples)``, cut into global
-  batches of ``global_batch_size`` (an epoch's last partial batch is dropped).
-  Process ``p`` of ``P`` gets rows ``[p * G/P, (p + 1) * G/P)`` of each global
-  batch, so together the processes see exactly the global batch. The position
-  ``{seed, epoch, index}`` (index = batches done in the epoch) is all it takes to
-  replay the same batches after a restart.
+  Epoch ``e`` visits the examples in the order ``default_rng(seed + e).permutation(num_examples)``, cut into global
+  batches (an epoch's last partial batch is dropped). Process ``p`` of ``P`` gets rows ``[p * G/P, (p + 1) * G/P)``
+  of each global batch. The position ``{seed, epoch, index}`` replays the same batches after a restart.
   """
 
-  def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int,
-               global_batch_size: int, *, seed: int, shuffle: bool = True,
-               process_index: int | None = None, process_count: int | None = None):
-    """
-    Args:
-      fetch: example indices [n] -> dict of arrays with leading dimension n.
-      num_examples: size of the dataset.
-      global_batch_size: examples per step over all processes.
-      seed: shuffling seed (epoch ``e`` uses ``seed + e``).
-      shuffle: False visits examples in index order (e.g. for tests or eval).
-      process_index, process_count: default to this JAX process and the count.
-    """
+  def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,
+               seed: int, shuffle: bool = True, process_index: int | None = None,
+               process_count: int | None = None):
     self._fetch = fetch
     self._num_examples = num_examples
     self._process_index = jax.process_index() if process_index is None else process_index
     self._process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self._process_count:
-      raise ValueError(f"global batch {global_batch_size} not divisible by "
-                       f"{self._process_count} processes")
+      raise ValueError(f"global batch {global_batch_size} not divisible by {self._process_count} processes")
     self._global_batch_size = global_batch_size
     self._local_batch_size = global_batch_size // self._process_count
     self.batches_per_epoch = num_examples // global_batch_size
@@ -103,8 +107,8 @@ class EpochIterator:
     sizes = {len(v) for v in arrays.values()}
     if len(sizes) != 1:
       raise ValueError(f"arrays differ in length: { {k: len(v) for k, v in arrays.items()} }")
-    return cls(lambda idx: {k: v[idx] for k, v in arrays.items()}, sizes.pop(),
-               global_batch_size, seed=seed, **kwargs)
+    return cls(lambda idx: {k: v[idx] for k, v in arrays.items()}, sizes.pop(), global_batch_size, seed=seed,
+               **kwargs)
 
   def _epoch_order(self) -> np.ndarray:
     if not self._shuffle:
@@ -127,14 +131,13 @@ class EpochIterator:
 
   def restore(self, state: Mapping[str, Any]) -> None:
     if int(state["seed"]) != self._seed:
-      logging.warning("Data seed %s from the checkpoint replaces the configured %s.",
-                      state["seed"], self._seed)
+      logging.warning("Data seed %s from the checkpoint replaces the configured %s.", state["seed"], self._seed)
     self._seed, self._epoch, self._index = int(state["seed"]), int(state["epoch"]), int(state["index"])
     self._order = self._epoch_order()
 
 
 def make_key(train_cfg: Any) -> jax.Array:
-  """The run's base key: ``train.seed`` with the PRNG implementation ``train.rng_impl``.
+  """The run's base key: ``train.seed`` with the PRNG ``train.rng_impl``.
 
   ``"rbg"`` draws dropout masks with XLA's RngBitGenerator, several times faster on CPU than the default
   ``"threefry2x32"``, whose bits are computed op by op; checkpoints record the implementation.
@@ -142,89 +145,76 @@ def make_key(train_cfg: Any) -> jax.Array:
   return jax.random.key(int(train_cfg.seed), impl=train_cfg.get("rng_impl") or None)
 
 
-def train_loop(
-    config: Any,
-    *,
-    workdir: str,
-    init_fn: Callable[[jax.Array], PyTree],
-    loss_fn: step_lib.LossFn,
-    data: ResumableIterator,
-    eval_fn: EvalFn | None = None,
-    trainable_mask: Mask | None = None,
-    init_checkpoint: str | None = None,
-    load_pretrained: Callable[[PyTree], PyTree] | None = None,
-) -> step_lib.TrainState:
-  """Trains ``config.train.num_steps`` steps (resuming from ``workdir`` if it has checkpoints).
+def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTree], step: Step,
+               data: ResumableIterator, evaluator: Evaluator | None = None, best: BestExport | None = None,
+               init_checkpoint: str | None = None, load_pretrained: Callable[[PyTree], PyTree] | None = None
+               ) -> TrainState:
+  """Trains ``config.train.num_steps`` steps, resuming from ``workdir`` if it has checkpoints.
 
   Args:
-    config: has ``mesh``, ``optim`` and ``train`` sections.
-    workdir: checkpoints go to ``<workdir>/checkpoints``, logs to ``<workdir>/metrics.jsonl``.
+    config: has ``mesh`` and ``train`` sections.
+    workdir: ``<workdir>/checkpoints``, ``<workdir>/metrics.jsonl``, ``<workdir>/eval.jsonl``.
     init_fn: ``rng -> params`` (float32 master weights).
-    loss_fn: ``(params, batch, rng) -> (loss, aux_metrics)`` on global batches.
-    data: process-local batches (``config.train.batch_size / process_count``
-      examples; arrays may have more rows per example, e.g. passages).
-    eval_fn: ``(state, step) -> metrics``, run every ``train.eval_every`` steps
-      and after the last step.
-    trainable_mask: frozen parameters (see ``make_optimizer``).
-    init_checkpoint, load_pretrained: initial parameters of a fresh run, see
-      ``checkpoint.restore_or_initialize`` for the resume order.
-
-  Returns:
-    The final TrainState.
+    step: the stage's update and initial state (:func:`rnr_jax.training.step.adamw_step` or its own).
+    data: process-local batches with ``state()`` / ``restore()``.
+    evaluator: ``(params, step) -> metrics``, every ``train.eval_every`` steps and after the last.
+    best: offered every evaluation; exports the best parameters.
+    init_checkpoint, load_pretrained: initial parameters of a fresh run (resume order of
+      :func:`rnr_jax.training.checkpoint.restore_or_initialize`).
   """
   train_cfg = config.train
   total_steps = int(train_cfg.num_steps)
-
   mesh = mesh_lib.make_mesh(config.mesh)
-  optimizer, schedule = make_optimizer(config.optim, total_steps, trainable_mask)
 
-  def new_state(params: PyTree) -> step_lib.TrainState:
-    return step_lib.TrainState.create(params, optimizer)
-
+  # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.
   init_rng, base_rng = jax.random.split(make_key(train_cfg))
-  abstract_state = jax.eval_shape(lambda rng: new_state(init_fn(rng)), init_rng)
+  abstract_state = jax.eval_shape(lambda rng: step.init_state(init_fn(rng)), init_rng)
   shardings = mesh_lib.param_shardings(abstract_state, mesh, config.mesh.rules)
-
-  # Parameters and optimiser state are born sharded.
   init_params = jax.jit(init_fn, out_shardings=shardings.params)
-  create_state = jax.jit(new_state, in_shardings=(shardings.params,), out_shardings=shardings)
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, optimizer, grad_accum=int(config.optim.grad_accum),
-                               schedule=schedule),
-      shardings, mesh_lib.batch_sharding(mesh))
+  create_state = jax.jit(step.init_state, in_shardings=(shardings.params,), out_shardings=shardings)
+  train_step = jit_train_step(step.update, shardings, mesh_lib.batch_sharding(mesh))
 
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.ckpt_every),
-      max_to_keep=int(train_cfg.keep_ckpts), async_save=bool(train_cfg.async_ckpt))
+  # Resume: own checkpoint > init_checkpoint > pretrained weights > random init.
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.ckpt_every),
+                                       max_to_keep=int(train_cfg.keep_ckpts), async_save=bool(train_cfg.async_ckpt))
   start = ckpt_lib.restore_or_initialize(
       checkpointer, mesh_lib.with_shardings(abstract_state, shardings), rng=base_rng,
-      init_params=lambda: init_params(init_rng), create_state=create_state,
-      init_checkpoint=init_checkpoint, load_pretrained=load_pretrained)
+      init_params=lambda: init_params(init_rng), create_state=create_state, init_checkpoint=init_checkpoint,
+      load_pretrained=load_pretrained)
   state, rng = start.state, jax.device_put(start.rng, mesh_lib.replicated(mesh))
   if start.data_state is not None:
     data.restore(start.data_state)
   start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-  logging.info("Starting at step %d from %s; mesh %s; %d parameters.",
-               start_step, start.source, dict(mesh.shape), num_params)
+  logging.info("Starting at step %d from %s; mesh %s; %d parameters.", start_step, start.source, dict(mesh.shape),
+               sum(x.size for x in jax.tree.leaves(abstract_state.params)))
 
-  logger = MetricsLogger(workdir, total_steps=total_steps,
-                         batch_size=int(train_cfg.batch_size), start_step=start_step)
+  logger = MetricsLogger(workdir, total_steps=total_steps, batch_size=int(train_cfg.batch_size),
+                         start_step=start_step)
   try:
-    for step in range(start_step + 1, total_steps + 1):
+    for step_num in range(start_step + 1, total_steps + 1):
       batch = mesh_lib.make_global_batch(next(data), mesh)
       state, metrics = train_step(state, batch, rng)
-
-      last = step == total_steps
-      save = last or checkpointer.should_save(step)
+      last = step_num == total_steps
+      save = last or checkpointer.should_save(step_num)
       # Metrics are fetched only when logged; a checkpoint step always checks the loss first.
-      if save or step == start_step + 1 or step % train_cfg.log_every == 0:
-        logger.log_train(step, metrics)
-      if eval_fn is not None and (last or step % train_cfg.eval_every == 0):
-        logger.log_eval(step, eval_fn(state, step))
+      if save or step_num == start_step + 1 or step_num % train_cfg.log_every == 0:
+        logger.log_train(step_num, metrics)
+      if evaluator is not None and (last or step_num % train_cfg.eval_every == 0):
+        logger.log_eval(step_num, evaluate(evaluator, best, state.params, step_num, workdir))
       if save:
-        checkpointer.save(step, state, rng, data.state())
+        checkpointer.save(step_num, state, rng, data.state())
   finally:
     checkpointer.close()  # waits for the last asynchronous save
     logger.close()
   return state
+
+
+def evaluate(evaluator: Evaluator, best: BestExport | None, params: PyTree, step: int, workdir: str
+             ) -> dict[str, float]:
+  """Runs ``evaluator``, offers the result to ``best`` and appends it to ``<workdir>/eval.jsonl``."""
+  start = time.perf_counter()
+  metrics = dict(evaluator(params, step))
+  metrics["eval_s"] = time.perf_counter() - start
+  is_best = best.offer(step, params, metrics) if best is not None else False
+  append_eval(os.path.join(workdir, "eval.jsonl"), step, {**metrics, "best": is_best})
+  return metrics

@@ -1,8 +1,5 @@
-"""Losses shared by the training stages.
-
-All functions compute in float32 whatever the input dtype, and return means so
-that a batch split into equal micro-batches gives the same loss on average.
-"""
+"""Losses shared by the training stages, in float32 whatever the input dtype; means, so a batch split into equal
+micro-batches gives the same loss on average."""
 
 from __future__ import annotations
 
@@ -12,37 +9,24 @@ import jax.numpy as jnp
 _MASKED_LOGIT = -1e9
 
 
-def in_batch_nll(q: jax.Array, p: jax.Array, positive_idx: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-  """DPR loss with in-batch negatives over the *global* batch.
+def in_batch_nll(scores: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """DPR's loss with in-batch negatives: NLL and top-1 accuracy of each question's positive among all passages.
 
-  Every question is scored against every passage of the batch (its own positive
-  and hard negatives, and all other questions' passages). Called inside ``jit``
-  on arrays sharded over the data axis, XLA gathers the passages across devices;
-  unlike an all-gather with a stop-gradient, gradients reach every passage.
-
-  Args:
-    q: question vectors [B, d].
-    p: passage vectors [Bp, d], e.g. Bp = B * (1 + hard negatives per question).
-    positive_idx: [B] row of ``p`` holding each question's positive passage. The
-      default assumes the DPR layout where question i owns rows
-      ``i * (Bp // B) ... (i + 1) * (Bp // B) - 1``, positive first. Prefer the
-      default in multi-host runs: indices built per host would be host-local.
-
-  Returns:
-    ``(mean negative log-likelihood, top-1 accuracy)``.
+  ``scores [B, P]`` score every question against every passage of the *global* batch (question i owns rows
+  ``i * P/B ... (i + 1) * P/B - 1``, its positive first). Computed inside ``jit`` on arrays sharded over the data
+  axis, XLA gathers the passages across devices; unlike an all-gather with a stop-gradient, gradients reach every
+  passage. ``mask [1, P]`` (optional) leaves padding passages out.
   """
-  num_q, num_p = q.shape[0], p.shape[0]
-  if positive_idx is None:
-    if num_p % num_q:
-      raise ValueError(f"{num_p} passages are not a multiple of {num_q} questions; "
-                       "pass positive_idx")
-    positive_idx = jnp.arange(num_q) * (num_p // num_q)
-  scores = jnp.einsum("qd,pd->qp", q, p, preferred_element_type=jnp.float32)
+  num_q, num_p = scores.shape
+  if num_p % num_q:
+    raise ValueError(f"{num_p} passages are not a multiple of {num_q} questions")
+  positive = jnp.arange(num_q) * (num_p // num_q)
+  scores = scores.astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, _MASKED_LOGIT)
   log_probs = jax.nn.log_softmax(scores, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, positive_idx[:, None], axis=-1)[:, 0]
-  accuracy = (jnp.argmax(scores, axis=-1) == positive_idx).astype(jnp.float32)
-  return nll.mean(), accuracy.mean()
+  nll = -jnp.mean(log_probs[jnp.arange(num_q), positive])
+  return nll, jnp.mean(jnp.argmax(scores, axis=-1) == positive)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:

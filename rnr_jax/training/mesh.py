@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,16 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   if len(shape) != len(axes):
     raise ValueError(f"mesh.shape {shape} and mesh.axes {axes} differ in length")
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis ``("data",)`` mesh over ``devices`` (default: all), for inference with replicated parameters."""
+  return make_mesh(types.SimpleNamespace(shape=(-1,), axes=("data",)), devices)
+
+
+def data_parallelism(mesh: Mesh) -> int:
+  """Number of ways a batch is split: the product of the mesh's data axes."""
+  return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
 
 
 def path_name(path: Sequence[Any]) -> str:

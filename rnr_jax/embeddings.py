@@ -1,0 +1,172 @@
+"""Corpus embeddings directories: the passage vectors a retriever (or unified student) gives a prepared corpus.
+
+``embeddings.npy`` (float32 ``[N, d]``, row i = passage id i of the prepared directory), then ``embeddings.json``
+(format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks
+while encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from rnr_jax import exports, lexical, retrieval
+from rnr_jax import tokenization as tk
+from rnr_jax.data import PreparedData
+from rnr_jax.data.token_corpus import save_npy
+from rnr_jax.io import atomic_write_json
+from rnr_jax.metrics import DEFAULT_KS
+from rnr_jax.specs import RetrieverSpec, SystemSpec
+
+Params = Any
+FORMAT = "rnr_jax.embeddings"
+VERSION = 1
+EMBEDDINGS_FILE = "embeddings.npy"
+META_FILE = "embeddings.json"
+CHUNKS_DIR = "chunks"
+
+
+def retrieval_spec(spec: RetrieverSpec | SystemSpec) -> RetrieverSpec:
+  """The retrieval inputs and vectors of a retriever's or a QA system's spec."""
+  return spec.retriever if isinstance(spec, SystemSpec) else spec
+
+
+def key_of(spec: RetrieverSpec | SystemSpec, fingerprint: str, corpus_sha256: str) -> dict[str, Any]:
+  """What identifies an encoding of a corpus: the model, the corpus and the retrieval input settings."""
+  r = retrieval_spec(spec)
+  return {"model_fingerprint": fingerprint, "corpus_sha256": corpus_sha256, "pooling": r.pooling,
+          "retrieval_dim": r.retrieval_dim, "normalize": r.normalize, "passage_len": r.passage_len,
+          "passage_token_type": r.passage_token_type}
+
+
+def save(out_dir: str, vectors: np.ndarray, info: Mapping[str, Any]) -> None:
+  """Writes ``embeddings.npy`` then ``embeddings.json`` (``info`` plus format, count and dim); drops ``chunks/``."""
+  os.makedirs(out_dir, exist_ok=True)
+  save_npy(os.path.join(out_dir, EMBEDDINGS_FILE), np.asarray(vectors, np.float32))
+  atomic_write_json(os.path.join(out_dir, META_FILE), {
+      "format": FORMAT, "version": VERSION, "num_passages": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
+      **info})
+  shutil.rmtree(os.path.join(out_dir, CHUNKS_DIR), ignore_errors=True)
+
+
+def load(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+  """``(vectors [N, d] float32, info)`` of a directory written by :func:`save`."""
+  meta_path = os.path.join(out_dir, META_FILE)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{out_dir}: no {META_FILE} (encoding unfinished or not an embeddings directory)")
+  with open(meta_path, encoding="utf-8") as f:
+    info = json.load(f)
+  if info.get("format") != FORMAT or info.get("version") != VERSION:
+    raise ValueError(f"{meta_path}: format {info.get('format')!r} version {info.get('version')!r}, "
+                     f"expected {FORMAT!r} version {VERSION}")
+  vectors = np.load(os.path.join(out_dir, EMBEDDINGS_FILE), mmap_mode="r" if mmap else None)
+  if vectors.shape != (info["num_passages"], info["dim"]) or vectors.dtype != np.float32:
+    raise ValueError(f"{out_dir}: {EMBEDDINGS_FILE} is {vectors.dtype}{list(vectors.shape)}, "
+                     f"{META_FILE} says float32[{info['num_passages']}, {info['dim']}]")
+  return vectors, info
+
+
+def reuse(path: str, spec: SystemSpec, params: Params, num_passages: int) -> np.ndarray:
+  """The vectors of an embeddings directory, checked to come from this model with these input settings."""
+  vectors, info = load(path)
+  fingerprint = exports.params_fingerprint(params if spec.unified else params["retriever"])
+  expected = {**key_of(spec, fingerprint, info.get("corpus_sha256")), "num_passages": num_passages,
+              "dim": spec.dim}
+  differing = sorted(k for k, v in expected.items() if k in info and info[k] != v)
+  if differing:
+    raise ValueError(f"{path}: embeddings of another model, corpus or input settings (differing: {differing})")
+  return vectors
+
+
+def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec, params: Params, fingerprint: str,
+                    mesh: Mesh, batch_size: int, chunk_size: int = 4096, eval_splits: Sequence[str] = (),
+                    max_eval_questions: int = 0, lexical_weight: float = 0.0) -> dict[str, Any]:
+  """Encodes the corpus of ``prepared`` into ``out`` (resuming, or reusing finished embeddings of the same model);
+  returns the info written.
+
+  With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}`` of exact search; with
+  ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25.
+  """
+  if lexical_weight < 0:
+    raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
+  data = PreparedData.load(prepared)
+  tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
+  corpus = data.token_corpus()
+  r = retrieval_spec(spec)
+  key = key_of(spec, fingerprint, corpus.meta["sha256"])
+  q_fn, p_fn = spec.embed_fns()
+  try:
+    vectors, info = load(out)
+    if any(info.get(k) != v for k, v in key.items()):
+      raise ValueError(f"{out} holds embeddings of another model or corpus; choose another output directory")
+    logging.info("%s: embeddings up to date.", out)
+  except FileNotFoundError:
+    start = time.perf_counter()
+    result = retrieval.encode_corpus(
+        retrieval.BatchEncoder(p_fn, mesh, batch_size), params, tokenizer, corpus, max_len=r.passage_len,
+        buckets=r.buckets, token_type=r.passage_token_type, chunk_dir=os.path.join(out, CHUNKS_DIR),
+        chunk_size=chunk_size, key=key, progress=True)
+    vectors = result.vectors
+    info = {**key, "dim": spec.dim, "spec": spec.to_json(), "prepared": data.path, "devices": jax.device_count(),
+            "passages_per_s": round(result.passages_per_s, 2), "chunks_reused": result.chunks_reused,
+            "wall_s": round(time.perf_counter() - start, 2)}
+    if jax.process_index() == 0:
+      save(out, vectors, info)
+    logging.info("Wrote %s: %d x %d embeddings, %.1f passages/s.", out, *vectors.shape, result.passages_per_s)
+  if eval_splits:
+    start = time.perf_counter()
+    q_encoder = retrieval.BatchEncoder(q_fn, mesh, batch_size)
+    results, hybrid = {}, {}
+    for split in eval_splits:
+      questions = data.questions(split)[:max_eval_questions or None]
+      texts, answers = [x.question for x in questions], [x.answers for x in questions]
+      q = retrieval.encode_questions(q_encoder, params, tokenizer, texts, max_len=r.question_len, buckets=r.buckets)
+      results[split] = retrieval.evaluate_retrieval(q, vectors, answers, data.matcher(), DEFAULT_KS)
+      if lexical_weight > 0:
+        hybrid[split] = retrieval.evaluate_hybrid(q, vectors, texts, data.bm25(), lexical_weight, answers,
+                                                  data.matcher(), DEFAULT_KS)
+    info = {**info, "eval": results, "eval_s": round(time.perf_counter() - start, 2)}
+    if jax.process_index() == 0:
+      atomic_write_json(os.path.join(out, "eval.json"), results)
+    if hybrid:
+      info["eval_lexical"] = {"lexical_weight": lexical_weight, "candidates": lexical.CANDIDATES, "splits": hybrid}
+      if jax.process_index() == 0:
+        atomic_write_json(os.path.join(out, "eval_lexical.json"), info["eval_lexical"])
+  return info
+
+
+def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], data: PreparedData,
+                    tokenizer: tk.Tokenizer, mesh: Mesh, batch_size: int, *, field: str = "teacher"
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+  """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
+
+  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (a memory map indexed by passage
+  id of the prepared ``data``); the questions are encoded here, once. ``normalize`` says whether the teacher
+  scores by cosine. ``field`` names the setting in errors.
+  """
+  spec, params, model = exports.load_retriever(teacher, mesh)
+  if not embeddings:
+    raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")
+  passages, info = load(embeddings)
+  if info.get("model_fingerprint") != model["fingerprint"]:
+    raise ValueError(f"{embeddings}: encoded by another model than {field}={teacher}")
+  if passages.shape != (data.num_passages, spec.dim):
+    raise ValueError(f"{embeddings}: shape {passages.shape}, expected ({data.num_passages}, {spec.dim}) "
+                     "(one vector per prepared passage)")
+  if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
+    raise ValueError(f"{field}={teacher}: trained with another tokenizer than the prepared data's")
+  start = time.perf_counter()
+  vectors = retrieval.encode_questions(retrieval.BatchEncoder(spec.embed_fns()[0], mesh, batch_size), params,
+                                       tokenizer, list(questions), max_len=spec.question_len, buckets=spec.buckets)
+  logging.info("Teacher retriever %s: %d questions encoded in %.1f s.", teacher, len(vectors),
+               time.perf_counter() - start)
+  return vectors, passages, bool(spec.normalize)

@@ -1,0 +1,274 @@
+"""Exported models: a stage's best parameters with the JSON that rebuilds them, and the loaders of every kind.
+
+An export is an Orbax directory ``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable
+onto any mesh) and ``model`` (JSON: the spec under ``"retriever"``, ``"reader"`` or ``"filter"``, a unified
+student's ``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rnr_jax import qa_model
+from rnr_jax.models import EncoderConfig, config_from_hf_dict, load_hf_encoder, load_minilm
+from rnr_jax.specs import ReaderSpec, RetrieverSpec, SystemSpec
+from rnr_jax.training.mesh import path_name
+
+Params = Any
+
+
+class Export:
+  """Exported parameters: ``<directory>/<step>/{params, model}``, newest step only."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_info(self) -> dict[str, Any] | None:
+    """The ``model`` item of the exported step, or None if nothing is exported."""
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    return dict(self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model)
+
+  def save(self, step: int, params: Any, model: Mapping[str, Any]) -> None:
+    """Exports ``params`` as ``step`` with the JSON ``model`` item; every process must call it."""
+    for old in self._manager.all_steps():
+      if old >= step:  # a resumed run exporting a step it had exported before
+        self._manager.delete(old)
+    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                     model=ocp.args.JsonSave({**model, "step": step})), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, abstract_params: Any) -> Any:
+    """The exported parameters, placed like ``abstract_params`` (``ShapeDtypeStruct`` with shardings)."""
+    step = self._manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no exported parameters")
+    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+                                 ).params
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def read_info(directory: str) -> dict[str, Any] | None:
+  """The ``model`` item of an export directory, or None when it holds none."""
+  export = Export(directory)
+  try:
+    return export.latest_info()
+  finally:
+    export.close()
+
+
+def params_fingerprint(params: Params) -> str:
+  """sha256 over the parameters' paths, dtypes, shapes and values (gathered from all processes)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    x = np.asarray(multihost_utils.process_allgather(leaf, tiled=True) if isinstance(leaf, jax.Array) else leaf)
+    h.update(f"{path_name(path)}:{x.dtype.str}:{x.shape};".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
+
+
+class BestExport:
+  """Exports the parameters of the best evaluation by one metric to ``<workdir>/best`` (and the ``keep`` best to
+  ``<workdir>/top/step_<step>``, appendix A.3's checkpoint choice, when ``keep`` > 1).
+
+  ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
+  :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the
+  evaluation's corpus encoding beside it).
+  """
+
+  def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, keep: int = 1,
+               fingerprint: bool = False, on_best: Callable[[int, dict[str, Any]], None] | None = None):
+    self.select = select
+    self._fingerprint = fingerprint
+    self._model = dict(model)
+    self._export = Export(os.path.join(workdir, "best"))
+    self._top = os.path.join(workdir, "top") if keep > 1 else None
+    self._keep = keep
+    self._on_best = on_best
+    exported = self._export.latest_info()
+    self.best = float(exported["metrics"].get(select, -math.inf)) if exported else -math.inf
+
+  @property
+  def directory(self) -> str:
+    return self._export.directory
+
+  def offer(self, step: int, params: Params, metrics: Mapping[str, float]) -> bool:
+    """Exports ``params`` if ``metrics[select]`` beats every earlier evaluation; returns whether it did."""
+    if self.select not in metrics:
+      raise KeyError(f"the evaluation has no metric {self.select!r} to select by (has {sorted(metrics)})")
+    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select}
+    if self._top is not None:
+      self._update_top(step, params, item)
+    if not metrics[self.select] > self.best:
+      return False
+    self.best = float(metrics[self.select])
+    if self._fingerprint:
+      item["fingerprint"] = params_fingerprint(params)
+    self._export.save(step, params, item)
+    if self._on_best is not None:
+      self._on_best(step, item)
+    logging.info("Step %d: new best %s %.4f, exported to %s.", step, self.select, self.best, self.directory)
+    return True
+
+  def latest(self, abstract_params: Any) -> tuple[Params, dict[str, Any]]:
+    """The best export's parameters (placed like ``abstract_params``) and its model item."""
+    return self._export.restore(abstract_params), self._export.latest_info()
+
+  def _update_top(self, step: int, params: Params, item: Mapping[str, Any]) -> None:
+    top = {}
+    for name in os.listdir(self._top) if os.path.isdir(self._top) else ():
+      info = read_info(os.path.join(self._top, name))
+      if info is not None:
+        top[int(info["step"])] = float(info["metrics"][self.select])
+    stale = [s for s in top if s >= step]  # left by a run resumed from an earlier checkpoint
+    kept = sorted(((v, s) for s, v in top.items() if s < step), key=lambda vs: (-vs[0], vs[1]))
+    dropped = stale
+    if len(kept) < self._keep or item["metrics"][self.select] > kept[self._keep - 1][0]:
+      export = Export(os.path.join(self._top, f"step_{step}"))  # replaces a stale export of this step
+      export.save(step, params, item)
+      export.close()
+      dropped = [s for s in stale if s != step] + [s for _, s in kept[self._keep - 1:]]
+    if jax.process_index() == 0:
+      for s in dropped:
+        shutil.rmtree(os.path.join(self._top, f"step_{s}"), ignore_errors=True)
+
+  def close(self) -> None:
+    self._export.close()
+
+
+# ---- loading --------------------------------------------------------------------------
+
+
+def _restore(directory: str, what: str, key: str, init: Callable[[Any], Params], mesh: Mesh | None
+             ) -> tuple[Any, Params, dict[str, Any]]:
+  """``(spec, params replicated on mesh or on device 0, model item)`` of an export holding ``model[key]``."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no exported {what} (no such directory)")
+  export = Export(directory)
+  try:
+    info = export.latest_info()
+    if info is None:
+      raise FileNotFoundError(f"{directory}: no exported {what}")
+    if key not in info:
+      raise ValueError(f"{directory}: not an exported {what} (its model item holds {sorted(info)})")
+    spec = {"retriever": RetrieverSpec, "reader": ReaderSpec}[key].from_json(info[key])
+    sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract = jax.eval_shape(lambda: init(spec.build()))
+    params = export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                         abstract))
+    return spec, params, info
+  finally:
+    export.close()
+
+
+def _init(model: Any) -> Params:
+  return qa_model.init_params(model, jax.random.key(0))
+
+
+def load_retriever(directory: str, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
+  """``(spec, params, model item)`` of an exported retriever (``train.retriever``'s ``W/best``)."""
+  return _restore(directory, "retriever", "retriever", _init, mesh)
+
+
+def load_reader(directory: str, mesh: Mesh | None = None) -> tuple[ReaderSpec, Params, dict[str, Any]]:
+  """``(spec, params, model item)`` of an exported reader or unified student."""
+  return _restore(directory, "reader", "reader", _init, mesh)
+
+
+def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | None = None, *,
+                passage_len: int = 256, passage_token_type: int = 1, normalize: bool = False,
+                require_system: bool = False) -> tuple[SystemSpec, Params]:
+  """The spec and parameters of a unified model, or of a retriever plus a reader.
+
+  A unified student (``train.distill``, ``train.finetune``) keeps its own retrieval settings; for a plain reader
+  export ``passage_len``, ``passage_token_type`` and ``normalize`` set them, or, with ``require_system``, it is
+  refused. A separate retriever's come from its own spec.
+  """
+  reader_spec, reader_params, info = load_reader(model_dir, mesh)
+  if retriever_dir is not None:
+    retriever_spec, retriever_params, _ = load_retriever(retriever_dir, mesh)
+    return SystemSpec.two_models(retriever_spec, reader_spec), {"retriever": retriever_params,
+                                                                "reader": reader_params}
+  if "system" in info:
+    return SystemSpec.from_json(info["system"]), reader_params
+  if require_system:
+    raise ValueError(f"{model_dir}: a reader export without a system spec (its retrieval settings: passage length, "
+                     "token type, normalisation); python -m infer.export --model DIR takes them as flags")
+  return SystemSpec.unified_model(reader_spec, passage_len=passage_len, passage_token_type=passage_token_type,
+                                  normalize=normalize), reader_params
+
+
+def unified_info(system: SystemSpec, scale: float) -> dict[str, Any]:
+  """The ``model`` item of an exported unified student: reader spec, system spec and training score scale."""
+  return {"reader": system.reader.to_json(), "system": system.to_json(), "scale": scale}
+
+
+def load_unified(directory: str, mesh: Mesh | None = None) -> tuple[SystemSpec, float, Params]:
+  """``(system, scale, params)`` of an exported unified student."""
+  _, params, info = load_reader(directory, mesh)
+  if "system" not in info:
+    raise ValueError(f"{directory}: an exported reader, not a unified retriever-reader (no system spec)")
+  return SystemSpec.from_json(info["system"]), float(info["scale"]), params
+
+
+def is_export(path: str) -> bool:
+  """Whether ``path`` is an export directory (``<dir>/<step>/``) rather than a Hugging Face one."""
+  return (bool(path) and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+          and any(d.isdigit() for d in os.listdir(path)))
+
+
+def reader_encoder(directory: str, num_layers: int | None = None) -> tuple[EncoderConfig, Params, Params]:
+  """``(encoder config, encoder params, heads)`` of a reader export, its encoder cut to the first ``num_layers``
+  (host arrays): a student starts from the teacher reader's encoder, which already reads, and its heads."""
+  spec, params, _ = load_reader(directory)
+  config = config_from_hf_dict(dict(spec.encoder))
+  keep = config.num_hidden_layers if num_layers is None else int(num_layers)
+  if not 1 <= keep <= config.num_hidden_layers:
+    raise ValueError(f"num_layers must be in [1, {config.num_hidden_layers}], got {num_layers}")
+  encoder = jax.device_get(params["encoder"])
+  encoder = {k: v for k, v in encoder.items() if not (k.startswith("layer_") and int(k.split("_")[1]) >= keep)}
+  heads = {k: jax.device_get(params[k]) for k in qa_model.HEAD_NAMES}
+  return dataclasses.replace(config, num_hidden_layers=keep), encoder, heads
+
+
+def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None, Params | None]:
+  """The encoder a stage config starts from: ``(config, pretrained encoder or None, reader heads or None)``.
+
+  ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face directory or hub id, an
+  exported reader (its encoder and heads), or ``""`` for a random initialisation of ``model_cfg.hf_config``.
+  ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the hidden and attention dropout.
+  """
+  heads = None
+  if model_cfg.init == "minilm":
+    config, params = load_minilm(model_cfg.num_layers)
+  elif is_export(model_cfg.init):
+    config, params, heads = reader_encoder(model_cfg.init, model_cfg.num_layers)
+  elif model_cfg.init:
+    config, params = load_hf_encoder(model_cfg.init, model_cfg.num_layers)
+  else:
+    config, params = config_from_hf_dict(dict(model_cfg.hf_config)), None
+    if model_cfg.num_layers is not None:
+      config = dataclasses.replace(config, num_hidden_layers=int(model_cfg.num_layers))
+  config = dataclasses.replace(config, hidden_dropout_prob=float(model_cfg.dropout),
+                               attention_probs_dropout_prob=float(model_cfg.dropout))
+  return config, params, heads

@@ -1,0 +1,236 @@
+"""What rebuilds a trained model and feeds it: the retriever, reader and QA-system specs.
+
+A spec is saved as JSON beside exported parameters and in a bundle's ``config.json``, so a model is served with the
+input settings it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnr_jax import qa_model
+from rnr_jax.models import EncoderConfig, config_from_hf_dict
+
+Params = Any
+EmbedFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
+
+
+def _from_json(cls, d: Mapping[str, Any]):
+  return cls(**{**d, "buckets": tuple(d["buckets"])})
+
+
+def _to_json(spec) -> dict[str, Any]:
+  return {**dataclasses.asdict(spec), "encoder": dict(spec.encoder), "buckets": list(spec.buckets)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverSpec:
+  """A retriever (:class:`~rnr_jax.qa_model.Retriever`) and its inputs.
+
+  Attributes:
+    encoder: transformers ``config.json`` dict of the encoder (``num_hidden_layers`` = the layers kept).
+    shared: one encoder for questions and passages (paper §2.2.2) or two (DPR).
+    pooling: ``"cls"`` or ``"mean"``.
+    retrieval_dim: first d dims of the pooled vector; 0 = full width.
+    normalize: L2-normalise the vectors (cosine scores, as sentence-transformers models were trained); False
+      scores by the raw inner product (DPR and the paper).
+    passage_token_type: token type id of passage inputs (questions use 0).
+    tokenizer_fingerprint: sha256 of the tokenizer files, so ids from another vocabulary are refused.
+    question_len, passage_len: maximum input lengths.
+    buckets: padding lengths (:mod:`rnr_jax.tokenization`).
+    dtype: compute dtype name.
+  """
+
+  encoder: Mapping[str, Any]
+  shared: bool
+  pooling: str
+  retrieval_dim: int
+  normalize: bool
+  passage_token_type: int
+  tokenizer_fingerprint: str
+  question_len: int
+  passage_len: int
+  buckets: tuple[int, ...]
+  dtype: str = "float32"
+
+  def __post_init__(self) -> None:
+    if self.pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+    if self.passage_token_type not in (0, 1):
+      raise ValueError(f"passage_token_type must be 0 or 1, got {self.passage_token_type}")
+    width = self.encoder_config().hidden_size
+    if not 0 <= self.retrieval_dim <= width:
+      raise ValueError(f"retrieval_dim must be in [0, {width}] (0 = full width), got {self.retrieval_dim}")
+    object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
+
+  @classmethod
+  def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> RetrieverSpec:
+    """The spec of a stage config (sections ``model``, ``tokens``, ``retriever``)."""
+    return cls(encoder=encoder.to_hf_dict(), shared=bool(config.retriever.shared),
+               pooling=config.model.pooling, retrieval_dim=int(config.model.retrieval_dim),
+               normalize=bool(config.retriever.normalize),
+               passage_token_type=int(config.retriever.passage_token_type),
+               tokenizer_fingerprint=tokenizer_fingerprint, question_len=int(config.tokens.question_len),
+               passage_len=int(config.tokens.passage_len), buckets=tuple(config.tokens.buckets),
+               dtype=config.model.dtype)
+
+  from_json = classmethod(_from_json)
+  to_json = _to_json
+
+  def encoder_config(self) -> EncoderConfig:
+    return config_from_hf_dict(self.encoder)
+
+  @property
+  def dim(self) -> int:
+    """Width of the retrieval vectors."""
+    return self.retrieval_dim or self.encoder_config().hidden_size
+
+  def build(self) -> qa_model.Retriever:
+    return qa_model.Retriever(self.encoder_config(), shared=self.shared, pooling=self.pooling,
+                              retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
+
+  def finish(self, vectors: jax.Array) -> jax.Array:
+    """The model's retrieval vectors as scored: L2-normalised if ``normalize``."""
+    return qa_model.l2_normalize(vectors) if self.normalize else vectors
+
+  def embed_fns(self) -> tuple[EmbedFn, EmbedFn]:
+    """``(question_fn, passage_fn)``: ``(params, batch) -> [B, dim]`` without dropout (not jitted)."""
+    model = self.build()
+
+    def questions(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+      return self.finish(model.apply({"params": params}, batch, method="embed_questions"))
+
+    def passages(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+      return self.finish(model.apply({"params": params}, batch, method="embed_passages"))
+
+    return questions, passages
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderSpec:
+  """A reader (:class:`~rnr_jax.qa_model.RetrieverReader`) and its inputs.
+
+  Attributes:
+    encoder: transformers ``config.json`` dict of the encoder (layers kept).
+    pooling, retrieval_dim: the model's retrieval vector (unused when only reading).
+    tokenizer_fingerprint: sha256 of the tokenizer files.
+    question_len, reader_len, max_answer_len: input and answer lengths in tokens.
+    buckets: padding lengths.
+    dtype: compute dtype name.
+  """
+
+  encoder: Mapping[str, Any]
+  pooling: str
+  retrieval_dim: int
+  tokenizer_fingerprint: str
+  question_len: int
+  reader_len: int
+  max_answer_len: int
+  buckets: tuple[int, ...]
+  dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> ReaderSpec:
+    """The spec of a stage config (sections ``model`` and ``tokens``)."""
+    return cls(encoder=encoder.to_hf_dict(), pooling=config.model.pooling,
+               retrieval_dim=int(config.model.retrieval_dim), tokenizer_fingerprint=tokenizer_fingerprint,
+               question_len=int(config.tokens.question_len), reader_len=int(config.tokens.reader_len),
+               max_answer_len=int(config.tokens.max_answer_len), buckets=tuple(int(b) for b in config.tokens.buckets),
+               dtype=config.model.dtype)
+
+  from_json = classmethod(_from_json)
+  to_json = _to_json
+
+  def build(self) -> qa_model.RetrieverReader:
+    return qa_model.RetrieverReader(config_from_hf_dict(self.encoder), pooling=self.pooling,
+                                    retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
+
+
+def read_fn(model: qa_model.RetrieverReader, select: Callable[[Params], Params] = lambda p: p) -> EmbedFn:
+  """``(params, batch) -> [rows, 2L + 1]``: start logits, end logits and rank logit of each row, in one array so a
+  batch runner gathers it."""
+  def read(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    start, end, rank = model.apply({"params": select(params)}, batch, method="read")
+    return jnp.concatenate([start, end, rank[:, None]], axis=1)
+  return read
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+  """A QA system's model(s); ``config.json["model"]`` of a bundle.
+
+  Attributes:
+    reader: the reader (for a unified system, the whole retriever-reader).
+    retriever: the retrieval inputs and vectors; for a unified system it describes the reader's ``embed`` and
+      shares its encoder.
+    unified: one model (parameters of the reader) or two (``{"retriever": ..., "reader": ...}``).
+  """
+
+  reader: ReaderSpec
+  retriever: RetrieverSpec
+  unified: bool
+
+  def __post_init__(self) -> None:
+    if self.reader.tokenizer_fingerprint != self.retriever.tokenizer_fingerprint:
+      raise ValueError("the retriever and the reader were trained with different tokenizers")
+    if self.unified and (dict(self.reader.encoder) != dict(self.retriever.encoder)
+                         or self.reader.pooling != self.retriever.pooling
+                         or self.reader.retrieval_dim != self.retriever.retrieval_dim):
+      raise ValueError("a unified system's retrieval settings must be those of its reader's encoder")
+
+  @classmethod
+  def unified_model(cls, reader_spec: ReaderSpec, *, passage_len: int = 256, passage_token_type: int = 1,
+                    normalize: bool = False) -> SystemSpec:
+    """A unified retriever-reader: the reader's ``embed`` retrieves (questions token type 0, paper §2.2.2)."""
+    retriever = RetrieverSpec(
+        encoder=reader_spec.encoder, shared=True, pooling=reader_spec.pooling,
+        retrieval_dim=reader_spec.retrieval_dim, normalize=normalize, passage_token_type=passage_token_type,
+        tokenizer_fingerprint=reader_spec.tokenizer_fingerprint, question_len=reader_spec.question_len,
+        passage_len=passage_len, buckets=reader_spec.buckets, dtype=reader_spec.dtype)
+    return cls(reader_spec, retriever, unified=True)
+
+  @classmethod
+  def two_models(cls, retriever_spec: RetrieverSpec, reader_spec: ReaderSpec) -> SystemSpec:
+    """A retriever and a separate reader."""
+    return cls(reader_spec, retriever_spec, unified=False)
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> SystemSpec:
+    return cls(ReaderSpec.from_json(d["reader"]), RetrieverSpec.from_json(d["retriever"]), bool(d["unified"]))
+
+  def to_json(self) -> dict[str, Any]:
+    return {"unified": self.unified, "reader": self.reader.to_json(), "retriever": self.retriever.to_json()}
+
+  def with_dropout(self, dropout: float) -> SystemSpec:
+    """This system with the encoder's hidden and attention dropout set to ``dropout`` (for training)."""
+    encoder = {**self.reader.encoder, "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    r = self.retriever
+    return SystemSpec.unified_model(dataclasses.replace(self.reader, encoder=encoder), passage_len=r.passage_len,
+                                    passage_token_type=r.passage_token_type, normalize=r.normalize)
+
+  @property
+  def dim(self) -> int:
+    """Width of the retrieval vectors."""
+    return self.retriever.dim
+
+  def embed_fns(self) -> tuple[EmbedFn, EmbedFn]:
+    """``(question_fn, passage_fn)``: ``(system params, batch) -> [B, dim]`` (not jitted)."""
+    if not self.unified:
+      questions, passages = self.retriever.embed_fns()
+      return (lambda params, batch: questions(params["retriever"], batch),
+              lambda params, batch: passages(params["retriever"], batch))
+    model = self.reader.build()
+
+    def embed_fn(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+      return self.retriever.finish(model.apply({"params": params}, batch, method="embed"))
+
+    return embed_fn, embed_fn
+
+  def read_fn(self) -> EmbedFn:
+    """``(system params, batch) -> [rows, 2L + 1]`` (:func:`read_fn`)."""
+    return read_fn(self.reader.build(), (lambda p: p) if self.unified else (lambda p: p["reader"]))

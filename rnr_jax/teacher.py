@@ -1,0 +1,181 @@
+"""The reader teacher of distillation and the cache of its outputs (paper §2.2.3).
+
+The teacher never runs inside the student's step: for a candidate pool, the m passages of every (sample s,
+question i) are fixed in advance, the teacher reads them once, and its logits go to float16 ``.npy`` memmaps under
+``<workdir>/teacher_cache/<fingerprint>/``. The fingerprint covers the teacher's parameters and spec, the prepared
+data, the input settings and the sampled passage ids; a finished cache is reused without calling the teacher. So
+the teacher is neither differentiated nor in any checkpoint: batches carry its outputs as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from rnr_jax import exports, retrieval
+from rnr_jax import tokenization as tk
+from rnr_jax.io import atomic_write_json
+from rnr_jax.specs import ReaderSpec, read_fn
+
+Params = Any
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CACHE_FORMAT = "rnr_jax.teacher_cache"
+CACHE_VERSION = 1
+
+
+class Teacher:
+  """The reader teacher: loaded once on first use, replicated on ``mesh``, never part of a student's state."""
+
+  def __init__(self, directory: str, mesh: jax.sharding.Mesh, rows_per_call: int):
+    self.directory = directory
+    self._mesh = mesh
+    self._rows = rows_per_call
+    self._loaded: tuple[Params, retrieval.BatchEncoder] | None = None
+    self._spec: ReaderSpec | None = None
+    self._fingerprint: str | None = None
+
+  def _load(self) -> tuple[Params, retrieval.BatchEncoder]:
+    if self._loaded is None:
+      self._spec, params, _ = exports.load_reader(self.directory, self._mesh)
+      self._loaded = params, retrieval.BatchEncoder(read_fn(self._spec.build()), self._mesh, self._rows)
+      logging.info("Loaded the reader teacher from %s.", self.directory)
+    return self._loaded
+
+  @property
+  def spec(self) -> ReaderSpec:
+    """The teacher's reader spec (kept after :meth:`release`)."""
+    if self._spec is None:
+      self._load()
+    return self._spec
+
+  def fingerprint(self) -> str:
+    """sha256 of the teacher's parameters (kept after :meth:`release`)."""
+    if self._fingerprint is None:
+      self._fingerprint = exports.params_fingerprint(self._load()[0])
+    return self._fingerprint
+
+  def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``start, end [rows, L]`` and ``rank [rows]`` logits of a reader batch (numpy)."""
+    params, encoder = self._load()
+    rows, length = batch["input_ids"].shape
+    out = encoder(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
+    return out[:, :length], out[:, length : 2 * length], out[:, 2 * length]
+
+  def release(self) -> None:
+    """Drops the parameters (loaded again if called again)."""
+    self._loaded = None
+
+
+InputsFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+TeacherFn = Callable[[Mapping[str, np.ndarray]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class TeacherCache:
+  """The teacher's outputs on fixed passage samples: float16 ``.npy`` memmaps in ``<root>/<fingerprint>/``.
+
+  Files: ``key.json``; ``pids.npy`` int32 ``[S, N, m]`` (sample, example, passage); ``start.npy`` and ``end.npy``
+  float16 ``[S, N, m, W]`` (logits at positions ``< W`` = the reader length, which holds every text position);
+  ``rank.npy`` float16 ``[S, N, m]``; ``progress.json`` (rows done) while building, ``done.json`` when complete. An
+  interrupted build continues where it stopped.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.pids = np.load(os.path.join(directory, "pids.npy"), mmap_mode="r")
+    self._start = np.load(os.path.join(directory, "start.npy"), mmap_mode="r")
+    self._end = np.load(os.path.join(directory, "end.npy"), mmap_mode="r")
+    self._rank = np.load(os.path.join(directory, "rank.npy"), mmap_mode="r")
+
+  @staticmethod
+  def fingerprint(key: Mapping[str, Any], pids: np.ndarray) -> str:
+    """sha256 of ``key`` and the sampled passage ids."""
+    h = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode())
+    h.update(f"{pids.dtype.str}{pids.shape}".encode())
+    h.update(np.ascontiguousarray(pids).tobytes())
+    return h.hexdigest()
+
+  @classmethod
+  def open_or_build(cls, root: str, key: Mapping[str, Any], pids: np.ndarray, width: int, inputs: InputsFn,
+                    teacher: TeacherFn, questions_per_call: int) -> TeacherCache:
+    """The cache of ``key`` and ``pids [S, N, m]``: opened if complete, else built (or finished) first.
+
+    Args:
+      root: directory of the caches; other caches in it are deleted once this one is complete.
+      key: what the teacher's outputs depend on besides ``pids`` (teacher fingerprint, data, input settings).
+      pids: sampled passage ids of every (sample, example).
+      width: positions kept per row (the reader input length).
+      inputs: ``(example indices [n], pids [n, m]) -> reader batch`` of :func:`rnr_jax.reader_data.reader_batch`.
+      teacher: reader batch -> ``(start [rows, L], end [rows, L], rank [rows])``.
+      questions_per_call: examples per teacher call.
+    """
+    pids = np.asarray(pids, np.int32)
+    samples, num, m = pids.shape
+    directory = os.path.join(root, cls.fingerprint(key, pids)[:32])
+    if os.path.exists(os.path.join(directory, "done.json")):
+      logging.info("Teacher outputs found in %s.", directory)
+      return cls(directory)
+    writer = jax.process_index() == 0
+    progress_path = os.path.join(directory, "progress.json")
+    if writer:
+      os.makedirs(directory, exist_ok=True)
+      if not os.path.exists(progress_path):
+        np.save(os.path.join(directory, "pids.npy"), pids)
+        for name, shape in (("start", (samples, num, m, width)), ("end", (samples, num, m, width)),
+                            ("rank", (samples, num, m))):
+          np.lib.format.open_memmap(os.path.join(directory, f"{name}.npy"), "w+", np.float16, shape).flush()
+        atomic_write_json(os.path.join(directory, "key.json"), {"format": CACHE_FORMAT, "version": CACHE_VERSION,
+                                                                "shape": [samples, num, m, width], **dict(key)})
+        atomic_write_json(progress_path, {"done": 0})
+    multihost_utils.sync_global_devices("rnr_jax.teacher.TeacherCache.create")
+    with open(progress_path, encoding="utf-8") as f:
+      done = int(json.load(f)["done"])
+    arrays = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r+" if writer else "r")
+              for name in ("start", "end", "rank")}
+    flat_pids = pids.reshape(samples * num, m)
+    total = samples * num
+    t = time.perf_counter()
+    logging.info("Teacher reading %d questions x %d passages (%d done) into %s.", total, m, done, directory)
+    for first in range(done, total, questions_per_call):
+      rows = np.arange(first, min(first + questions_per_call, total))
+      s, i = np.divmod(rows, num)
+      batch = inputs(i, flat_pids[rows])
+      start, end, rank = teacher(batch)
+      if writer:
+        length = start.shape[1]
+        for name, x in (("start", start), ("end", end)):
+          x = x.reshape(len(rows), m, length)[..., :width]
+          arrays[name][s, i, :, : x.shape[-1]] = x.astype(np.float16)
+          arrays[name][s, i, :, x.shape[-1]:] = 0
+        arrays["rank"][s, i] = rank.reshape(len(rows), m).astype(np.float16)
+        for a in arrays.values():
+          a.flush()
+        atomic_write_json(progress_path, {"done": int(rows[-1]) + 1})
+    if writer:
+      atomic_write_json(os.path.join(directory, "done.json"), {"seconds": time.perf_counter() - t})
+      os.remove(progress_path)
+      for other in os.listdir(root):
+        if other != os.path.basename(directory):
+          shutil.rmtree(os.path.join(root, other), ignore_errors=True)
+    multihost_utils.sync_global_devices("rnr_jax.teacher.TeacherCache.done")
+    return cls(directory)
+
+  def lookup(self, sample: int, examples: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """``t_start, t_end`` float16 ``[B * m, length]`` and ``t_rank [B, m]`` of ``examples`` in ``sample``."""
+    out = {}
+    for name, x in (("t_start", self._start), ("t_end", self._end)):
+      x = np.asarray(x[sample, examples])
+      width = x.shape[-1]
+      x = x[..., :length] if length <= width else np.pad(x, ((0, 0), (0, 0), (0, length - width)))
+      out[name] = x.reshape(-1, length)
+    out["t_rank"] = np.asarray(self._rank[sample, examples])
+    return out
