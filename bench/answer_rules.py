@@ -55,7 +55,7 @@ def main() -> None:
   print(table)
   if args.record:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
-    report.record(args.title, table,
+    report.record("reading", args.title, table,
                   f"{source} (BM25 fusion weight {base.lexical_weight:g}); top {args.top_k} retrieved "
                   f"and read per question, every rule answering from the same passages. Question sets: {sets}.")
   print(json.dumps({"results": results, "mean": mean}))

@@ -124,7 +124,7 @@ def main() -> None:
   print(table)
   if args.record:
     report.record(
-        "Batch size and length buckets on CPU (MiniLM forward and training step)", table,
+        "speed", "Batch size and length buckets on CPU (MiniLM forward and training step)", table,
         note=f"Encoding: {len(records)} random passages of {args.prepared}'s corpus (token type 0, mean pooling, "
              f"max 256 tokens); mean real length {lengths.mean():.1f} tokens. Training: random token ids, no "
              "padding, forward + backward of the encoder. XLA's CPU kernels are faster on small batches, whose "

@@ -11,7 +11,7 @@ noise hits both alike, and reports medians and the Flax/PyTorch speed ratio for
   python -m bench.bench_encoder --batch 32 --lengths 128,256 --reps 5 --record
 
 Needs the test extra (torch). ``--record`` replaces this benchmark's section in
-docs/benchmarks.md.
+docs/speed.md.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main():
   ap.add_argument("--lengths", default="128,256")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--torch_threads", type=int, default=os.cpu_count())
-  ap.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
+  ap.add_argument("--record", action="store_true", help="write the table into docs/speed.md")
   args = ap.parse_args()
 
   import torch  # pylint: disable=import-outside-toplevel
@@ -165,7 +165,7 @@ def main():
             "training steps: the in-batch loss on [CLS] vectors with dropout 0.1 on both sides (PyTorch train mode), "
             "parameters and optimiser state donated to the jitted step (as in rnr_jax.training); "
             f"jax {jax.__version__}, torch {torch.__version__}.")
-    report.record("Encoder throughput: Flax vs PyTorch", table, note)
+    report.record("speed", "Encoder throughput: Flax vs PyTorch", table, note)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def main():
   ap.add_argument("--bundle", default="", help="a bundle to load and ask in the fresh venv, and to measure")
   ap.add_argument("--top", type=int, default=12, help="distributions listed one by one")
   ap.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
-  ap.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
+  ap.add_argument("--record", action="store_true", help="write the table into docs/compression.md")
   args = ap.parse_args()
   bundle = os.path.abspath(args.bundle) if args.bundle else ""
 
@@ -186,8 +186,8 @@ def main():
       "- sizes: apparent bytes (`du -b`); a distribution's are those of the files its RECORD lists (bytecode "
       "included); MB = 10^6 bytes; pip and setuptools come with `python -m venv`",
   ])
-  report.record(TITLE, result, note)
-  print(f"recorded in {report.DOC}")
+  report.record("compression", TITLE, result, note)
+  print("recorded in docs/")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ matmuls of the model's largest shape, ``[read rows x reader_len, H] x [H, I]``.
 
   python -m bench.bench_qa --bundle B --questions Q.jsonl --limit 200 --repeats 3 --record
 
-``--record`` replaces this benchmark's section in docs/benchmarks.md.
+``--record`` replaces this benchmark's section in docs/speed.md.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main():
   ap.add_argument("--cache_dir", default=None, help="where to unpack the bundle (default: <bundle>/.cache)")
   ap.add_argument("--lexical_weight", type=float, default=None,
                   help="BM25 fusion weight (default: the bundle's); when > 0 the dense-only system is timed too")
-  ap.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
+  ap.add_argument("--record", action="store_true", help="write the table into docs/speed.md")
   args = ap.parse_args()
 
   load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -246,8 +246,8 @@ def main():
       f"- jax {jax.__version__}, backend {jax.default_backend()}; load average before the run (other jobs share "
       f"this machine): {load_before}",
   ])
-  report.record(TITLE, result_table, note)
-  print(f"recorded in {report.DOC}")
+  report.record("speed", TITLE, result_table, note)
+  print("recorded in docs/")
 
 
 if __name__ == "__main__":

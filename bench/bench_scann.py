@@ -5,7 +5,7 @@ distribution, measures per :class:`rnr_jax.index.DenseIndex` kind: build time,
 queries/s with all queries in one batch and with one query at a time (on a
 sample), recall@k against exact float32 search, and the bytes
 :meth:`DenseIndex.save` writes. Prints a markdown table and records it, with
-the command, machine and date, in ``docs/benchmarks.md`` under
+the command, machine and date, in ``docs/retrieval.md`` under
 "## ScaNN INT8 vs exact search" (replacing only that section).
 
 Isotropic random vectors have no cluster structure, the hardest case for the
@@ -134,8 +134,8 @@ def main(argv):
       *([f"- ah settings: {settings}"] if settings else []),
       f"- load average before the run (other jobs share this machine): {load_before}",
   ])
-  report.record(TITLE, result, note)
-  print(f"recorded in {report.DOC}")
+  report.record("retrieval", TITLE, result, note)
+  print("recorded in docs/")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main() -> None:
                     "bundle_equals_in_memory": agreement(stored, "bundle")[0] == 1.0,
                     "index": index_report}))
   if args.record:
-    report.record(f"Compression check: {weights_dtype} bundle vs in-memory model (nq_dev)", table,
+    report.record("compression", f"Compression check: {weights_dtype} bundle vs in-memory model (nq_dev)", table,
                   f"{len(questions)} questions of {args.questions}; bundle {args.bundle}; settings top_k={s.top_k}, "
                   f"rule={s.rule}.", "python -m bench.bundle_check " + " ".join(
                       f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False, 0) and k != "record")

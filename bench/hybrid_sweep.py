@@ -140,7 +140,7 @@ def main() -> None:
     title = ("Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")
              + ("" if (args.eval_rule, args.eval_read) == ("dpr", 1)
                 else f", {args.eval_rule} rule m'={args.eval_read}"))
-    report.record(title, table,
+    report.record("retrieval", title, table,
                   f"{source} ({len(system.index)} passages); BM25 (bm25s, stemmed) built from the "
                   f"system's token-ID passages in {build_s:.1f} s; {n} candidates from each retrieval; weight 0 = "
                   f"the dense index alone. Question sets: {sets}. Chosen: the best mean top-1."

@@ -1,7 +1,7 @@
-"""Recording benchmark tables in docs/benchmarks.md, one section per benchmark.
+"""Recording benchmark tables in the docs topic pages (``docs/<page>.md``), one section per benchmark.
 
-Each section holds the table, the exact command, the machine and the date;
-re-running a benchmark with ``--record`` replaces only its own section.
+Each section holds the exact command, the machine and the date, then the table; re-running a benchmark with
+``--record`` replaces only its own section.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC = os.path.join(ROOT, "docs", "benchmarks.md")
-HEADER = ("# Benchmarks\n\nEvery table below was produced by the command shown with it, on the machine and date shown. "
-          "Comparisons are side by side in one run (ratios), since these machines are shared and noisy.\n")
+DOCS = os.path.join(ROOT, "docs")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -48,21 +46,21 @@ def machine() -> str:
   return desc
 
 
-def record(title: str, table: str, note: str = "", command: str | None = None) -> None:
-  """Writes (or replaces) the ``## title`` section of docs/benchmarks.md."""
+def record(page: str, title: str, table: str, note: str = "", command: str | None = None) -> None:
+  """Writes (or replaces) the ``## title`` section of ``docs/<page>.md``."""
   from rnr_jax.io import atomic_write_text  # pylint: disable=import-outside-toplevel
 
   module = os.path.splitext(os.path.basename(sys.argv[0]))[0]
   command = command or " ".join(["python -m bench." + module, *map(shlex.quote, sys.argv[1:])])
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  body = f"## {title}\n\n`{command}`  \nMachine: {machine()}  \nDate: {date}\n\n{table}\n"
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+  body = f"## {title}\n\n```bash\n{command}\n```\n\n{machine()}, {date}.\n\n{table}\n"
   if note:
     body += f"\n{note}\n"
-  text = open(DOC, encoding="utf-8").read() if os.path.exists(DOC) else HEADER
+  doc = os.path.join(DOCS, f"{page}.md")
+  text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else f"# {page.capitalize()}\n"
   pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
   if pattern.search(text):
     text = pattern.sub(lambda _: body + "\n", text)
   else:
     text = text.rstrip("\n") + "\n\n" + body
-  os.makedirs(os.path.dirname(DOC), exist_ok=True)
-  atomic_write_text(DOC, text.rstrip("\n") + "\n")
+  atomic_write_text(doc, text.rstrip("\n") + "\n")

@@ -94,7 +94,7 @@ def main() -> None:
   print(table)
   if args.record:
     where = f"the {len(pids)} passages of {args.subset}" if pids is not None else "whole corpus"
-    report.record(args.title, table,
+    report.record("retrieval", args.title, table,
                   f"Passage vectors: {args.embeddings} ({passages.shape[0]} x {passages.shape[1]}, {where}); "
                   "questions encoded with the same encoder; every variant re-normalised after the cut. Variance "
                   "ranks the dims over the passage vectors; principal components are theirs, after centring on "

@@ -4,7 +4,7 @@ Collects top-k answer accuracy per dev split from a prepared dataset's BM25
 numbers (``manifest.json``), embedding directories written by ``infer.encode``
 (``eval.json``, or the hybrid ``eval_lexical.json`` given as the path) and retriever
 workdirs (the best row of ``eval.jsonl``), prints
-one markdown table and, with ``--record``, stores it in docs/benchmarks.md.
+one markdown table and, with ``--record``, stores it in docs/retrieval.md.
 
   python -m bench.retrieval_table --prepared /tmp/prep_real \
       --run "untrained MiniLM (mean, 384-d, cosine)=/tmp/emb_minilm_cos" \
@@ -61,7 +61,7 @@ def main():
   ap.add_argument("--splits", default="nq_dev,squadshifts_dev")
   ap.add_argument("--note", default="", help="extra text recorded under the table")
   ap.add_argument("--title", default="Retrieval accuracy (Training stages I)",
-                  help="docs/benchmarks.md section to write (a new title keeps earlier tables)")
+                  help="docs/retrieval.md section to write (a new title keeps earlier tables)")
   ap.add_argument("--record", action="store_true")
   args = ap.parse_args()
   splits = args.splits.split(",")
@@ -76,7 +76,7 @@ def main():
   table = report.markdown_table(header, body)
   print(table)
   if args.record:
-    report.record(args.title, table, args.note)
+    report.record("retrieval", args.title, table, args.note)
 
 
 if __name__ == "__main__":
