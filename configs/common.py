@@ -1,7 +1,7 @@
 """Every field a stage can read, with the paper's defaults (appendix A).
 
 Config files return ``base_config()`` with changes; the command line overrides
-any field: ``--config configs/default.py --config.optim.lr=1e-5``.
+any field: ``--config configs/retriever.py --config.optim.lr=1e-5``.
 """
 
 import os
@@ -78,6 +78,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def is_tiny(arg: str | None) -> bool:
+  """Whether a config file's argument (``configs/x.py:tiny``) asks for the seconds-long random-init setting."""
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
+  return arg == "tiny"
+
+
+def schedule(c: ml_collections.ConfigDict, *, lr: float, warmup_steps: int, batch_size: int, num_steps: int,
+             every: int) -> None:
+  """A stage's training length: peak learning rate and warmup, global batch, steps, and every how many steps it
+  evaluates and checkpoints."""
+  c.optim.lr, c.optim.warmup_steps = lr, warmup_steps
+  c.train.batch_size, c.train.num_steps = batch_size, num_steps
+  c.train.eval_every = c.train.ckpt_every = every
+
+
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns a config into a seconds-long one: random-init 2-layer BERT, short inputs, few steps."""
   c.model.init = ""
@@ -91,12 +107,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.tokens.passage_len = 64
   c.tokens.reader_len = 96
   c.tokens.buckets = (32, 64, 96)
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 2
-  c.train.batch_size = 8
-  c.train.num_steps = 20
+  schedule(c, lr=1e-3, warmup_steps=2, batch_size=8, num_steps=20, every=10)
   c.train.log_every = 5
-  c.train.eval_every = 10
-  c.train.ckpt_every = 10
   c.train.async_ckpt = False
   return c

@@ -92,17 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.cache_batch_size = 8  # questions per teacher call while caching (x m rows)
   c.eval = eval_config()
 
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 0
-  c.train.batch_size = 16
-  c.train.num_steps = 60000
-  c.train.eval_every = 2000
-  c.train.ckpt_every = 2000
+  common.schedule(c, lr=1e-5, warmup_steps=0, batch_size=16, num_steps=60000, every=2000)
 
-  if arg == "tiny":
+  if common.is_tiny(arg):
     make_tiny_unified(c)
     c.distill.m = 4
     c.distill.cache_batch_size = 2
-  elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

@@ -30,19 +30,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.filter.keep = 0.25
   c.filter.keep_bytes = 0
 
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 1000
-  c.train.batch_size = 18  # half positives, half negatives
-  c.train.num_steps = 0
-  c.train.eval_every = 2000
-  c.train.ckpt_every = 2000
+  # Batches of half positives, half negatives; num_steps 0: filter.epochs epochs.
+  common.schedule(c, lr=1e-5, warmup_steps=1000, batch_size=18, num_steps=0, every=2000)
 
-  if arg == "tiny":
+  if common.is_tiny(arg):
     common.make_tiny(c)
     c.filter.val_negatives = 64
     c.filter.score_batch_size = 16
     c.train.batch_size = 16
     c.train.num_steps = 20
-  elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

@@ -25,16 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.max_spans = 10  # answer occurrences in the positive used as span targets
   c.eval = distill.eval_config()
 
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 0
-  c.train.batch_size = 16
-  c.train.num_steps = 20000
-  c.train.eval_every = 2000
-  c.train.ckpt_every = 2000
+  common.schedule(c, lr=1e-5, warmup_steps=0, batch_size=16, num_steps=20000, every=2000)
 
-  if arg == "tiny":
+  if common.is_tiny(arg):
     distill.make_tiny_unified(c)
     c.finetune.m = 4
-  elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

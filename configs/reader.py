@@ -27,18 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reader.answer_rule = "dpr"  # "dpr" (best span of the top-ranked passage) or "weighted" (appendix A.3)
   c.reader.select_metric = "em_open"  # em_gold, em_open@n or em_open (best over n)
 
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 0
-  c.train.batch_size = 16
-  c.train.num_steps = 20000
-  c.train.eval_every = 2000
-  c.train.ckpt_every = 2000
+  common.schedule(c, lr=1e-5, warmup_steps=0, batch_size=16, num_steps=20000, every=2000)
 
-  if arg == "tiny":
+  if common.is_tiny(arg):
     common.make_tiny(c)
     c.reader.m = 4
     c.reader.eval_passages = (1, 4)
     c.reader.eval_questions = 16
-  elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; expected 'tiny' or none")
   return c

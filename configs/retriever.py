@@ -40,9 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   r.save_embeddings = False
   r.encode_batch_size = 64  # evaluation encoding batch (a multiple of the device count)
   r.init_checkpoint = ""  # start from another run's parameters (workdir or checkpoint path)
-  if arg == "tiny":
+  if common.is_tiny(arg):
     common.make_tiny(c)
     r.encode_batch_size = 16
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'tiny'")
   return c

@@ -1,29 +1,9 @@
-"""Passage filtering (paper §2.1, appendix A.1): a classifier that keeps the passages worth indexing.
+"""The passage filter (paper §2.1, appendix A.1): a classifier that keeps the passages worth indexing.
 
-The corpus ``J_total`` is split into ``J+train``, the passages retrieved in the
-top-k for the training questions, and ``J-train``, the rest. A passage ``p_j``
-is scored ``s_j = v_j . w``, ``v_j`` its pooled encoder embedding (token type 1)
-and ``w`` a learnt vector, and the classifier is trained with binary
-cross-entropy on batches of half positives and half negatives:
-
-* positives are oversampled by their smoothed frequency ``log_b(freq_j) + 1``
-  (``freq_j`` = number of training questions retrieving ``p_j``): each epoch's
-  pool holds ``floor(weight)`` copies of a positive plus one more with
-  probability ``frac(weight)``, so every positive is seen at least once per
-  epoch and, in expectation, in proportion to its weight;
-* negatives are drawn uniformly from ``J-train``.
-
-Validation: ``J+val`` = for each validation question, the best-ranked retrieved
-passage holding an answer; ``J-val`` = passages sampled outside ``J+train`` and
-``J+val``. The hit ratio is the fraction of ``J+val`` among the top-``|J+val|``
-scores of ``J+val ∪ J-val``. Unlike the paper, the validation passages are also
-kept out of the training negatives, so ``J-val`` is held out.
-
-Finally every passage is scored and the top-n kept: ``n`` given as a count, a
-fraction of the corpus, or a byte budget for the kept passages in the token-ID
-corpus (their token ids plus one 8-byte offset each). The subset
-file (:func:`save_subset`) is an ``.npz`` with ``pids`` (int32, best score
-first), ``scores`` (float32) and ``num_passages`` (size of the full corpus).
+A passage is scored ``s_j = v_j . w`` (its pooled encoding and a learnt vector) and trained with binary
+cross-entropy on half positives (``J+train``: passages some training question retrieves, oversampled by the
+smoothed frequency ``log_b(freq) + 1``) and half uniform negatives; ``hit_val`` measures it on held-out
+``J+val`` / ``J-val``. The top-n passages are kept (a count, a fraction, or a byte budget of token ids).
 """
 
 from __future__ import annotations
@@ -110,15 +90,8 @@ def oversampled_pool(pids: np.ndarray, weights: np.ndarray, rng: np.random.Gener
 
 @dataclasses.dataclass(frozen=True)
 class FilterSets:
-  """Passage ids of the filter's training and validation sets (sorted, disjoint where stated).
-
-  Attributes:
-    train_positives: ``J+train``.
-    weights: smoothed frequency of each ``train_positives`` entry.
-    train_negatives: ``J-train`` without the validation passages.
-    val_positives: ``J+val`` (may overlap ``J+train``).
-    val_negatives: ``J-val``, disjoint from ``J+train`` and ``J+val``.
-  """
+  """Passage ids of ``J+train`` (with their smoothed frequencies), ``J-train`` without the validation passages,
+  ``J+val`` (may overlap ``J+train``) and ``J-val`` (disjoint from both)."""
 
   train_positives: np.ndarray
   weights: np.ndarray
@@ -129,10 +102,8 @@ class FilterSets:
 
 def make_filter_sets(num_passages: int, freq: np.ndarray, val_positives: np.ndarray, num_val_negatives: int,
                      log_base: float, rng: np.random.Generator) -> FilterSets:
-  """Splits the corpus given each passage's retrieval frequency ``freq`` and ``J+val``.
-
-  ``J-val`` has ``num_val_negatives`` passages (fewer if the corpus is short of them).
-  """
+  """Splits the corpus by each passage's retrieval frequency ``freq`` and ``J+val``; ``J-val`` gets
+  ``num_val_negatives`` passages (fewer if the corpus is short of them), kept out of the training negatives too."""
   positives = np.flatnonzero(freq > 0).astype(np.int32)
   val_positives = np.unique(np.asarray(val_positives, np.int32))
   if not len(positives) or not len(val_positives):
@@ -156,11 +127,8 @@ def training_pairs(sets: FilterSets, rng: np.random.Generator) -> tuple[np.ndarr
 
 def pair_batch(tokenizer: Tokenizer, corpus: TokenCorpus, positives: np.ndarray, negatives: np.ndarray, *,
                max_len: int, buckets: Sequence[int]) -> dict[str, np.ndarray]:
-  """Passage inputs ``[2n, L]`` (rows ``2i, 2i + 1`` = pair ``i``'s positive and negative) and ``labels [n, 2]``.
-
-  Labels have one row per pair, so micro-batches (gradient accumulation) split
-  whole pairs and stay balanced.
-  """
+  """Passage inputs ``[2n, L]`` (rows ``2i, 2i + 1`` = pair ``i``'s positive and negative) and ``labels [n, 2]``
+  (one row per pair, so micro-batches split whole pairs and stay balanced)."""
   records = [corpus[p] for pair in zip(positives.tolist(), negatives.tolist()) for p in pair]
   batch = tokenizer.passages_from_records(records, max_len, buckets).as_dict()
   batch["labels"] = np.tile(np.asarray([[1.0, 0.0]], np.float32), (len(positives), 1))
@@ -172,11 +140,7 @@ def pair_batch(tokenizer: Tokenizer, corpus: TokenCorpus, positives: np.ndarray,
 
 def score_passages(encoder: retrieval.BatchEncoder, params: Any, tokenizer: Tokenizer, corpus: TokenCorpus,
                    pids: np.ndarray, *, max_len: int, buckets: Sequence[int]) -> np.ndarray:
-  """``float32`` scores of passages ``pids``, batched by length bucket.
-
-  ``encoder`` wraps a ``(params, batch) -> [B, 1]`` score function (see
-  :func:`score_fn`); batches are padded to its batch size.
-  """
+  """``float32`` scores of passages ``pids``, batched by length bucket (``encoder`` wraps :func:`score_fn`)."""
   pids = np.asarray(pids)
   lengths = np.minimum(corpus.lengths()[pids] + 2, max_len)  # + [CLS] and [SEP]
   batches = ((idx, tokenizer.passages_from_records([corpus[p] for p in pids[idx]], max_len, buckets))
@@ -185,7 +149,7 @@ def score_passages(encoder: retrieval.BatchEncoder, params: Any, tokenizer: Toke
 
 
 def score_fn(model: PassageFilter) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
-  """``(params, batch) -> scores [B, 1]`` without dropout, the form :class:`retrieval.BatchEncoder` takes."""
+  """``(params, batch) -> scores [B, 1]`` without dropout, for a :class:`retrieval.BatchEncoder`."""
   def scores(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     return model.apply({"params": params}, batch)[:, None]
   return scores
@@ -204,10 +168,8 @@ def first_answer_passages(ranked: np.ndarray, answers: Sequence[Sequence[str]], 
 
 
 def hit_ratio(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-  """Fraction of positives among the top-``P`` scores of positives and negatives (``P`` = #positives).
-
-  Ties are resolved against the positives, so a constant scorer does not score well.
-  """
+  """Fraction of positives among the top-``P`` scores of positives and negatives (``P`` = #positives); ties go
+  against the positives, so a constant scorer does not score well."""
   num_pos = len(positive_scores)
   scores = np.concatenate([np.asarray(negative_scores), np.asarray(positive_scores)])
   top = np.argsort(-scores, kind="stable")[:num_pos]
@@ -220,13 +182,8 @@ def record_bytes(corpus: TokenCorpus) -> np.ndarray:
 
 
 def select_top(scores: np.ndarray, keep: float, keep_bytes: int = 0, sizes: np.ndarray | None = None) -> np.ndarray:
-  """Ids of the top-n passages by score, best first.
-
-  With ``keep_bytes > 0``, n is the longest best-first prefix whose ``sizes``
-  (e.g. :func:`record_bytes`) sum to at most ``keep_bytes``; otherwise
-  ``keep >= 1`` is n itself (an integer) and ``0 < keep < 1`` a fraction of the
-  passages (rounded).
-  """
+  """Ids of the top-n passages by score, best first: n the longest prefix whose ``sizes`` sum to at most
+  ``keep_bytes`` (> 0), else ``keep`` (an integer count, or a fraction < 1 of the passages)."""
   scores = np.asarray(scores)
   order = np.argsort(-scores, kind="stable").astype(np.int32)
   if keep_bytes > 0:
@@ -282,11 +239,8 @@ def restrict_ranking(rows: np.ndarray, keep: np.ndarray, width: int | None = Non
 
 def keep_sweep(data: Any, scores: np.ndarray, candidates: str, splits: Sequence[str],
                fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
-  """What keeping the top fraction of passages by filter score does, for each fraction.
-
-  Per split: ``survival`` (questions with a gold answer-holding passage that keep at least one) and the top-1 /
-  top-20 answer accuracy of the ranked candidates restricted to the kept passages.
-  """
+  """Per kept fraction and split: ``survival`` (questions with a gold answer-holding passage that keep one) and the
+  top-1 / top-20 answer accuracy of the ranked candidates restricted to the kept passages."""
   order = np.argsort(-scores, kind="stable")
   out: dict[str, Any] = {}
   with np.load(candidates) as ranked:

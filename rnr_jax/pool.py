@@ -144,7 +144,7 @@ def load_pool(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, workdi
   return pool
 
 
-class UnifiedBatches:
+class UnifiedBatches(EpochIterator):
   """Resumable batches of the unified model: reader rows, question and passage inputs (module docstring).
 
   The question order is an :class:`~rnr_jax.training.loop.EpochIterator`; example ``i`` in epoch ``e`` reads
@@ -174,16 +174,12 @@ class UnifiedBatches:
     self._corpus = corpus
     self._system = system
     self._m = m
-    self._seed = seed
     self._max_spans = max_spans
     self._samples = samples
     self._teacher_cache = teacher_cache
     self._cache: TeacherCache | None = None
     self._retriever_teacher: tuple[np.ndarray, np.ndarray] | None = None
-    self._order = EpochIterator(lambda idx: {"index": idx}, len(pool), batch_size, seed=seed)
-
-  def __iter__(self) -> UnifiedBatches:
-    return self
+    super().__init__(self._batch, len(pool), batch_size, seed=seed)
 
   @property
   def questions(self) -> list[str]:
@@ -217,9 +213,8 @@ class UnifiedBatches:
       self._cache = self._teacher_cache(pids, self.reader_inputs)
     return self._cache
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    idx = next(self._order)["index"]
-    epoch = self._order.state()["epoch"]
+  def _batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    epoch = self.state()["epoch"]
     if self._teacher_cache is not None:
       cache, sample = self._cache_of_pool(), epoch % self._samples
       pids = np.asarray(cache.pids[sample, idx])
@@ -241,9 +236,3 @@ class UnifiedBatches:
       t_p[flat == rd.NO_PASSAGE] = 0.0
       batch.update(t_q=tq[np.asarray(idx)], t_p=t_p)
     return batch
-
-  def state(self) -> dict[str, int]:
-    return self._order.state()
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    self._order.restore(state)

@@ -11,7 +11,7 @@ parameters (``reader.select_metric``) are exported to ``W/best/``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,11 +32,9 @@ from train import define_stage_flags, run_stage
 PyTree = Any
 
 
-class ReaderBatches:
-  """Resumable batches: per question ``m`` passage rows, the positive first, and its answer spans.
-
-  Passages are drawn from ``(seed, epoch, batch, process)``, so a resumed run sees the same batches.
-  """
+class ReaderBatches(loop.EpochIterator):
+  """Resumable batches: per question ``m`` passage rows, the positive first, and its answer spans; passages are
+  drawn from ``(seed, epoch, batch, process)``, so a resumed run sees the same batches."""
 
   def __init__(self, splits: Sequence[rd.ReaderSplit], tokenizer: tk.Tokenizer, corpus: Any, spec: ReaderSpec,
                *, m: int, max_spans: int, batch_size: int, max_questions: int, seed: int):
@@ -46,22 +44,17 @@ class ReaderBatches:
     self._spec = spec
     self._m = m
     self._max_spans = max_spans
-    self._seed = seed
     self._examples = [(s, int(q)) for s, split in enumerate(splits) for q in split.trainable()[:max_questions or None]]
     if len(self._examples) < batch_size:
       raise ValueError(f"{len(self._examples)} trainable questions (with a positive and a negative passage), "
                        f"fewer than one batch of {batch_size}")
-    self._order = loop.EpochIterator(lambda idx: {"index": idx}, len(self._examples), batch_size, seed=seed)
+    super().__init__(self._batch, len(self._examples), batch_size, seed=seed)
 
   def __len__(self) -> int:
     return len(self._examples)
 
-  def __iter__(self) -> ReaderBatches:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    idx = next(self._order)["index"]
-    position = self._order.state()
+  def _batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    position = self.state()
     rng = np.random.default_rng([self._seed, position["epoch"], position["index"], jax.process_index()])
     examples = [self._examples[i] for i in idx]
     pids = np.stack([self._splits[s].training_passages(q, self._m, rng) for s, q in examples])
@@ -70,12 +63,6 @@ class ReaderBatches:
                            pids, [self._splits[s].answer_ids[q] for s, q in examples], max_len=spec.reader_len,
                            buckets=spec.buckets, question_len=spec.question_len,
                            max_answer_len=spec.max_answer_len, max_spans=self._max_spans)
-
-  def state(self) -> dict[str, int]:
-    return self._order.state()
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    self._order.restore(state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:

@@ -34,7 +34,7 @@ from train import define_stage_flags, run_stage
 PyTree = Any
 
 
-class RetrieverBatches:
+class RetrieverBatches(loop.EpochIterator):
   """Resumable batches in the DPR layout: ``q_*`` one row per question, ``p_*`` its positive then hard negatives.
 
   Hard negatives are drawn from ``(seed, epoch, batch, process)``, so a resumed run sees the same batches; a hard
@@ -46,7 +46,6 @@ class RetrieverBatches:
     self._tokenizer = tokenizer
     self._spec = spec
     self._hard_negatives = hard_negatives
-    self._seed = seed
     self._corpus = data.token_corpus()
     self._questions: list[str] = []
     self._positives: list[np.ndarray] = []
@@ -66,14 +65,10 @@ class RetrieverBatches:
     if len(self._questions) < batch_size:
       raise ValueError(f"{len(self._questions)} training questions in {list(splits)}, fewer than one batch "
                        f"of {batch_size}")
-    self._order = loop.EpochIterator(lambda idx: {"index": idx}, len(self._questions), batch_size, seed=seed)
+    super().__init__(self._batch, len(self._questions), batch_size, seed=seed)
 
-  def __iter__(self) -> RetrieverBatches:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    idx = next(self._order)["index"]
-    position = self._order.state()
+  def _batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    position = self.state()
     rng = np.random.default_rng([self._seed, position["epoch"], position["index"], jax.process_index()])
     taken = np.array([self._positives[i][0] for i in idx])
     pids = []
@@ -88,12 +83,6 @@ class RetrieverBatches:
     p = retrieval.passage_batch(self._tokenizer, [self._corpus[pid] for pid in pids], spec.passage_len,
                                 spec.buckets, spec.passage_token_type)
     return {**{f"q_{k}": v for k, v in q.as_dict().items()}, **{f"p_{k}": v for k, v in p.as_dict().items()}}
-
-  def state(self) -> dict[str, int]:
-    return self._order.state()
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    self._order.restore(state)
 
 
 def make_loss_fn(spec: RetrieverSpec, scale: float) -> step_lib.LossFn:

@@ -1,25 +1,6 @@
-"""Orbax checkpoints of a training run, and where a run's initial state comes from.
-
-A checkpoint ``<workdir>/checkpoints/<step>/`` holds three items:
-
-* ``state``: the :class:`TrainState` (step, params, optimiser state), sharded;
-* ``rng``:   the base random key (JSON), from which every step's key is folded;
-* ``data``:  the input iterator's position (JSON), e.g. ``{epoch, index, seed}``.
-
-Orbax writes each checkpoint into a temporary directory and renames it when
-complete, so a killed run leaves either a full checkpoint or none (temporary
-leftovers are removed on the next start). Saves are asynchronous: ``save``
-returns once the arrays are copied off the devices.
-
-Resume order, implemented by :func:`restore_or_initialize`:
-
-1. the newest readable checkpoint in the run's own directory: everything
-   (state, rng, data position), so the run continues exactly where it stopped;
-2. else an explicit ``init_checkpoint`` (another run's checkpoint): parameters
-   only, with a fresh optimiser at step 0;
-3. else ``load_pretrained(params)``, supplied by the stage (e.g. Hugging Face
-   weights converted onto the randomly initialised parameters);
-4. else the random initialisation.
+"""Orbax checkpoints of a run (``state``, ``rng``, ``data`` position per step, committed atomically) and where a
+run's initial state comes from: its own newest readable checkpoint (everything), else ``init_checkpoint`` (another
+run's parameters, fresh optimiser), else the stage's pretrained weights, else the random initialisation.
 """
 
 from __future__ import annotations

@@ -37,17 +37,6 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
-  """Mean cross-entropy of integer ``labels`` [...] under ``logits`` [..., C].
-
-  ``mask`` [...] (optional) excludes examples (e.g. padding rows) from the mean.
-  """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-  return masked_mean(nll, mask)
-
-
 def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0,
            mask: jax.Array | None = None) -> jax.Array:
   """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)).

@@ -1,16 +1,8 @@
-"""Device mesh, parameter sharding rules, global batches and multi-host start-up.
+"""Device mesh, parameter sharding rules, global batches and multi-host start-up (the ``mesh`` config section).
 
-Everything here is driven by the ``mesh`` config section::
-
-  mesh.shape = (-1, 1)             # one -1 entry: filled with the remaining devices
-  mesh.axes = ("data", "fsdp")
-  mesh.rules = ((regex, spec), ...) # regex on the '/'-joined parameter path
-  mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
-
-The batch is split over every data-parallel axis (``data`` and ``fsdp``);
-parameters (and, through the same rules, the optimiser moments, whose paths end
-with the parameter path) are split over ``fsdp`` where a rule says so and are
-replicated otherwise.
+The batch is split over every data-parallel axis (``data`` and ``fsdp``); parameters, and through the same regex
+rules the optimiser moments (whose paths end with the parameter path), are split over ``fsdp`` where a rule says
+so and replicated otherwise.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Training logs: a line (or a progress bar on a terminal) and ``metrics.jsonl``.
-
-Metrics stay on the device between log steps; :meth:`MetricsLogger.log_train`
-fetches them (one host sync) and stops the run on a non-finite loss before the
-loop can checkpoint the bad state. Only process 0 prints and writes.
-"""
+"""Training logs: a line (or a progress bar on a terminal) and ``metrics.jsonl``, from process 0; a non-finite loss
+stops the run before the loop can checkpoint the bad state."""
 
 from __future__ import annotations
 

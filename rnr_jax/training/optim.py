@@ -1,13 +1,5 @@
-"""Optimiser: AdamW with warmup/decay, global-norm clipping and frozen subtrees.
-
-Reads the ``optim`` config section::
-
-  optim.lr, optim.warmup_steps, optim.schedule ('linear' | 'constant'),
-  optim.weight_decay, optim.clip_norm, optim.b1, optim.b2, optim.eps,
-  optim.head_lr_mult, optim.head_regex (the task heads' learning rate is head_lr_mult x lr)
-
-(``optim.grad_accum`` is used by the train step, not here.)
-"""
+"""AdamW with warmup / decay, global-norm clipping, frozen subtrees and a learning-rate multiple for the task heads
+(the ``optim`` config section)."""
 
 from __future__ import annotations
 
@@ -120,15 +112,3 @@ def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None
       optax.multi_transform({"body": adamw(schedule), "head": adamw(head_schedule),
                              "frozen": optax.set_to_zero()}, group_labels))
   return optimizer, schedule
-
-
-def cast_floating(tree: PyTree, dtype: jnp.dtype | None) -> PyTree:
-  """Casts the floating-point arrays of ``tree`` to ``dtype`` (no-op for None).
-
-  Used on the f32 master parameters inside the differentiated function, so the
-  forward pass runs in e.g. bfloat16 while gradients arrive in float32.
-  """
-  if dtype is None:
-    return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
