@@ -1,30 +1,16 @@
 """Knowledge edits: add, remove or replace passages of a QA system without retraining.
 
-A retrieve-and-read system's knowledge is its passages: changing what it knows
-means changing the index and the token-ID corpus, not the model. An edit
-
-* encodes the new passages (``title [SEP] text``) with the system's own passage
-  encoder, so their vectors live in the same space as the indexed ones;
-* updates the index (:meth:`DenseIndex.add` / :meth:`~DenseIndex.remove` /
-  :meth:`~DenseIndex.replace`): an added passage is searchable at once (an exact
-  float32 side index until the next compaction) and a removed one is never
-  returned again;
-* updates the passage store (:class:`rnr_jax.qa_system.PassageStore`) the reader
-  reads from.
-
-Edits apply to a live :class:`~rnr_jax.qa_system.QASystem` immediately;
-:func:`save_edits` writes them into its bundle (compacted INT8 index, rewritten
-token-ID corpus, new manifest via :func:`rnr_jax.bundle.update_bundle`; the model,
-tokenizer and config are carried over byte for byte). :func:`edit_bundle` does
-load, edit and save in one call (``python -m infer.edit``).
+Edits change a live :class:`~rnr_jax.qa_system.QASystem`'s index and passage store at once; :func:`save_edits` writes
+them into its bundle (model, tokenizer and config carried over byte for byte); ``python -m infer.edit`` does both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,35 +28,34 @@ class Passage:
   id: int | None = None
 
 
-def _encode(system: QASystem, passages: Sequence[Passage]) -> tuple[list[np.ndarray], np.ndarray]:
-  """Token-ID records and vectors of passages, after checking their texts."""
+def _put(system: QASystem, passages: Sequence[Passage], ids: np.ndarray,
+         update_index: Callable[[np.ndarray, np.ndarray], Any]) -> None:
+  """Encodes passages with the system's own encoder, so vectors share the index's space, and stores them under ids."""
   for p in passages:
     if not isinstance(p.title, str) or not isinstance(p.text, str) or not p.text.strip():
       raise ValueError(f"a passage needs a string title and a non-empty text, got {p!r}")
   records = system.tokenizer.passage_token_ids([p.title for p in passages], [p.text for p in passages])
-  return records, system.embed_passages(records)
+  update_index(system.embed_passages(records), ids)
+  system.store.put(ids.tolist(), records, [(p.title, p.text) for p in passages])
 
 
 def add_passages(system: QASystem, passages: Sequence[Passage]) -> np.ndarray:
   """Adds passages, retrievable at once; returns their ids (given ones, or fresh ones after the largest id)."""
   if not passages:
     return np.zeros(0, np.int64)
-  next_id = system.store.next_id()
-  ids = []
-  for p in passages:
-    if p.id is None:
-      ids.append(next_id)
-      next_id += 1
-    else:
-      ids.append(int(p.id))
-  ids = np.asarray(ids, np.int64)
+  fresh = itertools.count(system.store.next_id())
+  ids = np.asarray([next(fresh) if p.id is None else int(p.id) for p in passages], np.int64)
   present = [int(i) for i in ids if i in system.store]
   if present:
     raise ValueError(f"passage ids already in use (replace them instead): {present[:10]}")
-  records, vectors = _encode(system, passages)
-  system.index.add(vectors, ids)
-  system.store.put(ids.tolist(), records, [(p.title, p.text) for p in passages])
+  _put(system, passages, ids, system.index.add)
   return ids
+
+
+def _check_present(system: QASystem, ids: np.ndarray) -> None:
+  missing = [int(i) for i in ids if i not in system.store or i not in system.index]
+  if missing:
+    raise KeyError(f"no passages with ids {missing[:10]}")
 
 
 def remove_passages(system: QASystem, ids: Sequence[int]) -> None:
@@ -78,9 +63,7 @@ def remove_passages(system: QASystem, ids: Sequence[int]) -> None:
   ids = np.asarray(ids, np.int64).reshape(-1)
   if not len(ids):
     return
-  missing = [int(i) for i in ids if i not in system.store or i not in system.index]
-  if missing:
-    raise KeyError(f"no passages with ids {missing[:10]}")
+  _check_present(system, ids)
   system.index.remove(ids)
   system.store.delete(ids.tolist())
 
@@ -92,18 +75,13 @@ def replace_passages(system: QASystem, passages: Sequence[Passage]) -> None:
   if any(p.id is None for p in passages):
     raise ValueError("a replacement passage needs the id of the passage it replaces")
   ids = np.asarray([p.id for p in passages], np.int64)
-  missing = [int(i) for i in ids if i not in system.store or i not in system.index]
-  if missing:
-    raise KeyError(f"no passages with ids {missing[:10]}")
-  records, vectors = _encode(system, passages)
-  system.index.replace(vectors, ids)
-  system.store.put(ids.tolist(), records, [(p.title, p.text) for p in passages])
+  _check_present(system, ids)
+  _put(system, passages, ids, system.index.replace)
 
 
 def save_edits(system: QASystem, bundle_dir: str | os.PathLike) -> dict[str, Any]:
   """Writes the system's index and passages into ``bundle_dir`` (the bundle it came from); returns the manifest."""
-  parent = os.path.dirname(os.path.abspath(os.fspath(bundle_dir)))
-  with tempfile.TemporaryDirectory(prefix=".knowledge-edit-", dir=parent) as tmp:
+  with tempfile.TemporaryDirectory(prefix=".knowledge-edit-", dir=os.path.dirname(os.path.abspath(bundle_dir))) as tmp:
     corpus_dir = os.path.join(tmp, "corpus")
     system.store.write(corpus_dir)
     return update_bundle(bundle_dir, index=system.index, token_corpus_dir=corpus_dir)
@@ -111,11 +89,8 @@ def save_edits(system: QASystem, bundle_dir: str | os.PathLike) -> dict[str, Any
 
 def edit_bundle(bundle_dir: str | os.PathLike, *, add: Sequence[Passage] = (), remove: Sequence[int] = (),
                 replace: Sequence[Passage] = (), cache_dir: str | None = None) -> dict[str, Any]:
-  """Loads a bundle, removes, replaces and adds passages (in that order), and saves it.
-
-  Returns:
-    ``{"added": ids, "removed": ids, "replaced": ids, "passages": count, "manifest": ...}``.
-  """
+  """Loads a bundle, removes, replaces and adds passages (in that order), and saves it; returns
+  ``{"added": ids, "removed": ids, "replaced": ids, "passages": count, "manifest": ...}``."""
   system = QASystem.from_bundle(bundle_dir, cache_dir=cache_dir)
   remove_passages(system, remove)
   replace_passages(system, replace)

@@ -1,15 +1,7 @@
-"""Hybrid retrieval: BM25 over a bundle's own token-ID corpus, fused with the dense scores.
+"""Hybrid retrieval (beyond the paper): BM25 over a bundle's own passages, fused with the dense scores.
 
-Beyond the paper. The minimal system's 128-d dense retrieval is its weakest part (its top-1 trails the teacher's
-two-encoder retriever), and on questions written from the passage (SQuAD-style) plain BM25 beats every dense
-retriever we train. A BM25 index costs no bundle bytes: :class:`LexicalIndex` builds it when a system first needs
-it, from the passages the bundle already ships (token ids decoded to text), and rebuilds it after knowledge edits.
-
-:func:`fuse` is the linear hybrid of Ma et al. (2021, "A replication study of dense passage retriever"): over the
-union of the dense and the BM25 top candidates, ``dense + weight * bm25``, a score missing from one list taken as
-that list's lowest. ``weight`` depends on the scales of the two scores (cosine vs BM25 here), so it is chosen per
-model on held-out questions (``python -m bench.hybrid_sweep``) and stored in the bundle's inference settings.
-"""
+Dense 128-d retrieval is the minimal system's weakest part, and on SQuAD-style questions BM25 beats every dense
+retriever we train. The BM25 index costs no bundle bytes: it is built on first use from the shipped passages."""
 
 from __future__ import annotations
 
@@ -56,12 +48,11 @@ class LexicalIndex:
 
 def fuse(dense_ids: np.ndarray, dense_scores: np.ndarray, lexical_ids: np.ndarray, lexical_scores: np.ndarray,
          weight: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top ``k`` of ``dense + weight * lexical`` over the union of each question's two candidate lists.
+  """Top ``k`` of ``dense + weight * lexical`` over the union of each question's two ``[Q, n]`` candidate lists.
 
-  Arrays are ``[Q, n]`` (ids, best first; an id < 0 is an empty slot and ignored). A passage in only one list gets
-  the other list's lowest score for that question (Ma et al., 2021). Returns ``(ids int64[Q, k], scores
-  float32[Q, k])``; when fewer than ``k`` candidates exist the rest are id -1, score -inf. Ties break towards the
-  better dense rank, then the better lexical rank.
+  The linear hybrid of Ma et al. (2021): a passage in only one list gets the other list's lowest score; ``weight``
+  suits the two score scales, so is tuned per model (``python -m bench.hybrid_sweep``). Ids < 0 are empty slots; the
+  result is padded with id -1, score -inf. Ties go to the better dense rank, then the better lexical rank.
   """
   if dense_ids.shape != dense_scores.shape or lexical_ids.shape != lexical_scores.shape:
     raise ValueError(f"ids and scores differ in shape: {dense_ids.shape} vs {dense_scores.shape}, "

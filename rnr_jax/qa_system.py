@@ -1,12 +1,7 @@
 """The in-memory QA system: encode questions, search the index, read the top passages, answer.
 
-One :class:`QASystem` serves a freshly trained model (:meth:`QASystem.from_parts`) and a deployed bundle
-(:meth:`QASystem.from_bundle`), so both answer identically given the same weights, index and settings. Questions
-are encoded in length-bucketed jitted batches padded to a power-of-two number of rows (few shapes compile); the
-top-k passages come from the :class:`~rnr_jax.index.DenseIndex` (optionally fused with BM25,
-:mod:`rnr_jax.lexical`); the first m' are read in one jitted batch and the answer chosen by
-:func:`rnr_jax.reader.select_answer`, widened to whole words. A bundle ships token ids only (paper §2.3), so its
-titles, passages and answers are decoded from them.
+One :class:`QASystem` serves a freshly trained model (:meth:`~QASystem.from_parts`) and a deployed bundle
+(:meth:`~QASystem.from_bundle`) alike. A bundle ships token ids only (paper §2.3), so its texts are decoded from them.
 """
 
 from __future__ import annotations
@@ -15,11 +10,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -39,6 +34,7 @@ PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 NO_PASSAGE = rd.NO_PASSAGE
 
+
 def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
                     mesh: Mesh, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
   """float32 ``[len(records), dim]`` passage vectors of token-ID records (``params`` placed on ``mesh``)."""
@@ -49,15 +45,8 @@ def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, r
                                  token_type=r.passage_token_type, progress=progress).vectors
 
 
-# ---- passages ---------------------------------------------------------------------------
-
-
 class PassageStore:
-  """Token-ID records by passage id: a :class:`TokenCorpus` with the passage id of each row, plus edits.
-
-  Edits (:meth:`put`, :meth:`delete`) live in memory until :meth:`write` saves
-  the current passages as a new corpus directory.
-  """
+  """Token-ID records by passage id, edits held in memory until :meth:`write` saves a new corpus directory."""
 
   def __init__(self, corpus: TokenCorpus, passage_ids: np.ndarray | None = None):
     ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else np.asarray(passage_ids)
@@ -77,9 +66,8 @@ class PassageStore:
   @classmethod
   def load(cls, directory: str | os.PathLike) -> PassageStore:
     """A corpus directory with an optional ``passage_ids.npy`` (absent: row i is passage i)."""
-    corpus = TokenCorpus.load(directory)
     ids_path = os.path.join(directory, PASSAGE_IDS_FILE)
-    return cls(corpus, np.load(ids_path, allow_pickle=False) if os.path.exists(ids_path) else None)
+    return cls(TokenCorpus.load(directory), np.load(ids_path, allow_pickle=False) if os.path.exists(ids_path) else None)
 
   def _row(self, pid: int) -> int:
     """Corpus row of a live, unedited passage, else -1."""
@@ -166,28 +154,12 @@ def write_passages(directory: str | os.PathLike, records: Sequence[np.ndarray], 
   save_npy(os.path.join(directory, PASSAGE_IDS_FILE), np.asarray(passage_ids, np.int64))
 
 
-# ---- settings and results ---------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class InferenceSettings:
-  """Default answering settings; ``config.json["inference"]`` of a bundle.
+  """Default answering settings (a bundle's ``config.json["inference"]``; rules: :func:`rnr_jax.reader.select_answer`).
 
-  Attributes:
-    top_k: passages retrieved per question.
-    read_passages: ``m'``, the retrieved passages read per question.
-    rule: ``"dpr"`` or ``"weighted"`` (appendix A.3), ``"fused"`` (reader span and rank scores plus the
-      retrieval score;
-      :func:`rnr_jax.reader.select_answer`).
-    passage_score_weight: λ of the weighted rule.
-    retrieval_scale: the fused rule's temperature on retrieval scores (the retriever's training scale).
-    lexical_weight: > 0 ranks passages by ``dense + lexical_weight * BM25`` over the union of the dense and
-      the BM25 top ``lexical_candidates`` (:mod:`rnr_jax.lexical`; BM25 built from the shipped passages);
-      0 retrieves by the dense index alone, as the paper does.
-    lexical_candidates: candidates taken from each of the two retrievals when ``lexical_weight`` > 0.
-    question_batch: most questions per encoding batch.
-    read_batch: most questions per reading batch (each ``m'`` rows).
-  """
+  ``lexical_weight`` > 0 ranks passages by ``dense + lexical_weight * BM25`` over the two retrievals' top
+  ``lexical_candidates`` (:func:`rnr_jax.lexical.fuse`); 0 retrieves by the dense index alone, as the paper does."""
 
   top_k: int = 20
   read_passages: int = 10
@@ -223,18 +195,9 @@ class InferenceSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """The answer to one question.
-
-  Attributes:
-    question: the question.
-    answer: the answer text ("" when no retrieved passage had text).
-    passage_id: the passage the answer comes from (-1: none).
-    title, passage: that passage's title and text.
-    answer_start, answer_end: character range of the answer in ``passage`` (-1 if unknown).
-    score: the answer's score under the rule (span logits for ``"dpr"``); 0 without a passage.
-    retrieval_score: the passage's inner product with the question; 0 without a passage.
-    rank: the passage's position among the retrieved ones (0 = best; -1 without a passage).
-  """
+  """The answer to one question from passage ``passage_id``: its character range in ``passage`` (-1 if unknown),
+  ``score`` under the rule, the passage's ``retrieval_score`` and ``rank`` (0 = best). Without a retrieved passage
+  with text: answer "", ids, ranges and rank -1, scores 0."""
 
   question: str
   answer: str
@@ -253,13 +216,8 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class Results:
-  """Retrieval and answers of a batch of questions.
-
-  Attributes:
-    passage_ids: ``int64[Q, k]`` retrieved passages, best first (-1: empty slot).
-    passage_scores: ``float32[Q, k]`` their inner products.
-    predictions: ``{m': [Prediction per question]}`` reading the first m' passages.
-  """
+  """Retrieved ``passage_ids`` (``int64[Q, k]``, best first, -1: empty slot), their ``passage_scores``
+  (``float32[Q, k]``) and ``predictions`` (``{m': [Prediction per question]}`` reading the first m' passages)."""
 
   passage_ids: np.ndarray
   passage_scores: np.ndarray
@@ -267,49 +225,32 @@ class Results:
 
 
 def _power_of_two(n: int, limit: int) -> int:
-  """Smallest power of two >= ``n``, or ``limit`` when that is smaller: a padded batch size."""
+  """Smallest power of two >= ``n``, or ``limit`` when that is smaller: a padded batch size, so few shapes compile."""
   return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
 def _locate(text: str, part: str, near: int) -> int:
-  """Start of the occurrence of ``part`` in ``text`` closest to ``near``, or -1."""
-  best, i = -1, text.find(part)
-  while part and i >= 0:
-    if best < 0 or abs(i - near) < abs(best - near):
-      best = i
-    i = text.find(part, i + 1)
-  return best
+  """Start of the occurrence of ``part`` in ``text`` closest to ``near`` (the first of equals), or -1."""
+  starts = [m.start() for m in re.finditer(f"(?={re.escape(part)})", text)] if part else []
+  return min(starts, key=lambda i: abs(i - near), default=-1)
 
 
 @functools.lru_cache(maxsize=8)
 def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrieval.BatchEncoder]:
-  """The jitted question encoder and reader of a spec, shared by every system of that spec on ``mesh``, so
-  systems reloaded in one process (after knowledge edits, say) reuse the compilations."""
+  """The jitted question encoder and reader of a spec, cached so reloaded systems reuse the compilations."""
   spec = SystemSpec.from_json(json.loads(spec_json))
   parallel = mesh_lib.data_parallelism(mesh)
   return (retrieval.BatchEncoder(spec.embed_fns()[0], mesh, parallel),
           retrieval.BatchEncoder(spec.read_fn(), mesh, parallel))
 
 
-# ---- the system -------------------------------------------------------------------------
-
-
 class QASystem:
-  """Retrieve-and-read question answering over a passage index (see the module docstring).
-
-  Build with :meth:`from_parts` or :meth:`from_bundle`; ask with :meth:`answer`
-  or :meth:`predict`. Not thread-safe: one caller at a time (the server batches
-  requests onto one thread).
-
-  Attributes:
-    spec, params, index, store, tokenizer, settings, mesh: the parts (``params``
-      replicated on ``mesh``).
-  """
+  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``). Not
+  thread-safe: one caller at a time (the server batches requests onto one thread)."""
 
   def __init__(self, spec: SystemSpec, params: Params, index: DenseIndex, store: PassageStore,
                tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,
                passage_texts: Callable[[int], tuple[str, str]] | None = None, mesh: Mesh | None = None):
-    """See :meth:`from_parts`."""
     if index.dim != spec.dim:
       raise ValueError(f"the index holds {index.dim}-dim vectors, the model retrieves with {spec.dim}")
     missing = ~np.isin(index.ids, store.ids)
@@ -332,21 +273,9 @@ class QASystem:
                  token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
                  passage_texts: Callable[[int], tuple[str, str]] | None = None,
                  settings: InferenceSettings | None = None, mesh: Mesh | None = None) -> QASystem:
-    """A system from in-memory parts.
-
-    Args:
-      spec: the system, or a reader spec (a unified retriever-reader with default
-        retrieval settings, :meth:`SystemSpec.unified_model`).
-      params: the model parameters (numpy or jax arrays).
-      index: the passage index; its ids are passage ids.
-      token_corpus: the passages' ``title [SEP] text`` records.
-      tokenizer: the model's tokenizer.
-      passage_ids: passage id of each corpus row (default: the row number).
-      passage_texts: ``(title, text)`` of a passage id, to cut answers from the
-        original text; None decodes token ids.
-      settings: default answering settings.
-      mesh: a one-axis ``("data",)`` mesh to run on (default: the first device).
-    """
+    """A system from in-memory parts; a reader ``spec`` makes a unified retriever-reader. ``passage_ids``: the ids
+    of the corpus rows (default: row numbers); ``passage_texts(pid)``: ``(title, text)`` to cut answers from (None:
+    decode the token ids); ``mesh``: a one-axis ``("data",)`` mesh (default: the first device)."""
     if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
     return cls(spec, params, index, PassageStore(token_corpus, passage_ids), tokenizer, settings=settings,
@@ -355,13 +284,8 @@ class QASystem:
   @classmethod
   def from_bundle(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, cache_dir: str | None = None,
                   verify: bool = True) -> QASystem:
-    """The system of a bundle written by ``python -m infer.export``.
-
-    Raises:
-      BundleError: a bundle file is missing, corrupt or inconsistent (the message names it).
-    """
+    """The system of a bundle written by ``python -m infer.export``; ``BundleError`` names a bad file."""
     bundle = load_bundle(path, cache_dir=cache_dir, verify=verify)
-    config_path = os.path.join(bundle.unpacked_dir, "config.json")
     for part, directory in (("corpus", bundle.corpus_dir), ("tokenizer", bundle.tokenizer_dir)):
       if directory is None:
         raise BundleError(path, f"has no {part}/ component")
@@ -369,7 +293,8 @@ class QASystem:
       spec = SystemSpec.from_json(bundle.config["model"])
       settings = InferenceSettings.from_json(bundle.config["inference"])
     except (KeyError, TypeError, ValueError) as e:
-      raise BundleError(config_path, f"not a QA system configuration ({e!r})") from e
+      raise BundleError(os.path.join(bundle.unpacked_dir, "config.json"),
+                        f"not a QA system configuration ({e!r})") from e
     try:
       store = PassageStore.load(bundle.corpus_dir)
     except (OSError, ValueError) as e:
@@ -380,18 +305,9 @@ class QASystem:
     except ValueError as e:
       raise BundleError(path, f"inconsistent components: {e}") from e
 
-  # ---- parts of the pipeline ----------------------------------------------------------
-
-  def _check_questions(self, questions: Sequence[str]) -> list[str]:
-    questions = list(questions)
-    for i, q in enumerate(questions):
-      if not isinstance(q, str) or not q.strip():
-        raise ValueError(f"question {i} is empty or not a string: {q!r}")
-    return questions
-
   def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
     """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed jitted batches."""
-    questions = self._check_questions(questions)
+    questions = tk.check_questions(questions)
     r, limit = self.spec.retriever, self.settings.question_batch
     out = np.zeros((len(questions), self.spec.dim), np.float32)
     lengths = [min(len(ids) + 2, r.question_len) for ids in self.tokenizer.encode_texts(questions)]
@@ -406,16 +322,10 @@ class QASystem:
 
   def search(self, questions: Sequence[str], top_k: int, *, lexical_weight: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """``(passage ids [Q, k], scores [Q, k])`` of the questions, ``k = min(top_k, passages)``.
-
-    ``lexical_weight`` (default ``settings.lexical_weight``) > 0 fuses BM25 scores in (:mod:`rnr_jax.lexical`).
-    """
+    """``(passage ids [Q, k], scores [Q, k])``, ``k = min(top_k, passages)``; ``lexical_weight`` > 0 fuses BM25."""
     s = self.settings if lexical_weight is None else dataclasses.replace(self.settings, lexical_weight=lexical_weight)
-    questions = self._check_questions(questions)
+    questions = tk.check_questions(questions)
     return self._retrieve(questions, self.embed_questions(questions), top_k, s)
-
-  def _search(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    return self.index.search(vectors, min(top_k, len(self.index)))
 
   def lexical_index(self) -> LexicalIndex:
     """BM25 over the indexed passages' text, built on first use and again after knowledge edits."""
@@ -427,9 +337,9 @@ class QASystem:
   def _retrieve(self, questions: Sequence[str], vectors: np.ndarray, top_k: int, s: InferenceSettings
                 ) -> tuple[np.ndarray, np.ndarray]:
     if s.lexical_weight == 0.0:
-      return self._search(vectors, top_k)
+      return self.index.search(vectors, min(top_k, len(self.index)))
     n = min(max(top_k, s.lexical_candidates), len(self.index))
-    dense_ids, dense_scores = self._search(vectors, n)
+    dense_ids, dense_scores = self.index.search(vectors, n)
     lexical_ids, lexical_scores = self.lexical_index().search(list(questions), n)
     return lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, s.lexical_weight,
                         min(top_k, len(self.index)))
@@ -440,8 +350,6 @@ class QASystem:
       return self.store.edited_text(pid) or self._passage_texts(int(pid))
     title_ids, text_ids = self.tokenizer.split_record(self.store[pid])
     return self.tokenizer.decode(title_ids), self.tokenizer.decode(text_ids)
-
-  # ---- answering ------------------------------------------------------------------------
 
   def answer(self, questions: Sequence[str], *, top_k: int | None = None, read_passages: int | None = None,
              rule: str | None = None, passage_score_weight: float | None = None,
@@ -454,46 +362,32 @@ class QASystem:
   def predict(self, questions: Sequence[str], *, top_k: int | None = None, read_counts: Sequence[int] | None = None,
               rule: str | None = None, passage_score_weight: float | None = None,
               lexical_weight: float | None = None) -> Results:
-    """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m'.
-
-    Args:
-      questions: question texts.
-      top_k: passages retrieved (default ``settings.top_k``).
-      read_counts: the m' to answer with (default ``(settings.read_passages,)``);
-        an m' beyond ``top_k`` reads every retrieved passage.
-      rule, passage_score_weight: the answer rule and its λ (defaults from ``settings``).
-      lexical_weight: BM25 fusion weight of retrieval (default from ``settings``; 0 = dense only).
-    """
-    s = dataclasses.replace(self.settings, **{k: v for k, v in (
-        ("top_k", top_k), ("rule", rule), ("passage_score_weight", passage_score_weight),
-        ("lexical_weight", lexical_weight)) if v is not None})
+    """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m' of
+    ``read_counts`` (an m' beyond ``top_k`` reads all); unset settings take :attr:`settings`."""
+    given = dict(top_k=top_k, rule=rule, passage_score_weight=passage_score_weight, lexical_weight=lexical_weight)
+    s = dataclasses.replace(self.settings, **{k: v for k, v in given.items() if v is not None})
     counts = tuple(dict.fromkeys(read_counts or (s.read_passages,)))
     if min(counts) < 1:
       raise ValueError(f"read counts must be >= 1, got {list(counts)}")
-    questions = self._check_questions(questions)
+    questions = tk.check_questions(questions)
     if not questions:
       return Results(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), {n: [] for n in counts})
     pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
     answers: dict[int, list[Prediction]] = {n: [] for n in counts}
     m = min(max(counts), pids.shape[1])
     q_ids = self.tokenizer.encode_texts(questions)
+    r = self.spec.reader
     for start in range(0, len(questions), s.read_batch):
       group = range(start, min(start + s.read_batch, len(questions)))
-      batch, logits = self._read_group([q_ids[q] for q in group], pids[group.start:group.stop, :m],
-                                       _power_of_two(len(group), s.read_batch))
+      batch = rd.reader_batch(self.tokenizer, self.store, [q_ids[q] for q in group], pids[group.start:group.stop, :m],
+                              max_len=r.reader_len, buckets=r.buckets, question_len=r.question_len,
+                              max_answer_len=r.max_answer_len, max_spans=1)
+      inputs = tk.EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      logits = self._read.run(self.params, inputs, _power_of_two(len(group), s.read_batch) * m)
       for b, q in enumerate(group):
         for n in counts:
           answers[n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q], s))
     return Results(pids, scores, answers)
-
-  def _read_group(self, q_ids: Sequence[np.ndarray], pids: np.ndarray, padded_questions: int
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Reader inputs and ``[rows, 2L + 1]`` outputs of ``len(q_ids)`` questions x ``m`` passages."""
-    r = self.spec.reader
-    batch = rd.reader_batch(self.tokenizer, self.store, q_ids, pids, max_len=r.reader_len, buckets=r.buckets,
-                            question_len=r.question_len, max_answer_len=r.max_answer_len, max_spans=1)
-    inputs = tk.EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return batch, self._read.run(self.params, inputs, padded_questions * pids.shape[1])
 
   def _choose(self, question: str, batch: Mapping[str, np.ndarray], logits: np.ndarray, b: int, m: int, n: int,
               pids: np.ndarray, scores: np.ndarray, s: InferenceSettings) -> Prediction:

@@ -1,21 +1,8 @@
 """Reading: answer-span targets, reader losses and answer decoding.
 
-A reader scores, for each of m passages of a question, a start and an end
-logit per token and one passage-ranking logit (from the [CLS] state), as in
-DPR's reader. Training (DPR, paper §2.2.3 footnote 6) uses
-
-* ranking cross-entropy of the positive passage among the m (positive first);
-* the marginal log-likelihood of *all* answer spans in the positive passage:
-  ``-log sum_{(s,e) in gold} P_start(s) P_end(e)``.
-
-Decoding (paper appendix A.3):
-
-* ``"dpr"``: the best span of the passage ranked first by the ranker;
-* ``"weighted"``: over the top spans of every passage, the maximum of
-  ``(1-λ)(log P_start + log P_end) + 2λ log P_rank``.
-
-Spans never cross the passage-text region, are at most ``max_answer_len``
-tokens long, and are extended to whole words (WordPiece ``##`` pieces).
+As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one
+ranking logit. Training (paper §2.2.3, footnote 6): ranking cross-entropy of the positive (first) passage plus the
+marginal log-likelihood of all its gold spans. Decoding: paper appendix A.3, :func:`select_answer`.
 """
 
 from __future__ import annotations
@@ -30,16 +17,9 @@ import numpy as np
 NEG_INF = -1e9
 
 
-# ---- targets --------------------------------------------------------------------------
-
-
 def find_answer_spans(input_ids: np.ndarray, text_start: int, text_end: int,
                       answers_ids: Sequence[np.ndarray], max_answer_len: int) -> list[tuple[int, int]]:
-  """All ``(start, end)`` token positions (inclusive) where an answer's ids occur in the text.
-
-  Answers are matched as token-id sequences inside ``input_ids[text_start:text_end]``,
-  as DPR does with tokenized answers. Answers longer than ``max_answer_len`` are skipped.
-  """
+  """Sorted inclusive ``(start, end)`` token spans of the answers (at most ``max_answer_len`` long) in the text."""
   seq = np.asarray(input_ids[text_start:text_end])
   spans = set()
   for ans in answers_ids:
@@ -47,8 +27,7 @@ def find_answer_spans(input_ids: np.ndarray, text_start: int, text_end: int,
     n = len(ans)
     if n == 0 or n > max_answer_len or n > len(seq):
       continue
-    first = np.flatnonzero(seq[: len(seq) - n + 1] == ans[0])
-    for i in first:
+    for i in np.flatnonzero(seq[: len(seq) - n + 1] == ans[0]):
       if np.array_equal(seq[i : i + n], ans):
         spans.add((text_start + int(i), text_start + int(i) + n - 1))
   return sorted(spans)
@@ -57,10 +36,9 @@ def find_answer_spans(input_ids: np.ndarray, text_start: int, text_end: int,
 def span_targets(spans_per_row: Sequence[Sequence[tuple[int, int]]], max_spans: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Pads lists of spans into ``starts, ends, mask`` arrays of shape ``[rows, max_spans]``."""
-  rows = len(spans_per_row)
-  starts = np.zeros((rows, max_spans), np.int32)
-  ends = np.zeros((rows, max_spans), np.int32)
-  mask = np.zeros((rows, max_spans), bool)
+  starts = np.zeros((len(spans_per_row), max_spans), np.int32)
+  ends = np.zeros_like(starts)
+  mask = np.zeros(starts.shape, bool)
   for r, spans in enumerate(spans_per_row):
     for k, (s, e) in enumerate(spans[:max_spans]):
       starts[r, k], ends[r, k], mask[r, k] = s, e, True
@@ -73,49 +51,30 @@ def text_mask(length: int, text_start: np.ndarray, text_end: np.ndarray) -> np.n
   return (pos >= np.asarray(text_start)[:, None]) & (pos < np.asarray(text_end)[:, None])
 
 
-# ---- losses (jax) ---------------------------------------------------------------------
-
-
 def masked_log_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-  logits = jnp.where(mask, logits.astype(jnp.float32), NEG_INF)
-  return jax.nn.log_softmax(logits, axis=-1)
+  return jax.nn.log_softmax(jnp.where(mask, logits.astype(jnp.float32), NEG_INF), axis=-1)
 
 
 def span_mml_loss(start_logits: jax.Array, end_logits: jax.Array, valid: jax.Array,
                   starts: jax.Array, ends: jax.Array, span_mask: jax.Array) -> jax.Array:
-  """Per-row ``-log sum_{gold spans} P_start(s) P_end(e)``; 0 for rows without a gold span.
-
-  Shapes: logits and ``valid`` ``[N, L]``; ``starts, ends, span_mask`` ``[N, S]``.
-  """
-  ls = masked_log_softmax(start_logits, valid)
-  le = masked_log_softmax(end_logits, valid)
-  lp = jnp.take_along_axis(ls, starts, -1) + jnp.take_along_axis(le, ends, -1)
-  lp = jnp.where(span_mask, lp, NEG_INF)
-  has = span_mask.any(-1)
-  return jnp.where(has, -jax.nn.logsumexp(lp, axis=-1), 0.0)
+  """Per-row ``-log sum_{gold spans} P_start(s) P_end(e)``, 0 without a gold span."""
+  lp = (jnp.take_along_axis(masked_log_softmax(start_logits, valid), starts, -1)
+        + jnp.take_along_axis(masked_log_softmax(end_logits, valid), ends, -1))
+  return jnp.where(span_mask.any(-1), -jax.nn.logsumexp(jnp.where(span_mask, lp, NEG_INF), axis=-1), 0.0)
 
 
 def reader_loss(start_logits: jax.Array, end_logits: jax.Array, rank_logits: jax.Array,
                 valid: jax.Array, starts: jax.Array, ends: jax.Array, span_mask: jax.Array,
                 passage_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """DPR reader loss for ``B`` questions x ``m`` passages, the positive at index 0.
-
-  ``start_logits, end_logits, valid``: ``[B, m, L]``; ``rank_logits``: ``[B, m]``;
-  ``starts, ends, span_mask``: ``[B, S]`` spans in the positive passage;
-  ``passage_mask``: ``[B, m]`` real (not padding) passages.
-  Returns the mean of ranking CE + span MML over questions, and parts.
-  """
+  """Mean ranking CE + span MML of ``B`` questions x ``m`` passages (the positive first), and its parts; ``[B, m, L]``
+  logits and ``valid``, ``[B, m]`` rank logits and ``passage_mask`` (real passages), ``[B, S]`` positive spans."""
   if passage_mask is None:
     passage_mask = jnp.ones(rank_logits.shape, bool)
-  rank_lp = masked_log_softmax(rank_logits, passage_mask)
-  rank_loss = -rank_lp[:, 0]
+  rank_loss = -masked_log_softmax(rank_logits, passage_mask)[:, 0]
   span_loss = span_mml_loss(start_logits[:, 0], end_logits[:, 0], valid[:, 0], starts, ends, span_mask)
   loss = jnp.mean(rank_loss + span_loss)
   rank_acc = jnp.mean(jnp.argmax(jnp.where(passage_mask, rank_logits, NEG_INF), -1) == 0)
   return loss, {"rank_loss": rank_loss.mean(), "span_loss": span_loss.mean(), "rank_acc": rank_acc}
-
-
-# ---- decoding (host) ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,36 +94,27 @@ def _log_softmax_np(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarray,
               max_answer_len: int, top_k: int, log_probs: bool = False) -> list[tuple[int, int, float]]:
-  """Best ``top_k`` spans ``(s, e, score)`` of one passage, non-overlapping as in DPR.
-
-  Score is ``start[s] + end[e]`` (logits) or, with ``log_probs``, the sum of the
-  log-softmaxes over the passage-text positions. Spans lie inside ``valid`` with
-  ``s <= e < s + max_answer_len``.
-  """
+  """Best ``top_k`` non-overlapping spans ``(s, e, score)`` of one passage inside ``valid``, as in DPR; score is
+  ``start[s] + end[e]`` of the logits or, with ``log_probs``, of their log-softmaxes over ``valid``."""
   valid = np.asarray(valid, bool)
   if log_probs:
     s_sc, e_sc = _log_softmax_np(start_logits, valid), _log_softmax_np(end_logits, valid)
   else:
-    s_sc = np.where(valid, start_logits, -np.inf)
-    e_sc = np.where(valid, end_logits, -np.inf)
+    s_sc, e_sc = np.where(valid, start_logits, -np.inf), np.where(valid, end_logits, -np.inf)
   length = len(s_sc)
   # scores[s, w] = start[s] + end[s + w]
   idx = np.arange(length)[:, None] + np.arange(max_answer_len)[None, :]
   inside = idx < length
   idx = np.minimum(idx, length - 1)
-  scores = s_sc[:, None] + e_sc[idx]
-  scores = np.where(inside & valid[idx] & valid[:, None], scores, -np.inf)
-  flat = np.argsort(-scores, axis=None)
+  scores = np.where(inside & valid[idx] & valid[:, None], s_sc[:, None] + e_sc[idx], -np.inf)
   chosen: list[tuple[int, int, float]] = []
-  for f in flat:
+  for f in np.argsort(-scores, axis=None):
     sc = scores.flat[f]
     if not np.isfinite(sc) or len(chosen) >= top_k:
       break
     s, w = divmod(int(f), max_answer_len)
-    e = s + w
-    if any(not (e < cs or s > ce) for cs, ce, _ in chosen):
-      continue  # overlaps a better span
-    chosen.append((s, e, float(sc)))
+    if all(s + w < cs or s > ce for cs, ce, _ in chosen):  # else it overlaps a better span
+      chosen.append((s, s + w, float(sc)))
   return chosen
 
 
@@ -184,30 +134,26 @@ def _best_span(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarr
   return best
 
 
-def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray,
-                  valid: np.ndarray, max_answer_len: int = 10, rule: str = "dpr",
-                  passage_score_weight: float = 0.8, spans_per_passage: int = 5,
-                  retrieval_scores: np.ndarray | None = None, retrieval_scale: float = 20.0) -> Span:
+def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray, valid: np.ndarray,
+                  max_answer_len: int = 10, rule: str = "dpr", passage_score_weight: float = 0.8,
+                  spans_per_passage: int = 5, retrieval_scores: np.ndarray | None = None,
+                  retrieval_scale: float = 20.0) -> Span:
   """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
 
-  ``rule="dpr"``: best span (by logits) of the top-ranked passage.
-  ``rule="weighted"``: maximum of ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` over the
-  top ``spans_per_passage`` spans of each passage, λ = ``passage_score_weight``.
-  ``rule="fused"`` (beyond the paper): maximum of ``start + end logits + log Prank + log Pret`` over the top
-  ``spans_per_passage`` spans of each passage, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``
-  over the m passages: the retriever's evidence joins the reader's, which a weak ranker needs.
+  ``"dpr"``: the best span of the top-ranked passage. Else the best of the top ``spans_per_passage`` spans of each
+  passage by ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (``"weighted"``, λ = ``passage_score_weight``) or by
+  ``start + end + log Prank + log Pret`` (``"fused"``, beyond the paper; ``Pret`` the softmax of ``retrieval_scale *
+  retrieval_scores``): the retriever's evidence joins the reader's, which a weak ranker needs.
   """
   m = len(rank_logits)
   has_text = np.asarray(valid).any(-1)
   if not has_text.any():
     raise ValueError("no passage has text tokens to read")
   if rule == "dpr":
-    ranked = np.argsort(-np.where(has_text, rank_logits, -np.inf))
-    for p in ranked:
+    for p in np.argsort(-np.where(has_text, rank_logits, -np.inf)):
       spans = top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, 1)
       if spans:
-        s, e, sc = spans[0]
-        return Span(int(p), s, e, sc)
+        return Span(int(p), *spans[0])
     raise ValueError("no valid span in any passage")
   if rule == "weighted":
     lam = passage_score_weight
@@ -227,10 +173,7 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,
                     is_continuation: np.ndarray) -> tuple[int, int]:
-  """Widens ``[start, end]`` so it neither begins nor ends inside a word.
-
-  ``is_continuation[id]`` is True for WordPiece pieces that continue a word (``##x``).
-  """
+  """Widens ``[start, end]`` within the text so it neither begins nor ends inside a word."""
   while start > text_start and is_continuation[input_ids[start]]:
     start -= 1
   while end + 1 < text_end and is_continuation[input_ids[end + 1]]:
@@ -241,7 +184,5 @@ def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int
 def continuation_table(vocab: dict[str, int]) -> np.ndarray:
   """Boolean table over token ids: True for ``##`` continuation pieces."""
   table = np.zeros(max(vocab.values()) + 1, bool)
-  for piece, i in vocab.items():
-    if piece.startswith("##"):
-      table[i] = True
+  table[[i for piece, i in vocab.items() if piece.startswith("##")]] = True
   return table

