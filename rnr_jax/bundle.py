@@ -1,10 +1,10 @@
-"""The deployable bundle: weights, index, token-ID corpus and tokenizer in one verified directory.
+"""The deployable bundle: weights, index, token-ID corpus and tokenizer in one verified directory (paper §2.3, A.4).
 
-A bundle is what a minimal retrieve-and-read system ships (paper §2.3, appendix A.4). :func:`write_bundle`
-stores each file compressed (bzip2 -9 for binary files, lzma -9 for text) with a manifest of sizes and
-sha256; :func:`load_bundle` verifies every byte, unpacks once into a cache and loads the components;
-:func:`update_bundle` replaces some of them. The weights file is :mod:`rnr_jax.bundle_weights`; compression
-and file checks are :mod:`rnr_jax.bundle_files`.
+:func:`write_bundle` stores each file compressed (:mod:`rnr_jax.bundle_files`) with a manifest of sizes and sha256;
+:func:`load_bundle` verifies every byte, unpacks once into a cache and loads the components; :func:`update_bundle`
+replaces some. The weights are a safetensors file keyed by '/'-joined pytree paths, floating leaves stored as
+:data:`WEIGHTS_DTYPES` says, loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k``
+has float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit).
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors import numpy as st_numpy
 
 from rnr_jax.bundle_files import (COMPRESSIONS, BundleError, Source, check_policy, check_stored, copy_stored, parallel,
                                   store, unpack)
-from rnr_jax.bundle_weights import (WEIGHTS_DTYPES, flatten_params, read_params, stored_values, unflatten_params,
-                                    write_params)
 from rnr_jax.index import DenseIndex, IndexFileError
-from rnr_jax.io import atomic_dir, atomic_write_json, read_json, relative_files, sha256_file, user_cache_dir
+from rnr_jax.io import PathLike, atomic_dir, atomic_write_json, read_json, relative_files, sha256_file, user_cache_dir
+from rnr_jax.quantize import dequantize_columns, dequantize_rows, quantize_columns, quantize_rows
 
-# The public API, with the names it re-exports from rnr_jax.bundle_files and rnr_jax.bundle_weights.
+# The public API; BundleError comes from rnr_jax.bundle_files.
 __all__ = ["WEIGHTS_DTYPES", "Bundle", "BundleError", "flatten_params", "footprint", "format_footprint",
            "load_bundle", "stored_values", "unflatten_params", "update_bundle", "write_bundle"]
-
-PathLike = str | os.PathLike
 
 FORMAT = "rnr_jax.bundle"
 VERSION = 1
@@ -43,26 +43,19 @@ TOKENIZER_DIR = "tokenizer"
 EXTRA_DIR = "extra"
 CACHE_RECORD = ".rnr_cache.json"
 COMPONENTS = ("model", "index", "corpus", "other")
-_MB = 1e6
+_ENTRY_KEYS = ("path", "unpacked_path", "component", "compression", "bytes", "sha256", "raw_bytes", "raw_sha256")
+
+# "float16+int8-embeddings": float16, but the word-embedding table (2/3 of a 3-layer MiniLM) as int8 per row.
+# "int8": weight-only int8 for every matrix, tables per row, kernels per output unit; vectors (biases, LayerNorm)
+# float16. Half the float16 size; computed in float32 / bf16 after dequantization.
+WEIGHTS_DTYPES = ("float16", "float32", "float16+int8-embeddings", "int8")
+INT8_SCALE_SUFFIX = ":int8_row_scale"
+INT8_COL_SCALE_SUFFIX = ":int8_col_scale"
 
 
 @dataclasses.dataclass
 class Bundle:
-  """A loaded bundle.
-
-  Attributes:
-    root: the bundle directory.
-    unpacked_dir: directory holding every file uncompressed (the cache, or
-      ``root`` when nothing is compressed).
-    params: nested dict of numpy arrays (floating leaves in ``param_dtype``).
-    config: ``config.json``.
-    index: the passage index.
-    corpus_dir: unpacked token-ID corpus directory, or None.
-    tokenizer_dir: unpacked tokenizer directory, or None.
-    extra_files: ``{name: unpacked path}`` of the extra files.
-    manifest: ``manifest.json``.
-    unpacked_files: files decompressed by this load (0 when the cache was reused).
-  """
+  """A loaded bundle; ``unpacked_dir`` holds every file uncompressed (the cache, or ``root``)."""
 
   root: str
   unpacked_dir: str
@@ -71,12 +64,108 @@ class Bundle:
   index: DenseIndex
   corpus_dir: str | None
   tokenizer_dir: str | None
-  extra_files: dict[str, str]
+  extra_files: dict[str, str]  # {name: unpacked path}
   manifest: dict[str, Any]
-  unpacked_files: int
+  unpacked_files: int  # Decompressed by this load (0 when the cache was reused).
 
 
-# -------------------------------------------------------------------- sources
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """``{'a/b/c': array}`` from a nested mapping (a Flax parameter pytree) of arrays."""
+  flat: dict[str, np.ndarray] = {}
+
+  def visit(node: Any, prefix: str) -> None:
+    if not isinstance(node, Mapping):
+      flat[prefix] = np.asarray(node)
+      return
+    if not node:
+      raise ValueError(f"empty mapping at {prefix or '<root>'!r}: it cannot round-trip through flat keys")
+    for key, value in node.items():
+      if not isinstance(key, str) or not key or "/" in key:
+        raise ValueError(f"parameter keys must be non-empty strings without '/', got {key!r} under {prefix!r}")
+      visit(value, f"{prefix}/{key}" if prefix else key)
+
+  visit(params, "")
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Inverse of :func:`flatten_params`."""
+  tree: dict[str, Any] = {}
+  for key in sorted(flat):
+    *parents, leaf = key.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = flat[key]
+  return tree
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str, np.ndarray]:
+  """Flat params with floating leaves as ``weights_dtype`` stores them; raises on float16 overflow."""
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
+  out = {}
+  float_dtype = "float32" if weights_dtype == "float32" else "float16"
+  for key, value in flatten_params(params).items():
+    table = key.endswith("/embedding") and value.ndim == 2
+    word_table = table and key.endswith("word_embeddings/embedding")
+    if not _is_float(value.dtype):
+      out[key] = np.ascontiguousarray(value)
+    elif (weights_dtype == "int8" and table) or (weights_dtype == "float16+int8-embeddings" and word_table):
+      out[key], out[key + INT8_SCALE_SUFFIX] = quantize_rows(value)
+    elif weights_dtype == "int8" and value.ndim >= 2:
+      out[key], out[key + INT8_COL_SCALE_SUFFIX] = quantize_columns(value)
+    else:
+      with np.errstate(over="ignore"):  # Overflow is reported below, naming the parameter.
+        out[key] = np.ascontiguousarray(value.astype(float_dtype))
+      if (np.isfinite(value.astype(np.float32)) & ~np.isfinite(out[key])).any():
+        raise ValueError(f"parameter {key!r} has values beyond the {float_dtype} range; "
+                         "store it with weights_dtype='float32'")
+  return out
+
+
+def stored_values(params: Mapping[str, Any], weights_dtype: str) -> dict[str, Any]:
+  """The float32 parameters a bundle written with ``weights_dtype`` loads back (values rounded as stored)."""
+  flat = _dequantize_int8(_weights_to_store(params, weights_dtype), np.float32)
+  return unflatten_params({k: v.astype(np.float32) if _is_float(v.dtype) else v for k, v in flat.items()})
+
+
+def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") -> dict[str, np.ndarray]:
+  """Replaces every int8 tensor and its scale (``:int8_row_scale`` / ``:int8_col_scale``) by ``dtype`` values."""
+  layouts = ((INT8_SCALE_SUFFIX, 2, lambda q: q.shape[:1], dequantize_rows),  # [rows, columns], scale [rows]
+             (INT8_COL_SCALE_SUFFIX, None, lambda q: q.shape[1:], dequantize_columns))  # [in, *out], [*out]
+  for suffix, ndim, scale_shape, dequantize in layouts:
+    for key in [k for k in flat if k.endswith(suffix)]:
+      name = key.removesuffix(suffix)
+      q, scale = flat.get(name), flat.pop(key)
+      if (q is None or q.dtype != np.int8 or q.ndim < 2 or (ndim and q.ndim != ndim)
+          or scale.shape != scale_shape(q)):
+        raise BundleError(path, f"{key!r} does not match an int8 tensor {name!r}")
+      flat[name] = dequantize(q, scale).astype(dtype)
+  return flat
+
+
+def write_params(path: str, params: Mapping[str, Any], weights_dtype: str) -> None:
+  """Writes ``params`` as a safetensors file of ``weights_dtype`` values; the metadata records ``stored_dtype``."""
+  st_numpy.save_file(_weights_to_store(params, weights_dtype), path,
+                     metadata={"format": "rnr_jax.params", "stored_dtype": weights_dtype})
+
+
+def read_params(path: str, param_dtype: Any) -> dict[str, Any]:
+  """The parameter pytree in a file of :func:`write_params`, floating leaves as ``param_dtype`` (None: as stored,
+  int8 dequantized to float16)."""
+  try:
+    flat = st_numpy.load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise BundleError(path, f"not a readable safetensors file ({e})") from e
+  flat = _dequantize_int8(flat, np.float16 if param_dtype is None else np.float32, path)
+  if param_dtype is not None:
+    flat = {k: v.astype(param_dtype) if _is_float(v.dtype) else v for k, v in flat.items()}
+  return unflatten_params(flat)
 
 
 def _tree_sources(directory: PathLike, prefix: str, component: str) -> list[Source]:
@@ -91,8 +180,7 @@ def _tokenizer_sources(tokenizer: PathLike | Iterable[PathLike]) -> list[Source]
   if isinstance(tokenizer, (str, os.PathLike)):
     return _tree_sources(tokenizer, TOKENIZER_DIR, "other")
   out = []
-  for path in tokenizer:
-    path = os.fspath(path)
+  for path in map(os.fspath, tokenizer):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: tokenizer file not found")
     out.append(Source(f"{TOKENIZER_DIR}/{os.path.basename(path)}", path, "other"))
@@ -104,8 +192,7 @@ def _tokenizer_sources(tokenizer: PathLike | Iterable[PathLike]) -> list[Source]
 def _extra_sources(extra_files: Mapping[str, PathLike]) -> list[Source]:
   out = []
   for name, path in sorted(extra_files.items()):
-    parts = name.split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
       raise ValueError(f"extra file name {name!r} must be a relative path without '.' or '..' parts")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{os.fspath(path)}: extra file {name!r} not found")
@@ -113,43 +200,48 @@ def _extra_sources(extra_files: Mapping[str, PathLike]) -> list[Source]:
   return out
 
 
-def _params_source(staging: str, params: Mapping[str, Any], weights_dtype: str) -> Source:
-  path = os.path.join(staging, "params.safetensors")
-  write_params(path, params, weights_dtype)
-  return Source(PARAMS_FILE, path, "model")
+def _component_sources(staging: str, params: Mapping[str, Any] | None, weights_dtype: str, index: DenseIndex | None,
+                       token_corpus_dir: PathLike | None, tokenizer: PathLike | Iterable[PathLike] | None,
+                       extra_files: Mapping[str, PathLike] | None) -> tuple[list[Source], list[str]]:
+  """Sources of the components given (not None), and the bundle path prefixes they replace."""
+  sources, replaced = [], []
+  if params is not None:
+    path = os.path.join(staging, "params.safetensors")
+    write_params(path, params, weights_dtype)
+    sources.append(Source(PARAMS_FILE, path, "model"))
+    replaced.append(PARAMS_FILE)
+  if index is not None:
+    index.save(os.path.join(staging, "index"))
+    sources += _tree_sources(os.path.join(staging, "index"), INDEX_DIR, "index")
+    replaced.append(INDEX_DIR + "/")
+  if token_corpus_dir is not None:
+    sources += _tree_sources(token_corpus_dir, CORPUS_DIR, "corpus")
+    replaced.append(CORPUS_DIR + "/")
+  if tokenizer is not None:
+    sources += _tokenizer_sources(tokenizer)
+    replaced.append(TOKENIZER_DIR + "/")
+  if extra_files is not None:
+    sources += _extra_sources(extra_files)
+    replaced.append(EXTRA_DIR + "/")
+  return sources, replaced
 
 
-def _index_sources(staging: str, index: DenseIndex) -> list[Source]:
-  index_dir = os.path.join(staging, "index")
-  index.save(index_dir)
-  return _tree_sources(index_dir, INDEX_DIR, "index")
-
-
-def _config_source(staging: str, config: Mapping[str, Any]) -> Source:
+def _config_source(staging: str, model_config: Mapping[str, Any], inference_config: Mapping[str, Any] | None,
+                   weights_dtype: str, index: DenseIndex | Mapping[str, Any]) -> Source:
+  """``config.json``, stored uncompressed so that ``cat`` shows it."""
+  index_info = index if isinstance(index, Mapping) else {"kind": index.kind, "dim": index.dim, "size": len(index)}
+  config = {"model": dict(model_config), "inference": dict(inference_config or {}),
+            "weights": {"file": PARAMS_FILE, "stored_dtype": weights_dtype, "compute_dtype": "float32"},
+            "index": dict(index_info)}
   path = os.path.join(staging, CONFIG_FILE)
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write("\n")
+    f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return Source(CONFIG_FILE, path, "other", compression="none")
 
 
-def _make_config(model_config: Mapping[str, Any], inference_config: Mapping[str, Any] | None,
-                 weights_dtype: str, index: DenseIndex | Mapping[str, Any]) -> dict[str, Any]:
-  index_info = index if isinstance(index, Mapping) else {"kind": index.kind, "dim": index.dim, "size": len(index)}
-  return {"model": dict(model_config), "inference": dict(inference_config or {}),
-          "weights": {"file": PARAMS_FILE, "stored_dtype": weights_dtype, "compute_dtype": "float32"},
-          "index": dict(index_info)}
-
-
-# ------------------------------------------------------------------ footprint
-
-
 def footprint(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Per-component size rows (like the paper's Table 3) plus a ``total`` row.
-
-  Each row: ``component``, ``files``, ``stored_bytes``, ``raw_bytes`` (uncompressed),
-  ``stored_mb``, ``raw_mb`` (MB are 10^6 bytes). Components: ``model`` (parameters),
-  ``index``, ``corpus``, and ``other`` (tokenizer, extras, ``config.json``).
+  """Per-component rows (like the paper's Table 3) and a ``total`` row of ``files``, ``stored_bytes``,
+  ``raw_bytes`` (uncompressed), ``stored_mb`` and ``raw_mb`` (10^6 bytes); ``other`` holds tokenizer, extras, config.
   """
   rows = {c: {"component": c, "files": 0, "stored_bytes": 0, "raw_bytes": 0} for c in (*COMPONENTS, "total")}
   for entry in files:
@@ -158,8 +250,8 @@ def footprint(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
       rows[name]["stored_bytes"] += entry["bytes"]
       rows[name]["raw_bytes"] += entry["raw_bytes"]
   for row in rows.values():
-    row["stored_mb"] = round(row["stored_bytes"] / _MB, 3)
-    row["raw_mb"] = round(row["raw_bytes"] / _MB, 3)
+    row["stored_mb"] = round(row["stored_bytes"] / 1e6, 3)
+    row["raw_mb"] = round(row["raw_bytes"] / 1e6, 3)
   return list(rows.values())
 
 
@@ -167,13 +259,9 @@ def format_footprint(rows: Sequence[Mapping[str, Any]]) -> str:
   """The footprint rows as a markdown table."""
   lines = ["| component | files | stored (MB) | uncompressed (MB) | stored bytes | uncompressed bytes |",
            "|---|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(f"| {r['component']} | {r['files']} | {r['stored_mb']:.2f} | {r['raw_mb']:.2f} | "
-                 f"{r['stored_bytes']:,} | {r['raw_bytes']:,} |")
+  lines += [f"| {r['component']} | {r['files']} | {r['stored_mb']:.2f} | {r['raw_mb']:.2f} | "
+            f"{r['stored_bytes']:,} | {r['raw_bytes']:,} |" for r in rows]
   return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- writing
 
 
 def _write(out_dir: PathLike, sources: Sequence[Source], carried: Sequence[Mapping[str, Any]],
@@ -194,71 +282,32 @@ def _write(out_dir: PathLike, sources: Sequence[Source], carried: Sequence[Mappi
   return manifest
 
 
-def _refuse_foreign_dir(path: PathLike, overwrite: bool) -> None:
-  """Refuses to replace an existing directory unless asked to, and never one that is not a bundle."""
-  path = os.fspath(path)
-  if not os.path.lexists(path):
-    return
-  if not overwrite:
-    raise FileExistsError(f"{path}: exists (pass overwrite=True to replace the bundle)")
-  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
-    raise FileExistsError(f"{path}: exists and is not a bundle; refusing to replace it")
-
-
 def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: Mapping[str, Any],
                  index: DenseIndex, token_corpus_dir: PathLike | None,
                  tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None,
                  extra_files: Mapping[str, PathLike] | None = None,
                  compression: Mapping[str, str] | None = None, weights_dtype: str = "float16",
                  inference_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Writes a bundle directory atomically (a temporary sibling renamed into place).
+  """Writes a bundle directory atomically (a temporary sibling renamed into place); returns the manifest.
 
-  Layout (a compressed file has a ``.bz2`` / ``.xz`` suffix)::
-
-    manifest.json                 format, compression policy, footprint table and, per file: stored
-                                  and unpacked path, component, compression, stored and uncompressed
-                                  bytes, sha256 of both (not listed in itself)
-    config.json                   {"model": ..., "inference": ..., "weights": ..., "index": ...}
-    model/params.safetensors.bz2  the weights (:func:`rnr_jax.bundle_weights.write_params`)
-    index/...                     :meth:`DenseIndex.save` output
-    corpus/...                    the token-ID corpus directory, copied file by file
-    tokenizer/...                 tokenizer files
-    extra/<name>                  any extra files
-
-  ``manifest.json`` and ``config.json`` stay uncompressed so a bundle can be inspected
-  with ``cat``; already-compressed files and files that would not shrink are stored as
-  they are (:func:`rnr_jax.bundle_files.store`).
-
-  Args:
-    out_dir: the bundle directory to create.
-    params: nested mapping of arrays (a Flax parameter pytree).
-    model_config: JSON-serialisable model configuration (``config.json["model"]``).
-    index: the passage index (saved with pending edits compacted).
-    token_corpus_dir: token-ID corpus directory, copied file by file; None for none.
-    tokenizer_dir_or_files: a tokenizer directory, a list of tokenizer files, or None.
-    extra_files: ``{name: path}`` of further files, stored as ``extra/<name>``.
-    compression: ``{"binary": "bz2"|"lzma"|"none", "text": "lzma"|"bz2"|"none"}``;
-      missing keys take the defaults (bz2 binary, lzma text).
-    weights_dtype: stored values, one of :data:`WEIGHTS_DTYPES` (default ``"float16"``).
-    inference_config: JSON-serialisable inference settings (``config.json["inference"]``).
-    overwrite: replace an existing bundle at ``out_dir``.
-
-  Returns:
-    The manifest (also written as ``manifest.json``); ``manifest["footprint"]``
-    holds the per-component size rows (see :func:`format_footprint`).
+  Files, compressed ones with a ``.bz2`` / ``.xz`` suffix: ``manifest.json`` (policy, footprint, and per file its
+  paths, component, compression, bytes and sha256 stored and raw), ``config.json``, ``model/params.safetensors``,
+  ``index/``, ``corpus/``, ``tokenizer/``, ``extra/<name>``. ``compression`` (``{"binary": method, "text":
+  method}``) overrides bzip2 -9 / lzma -9. ``overwrite`` replaces a bundle, never a non-empty other directory.
   """
   policy = check_policy(compression)
-  _refuse_foreign_dir(out_dir, overwrite)
-  parent = os.path.dirname(os.path.abspath(os.fspath(out_dir)))
+  path = os.fspath(out_dir)
+  if os.path.lexists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path}: exists (pass overwrite=True to replace the bundle)")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+      raise FileExistsError(f"{path}: exists and is not a bundle; refusing to replace it")
+  parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=parent) as staging:
-    sources = [_params_source(staging, params, weights_dtype), *_index_sources(staging, index),
-               _config_source(staging, _make_config(model_config, inference_config, weights_dtype, index))]
-    if token_corpus_dir is not None:
-      sources += _tree_sources(token_corpus_dir, CORPUS_DIR, "corpus")
-    if tokenizer_dir_or_files is not None:
-      sources += _tokenizer_sources(tokenizer_dir_or_files)
-    sources += _extra_sources(extra_files or {})
+    sources = _component_sources(staging, params, weights_dtype, index, token_corpus_dir, tokenizer_dir_or_files,
+                                 extra_files)[0]
+    sources.append(_config_source(staging, model_config, inference_config, weights_dtype, index))
     return _write(out_dir, sources, [], None, policy, weights_dtype)
 
 
@@ -268,59 +317,28 @@ def update_bundle(bundle_dir: PathLike, *, params: Mapping[str, Any] | None = No
                   tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None = None,
                   extra_files: Mapping[str, PathLike] | None = None, compression: Mapping[str, str] | None = None,
                   weights_dtype: str | None = None) -> dict[str, Any]:
-  """Rewrites the given components of a bundle and its manifest, atomically.
+  """Rewrites the given components of a bundle, and its manifest and config, atomically; returns the manifest.
 
-  Components not given are carried over byte for byte (each checked against
-  its sha256 while copied). A given ``index`` replaces ``index/``,
-  ``token_corpus_dir`` replaces ``corpus/``, ``tokenizer_dir_or_files``
-  replaces ``tokenizer/``, ``extra_files`` replaces the whole ``extra/`` set,
-  ``params`` the weights (in ``weights_dtype``, by default the bundle's);
-  ``model_config`` / ``inference_config`` replace those parts of ``config.json``
-  (which is rewritten on every update, to describe the current index).
-  ``compression`` (default: the bundle's policy) applies to rewritten files only.
-  The new bundle replaces the old directory (including any ``.cache`` in it).
-
-  Returns:
-    The new manifest.
+  Components not given are carried over byte for byte (checked against their sha256 while copied); ``extra_files``
+  replaces the whole ``extra/`` set. ``weights_dtype`` and ``compression`` (for rewritten files) default to the
+  bundle's. The new bundle replaces the old directory, including any ``.cache`` in it.
   """
   bundle_dir = os.fspath(bundle_dir)
   manifest = _read_manifest(bundle_dir)[0]
   policy = check_policy({**manifest["compression"], **(compression or {})})
   weights_dtype = weights_dtype or manifest["weights_dtype"]
   config = read_json(os.path.join(bundle_dir, CONFIG_FILE), error=BundleError)
-  replaced_prefixes = [CONFIG_FILE]
+  if params is None and weights_dtype != manifest["weights_dtype"]:
+    raise ValueError("changing weights_dtype needs the params to store")
   parent = os.path.dirname(os.path.abspath(bundle_dir))
   with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=parent) as staging:
-    sources: list[Source] = []
-    if params is not None:
-      sources.append(_params_source(staging, params, weights_dtype))
-      replaced_prefixes.append(PARAMS_FILE)
-    elif weights_dtype != manifest["weights_dtype"]:
-      raise ValueError("changing weights_dtype needs the params to store")
-    if index is not None:
-      sources += _index_sources(staging, index)
-      replaced_prefixes.append(INDEX_DIR + "/")
-    if token_corpus_dir is not None:
-      sources += _tree_sources(token_corpus_dir, CORPUS_DIR, "corpus")
-      replaced_prefixes.append(CORPUS_DIR + "/")
-    if tokenizer_dir_or_files is not None:
-      sources += _tokenizer_sources(tokenizer_dir_or_files)
-      replaced_prefixes.append(TOKENIZER_DIR + "/")
-    if extra_files is not None:
-      sources += _extra_sources(extra_files)
-      replaced_prefixes.append(EXTRA_DIR + "/")
-    new_config = _make_config(config["model"] if model_config is None else model_config,
-                              config["inference"] if inference_config is None else inference_config,
-                              weights_dtype, config["index"] if index is None else index)
-    sources.append(_config_source(staging, new_config))
-    carried = [e for e in manifest["files"] if not e["unpacked_path"].startswith(tuple(replaced_prefixes))]
+    sources, replaced = _component_sources(staging, params, weights_dtype, index, token_corpus_dir,
+                                           tokenizer_dir_or_files, extra_files)
+    sources.append(_config_source(staging, config["model"] if model_config is None else model_config,
+                                  config["inference"] if inference_config is None else inference_config,
+                                  weights_dtype, config["index"] if index is None else index))
+    carried = [e for e in manifest["files"] if not e["unpacked_path"].startswith((CONFIG_FILE, *replaced))]
     return _write(bundle_dir, sources, carried, bundle_dir, policy, weights_dtype)
-
-
-# ---------------------------------------------------------------- loading
-
-
-_ENTRY_KEYS = ("path", "unpacked_path", "component", "compression", "bytes", "sha256", "raw_bytes", "raw_sha256")
 
 
 def _read_manifest(bundle_dir: str) -> tuple[dict[str, Any], str]:
@@ -344,16 +362,9 @@ def _read_manifest(bundle_dir: str) -> tuple[dict[str, Any], str]:
   return manifest, sha256_file(path)
 
 
-def _default_cache_root(bundle_dir: str) -> str:
-  if os.access(bundle_dir, os.W_OK):
-    return os.path.join(bundle_dir, ".cache")
-  return user_cache_dir()
-
-
 def _cache_valid(cache: str, manifest_sha: str, entries: Sequence[Mapping[str, Any]], verify: bool) -> bool:
-  record_path = os.path.join(cache, CACHE_RECORD)
   try:
-    with open(record_path, encoding="utf-8") as f:
+    with open(os.path.join(cache, CACHE_RECORD), encoding="utf-8") as f:
       record = json.load(f)
   except (OSError, ValueError):
     return False
@@ -371,21 +382,9 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
                 param_dtype: Any = np.float32) -> Bundle:
   """Verifies a bundle, unpacks it into the cache if needed, and loads every component.
 
-  Args:
-    bundle_dir: the bundle directory.
-    cache_dir: cache root for decompressed files, which go to
-      ``<cache root>/<first 16 hex digits of the manifest's sha256>``; default
-      ``<bundle>/.cache`` when the bundle is writable, else ``$XDG_CACHE_HOME/rnr_jax``
-      (``~/.cache/rnr_jax``). A later load reuses the cache when its record matches the
-      manifest and its files the recorded sizes (and sha256 when ``verify``). A bundle
-      without compressed files is used in place.
-    verify: check the sha256 of every stored file (and of reused cached files);
-      sizes are always checked.
-    param_dtype: dtype of the floating parameters (None keeps the stored float16).
-
-  Raises:
-    BundleError: the manifest or any file is missing, truncated, corrupt or
-      inconsistent; the message starts with the file's path.
+  Files go to ``<cache_dir>/<manifest sha256[:16]>`` (default cache_dir ``<bundle>/.cache`` if writable, else
+  ``$XDG_CACHE_HOME/rnr_jax``), reused while they match the manifest (sizes, and sha256 when ``verify``, which
+  also checks every stored file). ``param_dtype`` None keeps the stored float16. Raises BundleError naming a file.
   """
   bundle_dir = os.fspath(bundle_dir)
   manifest, manifest_sha = _read_manifest(bundle_dir)
@@ -395,8 +394,9 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
   if all(e["compression"] == "none" for e in entries):
     root = bundle_dir
   else:
-    cache_root = os.fspath(cache_dir) if cache_dir is not None else _default_cache_root(bundle_dir)
-    root = os.path.join(cache_root, manifest_sha[:16])
+    if cache_dir is None:
+      cache_dir = os.path.join(bundle_dir, ".cache") if os.access(bundle_dir, os.W_OK) else user_cache_dir()
+    root = os.path.join(os.fspath(cache_dir), manifest_sha[:16])
     if not _cache_valid(root, manifest_sha, entries, verify):
       with atomic_dir(root) as tmp:
         unpacked = sum(parallel(lambda e: unpack(e, bundle_dir, tmp), entries))
@@ -404,8 +404,7 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
                           {"bundle": os.path.abspath(bundle_dir), "manifest_sha256": manifest_sha})
 
   def component_dir(prefix: str) -> str | None:
-    has = any(e["unpacked_path"].startswith(prefix + "/") for e in entries)
-    return os.path.join(root, prefix) if has else None
+    return os.path.join(root, prefix) if any(e["unpacked_path"].startswith(prefix + "/") for e in entries) else None
 
   config = read_json(os.path.join(root, CONFIG_FILE), error=BundleError)
   params = read_params(os.path.join(root, PARAMS_FILE), param_dtype)

@@ -6,19 +6,21 @@ import bz2
 import codecs
 import concurrent.futures
 import dataclasses
-import hashlib
+import functools
 import lzma
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rnr_jax.io import CHUNK_BYTES, BadFileError, check_file, copy_hashed
+from rnr_jax.io import BadFileError, check_file, copy_hashed, sha256_file
 
 COMPRESSIONS = ("bz2", "lzma", "none")
 SUFFIXES = {"bz2": ".bz2", "lzma": ".xz", "none": ""}
 DEFAULT_COMPRESSION = {"binary": "bz2", "text": "lzma"}
-# Leading bytes of already-compressed streams: xz, gzip, zip, zstd (bzip2 needs a further check, see _precompressed).
+# bzip2 -9 is bz2.open's default level; lzma's is 6.
+_WRITERS = {"bz2": bz2.open, "lzma": functools.partial(lzma.open, preset=9), "none": open}
+# Leading bytes of already-compressed streams: xz, gzip, zip, zstd (bzip2: see _classify).
 _MAGICS = (b"\xfd7zXZ\x00", b"\x1f\x8b", b"PK\x03\x04", b"\x28\xb5\x2f\xfd")
 
 
@@ -50,20 +52,13 @@ def check_policy(compression: Mapping[str, str] | None) -> dict[str, str]:
   return policy
 
 
-def _precompressed(head: bytes) -> bool:
-  """Whether a file starting with ``head`` already is a compressed stream."""
-  if head.startswith(_MAGICS):
-    return True
-  return (len(head) >= 10 and head[:3] == b"BZh" and head[3:4] in b"123456789"
-          and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"))
-
-
 def _classify(path: str) -> str:
   """``"compressed"``, ``"text"`` (UTF-8 without NUL in the first 1 MiB) or ``"binary"``."""
   with open(path, "rb") as f:
     head = f.read(1 << 20)
     at_end = not f.read(1)
-  if _precompressed(head):
+  bzip2 = head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90")
+  if head.startswith(_MAGICS) or bzip2:
     return "compressed"
   if b"\0" in head:
     return "binary"
@@ -74,21 +69,9 @@ def _classify(path: str) -> str:
   return "text"
 
 
-def _compressor(method: str):
-  if method == "bz2":
-    return bz2.BZ2Compressor(9)
-  if method == "lzma":
-    return lzma.LZMACompressor(preset=9)
-  raise ValueError(f"unknown compression {method!r}")
-
-
 def store(src: Source, out_root: str, policy: Mapping[str, str]) -> dict[str, Any]:
-  """Writes ``src`` under ``out_root``; returns its manifest entry.
-
-  The method is ``src.compression`` if set, else ``policy`` by content; already-compressed
-  streams (bzip2, xz, gzip, zip, zstd) and files that would not shrink are stored as they are
-  (compression ``"none"``). A compressed file gets the method's suffix (``.bz2``, ``.xz``).
-  """
+  """Writes ``src`` under ``out_root``, compressed per ``src.compression`` or else ``policy`` by content; returns
+  its manifest entry. Already-compressed streams and files that would not shrink are stored as they are."""
   method = src.compression
   if method is None:
     kind = _classify(src.source)
@@ -96,37 +79,18 @@ def store(src: Source, out_root: str, policy: Mapping[str, str]) -> dict[str, An
   stored = src.path + SUFFIXES[method]
   dst = os.path.join(out_root, stored)
   os.makedirs(os.path.dirname(dst), exist_ok=True)
-  raw_hash, stored_hash = hashlib.sha256(), hashlib.sha256()
-  raw_bytes = stored_bytes = 0
-  comp = None if method == "none" else _compressor(method)
-  with open(src.source, "rb") as fin, open(dst, "wb") as fout:
-
-    def emit(data: bytes) -> None:
-      nonlocal stored_bytes
-      if data:
-        stored_hash.update(data)
-        stored_bytes += len(data)
-        fout.write(data)
-
-    while block := fin.read(CHUNK_BYTES):
-      raw_hash.update(block)
-      raw_bytes += len(block)
-      emit(comp.compress(block) if comp else block)
-    if comp:
-      emit(comp.flush())
-  if comp and stored_bytes >= raw_bytes:  # Incompressible (or tiny): store the bytes as they are.
+  with open(src.source, "rb") as fin, _WRITERS[method](dst, "wb") as fout:
+    raw_bytes, raw_sha = copy_hashed(fin, fout)
+  stored_bytes, stored_sha = (raw_bytes, raw_sha) if method == "none" else (os.path.getsize(dst), sha256_file(dst))
+  if stored_bytes >= raw_bytes and method != "none":  # Incompressible (or tiny): store the bytes as they are.
     os.remove(dst)
     return store(dataclasses.replace(src, compression="none"), out_root, policy)
   return {"path": stored, "unpacked_path": src.path, "component": src.component, "compression": method,
-          "bytes": stored_bytes, "sha256": stored_hash.hexdigest(),
-          "raw_bytes": raw_bytes, "raw_sha256": raw_hash.hexdigest()}
+          "bytes": stored_bytes, "sha256": stored_sha, "raw_bytes": raw_bytes, "raw_sha256": raw_sha}
 
 
 def check_stored(path: str, entry: Mapping[str, Any], verify: bool, key: str = "") -> None:
-  """Raises BundleError unless ``path`` has the entry's size (and sha256 when ``verify``).
-
-  ``key="raw_"`` checks against the uncompressed size and sha256.
-  """
+  """Raises BundleError unless ``path`` has the entry's size (and sha256 when ``verify``); ``key="raw_"``: unpacked."""
   check_file(path, entry[f"{key}bytes"], entry[f"{key}sha256"], verify=verify, recorded_in="the manifest",
              error=BundleError)
 
@@ -138,17 +102,15 @@ def copy_stored(entry: Mapping[str, Any], old_root: str, out_root: str) -> dict[
   dst = os.path.join(out_root, entry["path"])
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   with open(src, "rb") as fin, open(dst, "wb") as fout:
-    digest = copy_hashed(fin, fout)[1]
-  if digest != entry["sha256"]:
-    raise BundleError(src, "sha256 does not match the manifest (corrupt)")
+    if copy_hashed(fin, fout)[1] != entry["sha256"]:
+      raise BundleError(src, "sha256 does not match the manifest (corrupt)")
   return dict(entry)
 
 
 def unpack(entry: Mapping[str, Any], bundle_dir: str, out_root: str) -> int:
   """Writes one file uncompressed under ``out_root``; returns 1 if it was decompressed.
 
-  An uncompressed file is hard-linked (copied across filesystems), so every component ends up in one plain
-  directory.
+  A file stored uncompressed is hard-linked (copied across filesystems), so that all end up in one directory.
   """
   src = os.path.join(bundle_dir, entry["path"])
   dst = os.path.join(out_root, entry["unpacked_path"])
@@ -159,9 +121,8 @@ def unpack(entry: Mapping[str, Any], bundle_dir: str, out_root: str) -> int:
     except OSError:
       shutil.copyfile(src, dst)
     return 0
-  opener = bz2.open if entry["compression"] == "bz2" else lzma.open
   try:
-    with opener(src, "rb") as fin, open(dst, "wb") as fout:
+    with (bz2.open if entry["compression"] == "bz2" else lzma.open)(src, "rb") as fin, open(dst, "wb") as fout:
       n, digest = copy_hashed(fin, fout)
   except (OSError, EOFError, lzma.LZMAError) as e:
     raise BundleError(src, f"cannot {entry['compression']}-decompress it ({e})") from e

@@ -13,14 +13,7 @@ _SCORE_BLOCK_ELEMS = 1 << 25  # float32 score entries per exact-search block (12
 
 
 def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None) -> float:
-  """Mean over queries of ``|reference[:k] & ids[:k]| / k``.
-
-  Args:
-    reference_ids: ``[Q, >=k]`` exact neighbours, best first.
-    ids: ``[Q, >=k]`` neighbours from the index under test, best first; ``-1``
-      slots (no result) never match.
-    k: cut-off; the width of ``reference_ids`` by default.
-  """
+  """Mean over queries of ``|reference[:k] & ids[:k]| / k`` (``[Q, >=k]`` ids, best first; ``-1`` never matches)."""
   reference_ids, ids = np.asarray(reference_ids), np.asarray(ids)
   if reference_ids.ndim != 2 or ids.ndim != 2 or len(reference_ids) != len(ids):
     raise ValueError(f"expected two [Q, k] arrays, got shapes {reference_ids.shape} and {ids.shape}")
@@ -28,18 +21,13 @@ def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None
   if k < 1 or reference_ids.shape[1] < k or ids.shape[1] < k:
     raise ValueError(f"k={k} needs at least k columns in both arrays, got {reference_ids.shape} and {ids.shape}")
   ref, got = reference_ids[:, :k], ids[:, :k]
-  hits = (ref[:, :, None] == got[:, None, :]) & (got[:, None, :] >= 0)
-  return float(hits.any(-1).mean())
+  return float(((ref[:, :, None] == got[:, None, :]) & (got[:, None, :] >= 0)).any(-1).mean())
 
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
                  excluded_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows by inner product: ``(rows [Q, k] int64, scores [Q, k] float32)``, best first.
-
-  Queries are scored in blocks so the ``[block, N]`` float32 score matrix stays
-  within 128 MiB. Rows in ``excluded_rows`` score ``-inf``; a slot whose score
-  is ``-inf`` (excluded, or ``k`` > live rows) holds row ``-1``.
-  """
+  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first, in blocks of
+  queries; ``excluded_rows`` score ``-inf``, and a ``-inf`` slot holds row ``-1``."""
   n, q = len(vectors), len(queries)
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, {n}]")
@@ -51,43 +39,32 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
     if excluded_rows is not None and len(excluded_rows):
       s[:, excluded_rows] = -np.inf
     top = np.argpartition(s, n - k, axis=1)[:, n - k:] if k < n else np.broadcast_to(np.arange(n), s.shape)
-    top_s = np.take_along_axis(s, top, axis=1)
-    order = np.argsort(-top_s, axis=1, kind="stable")
-    rows[start:start + block] = np.take_along_axis(top, order, axis=1)
-    scores[start:start + block] = np.take_along_axis(top_s, order, axis=1)
+    rows[start:start + block], scores[start:start + block] = sort_topk(top, np.take_along_axis(s, top, axis=1), k)
   rows[np.isneginf(scores)] = -1
   return rows, scores
+
+
+def sort_topk(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The best ``k`` columns of ``[Q, *]`` results by score, best first (stable on ties)."""
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def merge_topk(ids_a: np.ndarray, scores_a: np.ndarray, ids_b: np.ndarray, scores_b: np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray]:
   """Best ``k`` of two ``[Q, *]`` result lists by score (``-inf`` slots last)."""
-  ids = np.concatenate([ids_a, ids_b], axis=1)
-  scores = np.concatenate([scores_a, scores_b], axis=1)
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+  return sort_topk(np.concatenate([ids_a, ids_b], axis=1), np.concatenate([scores_a, scores_b], axis=1), k)
 
 
 def ah_settings(vectors: np.ndarray, overrides: Mapping[str, Any]) -> dict[str, Any]:
-  """Tree-AH settings derived from the data, then ``overrides``.
-
-  ``num_leaves = min(isqrt(N), N // 100)`` (at least 1), a tenth of the leaves searched, a training sample of
-  up to 100,000 rows, 2 dimensions per 4-bit block, AVQ threshold 0.2 x the median embedding norm, and
-  reordering of the best 100 candidates with int8 vectors.
-  """
+  """Tree-AH settings derived from the data (AVQ threshold 0.2 x the median norm), then ``overrides``."""
   n = len(vectors)
   sample = vectors[:: max(1, n // 10_000)]
   num_leaves = int(overrides.get("num_leaves") or max(1, min(math.isqrt(n), n // 100)))
-  settings = {
-      "num_leaves": num_leaves,
-      "num_leaves_to_search": max(1, math.ceil(num_leaves / 10)),
-      "training_sample_size": min(n, 100_000),
-      "dims_per_block": 2,
-      "anisotropic_quantization_threshold": 0.2 * float(np.median(np.linalg.norm(sample, axis=1))),
-      "reorder_k": 100,
-      "reorder_dtype": "int8",
-  }
-  settings.update(overrides)
+  settings = {"num_leaves": num_leaves, "num_leaves_to_search": max(1, math.ceil(num_leaves / 10)),
+              "training_sample_size": min(n, 100_000), "dims_per_block": 2,
+              "anisotropic_quantization_threshold": 0.2 * float(np.median(np.linalg.norm(sample, axis=1))),
+              "reorder_k": 100, "reorder_dtype": "int8", **overrides}
   if settings["reorder_dtype"] not in ("int8", "float32"):
     raise ValueError(f"reorder_dtype must be 'int8' or 'float32', got {settings['reorder_dtype']!r}")
   if not 1 <= settings["num_leaves_to_search"] <= settings["num_leaves"]:
@@ -105,12 +82,10 @@ def row_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
-  """A ScaNN searcher (dot product) over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``.
+  """A dot-product ScaNN searcher over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``.
 
-  ``"int8"``: brute force over codes ``round(x * m)`` in ``[-127, 127]`` with one multiplier per dimension,
-  ``m_j = 127 / max_i |x_ij|``. ``"int8_row"``: ``vectors`` are the dequantized rows; the int8 brute force
-  proposes ``reorder_k`` candidates and exact float32 reordering ranks them. ``"ah"``: tree partitioning,
-  anisotropic hashing and reordering, per :func:`ah_settings`.
+  ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized)
+  reorders the ``reorder_k`` best int8 candidates in float32.
   """
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
 
@@ -128,15 +103,12 @@ def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
 
 
 def scann_vectors(scann_dir: str) -> np.ndarray:
-  """float32 vectors held in a serialized ScaNN searcher: ``codes / multipliers``, or the float32 dataset.
-
-  Re-quantizing ``codes / multipliers`` reproduces the codes, so a rebuild from them loses no precision.
-  """
+  """float32 vectors of a serialized ScaNN searcher: its float32 dataset, or ``codes / multipliers``, which
+  quantize back to the same codes, so a rebuild from them loses no precision."""
   codes_path = os.path.join(scann_dir, "int8_dataset.npy")
   if os.path.isfile(codes_path):
-    codes = np.load(codes_path, allow_pickle=False)
     multipliers = np.load(os.path.join(scann_dir, "int8_multipliers.npy"), allow_pickle=False)
-    return codes.astype(np.float32) / multipliers
+    return np.load(codes_path, allow_pickle=False).astype(np.float32) / multipliers
   return np.load(os.path.join(scann_dir, "dataset.npy"), allow_pickle=False).astype(np.float32)
 
 

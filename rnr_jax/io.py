@@ -1,8 +1,6 @@
-"""File helpers: atomic writes, hashing, and checking files against recorded sizes and hashes.
+"""File helpers: atomic writes, hashing, and checks of files against recorded sizes and hashes.
 
-A reader never sees a half-written file: data goes to a temporary sibling which is flushed, fsynced and then
-renamed over the target with ``os.replace`` (atomic on POSIX within one filesystem, which a sibling is).
-Orbax checkpoints do not go through this module; they have their own commit protocol.
+Writes go to a temporary sibling, fsynced, then renamed over the target (atomic on POSIX within one filesystem).
 """
 
 from __future__ import annotations
@@ -36,17 +34,13 @@ def _umask() -> int:
 
 
 def _fsync_dir(path: PathLike) -> None:
-  """Makes a rename inside ``path`` durable (best effort; not all filesystems allow it)."""
-  try:
+  """Makes a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
+  with contextlib.suppress(OSError):
     fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 @contextlib.contextmanager
@@ -70,36 +64,26 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
   os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
   with atomic_file(path) as f:
     f.write(data)
 
 
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-  """Text version of :func:`atomic_write_bytes`."""
-  atomic_write_bytes(path, text.encode(encoding))
+def atomic_write_text(path: PathLike, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
-  """Writes ``obj`` as JSON (with a trailing newline) atomically."""
-  atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+  """Writes ``obj`` as JSON indented by 2, with a trailing newline, atomically."""
+  atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[str]:
-  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds.
+  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds (and is removed if not).
 
-  On an exception the temporary directory is removed and ``path`` is untouched.
-  An existing ``path`` is replaced: it is first renamed aside, the new directory
-  renamed into place, then the old one deleted. Readers thus see the old
-  directory, the complete new one, or (for an instant) none at all, but never a
-  partially written one.
-
-  Example::
-
-    with atomic_dir("out/index") as tmp:
-      np.save(os.path.join(tmp, "vectors.npy"), vectors)
+  An existing ``path`` is renamed aside first, so readers see the old directory, the new one or, for an instant,
+  none, never a partial one.
   """
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
@@ -139,13 +123,9 @@ def user_cache_dir() -> str:
   return os.path.join(xdg, "rnr_jax")
 
 
-def sha256_file(path: PathLike, chunk_size: int = CHUNK_BYTES) -> str:
-  """Hex sha256 of a file's bytes."""
-  h = hashlib.sha256()
+def sha256_file(path: PathLike) -> str:
   with open(path, "rb") as f:
-    while block := f.read(chunk_size):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
@@ -160,10 +140,7 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
 
 def check_file(path: PathLike, size: int, sha256: str, *, verify: bool, recorded_in: str,
                error: type[BadFileError] = BadFileError) -> None:
-  """Raises ``error`` unless ``path`` is a file of ``size`` bytes (and, when ``verify``, of ``sha256``).
-
-  ``recorded_in`` names the record in the messages, e.g. ``"index.json"``.
-  """
+  """Raises ``error`` unless ``path`` has ``size`` bytes (and ``sha256`` when ``verify``), as ``recorded_in`` says."""
   if not os.path.isfile(path):
     raise error(path, "missing")
   got = os.path.getsize(path)

@@ -1,8 +1,5 @@
-"""Symmetric int8 quantization with one float32 scale per row or per output unit.
-
-Used by the ``"int8_row"`` index (a scale per passage vector) and by the bundle's int8 weights (embedding
-tables per row, kernels per output unit).
-"""
+"""Symmetric int8 quantization with one float32 scale per row (the ``"int8_row"`` index, embedding tables) or per
+output unit (kernels)."""
 
 from __future__ import annotations
 
@@ -10,10 +7,9 @@ import numpy as np
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(codes int8 [R, C], scales float32 [R])`` with ``codes * scales[:, None] ~= x``.
+  """``(codes int8 [R, C], scales float32 [R])`` with ``codes * scales[:, None] ~= x``, ``scale = max|row| / 127``.
 
-  Each row gets its own grid of 255 levels, ``scale = max_j |x_ij| / 127``, computed in float32; a row whose
-  scale is 0 (all zeros) gets scale 1 and zero codes. Quantizing the dequantized rows again gives the same codes.
+  An all-zero row gets scale 1. Quantizing the dequantized rows again gives the same codes.
   """
   x = np.asarray(x, np.float32)
   scales = np.abs(x).max(axis=1) / 127.0
@@ -23,7 +19,6 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-  """float32 ``codes * scales[:, None]``: the rows :func:`quantize_rows` stands for."""
   return codes.astype(np.float32) * scales[:, None]
 
 
@@ -35,5 +30,4 @@ def quantize_columns(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_columns(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-  """float32 ``codes * scales``: the kernel :func:`quantize_columns` stands for."""
   return codes.astype(np.float32) * scales[None]
