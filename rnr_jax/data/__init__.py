@@ -1,15 +1,4 @@
-"""The data layer: readers, DPR-style passages, the token-ID corpus, BM25 and prepared datasets.
-
-* :mod:`~rnr_jax.data.readers`: streaming readers of our jsonl, DPR tsv/json,
-  NQ-open and SQuAD files into :class:`Document` / :class:`Question`, with
-  located :class:`DataFormatError` errors.
-* :mod:`~rnr_jax.data.tfds_sources`: NQ-open, SQuAD and TriviaQA from TFDS.
-* :mod:`~rnr_jax.data.passages`: 100-word passages with stable ids.
-* :mod:`~rnr_jax.data.token_corpus`: passages as memory-mapped token ids, plain or bz2/lzma.
-* :mod:`~rnr_jax.data.bm25`: BM25 (bm25s) over passages, saved and reloaded.
-* :mod:`~rnr_jax.data.examples`: BM25 candidates, positives, hard negatives, samplers.
-* :mod:`~rnr_jax.data.prepared`: the prepared dataset directory (``python -m train.prepare``).
-"""
+"""The data layer: readers, DPR-style passages, token-ID corpus, BM25, prepared datasets (docs/design.md)."""
 
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.examples import (SplitCandidates, build_candidates, sample_reader_passages,

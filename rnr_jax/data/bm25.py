@@ -1,9 +1,7 @@
-"""BM25 over passages with ``bm25s`` (eager sparse scoring), saved and reloaded.
+"""BM25 over passages (``title + " " + text``) with ``bm25s``, saved and reloaded.
 
-Passages are indexed as ``title + " " + text``. Text is tokenised by bm25s'
-regex tokenizer with its English stopword list and, when PyStemmer is
-installed, the Snowball English stemmer (``stemmer="auto"``). The stemmer in
-use is saved with the index, so queries are always tokenised like the corpus.
+Text is tokenised by bm25s' regex tokenizer with its English stopwords and, when PyStemmer is installed, the
+Snowball English stemmer. The stemmer is saved with the index, so queries are tokenised like the corpus.
 """
 
 from __future__ import annotations
@@ -24,25 +22,16 @@ STOPWORDS = "en"
 SETTINGS_FILE = "rnr_bm25.json"
 
 
-def stemmer_available() -> bool:
-  """Whether PyStemmer (the ``Stemmer`` module) can be imported."""
-  try:
-    import Stemmer  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
-
-
 def resolve_stemmer(stemmer: str | None) -> str | None:
-  """The stemmer to use: ``"auto"`` is ``"english"`` with PyStemmer, else ``None``."""
+  """A Snowball language or None for ``stemmer``: ``"auto"`` is ``"english"`` with PyStemmer, ``"none"`` None."""
   if stemmer == "auto":
-    if stemmer_available():
-      return "english"
-    logger.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer for it)")
-    return None
-  if stemmer in ("", "none"):
-    return None
-  return stemmer
+    try:
+      import Stemmer  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      logger.warning("PyStemmer is not installed: BM25 runs without stemming (pip install PyStemmer for it)")
+      return None
+    return "english"
+  return None if stemmer in ("", "none") else stemmer
 
 
 def _stem_fn(stemmer: str | None) -> Callable[[list[str]], list[str]] | None:
@@ -56,11 +45,7 @@ def _stem_fn(stemmer: str | None) -> Callable[[list[str]], list[str]] | None:
 
 
 class BM25Index:
-  """A bm25s index over passage ids ``0 .. n-1``.
-
-  Build with :meth:`build`, query with :meth:`search`, persist with
-  :meth:`save` / :meth:`load`.
-  """
+  """A bm25s index over passage ids ``0 .. n-1``."""
 
   def __init__(self, retriever: bm25s.BM25, stemmer: str | None):
     self.retriever = retriever
@@ -83,29 +68,22 @@ class BM25Index:
     if not texts:
       raise ValueError("cannot build a BM25 index over no passages")
     stemmer = resolve_stemmer(stemmer)
-    corpus = [f"{t} {x}" for t, x in zip(titles, texts)]
-    tokens = bm25s.tokenize(corpus, stopwords=STOPWORDS, stemmer=_stem_fn(stemmer), show_progress=False)
+    tokens = bm25s.tokenize([f"{t} {x}" for t, x in zip(titles, texts)], stopwords=STOPWORDS,
+                            stemmer=_stem_fn(stemmer), show_progress=False)
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(tokens, show_progress=False)
     return cls(retriever, stemmer)
 
-  def tokenize_queries(self, queries: Sequence[str]) -> list[list[str]]:
-    """Query tokens, tokenised like the indexed passages."""
-    return bm25s.tokenize(list(queries), stopwords=STOPWORDS, stemmer=self._stem, return_ids=False,
-                          show_progress=False)
-
   def search(self, queries: Sequence[str], k: int, *, n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` passages of each query, best first.
-
-    ``k`` is capped at the number of passages. Returns ``(pids int32[n, k],
-    scores float32[n, k])``. A query with no indexed word scores 0 everywhere.
-    """
+    """``(pids int32[n, k], scores float32[n, k])``: each query's top-``k`` passages (``k`` capped), best first."""
     k = min(int(k), self.num_passages)
     if not queries:
       return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+    tokens = bm25s.tokenize(list(queries), stopwords=STOPWORDS, stemmer=self._stem, return_ids=False,
+                            show_progress=False)
     threads = (os.cpu_count() or 1) if n_threads is None else n_threads
-    docs, scores = self.retriever.retrieve(self.tokenize_queries(queries), k=k, n_threads=threads,
-                                           show_progress=False, backend_selection="numpy")
+    docs, scores = self.retriever.retrieve(tokens, k=k, n_threads=threads, show_progress=False,
+                                           backend_selection="numpy")
     return np.asarray(docs, np.int32), np.asarray(scores, np.float32)
 
   def save(self, path: str | os.PathLike) -> None:
@@ -123,5 +101,4 @@ class BM25Index:
       raise FileNotFoundError(f"{path}: not a saved BM25 index (no {SETTINGS_FILE})")
     with open(settings_path, encoding="utf-8") as f:
       settings = json.load(f)
-    retriever = bm25s.BM25.load(path, mmap=mmap, show_progress=False)
-    return cls(retriever, settings["stemmer"])
+    return cls(bm25s.BM25.load(path, mmap=mmap, show_progress=False), settings["stemmer"])

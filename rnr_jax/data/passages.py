@@ -1,10 +1,7 @@
-"""DPR-style passages: documents cut into chunks of 100 whitespace-separated words.
+"""DPR-style passages: documents cut into consecutive chunks of 100 whitespace-separated words.
 
-Like DPR's Wikipedia split, a document's text is split on whitespace and cut
-into consecutive chunks of ``words_per_passage`` words (the last one shorter);
-every passage keeps its document's title. Passage ids (``pid``) are the running
-index in corpus order, so the same corpus and setting always give the same ids;
-each passage also records its document id and its chunk index in that document.
+Every passage keeps its document's title. Passage ids (``pid``) are the running index in corpus order, so the same
+corpus and setting always give the same ids.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from rnr_jax.data.readers import Document, Question
+from rnr_jax.io import atomic_file
 from rnr_jax.metrics import AnswerMatcher
 
 DEFAULT_WORDS_PER_PASSAGE = 100
@@ -24,7 +22,7 @@ DEFAULT_WORDS_PER_PASSAGE = 100
 
 @dataclasses.dataclass(frozen=True)
 class Passage:
-  """One passage: ``pid`` (row in the passage table), its document and chunk index."""
+  """One passage: ``pid`` (row in the passage table), its document and its chunk index in the document."""
 
   pid: int
   doc_id: int
@@ -34,31 +32,21 @@ class Passage:
 
 
 def split_words(text: str, words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE) -> list[str]:
-  """``text`` as chunks of ``words_per_passage`` whitespace-separated words.
-
-  An empty (or all-whitespace) text gives one empty chunk, so that every
-  document has at least one passage (its title still makes it retrievable).
-  """
+  """``text`` as chunks of ``words_per_passage`` words, the last one shorter."""
   if words_per_passage < 1:
     raise ValueError(f"words_per_passage must be >= 1, got {words_per_passage}")
   words = text.split()
   if not words:
-    return [""]
+    return [""]  # every document keeps a passage: its title makes it retrievable
   return [" ".join(words[i:i + words_per_passage]) for i in range(0, len(words), words_per_passage)]
 
 
 class PassageTable:
-  """Passages in columns; row ``pid`` is passage ``pid``.
-
-  Attributes:
-    doc_ids: ``int64[n]`` document id of each passage.
-    chunks: ``int32[n]`` chunk index of each passage within its document.
-    titles, texts: the passages' titles and texts.
-  """
+  """Passages in columns (``doc_ids`` int64, ``chunks`` int32, ``titles``, ``texts``); row ``pid`` is passage pid."""
 
   FILE = "passages.jsonl"
 
-  def __init__(self, doc_ids: np.ndarray, chunks: np.ndarray, titles: Sequence[str], texts: Sequence[str]):
+  def __init__(self, doc_ids: Sequence[int], chunks: Sequence[int], titles: Sequence[str], texts: Sequence[str]):
     if not len(doc_ids) == len(chunks) == len(titles) == len(texts):
       raise ValueError("doc_ids, chunks, titles and texts must have one entry per passage")
     self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
@@ -80,8 +68,7 @@ class PassageTable:
       ranges: dict[int, range] = {}
       if len(self):
         starts = np.flatnonzero(np.r_[True, self.doc_ids[1:] != self.doc_ids[:-1]])
-        ends = np.r_[starts[1:], len(self)]
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), np.r_[starts[1:], len(self)].tolist()):
           d = int(self.doc_ids[s])
           if d in ranges:
             raise ValueError(f"document {d} appears twice in the passage table (rows {ranges[d].start} and {s})")
@@ -95,61 +82,44 @@ class PassageTable:
 
   def write_jsonl(self, path: str | os.PathLike) -> None:
     """Writes ``{"pid", "doc_id", "chunk", "title", "text"}`` lines, atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-      with open(tmp, "w", encoding="utf-8") as f:
-        for pid in range(len(self)):
-          f.write(json.dumps({"pid": pid, "doc_id": int(self.doc_ids[pid]), "chunk": int(self.chunks[pid]),
-                              "title": self.titles[pid], "text": self.texts[pid]}, ensure_ascii=False))
-          f.write("\n")
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    with atomic_file(path) as f:
+      for pid in range(len(self)):
+        rec = {"pid": pid, "doc_id": int(self.doc_ids[pid]), "chunk": int(self.chunks[pid]),
+               "title": self.titles[pid], "text": self.texts[pid]}
+        f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
 
   @classmethod
   def read_jsonl(cls, path: str | os.PathLike) -> "PassageTable":
     """Reads a file written by :meth:`write_jsonl` (pids must be 0, 1, 2, ...)."""
-    doc_ids, chunks, titles, texts = [], [], [], []
+    columns: dict[str, list] = {"doc_id": [], "chunk": [], "title": [], "text": []}
     with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
+      for pid, line in enumerate(f):
         rec = json.loads(line)
-        if rec["pid"] != line_no - 1:
-          raise ValueError(f"{os.fspath(path)}:{line_no}: pid {rec['pid']} out of order (expected {line_no - 1})")
-        doc_ids.append(rec["doc_id"])
-        chunks.append(rec["chunk"])
-        titles.append(rec["title"])
-        texts.append(rec["text"])
-    return cls(np.asarray(doc_ids, np.int64), np.asarray(chunks, np.int32), titles, texts)
+        if rec["pid"] != pid:
+          raise ValueError(f"{os.fspath(path)}:{pid + 1}: pid {rec['pid']} out of order (expected {pid})")
+        for key, column in columns.items():
+          column.append(rec[key])
+    return cls(*columns.values())
 
 
 def split_documents(docs: Iterable[Document], words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE) -> PassageTable:
   """The passages of ``docs`` in order (document ids must be unique)."""
-  doc_ids: list[int] = []
-  chunks: list[int] = []
-  titles: list[str] = []
-  texts: list[str] = []
-  seen: set[int] = set()
+  doc_ids, chunks, titles, texts = [], [], [], []
+  seen = set()
   for doc in docs:
     if doc.id in seen:
       raise ValueError(f"duplicate document id {doc.id}")
     seen.add(doc.id)
-    for i, chunk in enumerate(split_words(doc.text, words_per_passage)):
-      doc_ids.append(doc.id)
-      chunks.append(i)
-      titles.append(doc.title)
-      texts.append(chunk)
-  return PassageTable(np.asarray(doc_ids, np.int64), np.asarray(chunks, np.int32), titles, texts)
+    pieces = split_words(doc.text, words_per_passage)
+    doc_ids += [doc.id] * len(pieces)
+    chunks += range(len(pieces))
+    titles += [doc.title] * len(pieces)
+    texts += pieces
+  return PassageTable(doc_ids, chunks, titles, texts)
 
 
 def gold_passages(table: PassageTable, question: Question, matcher: AnswerMatcher) -> list[int]:
-  """Passages of the question's gold document that contain an answer (in order).
-
-  Empty when the question has no ``gold_pid`` or no chunk of the gold document
-  holds an answer string; KeyError when the gold document is not in the table.
-  """
+  """Passages of the question's gold document that contain an answer, in order; KeyError if it is not in ``table``."""
   if question.gold_pid is None:
     return []
   pids = table.passages_of(question.gold_pid)

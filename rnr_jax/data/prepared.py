@@ -1,27 +1,8 @@
 """The prepared dataset directory: built once by ``python -m train.prepare``, read by every later stage.
 
-Layout of a prepared directory::
-
-  manifest.json            written last: a directory without it is incomplete
-  passages.jsonl           {"pid", "doc_id", "chunk", "title", "text"}, pid = line index
-  token_corpus/            token-ID corpus (tokens.npy, offsets.npy, meta.json)
-  token_corpus.bz2/        its compressed forms (one per --compress method)
-  token_corpus.lzma/
-  bm25/                    bm25s index over title + text (BM25Index.load)
-  splits/<split>/          one per question file <split>.jsonl (e.g. nq_dev)
-    questions.jsonl        the split's questions, row q = candidate row q
-    bm25_pids.npy          int32[n, k]   BM25 top-k passages, best first
-    bm25_scores.npy        float32[n, k]
-    bm25_has_answer.npy    bool[n, k]    DPR has_answer of each
-    gold.npy, gold_offsets.npy                      gold-document passages holding an answer
-    positives.npy, positives_offsets.npy            gold first, then BM25 answer passages
-    hard_negatives.npy, hard_negatives_offsets.npy  top BM25 passages without an answer
-
-:func:`prepare` builds the directory into a temporary sibling and renames it
-into place, so an interrupted build never leaves a partial directory under the
-final name; the manifest records the source files' sha256 and sizes and the
-settings, and a rebuild with the same inputs is skipped. :class:`PreparedData`
-opens a finished directory.
+Layout: ``manifest.json`` (written last: the inputs' sha256, settings, counts, metrics), ``passages.jsonl`` (pid =
+line index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/`` forms, ``bm25/``, and for each question file
+``<split>.jsonl`` a ``splits/<split>/`` with ``questions.jsonl`` and the :class:`SplitCandidates` arrays.
 """
 
 from __future__ import annotations
@@ -30,8 +11,8 @@ import dataclasses
 import datetime
 import glob
 import hashlib
+import itertools
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,8 +27,6 @@ from rnr_jax.data.readers import Question, ReadStats, read_corpus, read_question
 from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, compress_bytes, data_bytes
 from rnr_jax.io import atomic_dir, atomic_write_json, sha256_file
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_accuracy
-
-logger = logging.getLogger(__name__)
 
 FORMAT = "rnr_jax.prepared"
 VERSION = 1
@@ -66,27 +45,14 @@ class PreparedDataError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
-  """Everything that changes the content of a prepared directory.
+  """Everything that changes the content of a prepared directory (the flags of ``train.prepare``)."""
 
-  Attributes:
-    tokenizer: tokenizer directory (None: the installed all-MiniLM-L6-v2).
-    words_per_passage: DPR passage length in words.
-    bm25_topk: BM25 depth stored per question.
-    hard_negatives: answer-free BM25 passages kept per question.
-    max_train_questions: keep only the first N questions of each ``*_train`` split.
-    stemmer: BM25 stemmer, ``"auto"`` (English if PyStemmer is installed), a
-      Snowball language, or ``"none"``.
-    bm25_k1, bm25_b: BM25 parameters.
-    compress: compressed forms of the token corpus to write (``bz2``, ``lzma``).
-    skip_bad: skip malformed records (counted in the manifest) instead of failing.
-  """
-
-  tokenizer: str | None = None
+  tokenizer: str | None = None  # None: the installed all-MiniLM-L6-v2
   words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE
   bm25_topk: int = DEFAULT_BM25_TOPK
   hard_negatives: int = DEFAULT_HARD_NEGATIVES
-  max_train_questions: int | None = None
-  stemmer: str = "auto"
+  max_train_questions: int | None = None  # keep only the first N questions of each *_train split
+  stemmer: str = "auto"  # see bm25.resolve_stemmer
   bm25_k1: float = 1.5
   bm25_b: float = 0.75
   compress: tuple[str, ...] = ("bz2", "lzma")
@@ -97,8 +63,7 @@ class PrepareSettings:
       raise ValueError(f"need words_per_passage >= 1, bm25_topk >= 1, hard_negatives >= 0: {self}")
     if self.max_train_questions is not None and self.max_train_questions < 1:
       raise ValueError(f"max_train_questions must be >= 1 or None, got {self.max_train_questions}")
-    unknown = set(self.compress) - set(COMPRESSORS)
-    if unknown:
+    if unknown := set(self.compress) - set(COMPRESSORS):
       raise ValueError(f"unknown compression(s) {sorted(unknown)}; choose from {sorted(COMPRESSORS)}")
 
 
@@ -111,15 +76,6 @@ class PrepareResult:
   built: bool
 
 
-def discover_splits(data_dir: str) -> dict[str, str]:
-  """``{split: path}`` of the ``*_train.jsonl`` and ``*_dev.jsonl`` files in ``data_dir``."""
-  found = {}
-  for pattern in ("*_train.jsonl", "*_dev.jsonl"):
-    for path in sorted(glob.glob(os.path.join(data_dir, pattern))):
-      found[os.path.basename(path)[: -len(".jsonl")]] = path
-  return dict(sorted(found.items()))
-
-
 def _tokenizer_fingerprint(path: str) -> str:
   """sha256 over the tokenizer files that define the ids."""
   h = hashlib.sha256()
@@ -127,13 +83,8 @@ def _tokenizer_fingerprint(path: str) -> str:
   if not names:
     raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
   for name in names:
-    h.update(name.encode())
-    h.update(sha256_file(os.path.join(path, name)).encode())
+    h.update(name.encode() + sha256_file(os.path.join(path, name)).encode())
   return h.hexdigest()
-
-
-def _file_info(path: str) -> dict[str, Any]:
-  return {"sha256": sha256_file(path), "size": os.path.getsize(path)}
 
 
 def _read_manifest(path: str) -> dict[str, Any] | None:
@@ -144,33 +95,9 @@ def _read_manifest(path: str) -> dict[str, Any] | None:
     return None
 
 
-def _load_split_questions(path: str, doc_ids: set[int], skip_bad: bool, limit: int | None
-                          ) -> tuple[list[Question], ReadStats]:
-  """The first ``limit`` (default: all) questions of a split file, gold ids checked against the corpus."""
-  stats = ReadStats()
-  questions = []
-  for q in read_questions(path, require_gold_pid=False, doc_ids=doc_ids, skip_bad=skip_bad, stats=stats):
-    questions.append(q)
-    if limit is not None and len(questions) >= limit:
-      break
-  return questions, stats
-
-
-def _split_metrics(cands: SplitCandidates, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-  acc = top_k_accuracy(np.asarray(cands.bm25_has_answer), ks)
-  recall = gold_recall_at_k(np.asarray(cands.bm25_pids), [cands.gold[i] for i in range(len(cands))], ks)
-  out = {f"bm25_top{k}_answer_acc": round(v, 4) for k, v in acc.items()}
-  out.update({f"bm25_gold_recall@{k}": round(v, 4) for k, v in recall.items()})
-  return out
-
-
 def _write_token_corpus(tmp: str, table: PassageTable, tokenizer: Any, tokenizer_path: str,
                         methods: Sequence[str]) -> tuple[TokenCorpus, dict[str, float]]:
-  """Writes the token-ID corpus and its compressed forms; returns it with bytes per passage.
-
-  The sizes compare the token ids (plain and compressed) with the passages' raw
-  UTF-8 text (``title<TAB>text<NEWLINE>``) compressed the same way.
-  """
+  """Writes the token-ID corpus and its compressed forms; returns it with their bytes per passage and the text's."""
   corpus_dir = os.path.join(tmp, TOKEN_CORPUS_DIR)
   corpus = TokenCorpus.write(corpus_dir, tokenizer.passage_token_ids(table.titles, table.texts),
                              tokenizer.vocab_size, tokenizer=tokenizer_path)
@@ -187,35 +114,31 @@ def _prepare_split(split_dir: str, path: str, table: PassageTable, index: BM25In
                    doc_ids: set[int], settings: PrepareSettings, limit: int | None,
                    n_threads: int | None) -> dict[str, Any]:
   """Builds and saves one split's questions and candidates; returns its manifest entry."""
-  questions, stats = _load_split_questions(path, doc_ids, settings.skip_bad, limit)
+  stats = ReadStats()
+  questions = list(itertools.islice(read_questions(path, doc_ids=doc_ids, skip_bad=settings.skip_bad, stats=stats),
+                                    limit))
   cands = build_candidates(questions, table, index, matcher, k=settings.bm25_topk,
                            num_hard_negatives=settings.hard_negatives, n_threads=n_threads)
   os.makedirs(split_dir)
   with open(os.path.join(split_dir, QUESTIONS_FILE), "w", encoding="utf-8") as f:
-    for q in questions:
-      f.write(json.dumps(q.to_json(), ensure_ascii=False) + "\n")
+    f.writelines(json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in questions)
   cands.save(split_dir)
+  acc = top_k_accuracy(np.asarray(cands.bm25_has_answer), DEFAULT_KS)
+  recall = gold_recall_at_k(np.asarray(cands.bm25_pids), [cands.gold[i] for i in range(len(cands))], DEFAULT_KS)
+  metrics = {f"bm25_top{k}_answer_acc": round(v, 4) for k, v in acc.items()}
+  metrics.update({f"bm25_gold_recall@{k}": round(v, 4) for k, v in recall.items()})
   pos_len = cands.positives.lengths()
   return {
       "questions": len(questions), "skipped_bad": stats.skipped,
       "with_gold": int((cands.gold.lengths() > 0).sum()), "with_positive": int((pos_len > 0).sum()),
       "trainable": len(cands.trainable()), "mean_positives": round(float(pos_len.mean()), 3) if len(pos_len) else 0.0,
-      "bm25_depth": int(cands.bm25_pids.shape[1]), "metrics": _split_metrics(cands),
+      "bm25_depth": int(cands.bm25_pids.shape[1]), "metrics": metrics,
   }
 
 
 def prepare(data_dir: str, out: str, settings: PrepareSettings = PrepareSettings(), *, n_threads: int | None = None,
             force: bool = False, echo: Callable[[str], None] = print) -> PrepareResult:
-  """Builds the prepared directory ``out`` from ``data_dir`` unless it is up to date.
-
-  Args:
-    data_dir: holds ``corpus.jsonl`` and the ``*_train.jsonl`` / ``*_dev.jsonl`` question files.
-    out: the prepared directory (replaced atomically when rebuilt).
-    settings: see :class:`PrepareSettings`.
-    n_threads: BM25 retrieval threads (default: all CPUs).
-    force: rebuild even when up to date.
-    echo: progress printer.
-  """
+  """Builds ``out`` (replaced atomically) from ``corpus.jsonl`` and the question files of ``data_dir`` if outdated."""
   from rnr_jax.tokenization import Tokenizer, default_tokenizer_path  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
@@ -224,12 +147,14 @@ def prepare(data_dir: str, out: str, settings: PrepareSettings = PrepareSettings
   corpus_path = os.path.join(data_dir, CORPUS_FILE)
   if not os.path.isfile(corpus_path):
     raise FileNotFoundError(f"{data_dir}: no {CORPUS_FILE} (is --data_dir / RNR_DATA the shared data directory?)")
-  splits = discover_splits(data_dir)
+  paths = [p for pattern in ("*_train.jsonl", "*_dev.jsonl") for p in glob.glob(os.path.join(data_dir, pattern))]
+  splits = {os.path.basename(p)[:-len(".jsonl")]: p for p in sorted(paths)}
   tokenizer_path = os.path.abspath(os.fspath(settings.tokenizer or default_tokenizer_path()))
   config = dataclasses.asdict(settings)
   config.update(tokenizer=_tokenizer_fingerprint(tokenizer_path), stemmer=resolve_stemmer(settings.stemmer),
                 compress=list(settings.compress), splits=sorted(splits))
-  sources = {os.path.basename(p): _file_info(p) for p in [corpus_path, *splits.values()]}
+  sources = {os.path.basename(p): {"sha256": sha256_file(p), "size": os.path.getsize(p)}
+             for p in [corpus_path, *splits.values()]}
 
   old = _read_manifest(out)
   if (not force and old is not None and old.get("format") == FORMAT and old.get("version") == VERSION
@@ -291,29 +216,23 @@ def summary_line(manifest: dict[str, Any]) -> dict[str, Any]:
   line: dict[str, Any] = {"passages": manifest["counts"]["passages"]}
   for name, info in manifest["splits"].items():
     if name.endswith("_dev"):
-      line[name] = {"questions": info["questions"]}
-      line[name].update({f"bm25_top{k}_answer_acc": info["metrics"][f"bm25_top{k}_answer_acc"] for k in DEFAULT_KS})
-  line["bytes_per_passage"] = manifest["bytes_per_passage"]
-  line["prepare_s"] = manifest["timings_s"]["total"]
-  return line
+      acc = {f"bm25_top{k}_answer_acc": info["metrics"][f"bm25_top{k}_answer_acc"] for k in DEFAULT_KS}
+      line[name] = {"questions": info["questions"], **acc}
+  return {**line, "bytes_per_passage": manifest["bytes_per_passage"], "prepare_s": manifest["timings_s"]["total"]}
 
 
 class PreparedData:
-  """Read access to a prepared directory (see the module docstring for its layout).
-
-  Heavy parts (passages, token corpus, BM25 index, split arrays) load lazily
-  and are cached; arrays are memory-mapped.
-  """
+  """Read access to a prepared directory; its parts load lazily, once, and arrays are memory-mapped."""
 
   def __init__(self, path: str, manifest: dict[str, Any]):
     self.path = path
     self.manifest = manifest
-    self._passages: PassageTable | None = None
-    self._token_corpus: TokenCorpus | None = None
-    self._bm25: BM25Index | None = None
-    self._questions: dict[str, list[Question]] = {}
-    self._candidates: dict[str, SplitCandidates] = {}
-    self._matcher: AnswerMatcher | None = None
+    self._cache: dict[Any, Any] = {}
+
+  def _cached(self, key: Any, load: Callable[[], Any]) -> Any:
+    if key not in self._cache:
+      self._cache[key] = load()
+    return self._cache[key]
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "PreparedData":
@@ -330,8 +249,7 @@ class PreparedData:
       raise PreparedDataError(f"{path}: prepared format {manifest.get('format')!r} version "
                               f"{manifest.get('version')!r}, this code reads {FORMAT!r} version {VERSION}; rebuild it")
     required = [PASSAGES_FILE, TOKEN_CORPUS_DIR, BM25_DIR] + [os.path.join(SPLITS_DIR, s) for s in manifest["splits"]]
-    missing = [r for r in required if not os.path.exists(os.path.join(path, r))]
-    if missing:
+    if missing := [r for r in required if not os.path.exists(os.path.join(path, r))]:
       raise PreparedDataError(f"{path}: incomplete prepared dataset, missing {missing}; rebuild it")
     return cls(path, manifest)
 
@@ -345,9 +263,7 @@ class PreparedData:
 
   @property
   def passages(self) -> PassageTable:
-    if self._passages is None:
-      self._passages = PassageTable.read_jsonl(os.path.join(self.path, PASSAGES_FILE))
-    return self._passages
+    return self._cached("passages", lambda: PassageTable.read_jsonl(os.path.join(self.path, PASSAGES_FILE)))
 
   @property
   def num_passages(self) -> int:
@@ -355,23 +271,17 @@ class PreparedData:
 
   def token_corpus(self, tokenizer: Any = None) -> TokenCorpus:
     """The memory-mapped token-ID corpus (``tokenizer`` enables ``text(i)``)."""
-    if self._token_corpus is None:
-      self._token_corpus = TokenCorpus.load(os.path.join(self.path, TOKEN_CORPUS_DIR))
+    corpus = self._cached("token_corpus", lambda: TokenCorpus.load(os.path.join(self.path, TOKEN_CORPUS_DIR)))
     if tokenizer is not None:
-      self._token_corpus.tokenizer = tokenizer
-    return self._token_corpus
+      corpus.tokenizer = tokenizer
+    return corpus
 
   def bm25(self) -> BM25Index:
-    """The BM25 retriever over the passages."""
-    if self._bm25 is None:
-      self._bm25 = BM25Index.load(os.path.join(self.path, BM25_DIR))
-    return self._bm25
+    return self._cached("bm25", lambda: BM25Index.load(os.path.join(self.path, BM25_DIR)))
 
   def matcher(self) -> AnswerMatcher:
-    """DPR ``has_answer`` over the passages (one shared cache of passage tokens)."""
-    if self._matcher is None:
-      self._matcher = self.passages.matcher()
-    return self._matcher
+    """DPR ``has_answer`` over the passages, one shared cache of passage tokens."""
+    return self._cached("matcher", lambda: self.passages.matcher())
 
   def _split_dir(self, split: str) -> str:
     if split not in self.manifest["splits"]:
@@ -380,14 +290,9 @@ class PreparedData:
 
   def questions(self, split: str) -> list[Question]:
     """The split's questions; index q matches row q of :meth:`candidates`."""
-    if split not in self._questions:
-      with open(os.path.join(self._split_dir(split), QUESTIONS_FILE), encoding="utf-8") as f:
-        self._questions[split] = [
-            Question(r["id"], r["question"], tuple(r["answers"]), r["gold_pid"]) for r in map(json.loads, f)]
-    return self._questions[split]
+    return self._cached(("questions", split),
+                        lambda: list(read_questions(os.path.join(self._split_dir(split), QUESTIONS_FILE))))
 
   def candidates(self, split: str) -> SplitCandidates:
     """BM25 candidates, gold passages, positives and hard negatives of the split."""
-    if split not in self._candidates:
-      self._candidates[split] = SplitCandidates.load(self._split_dir(split))
-    return self._candidates[split]
+    return self._cached(("candidates", split), lambda: SplitCandidates.load(self._split_dir(split)))

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from rnr_jax.io import atomic_write_text
+
+
+def _write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
+  atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_slice(data_dir: str, out: str, questions: int, distractors: int, seed: int = 0) -> str:
@@ -31,18 +38,14 @@ def write_slice(data_dir: str, out: str, questions: int, distractors: int, seed:
   others = [d for d in docs if d["id"] not in gold]
   picked = set(rng.choice(len(others), size=min(distractors, len(others)), replace=False).tolist())
   corpus = [d for d in docs if d["id"] in gold] + [d for i, d in enumerate(others) if i in picked]
-  atomic_write_text(os.path.join(out, "corpus.jsonl"), "".join(json.dumps(d) + "\n" for d in corpus))
+  _write_jsonl(os.path.join(out, "corpus.jsonl"), corpus)
   for name, rows in splits.items():
-    atomic_write_text(os.path.join(out, name), "".join(json.dumps(r) + "\n" for r in rows))
+    _write_jsonl(os.path.join(out, name), rows)
   return out
 
 
 def write_tfds_squad(out: str, tfds_dir: str | None, *, download: bool = False, limit: int | None = None) -> str:
-  """SQuAD v1.1 from TensorFlow Datasets as an open-domain data directory (our jsonl files) in ``out``.
-
-  Its contexts become ``corpus.jsonl`` (train and validation contexts together), its questions
-  ``squad_train.jsonl`` and ``squad_dev.jsonl`` with the gold context as ``gold_pid``.
-  """
+  """SQuAD v1.1 from TFDS as data directory ``out``: contexts as the corpus, each question's as its gold_pid."""
   from rnr_jax.data import tfds_sources  # pylint: disable=import-outside-toplevel  (tfds is heavy)
 
   train_docs, train_questions = tfds_sources.squad_open_domain("train", data_dir=tfds_dir, download=download,
@@ -50,11 +53,7 @@ def write_tfds_squad(out: str, tfds_dir: str | None, *, download: bool = False, 
   dev_docs, dev_questions = tfds_sources.squad_open_domain("validation", data_dir=tfds_dir, download=download,
                                                             first_doc_id=len(train_docs), limit=limit)
   os.makedirs(out, exist_ok=True)
-  atomic_write_text(os.path.join(out, "corpus.jsonl"), "".join(
-      json.dumps({"id": d.id, "title": d.title, "text": d.text, "source": d.source}) + "\n"
-      for d in (*train_docs, *dev_docs)))
-  for name, questions in (("squad_train.jsonl", train_questions), ("squad_dev.jsonl", dev_questions)):
-    atomic_write_text(os.path.join(out, name), "".join(
-        json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers), "gold_pid": q.gold_pid}) + "\n"
-        for q in questions))
+  _write_jsonl(os.path.join(out, "corpus.jsonl"), map(dataclasses.asdict, [*train_docs, *dev_docs]))
+  _write_jsonl(os.path.join(out, "squad_train.jsonl"), (q.to_json() for q in train_questions))
+  _write_jsonl(os.path.join(out, "squad_dev.jsonl"), (q.to_json() for q in dev_questions))
   return out

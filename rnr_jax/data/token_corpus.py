@@ -1,9 +1,8 @@
-"""The token-ID corpus (paper §2.3): passages stored as WordPiece ids, not text.
+"""The token-ID corpus (paper §2.3): passages stored as the WordPiece ids of ``title [SEP] text``, not as text.
 
-A record is the tokenizer's passage body ``title [SEP] text``
-(:meth:`rnr_jax.tokenization.Tokenizer.passage_token_ids`), so retriever and
-reader inputs are built from it without tokenising text again. Arrays are
-loaded memory-mapped; :func:`compress` writes a bz2 or lzma form of a corpus.
+A corpus directory holds ``tokens.npy`` (all records concatenated), ``offsets.npy`` (``int64[n + 1]``) and
+``meta.json`` (dtype, vocabulary size, counts, tokenizer, the arrays' sha256); arrays load memory-mapped.
+:func:`compress` writes a bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ TOKENS_FILE = "tokens.npy"
 OFFSETS_FILE = "offsets.npy"
 META_FILE = "meta.json"
 COMPRESSORS = {"bz2": bz2, "lzma": lzma}
+LEVEL_ARG = {"bz2": "compresslevel", "lzma": "preset"}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -36,7 +36,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
-  """``np.save`` to ``path`` atomically (a temporary sibling, fsynced, renamed into place)."""
+  """``np.save`` to ``path`` atomically."""
   with atomic_file(path) as f:
     np.save(f, array, allow_pickle=False)
 
@@ -56,13 +56,12 @@ class RaggedArray:
     offsets = np.zeros(len(parts) + 1, np.int64)
     np.cumsum([len(p) for p in parts], out=offsets[1:])
     dtype = np.dtype(dtype)
-    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-    if parts and dtype.kind in "iu" and len(values):
-      info = np.iinfo(dtype)
-      lo, hi = min(int(p.min()) for p in parts if len(p)), max(int(p.max()) for p in parts if len(p))
-      if lo < info.min or hi > info.max:
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    if dtype.kind in "iu" and len(values):
+      lo, hi = int(values.min()), int(values.max())
+      if lo < np.iinfo(dtype).min or hi > np.iinfo(dtype).max:
         raise ValueError(f"values in [{lo}, {hi}] do not fit {dtype}")
-    return cls(values, offsets)
+    return cls(values.astype(dtype, copy=False), offsets)
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
@@ -87,18 +86,14 @@ class RaggedArray:
     save_npy(os.path.join(directory, f"{name}_offsets.npy"), np.asarray(self.offsets))
 
   @classmethod
-  def load(cls, directory: PathLike, name: str, *, mmap: bool = True) -> "RaggedArray":
-    mode = "r" if mmap else None
-    return cls(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode=mode),
-               np.load(os.path.join(directory, f"{name}_offsets.npy"), mmap_mode=mode))
+  def load(cls, directory: PathLike, name: str) -> "RaggedArray":
+    """The arrays written by :meth:`save`, memory-mapped."""
+    return cls(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r"),
+               np.load(os.path.join(directory, f"{name}_offsets.npy"), mmap_mode="r"))
 
 
 class TokenCorpus:
-  """Token-id records of a passage corpus, memory-mapped.
-
-  ``corpus[i]`` / :meth:`get` give record ``i`` as ``int32`` ids; :meth:`text`
-  decodes it with the tokenizer given to :meth:`load` (for display).
-  """
+  """Token-id records of a passage corpus, memory-mapped; ``corpus[i]`` is record ``i`` as ``int32`` ids."""
 
   def __init__(self, ragged: RaggedArray, meta: dict[str, Any], tokenizer: Any = None, path: str | None = None):
     self._ragged = ragged
@@ -108,7 +103,6 @@ class TokenCorpus:
 
   @property
   def tokens(self) -> np.ndarray:
-    """All records concatenated (memory-mapped)."""
     return self._ragged.values
 
   @property
@@ -125,56 +119,35 @@ class TokenCorpus:
   __getitem__ = get
 
   def lengths(self) -> np.ndarray:
-    """``int64[n]`` number of ids of each record."""
     return self._ragged.lengths()
 
   def text(self, i: int) -> str:
-    """Record ``i`` decoded to text (WordPiece pieces joined, special tokens dropped)."""
+    """Record ``i`` decoded to text for display, with the tokenizer given to :meth:`load`."""
     if self.tokenizer is None:
       raise ValueError("TokenCorpus.text needs a tokenizer: TokenCorpus.load(path, tokenizer=...)")
     return self.tokenizer.decode(self.get(i))
 
   @property
   def nbytes(self) -> int:
-    """Bytes of the uncompressed arrays (token ids plus offsets)."""
     return self._ragged.nbytes
 
   @classmethod
   def write(cls, path: PathLike, records: Iterable[Sequence[int] | np.ndarray], vocab_size: int, *,
             tokenizer: str | None = None) -> "TokenCorpus":
-    """Writes records as a corpus directory ``path`` (atomically) and loads it.
-
-    Files: ``tokens.npy`` (all records concatenated, ``uint16`` when the vocabulary has at most
-    65,536 entries, else ``int32``), ``offsets.npy`` (``int64[n + 1]``: record ``i`` is
-    ``tokens[offsets[i]:offsets[i + 1]]``) and ``meta.json`` (dtype, vocabulary size, counts,
-    tokenizer and the sha256 of both arrays).
-
-    Args:
-      path: the corpus directory (replaced if it exists).
-      records: token ids of each passage, in pid order.
-      vocab_size: the tokenizer's vocabulary size (chooses the id dtype).
-      tokenizer: a name or path recorded in ``meta.json``.
-    """
+    """Writes the records (in pid order) as corpus directory ``path``, replaced atomically, and loads it."""
     ragged = RaggedArray.from_sequences(records, token_dtype(vocab_size))
     with atomic_dir(path) as tmp:
       np.save(os.path.join(tmp, TOKENS_FILE), ragged.values, allow_pickle=False)
       np.save(os.path.join(tmp, OFFSETS_FILE), ragged.offsets, allow_pickle=False)
-      meta = {
-          "format": FORMAT, "version": VERSION, "dtype": ragged.values.dtype.name, "vocab_size": int(vocab_size),
-          "num_records": len(ragged), "num_tokens": int(len(ragged.values)), "tokenizer": tokenizer,
-          "sha256": {f: sha256_file(os.path.join(tmp, f)) for f in (TOKENS_FILE, OFFSETS_FILE)},
-      }
+      meta = {"format": FORMAT, "version": VERSION, "dtype": ragged.values.dtype.name, "vocab_size": int(vocab_size),
+              "num_records": len(ragged), "num_tokens": int(len(ragged.values)), "tokenizer": tokenizer,
+              "sha256": {f: sha256_file(os.path.join(tmp, f)) for f in (TOKENS_FILE, OFFSETS_FILE)}}
       atomic_write_json(os.path.join(tmp, META_FILE), meta)
     return cls.load(path)
 
   @classmethod
   def load(cls, path: PathLike, *, tokenizer: Any = None, cache_dir: PathLike | None = None) -> "TokenCorpus":
-    """Loads a corpus directory, plain or compressed (see :func:`compress`).
-
-    A compressed corpus is decompressed into ``cache_dir`` (default
-    ``$XDG_CACHE_HOME/rnr_jax``, i.e. ``~/.cache/rnr_jax``), under
-    ``token_corpus/<hash>``, the first time and reused afterwards.
-    """
+    """Loads a corpus directory; a compressed one is decompressed once into ``cache_dir`` (default: user cache)."""
     path = os.fspath(path)
     meta = read_meta(path)
     if meta.get("compression"):
@@ -202,20 +175,7 @@ def read_meta(path: PathLike) -> dict[str, Any]:
 
 
 def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *, level: int = 9) -> str:
-  """Writes the ``method``-compressed form of the corpus at ``path``.
-
-  The output holds ``tokens.npy.<method>``, ``offsets.npy.<method>`` and ``meta.json`` with
-  ``"compression": method``.
-
-  Args:
-    path: a plain corpus directory.
-    method: ``"bz2"`` or ``"lzma"`` (the paper uses both with ``-9``).
-    out: output directory; default ``<path>.<method>`` beside ``path``.
-    level: compression level (``preset`` for lzma).
-
-  Returns:
-    The output directory, which :meth:`TokenCorpus.load` reads transparently.
-  """
+  """Writes the ``"bz2"`` or ``"lzma"`` form of the plain corpus at ``path``; returns its directory (``out``)."""
   if method not in COMPRESSORS:
     raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
   path = os.fspath(path)
@@ -223,11 +183,10 @@ def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *
   if meta.get("compression"):
     raise ValueError(f"{path} is already compressed ({meta['compression']})")
   out = os.fspath(out) if out is not None else f"{os.path.normpath(path)}.{method}"
-  options = {"compresslevel": level} if method == "bz2" else {"preset": level}
   with atomic_dir(out) as tmp:
     for name in (TOKENS_FILE, OFFSETS_FILE):
       with open(os.path.join(path, name), "rb") as src, \
-          COMPRESSORS[method].open(os.path.join(tmp, f"{name}.{method}"), "wb", **options) as dst:
+          COMPRESSORS[method].open(os.path.join(tmp, f"{name}.{method}"), "wb", **{LEVEL_ARG[method]: level}) as dst:
         shutil.copyfileobj(src, dst, CHUNK_BYTES)
     atomic_write_json(os.path.join(tmp, META_FILE), {**meta, "compression": method})
   return out
@@ -235,11 +194,9 @@ def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *
 
 def compress_bytes(data: bytes, method: str, level: int = 9) -> bytes:
   """``data`` compressed like :func:`compress` does files (for size comparisons)."""
-  if method == "bz2":
-    return bz2.compress(data, compresslevel=level)
-  if method == "lzma":
-    return lzma.compress(data, preset=level)
-  raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
+  if method not in COMPRESSORS:
+    raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
+  return COMPRESSORS[method].compress(data, **{LEVEL_ARG[method]: level})
 
 
 def _decompressed(path: str, meta: dict[str, Any], cache_dir: PathLike | None) -> str:
@@ -258,8 +215,7 @@ def _decompressed(path: str, meta: dict[str, Any], cache_dir: PathLike | None) -
         digest = copy_hashed(src, dst)[1]
       if digest != meta["sha256"][name]:
         raise ValueError(f"{path}: decompressed {name} has sha256 {digest}, expected {meta['sha256'][name]}")
-    plain = {k: v for k, v in meta.items() if k != "compression"}
-    atomic_write_json(os.path.join(tmp, META_FILE), plain)
+    atomic_write_json(os.path.join(tmp, META_FILE), {k: v for k, v in meta.items() if k != "compression"})
   return target
 
 
