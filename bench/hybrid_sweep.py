@@ -134,7 +134,7 @@ def main() -> None:
   if evals:
     table += "\n\n" + report.markdown_table(
         ["question set", "weight", f"EM % ({args.eval_rule} rule, m'={eval_read})", "top-1 %"],
-        [[k.split("@")[0], k.split("@")[1], f"{100 * v['em']:.2f}", f"{100 * v['top1']:.2f}"] for k, v in evals.items()])
+        [[*k.split("@"), f"{100 * v['em']:.2f}", f"{100 * v['top1']:.2f}"] for k, v in evals.items()])
   if args.record:
     sets = "; ".join(f"{name}: {path}[{p.start}:{p.stop}]" for name, path, p in args.questions)
     title = ("Hybrid retrieval: BM25 fusion weight" + ("" if args.bundle else f" ({args.system} system)")

@@ -71,8 +71,8 @@ def main():
     metrics, where = run_row(path)
     rows.append((name, metrics, where))
   header = ["retriever"] + [f"{s} top-{k}" for s in splits for k in (1, 5, 20)] + ["checkpoint"]
-  body = [[name] + [f"{m[s][f'top{k}']:.3f}" if s in m and f"top{k}" in m[s] else "-" for s in splits for k in (1, 5, 20)]
-          + [where or "-"] for name, m, where in rows]
+  cell = lambda m, s, k: f"{m[s][f'top{k}']:.3f}" if s in m and f"top{k}" in m[s] else "-"
+  body = [[name] + [cell(m, s, k) for s in splits for k in (1, 5, 20)] + [where or "-"] for name, m, where in rows]
   table = report.markdown_table(header, body)
   print(table)
   if args.record:

@@ -2,9 +2,8 @@ r"""Asks a bundle one or more questions from the command line.
 
   python -m infer.ask --bundle B "who wrote the iliad" ["another question" ...] [--top_k K --read_passages M]
 
-Prints, per question, the answer, the title and id of the passage it comes from,
-and the passage with the answer highlighted: ANSI bold on a terminal, ``**...**``
-otherwise.
+Prints, per question, the answer, the title and id of the passage it comes from, and the passage with the answer
+highlighted: ANSI bold on a terminal, ``**...**`` otherwise.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ r"""Edits the passages of a bundle without retraining (:mod:`rnr_jax.knowledge`)
   python -m infer.edit --bundle B replace --id 17 --title T --text X
   python -m infer.edit --bundle B replace --passages changed.jsonl  # {"id", "title", "text"} per line
 
-New passages are encoded with the bundle's own model, the index and the token-ID
-corpus are updated and the bundle is rewritten with a new manifest (model,
-tokenizer and configuration carried over). Prints one JSON line: the ids added,
+New passages are encoded with the bundle's own model, the index and the token-ID corpus are updated and the bundle is
+rewritten with a new manifest (model, tokenizer and configuration carried over). Prints one JSON line: the ids added,
 removed and replaced, and the new passage count.
 """
 

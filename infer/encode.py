@@ -9,10 +9,10 @@ r"""Encodes the whole prepared corpus with a retriever (or a unified retriever-r
       --prepared P --out EMB --eval_splits nq_dev,squadshifts_dev
                                                                  # the config's initial (untrained) encoder
 
-Writes ``EMB/embeddings.npy`` and ``EMB/embeddings.json`` (:mod:`rnr_jax.embeddings`), chunk by chunk, so a
-killed run started again skips the finished chunks; a finished output of the same model and corpus is kept. With
-``--eval_splits``, those splits' top-k answer accuracy over the whole corpus is printed and written to
-``EMB/eval.json`` (``--lexical_weight W``: also dense + W x BM25, ``EMB/eval_lexical.json``).
+Writes ``EMB/embeddings.npy`` and ``EMB/embeddings.json`` (:mod:`rnr_jax.embeddings`), chunk by chunk, so a killed run
+started again skips the finished chunks; a finished output of the same model and corpus is kept. With ``--eval_splits``,
+those splits' top-k answer accuracy over the whole corpus is printed and written to ``EMB/eval.json``
+(``--lexical_weight W``: also dense + W x BM25, ``EMB/eval_lexical.json``).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def main(argv: Sequence[str]) -> None:
   mesh = mesh_lib.data_mesh()
   tokenizer_fingerprint = PreparedData.load(prepared).manifest["settings"]["tokenizer"]
   spec, params, fingerprint = resolve_model(FLAGS.workdir, FLAGS.model_dir, FLAGS.config, tokenizer_fingerprint, mesh)
-  info = embeddings.encode_prepared(out=FLAGS.out, prepared=prepared, spec=spec, params=params, fingerprint=fingerprint, mesh=mesh,
-                                    batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
+  info = embeddings.encode_prepared(out=FLAGS.out, prepared=prepared, spec=spec, params=params,
+                                    fingerprint=fingerprint, mesh=mesh, batch_size=FLAGS.batch_size,
+                                    chunk_size=FLAGS.chunk_size,
                                     eval_splits=FLAGS.eval_splits, max_eval_questions=FLAGS.max_eval_questions,
                                     lexical_weight=FLAGS.lexical_weight)
   summary = ("dim", "pooling", "passages_per_s", "wall_s", "eval", "eval_lexical", "eval_s")

@@ -3,18 +3,14 @@ r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
   python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted|fused
                            --passage_score_weight λ --lexical_weight W --out PRED.jsonl]
 
-Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each
-question's top-k passages are retrieved once and read once; answers are chosen
-from the first m' passages for each m' in {1, 10, 20, ...} up to ``top_k`` (and
-``top_k`` itself). Printed: a progress bar, EM and F1 for each m', the top-k answer
-accuracy of retrieval (DPR ``has_answer`` on the decoded passage text), questions
-per second (encoding, search, reading and answer choice, compilation included),
-and, as the last line, one JSON object: ``n``, ``em`` and ``f1`` (at the m' with the
-best EM, as the paper reports), ``best_read_passages``, ``em_at`` / ``f1_at`` (per
-m'), ``top_k_accuracy``, ``questions_per_s`` and the settings. EM and F1 are
-fractions. ``--out`` writes one JSON line per question with the prediction at the
-best m': ``id``, ``question``, ``prediction``, ``passage_id``, ``title``, ``score``,
-gold ``answers`` and ``correct`` (EM).
+Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each question's top-k passages are retrieved
+once and read once; answers are chosen from the first m' passages for each m' in {1, 10, 20, ...} up to ``top_k`` (and
+``top_k`` itself). Printed: a progress bar, EM and F1 for each m', the top-k answer accuracy of retrieval (DPR
+``has_answer`` on the decoded passage text), questions per second (encoding, search, reading and answer choice,
+compilation included), and, as the last line, one JSON object: ``n``, ``em`` and ``f1`` (at the m' with the best EM, as
+the paper reports), ``best_read_passages``, ``em_at`` / ``f1_at`` (per m'), ``top_k_accuracy``, ``questions_per_s`` and
+the settings. EM and F1 are fractions. ``--out`` writes one JSON line per question with the prediction at the best m':
+``id``, ``question``, ``prediction``, ``passage_id``, ``title``, ``score``, gold ``answers`` and ``correct`` (EM).
 """
 
 from __future__ import annotations

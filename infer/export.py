@@ -7,8 +7,8 @@ r"""Exports a trained QA system as a deployable bundle (paper §2.3, appendix A.
 
 A unified student keeps its own retrieval settings; a plain reader export takes ``--passage_len``,
 ``--passage_token_type`` and ``--normalize``. The kept passages are encoded (or taken from ``--embeddings``), indexed
-(its recall against exact search reported) and written with the weights (:mod:`rnr_jax.deploy`). Prints the
-footprint table (model, index, corpus, other; paper Table 3) and, last, one JSON line.
+(its recall against exact search reported) and written with the weights (:mod:`rnr_jax.deploy`). Prints the footprint
+table (model, index, corpus, other; paper Table 3) and, last, one JSON line.
 """
 
 from __future__ import annotations

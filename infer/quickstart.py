@@ -1,8 +1,7 @@
 r"""Quick start: retrieve passages for real questions with the pretrained encoder.
 
-Encodes a sample of the corpus (every sampled question's gold paragraph plus
-random distractors) and the questions with all-MiniLM-L6-v2 converted into our
-Flax BERT, then prints each question's best passages.
+Encodes a sample of the corpus (every sampled question's gold paragraph plus random distractors) and the questions with
+all-MiniLM-L6-v2 converted into our Flax BERT, then prints each question's best passages.
 
   python -m infer.quickstart --data_dir ../shared/data --num_questions 8 --num_passages 2000
 """
@@ -24,7 +23,8 @@ from rnr_jax.specs import RetrieverSpec
 from rnr_jax.training import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", os.environ.get("RNR_DATA", "../shared/data"), "Directory of corpus.jsonl and *_dev.jsonl.")
+flags.DEFINE_string("data_dir", os.environ.get("RNR_DATA", "../shared/data"),
+                    "Directory of corpus.jsonl and *_dev.jsonl.")
 flags.DEFINE_string("questions", "nq_dev.jsonl", "Question file inside data_dir.")
 flags.DEFINE_string("encoder", "", "Hugging Face encoder directory or hub id (default: installed all-MiniLM-L6-v2).")
 flags.DEFINE_integer("num_questions", 8, "Questions to answer.")
@@ -41,7 +41,8 @@ def main(argv):
   rng = np.random.default_rng(FLAGS.seed)
   qpath = os.path.join(FLAGS.data_dir, FLAGS.questions)
   questions = list(readers.read_questions(qpath))
-  questions = [questions[i] for i in sorted(rng.choice(len(questions), min(FLAGS.num_questions, len(questions)), replace=False))]
+  picked = rng.choice(len(questions), min(FLAGS.num_questions, len(questions)), replace=False)
+  questions = [questions[i] for i in sorted(picked)]
   corpus = list(readers.read_corpus(os.path.join(FLAGS.data_dir, "corpus.jsonl")))
   by_id = {d.id: i for i, d in enumerate(corpus)}
   gold_rows = {by_id[q.gold_pid] for q in questions if q.gold_pid is not None and q.gold_pid in by_id}
@@ -59,7 +60,8 @@ def main(argv):
   params = {"encoder": params}
   q_fn, p_fn = spec.embed_fns()
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  print(f"encoder {encoder_path} ({config.num_hidden_layers} layers, hidden {config.hidden_size}); pooling={FLAGS.pooling}")
+  print(f"encoder {encoder_path} ({config.num_hidden_layers} layers, hidden {config.hidden_size}); "
+        f"pooling={FLAGS.pooling}")
 
   records = tok.passage_token_ids([d.title for d in docs], [d.text for d in docs])
   t0 = time.perf_counter()
@@ -86,8 +88,8 @@ def main(argv):
     hits.append(found)
     print()
   print("* = passage holds an answer, G = the question's gold paragraph")
-  print(json.dumps({"questions": len(questions), "passages": len(docs), f"top{FLAGS.top_k}_answer_acc": float(np.mean(hits)),
-                    "passages_per_s": round(p_rate, 1)}))
+  print(json.dumps({"questions": len(questions), "passages": len(docs),
+                    f"top{FLAGS.top_k}_answer_acc": float(np.mean(hits)), "passages_per_s": round(p_rate, 1)}))
 
 
 if __name__ == "__main__":

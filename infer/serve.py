@@ -10,17 +10,15 @@ Endpoints:
   plus ``top_k`` and ``latency_ms``).
 * ``GET /healthz``: ``{"status": "ok", ...}`` with the passage count and batching counters.
 
-Bad input gets a 4xx status and ``{"error": message}``: a missing, repeated,
-empty or non-string ``q``, one with control characters or invalid UTF-8 (400),
-one longer than ``--max_question_chars`` characters or ``--max_question_tokens``
-tokens (413), a ``top_k`` that is not an integer in ``[1, --max_top_k]`` (400), a
-body that is not a JSON object (400) or too large (413); unknown paths get 404.
+Bad input gets a 4xx status and ``{"error": message}``: a missing, repeated, empty or non-string ``q``, one with control
+characters or invalid UTF-8 (400), one longer than ``--max_question_chars`` characters or ``--max_question_tokens``
+tokens (413), a ``top_k`` that is not an integer in ``[1, --max_top_k]`` (400), a body that is not a JSON object (400)
+or too large (413); unknown paths get 404.
 
-Requests are answered on one worker thread by a micro-batcher
-(:class:`MicroBatcher`): the first waiting question opens a batch, which collects
-further questions for ``--max_wait_ms`` milliseconds (or until ``--max_batch``)
-and is answered with one :meth:`QASystem.predict` call per distinct ``top_k``, so
-concurrent requests share the jitted encoding and reading batches.
+Requests are answered on one worker thread by a micro-batcher (:class:`MicroBatcher`): the first waiting question opens
+a batch, which collects further questions for ``--max_wait_ms`` milliseconds (or until ``--max_batch``) and is answered
+with one :meth:`QASystem.predict` call per distinct ``top_k``, so concurrent requests share the jitted encoding and
+reading batches.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 :func:`write_bundle` stores each file compressed (:mod:`rnr_jax.bundle_files`) with a manifest of sizes and sha256;
 :func:`load_bundle` verifies every byte, unpacks once into a cache and loads the components; :func:`update_bundle`
 replaces some. The weights are a safetensors file keyed by '/'-joined pytree paths, floating leaves stored as
-:data:`WEIGHTS_DTYPES` says, loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k``
-has float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit).
+:data:`WEIGHTS_DTYPES` says, loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k`` has
+float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit).
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def write_params(path: str, params: Mapping[str, Any], weights_dtype: str) -> No
 
 
 def read_params(path: str, param_dtype: Any) -> dict[str, Any]:
-  """The parameter pytree in a file of :func:`write_params`, floating leaves as ``param_dtype`` (None: as stored,
-  int8 dequantized to float16)."""
+  """The parameter pytree in a file of :func:`write_params`, floating leaves as ``param_dtype`` (None: as stored, int8
+  dequantized to float16)."""
   try:
     flat = st_numpy.load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
@@ -240,8 +240,8 @@ def _config_source(staging: str, model_config: Mapping[str, Any], inference_conf
 
 
 def footprint(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Per-component rows (like the paper's Table 3) and a ``total`` row of ``files``, ``stored_bytes``,
-  ``raw_bytes`` (uncompressed), ``stored_mb`` and ``raw_mb`` (10^6 bytes); ``other`` holds tokenizer, extras, config.
+  """Per-component rows (like the paper's Table 3) and a ``total`` row of ``files``, ``stored_bytes``, ``raw_bytes``
+  (uncompressed), ``stored_mb`` and ``raw_mb`` (10^6 bytes); ``other`` holds tokenizer, extras, config.
   """
   rows = {c: {"component": c, "files": 0, "stored_bytes": 0, "raw_bytes": 0} for c in (*COMPONENTS, "total")}
   for entry in files:
@@ -290,8 +290,8 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
                  inference_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Writes a bundle directory atomically (a temporary sibling renamed into place); returns the manifest.
 
-  Files, compressed ones with a ``.bz2`` / ``.xz`` suffix: ``manifest.json`` (policy, footprint, and per file its
-  paths, component, compression, bytes and sha256 stored and raw), ``config.json``, ``model/params.safetensors``,
+  Files, compressed ones with a ``.bz2`` / ``.xz`` suffix: ``manifest.json`` (policy, footprint, and per file its paths,
+  component, compression, bytes and sha256 stored and raw), ``config.json``, ``model/params.safetensors``,
   ``index/``, ``corpus/``, ``tokenizer/``, ``extra/<name>``. ``compression`` (``{"binary": method, "text":
   method}``) overrides bzip2 -9 / lzma -9. ``overwrite`` replaces a bundle, never a non-empty other directory.
   """
@@ -383,8 +383,8 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
   """Verifies a bundle, unpacks it into the cache if needed, and loads every component.
 
   Files go to ``<cache_dir>/<manifest sha256[:16]>`` (default cache_dir ``<bundle>/.cache`` if writable, else
-  ``$XDG_CACHE_HOME/rnr_jax``), reused while they match the manifest (sizes, and sha256 when ``verify``, which
-  also checks every stored file). ``param_dtype`` None keeps the stored float16. Raises BundleError naming a file.
+  ``$XDG_CACHE_HOME/rnr_jax``), reused while they match the manifest (sizes, and sha256 when ``verify``, which also
+  checks every stored file). ``param_dtype`` None keeps the stored float16. Raises BundleError naming a file.
   """
   bundle_dir = os.fspath(bundle_dir)
   manifest, manifest_sha = _read_manifest(bundle_dir)

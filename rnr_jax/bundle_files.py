@@ -70,8 +70,8 @@ def _classify(path: str) -> str:
 
 
 def store(src: Source, out_root: str, policy: Mapping[str, str]) -> dict[str, Any]:
-  """Writes ``src`` under ``out_root``, compressed per ``src.compression`` or else ``policy`` by content; returns
-  its manifest entry. Already-compressed streams and files that would not shrink are stored as they are."""
+  """Writes ``src`` under ``out_root``, compressed per ``src.compression`` or else ``policy`` by content; returns its
+  manifest entry. Already-compressed streams and files that would not shrink are stored as they are."""
   method = src.compression
   if method is None:
     kind = _classify(src.source)

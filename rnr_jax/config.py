@@ -1,8 +1,8 @@
 """Loading ml_collections config files outside of absl flags (tests, notebooks).
 
-Command-line entry points use ``ml_collections.config_flags`` directly
-(``--config configs/x.py --config.optim.lr=1e-5``); this module gives the same
-result from Python: ``load_config("configs/tiny.py", ["optim.lr=1e-5"])``.
+Command-line entry points use ``ml_collections.config_flags`` directly (``--config configs/x.py
+--config.optim.lr=1e-5``); this module gives the same result from Python: ``load_config("configs/tiny.py",
+["optim.lr=1e-5"])``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import ml_collections
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Runs ``get_config()`` of a python config file, then applies ``key=value`` overrides.
 
-  A path may end in ``:arg`` to pass ``arg`` to ``get_config`` (as config_flags does).
-  Values are parsed as python literals where possible, else kept as strings.
+  A path may end in ``:arg`` to pass ``arg`` to ``get_config`` (as config_flags does). Values are parsed as python
+  literals where possible, else kept as strings.
   """
   arg = None
   if ":" in os.path.basename(path):

@@ -1,9 +1,9 @@
 """The unified retriever-reader's training outputs and the distillation loss (paper §2.2.3).
 
 ``L_read`` is the KL(softmax(teacher / τ) || softmax(student / τ)) of the start and of the end logits over the text
-positions of every real passage row, plus that of the m passage-ranking logits; ``L_ret`` is the KL of the
-student's retrieval scores to the teacher ranker's (``"kd"``, appendix A.2) or the positive's NLL (``"nll"``). The
-terms are summed without a τ² factor, as the paper writes the loss.
+positions of every real passage row, plus that of the m passage-ranking logits; ``L_ret`` is the KL of the student's
+retrieval scores to the teacher ranker's (``"kd"``, appendix A.2) or the positive's NLL (``"nll"``). The terms are
+summed without a τ² factor, as the paper writes the loss.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def retrieval_vectors(model: qa_model.RetrieverReader, params: Params, batch: Ba
                       ) -> tuple[jax.Array, jax.Array]:
   """Retrieval vectors of the questions ``[B, d]`` and their passages ``[B * m, d]`` (``q_*`` / ``p_*`` inputs).
 
-  Questions and passages are padded to one length and embedded in one encoder call (padding is masked, so the
-  vectors are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout.
+  Questions and passages are padded to one length and embedded in one encoder call (padding is masked, so the vectors
+  are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout.
   """
   q, p = _inputs(batch, "q_"), _inputs(batch, "p_")
   length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])

@@ -1,8 +1,8 @@
 """Corpus embeddings directories: the passage vectors a retriever (or unified student) gives a prepared corpus.
 
 ``embeddings.npy`` (float32 ``[N, d]``, row i = passage id i of the prepared directory), then ``embeddings.json``
-(format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks
-while encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
+(format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks while
+encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], dat
                     ) -> tuple[np.ndarray, np.ndarray, bool]:
   """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
 
-  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (a memory map indexed by passage
-  id of the prepared ``data``); the questions are encoded here, once. ``normalize`` says whether the teacher
-  scores by cosine. ``field`` names the setting in errors.
+  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (a memory map indexed by passage id of
+  the prepared ``data``); the questions are encoded here, once. ``normalize`` says whether the teacher scores by cosine.
+  ``field`` names the setting in errors.
   """
   spec, params, model = exports.load_retriever(teacher, mesh)
   if not embeddings:

@@ -213,8 +213,8 @@ def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, r
                     lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Any]]:
   """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3).
 
-  Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m'
-  of :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
+  Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m' of
+  :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
   ``best_read_passages``, ``em_at`` / ``f1_at`` per m', ``top_k_accuracy`` of retrieval (DPR ``has_answer`` on the
   passage text), ``questions_per_s`` and the settings. ``max_read`` > 0 reads at most that many passages (reading
   dominates the time); ``lexical_weight`` None takes the system's setting.

@@ -1,8 +1,8 @@
 """Exported models: a stage's best parameters with the JSON that rebuilds them, and the loaders of every kind.
 
-An export is an Orbax directory ``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable
-onto any mesh) and ``model`` (JSON: the spec under ``"retriever"``, ``"reader"`` or ``"filter"``, a unified
-student's ``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept.
+An export is an Orbax directory ``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable onto any
+mesh) and ``model`` (JSON: the spec under ``"retriever"``, ``"reader"`` or ``"filter"``, a unified student's
+``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class BestExport:
   ``<workdir>/top/step_<step>``, appendix A.3's checkpoint choice, when ``keep`` > 1).
 
   ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
-  :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the
-  evaluation's corpus encoding beside it).
+  :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the evaluation's
+  corpus encoding beside it).
   """
 
   def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, keep: int = 1,
@@ -200,9 +200,9 @@ def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | N
                 require_system: bool = False) -> tuple[SystemSpec, Params]:
   """The spec and parameters of a unified model, or of a retriever plus a reader.
 
-  A unified student (``train.distill``, ``train.finetune``) keeps its own retrieval settings; for a plain reader
-  export ``passage_len``, ``passage_token_type`` and ``normalize`` set them, or, with ``require_system``, it is
-  refused. A separate retriever's come from its own spec.
+  A unified student (``train.distill``, ``train.finetune``) keeps its own retrieval settings; for a plain reader export
+  ``passage_len``, ``passage_token_type`` and ``normalize`` set them, or, with ``require_system``, it is refused. A
+  separate retriever's come from its own spec.
   """
   reader_spec, reader_params, info = load_reader(model_dir, mesh)
   if retriever_dir is not None:
@@ -238,8 +238,8 @@ def is_export(path: str) -> bool:
 
 
 def reader_encoder(directory: str, num_layers: int | None = None) -> tuple[EncoderConfig, Params, Params]:
-  """``(encoder config, encoder params, heads)`` of a reader export, its encoder cut to the first ``num_layers``
-  (host arrays): a student starts from the teacher reader's encoder, which already reads, and its heads."""
+  """``(encoder config, encoder params, heads)`` of a reader export, its encoder cut to the first ``num_layers`` (host
+  arrays): a student starts from the teacher reader's encoder, which already reads, and its heads."""
   spec, params, _ = load_reader(directory)
   config = config_from_hf_dict(dict(spec.encoder))
   keep = config.num_hidden_layers if num_layers is None else int(num_layers)
@@ -254,8 +254,8 @@ def reader_encoder(directory: str, num_layers: int | None = None) -> tuple[Encod
 def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None, Params | None]:
   """The encoder a stage config starts from: ``(config, pretrained encoder or None, reader heads or None)``.
 
-  ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face directory or hub id, an
-  exported reader (its encoder and heads), or ``""`` for a random initialisation of ``model_cfg.hf_config``.
+  ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face directory or hub id, an exported
+  reader (its encoder and heads), or ``""`` for a random initialisation of ``model_cfg.hf_config``.
   ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the hidden and attention dropout.
   """
   heads = None

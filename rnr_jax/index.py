@@ -1,8 +1,8 @@
 """Maximum-inner-product search over passage embeddings: :class:`DenseIndex`, its edits and its files.
 
-Kinds: ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes, a scale per dimension (the
-paper's INT8 index, §2.3); ``"int8_row"`` int8 codes, a scale per row, exactly reordered; ``"ah"`` ScaNN tree +
-anisotropic hashing, sub-linear for large corpora. Kernels: :mod:`rnr_jax.index_search`.
+Kinds: ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes, a scale per dimension (the paper's
+INT8 index, §2.3); ``"int8_row"`` int8 codes, a scale per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic
+hashing, sub-linear for large corpora. Kernels: :mod:`rnr_jax.index_search`.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def _sample_rows(x: np.ndarray, num: int, seed: int) -> np.ndarray:
 class DenseIndex:
   """Maximum-inner-product index over passage embeddings with external passage ids.
 
-  ScaNN searchers are rebuilt rather than mutated: removed rows are tombstones, added rows live in an exact side
-  index searched with every query, and :meth:`compact` (called by :meth:`save`) folds both into a new main index.
+  ScaNN searchers are rebuilt rather than mutated: removed rows are tombstones, added rows live in an exact side index
+  searched with every query, and :meth:`compact` (called by :meth:`save`) folds both into a new main index.
   """
 
   def __init__(self, kind: str, dim: int, options: Mapping[str, Any]):
@@ -101,9 +101,9 @@ class DenseIndex:
             **options: Any) -> "DenseIndex":
     """Builds an index over float32 ``embeddings [N, d]`` with passage ``ids`` (``arange(N)`` by default).
 
-    ``build_report`` gets recall@10 and @20 against exact search for ``eval_queries``, else ``num_eval_queries``
-    rows sampled with ``seed`` (0: none). ``options`` override :func:`rnr_jax.index_search.ah_settings` (``"ah"``)
-    or ``reorder_k`` (``"int8_row"``, which suits dimensions of very different ranges).
+    ``build_report`` gets recall@10 and @20 against exact search for ``eval_queries``, else ``num_eval_queries`` rows
+    sampled with ``seed`` (0: none). ``options`` override :func:`rnr_jax.index_search.ah_settings` (``"ah"``) or
+    ``reorder_k`` (``"int8_row"``, which suits dimensions of very different ranges).
     """
     if kind not in KINDS:
       raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
@@ -261,8 +261,8 @@ class DenseIndex:
     self.add(x, ids)
 
   def compact(self, num_eval_queries: int = 1000, seed: int = 0) -> None:
-    """Folds pending edits into a main index rebuilt from the stored vectors plus the added rows (no-op without
-    edits); recall is measured again against exact search over those vectors."""
+    """Folds pending edits into a main index rebuilt from the stored vectors plus the added rows (no-op without edits);
+    recall is measured again against exact search over those vectors."""
     if not self.pending_edits:
       return
     if len(self) == 0:
@@ -289,10 +289,10 @@ class DenseIndex:
   def save(self, directory: PathLike) -> dict[str, int]:
     """Writes the index to ``directory`` atomically, compacting pending edits first; returns ``{file: bytes}``.
 
-    Replaces an index directory there, refuses any other non-empty one. Files: ``index.json`` (kind, dim, size,
-    options, settings, build report, bytes and sha256 of the other files), ``ids.npy`` (int64[N] passage ids),
-    ``vectors.npy`` (float32[N, d], "exact"), ``codes.npy`` int8[N, d] and ``row_scales.npy`` float32[N]
-    ("int8_row"), ``scann/`` (ScaNN's serialization with relative asset paths, so the directory can move).
+    Replaces an index directory there, refuses any other non-empty one. Files: ``index.json`` (kind, dim, size, options,
+    settings, build report, bytes and sha256 of the other files), ``ids.npy`` (int64[N] passage ids), ``vectors.npy``
+    (float32[N, d], "exact"), ``codes.npy`` int8[N, d] and ``row_scales.npy`` float32[N] ("int8_row"), ``scann/``
+    (ScaNN's serialization with relative asset paths, so the directory can move).
     """
     if len(self) == 0:
       raise ValueError("cannot save an empty index: every passage was removed")

@@ -26,8 +26,8 @@ def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
                  excluded_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first, in blocks of
-  queries; ``excluded_rows`` score ``-inf``, and a ``-inf`` slot holds row ``-1``."""
+  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first, in blocks of queries;
+  ``excluded_rows`` score ``-inf``, and a ``-inf`` slot holds row ``-1``."""
   n, q = len(vectors), len(queries)
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, {n}]")
@@ -84,8 +84,8 @@ def row_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
 def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
   """A dot-product ScaNN searcher over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``.
 
-  ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized)
-  reorders the ``reorder_k`` best int8 candidates in float32.
+  ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized) reorders
+  the ``reorder_k`` best int8 candidates in float32.
   """
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
 

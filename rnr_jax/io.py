@@ -82,8 +82,8 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 def atomic_dir(path: PathLike) -> Iterator[str]:
   """Yields a temporary sibling directory that becomes ``path`` when the block succeeds (and is removed if not).
 
-  An existing ``path`` is renamed aside first, so readers see the old directory, the new one or, for an instant,
-  none, never a partial one.
+  An existing ``path`` is renamed aside first, so readers see the old directory, the new one or, for an instant, none,
+  never a partial one.
   """
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
@@ -106,8 +106,8 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
 
 
 def relative_files(directory: PathLike) -> list[tuple[str, str]]:
-  """``(path relative to directory with '/' separators, full path)`` of every file below ``directory``, sorted
-  by folder then name (a folder's own files before its subfolders')."""
+  """``(path relative to directory with '/' separators, full path)`` of every file below ``directory``, sorted by folder
+  then name (a folder's own files before its subfolders')."""
   out = []
   for root, dirs, names in os.walk(directory):
     dirs.sort()

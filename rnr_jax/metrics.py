@@ -78,8 +78,8 @@ def has_answer(answers: Iterable[str], text: str) -> bool:
 
 
 class AnswerMatcher:
-  """``has_answer`` over passages ``get_text(pid)`` (like DPR, the body only: titles are not searched), tokenising
-  each passage once."""
+  """``has_answer`` over passages ``get_text(pid)`` (like DPR, the body only: titles are not searched), tokenising each
+  passage once."""
 
   def __init__(self, get_text: Callable[[int], str]):
     self._get_text = get_text

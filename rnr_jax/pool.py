@@ -1,9 +1,9 @@
 """The candidate pool J_read of the unified student's training questions, and its resumable batches.
 
-J_read holds each training question's top-k1 passages of a retriever (a ranked candidates file, an exported
-retriever's search over the corpus, or BM25), split into positives (answer-holding, gold first) and negatives.
-A batch holds, per question, ``m`` passages of its pool, exactly one positive first: the reader rows, the question
-inputs ``q_*`` and the passage-only inputs ``p_*`` whose vectors give the retrieval scores.
+J_read holds each training question's top-k1 passages of a retriever (a ranked candidates file, an exported retriever's
+search over the corpus, or BM25), split into positives (answer-holding, gold first) and negatives. A batch holds, per
+question, ``m`` passages of its pool, exactly one positive first: the reader rows, the question inputs ``q_*`` and the
+passage-only inputs ``p_*`` whose vectors give the retrieval scores.
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ def data_fingerprint(data: PreparedData) -> str:
 
 
 class TrainingPool:
-  """J_read: ``<directory>/pool.npz`` (a ranked candidates file) with its key ``pool.json``.
-
-  The examples are the questions with a positive and a negative, the first ``max_questions`` of each split.
-  """
+  """J_read: ``<directory>/pool.npz`` (a ranked candidates file) with its key ``pool.json``; the examples are the
+  questions with a positive and a negative, the first ``max_questions`` of each split."""
 
   def __init__(self, data: PreparedData, tokenizer: tk.Tokenizer, directory: str, splits: Sequence[str], k1: int,
                max_questions: int = 0):
@@ -94,11 +92,8 @@ class TrainingPool:
 
 def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, mesh: jax.sharding.Mesh | None
                     ) -> tuple[dict[str, Any], Callable[[], dict[str, np.ndarray]]]:
-  """``(key, compute)`` of the pool's rankings, from ``pool.candidates``, ``pool.retriever`` or BM25.
-
-  ``compute()`` gives ``{split: int32 [Q, k]}``; ``key`` identifies the result, so a restart reuses a saved pool
-  without encoding the corpus again.
-  """
+  """``(key, compute)`` of the pool's rankings, from ``pool.candidates``, ``pool.retriever`` or BM25: ``compute()``
+  gives ``{split: int32 [Q, k]}``; ``key`` identifies it, so a restart reuses a saved pool without encoding again."""
   splits = tuple(pool_cfg.train_splits)
   key: dict[str, Any] = {"splits": list(splits), "k1": int(pool_cfg.k1), "data": data_fingerprint(data)}
   subset = pool_cfg.get("subset") or ""
@@ -145,28 +140,14 @@ def load_pool(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, workdi
 
 
 class UnifiedBatches(EpochIterator):
-  """Resumable batches of the unified model: reader rows, question and passage inputs (module docstring).
-
-  The question order is an :class:`~rnr_jax.training.loop.EpochIterator`; example ``i`` in epoch ``e`` reads
-  sample ``e mod S`` of its passages with a teacher cache (distillation), else sample ``e`` (drawn fresh every
-  epoch). The data position (``epoch``, ``index``, ``seed``) makes a resumed run see the same batches.
-  """
+  """Resumable batches of the unified model (module docstring): example ``i`` in epoch ``e`` reads sample ``e mod S`` of
+  its passages with a teacher cache (distillation), else sample ``e`` (drawn fresh every epoch)."""
 
   def __init__(self, pool: TrainingPool, tokenizer: tk.Tokenizer, corpus: Sequence[np.ndarray], system: SystemSpec,
                *, m: int, batch_size: int, seed: int, max_spans: int = 0, samples: int = 0,
                teacher_cache: Callable[[np.ndarray, InputsFn], TeacherCache] | None = None):
-    """
-    Args:
-      pool: the candidate pool.
-      tokenizer, corpus: build the inputs from token-ID records.
-      system: input lengths and the passages' token type.
-      m: passages per question.
-      batch_size: global questions per step.
-      seed: data order and passage sampling seed.
-      max_spans: answer spans kept as targets in the positive (0: no span targets).
-      samples: S, passage samples per example cached (with ``teacher_cache``).
-      teacher_cache: ``(pids [S, N, m], inputs) -> TeacherCache``, called on the first batch.
-    """
+    """``max_spans``: answer spans kept as targets in the positive (0: none); ``samples``: S, with ``teacher_cache``:
+    ``(pids [S, N, m], inputs) -> TeacherCache``, called on the first batch."""
     if teacher_cache is not None and samples < 1:
       raise ValueError(f"a teacher cache needs samples >= 1, got {samples}")
     self._pool = pool
@@ -187,9 +168,9 @@ class UnifiedBatches(EpochIterator):
     return [self._pool.question(i)[0] for i in range(len(self._pool))]
 
   def set_retriever_teacher(self, question_vectors: np.ndarray, passage_vectors: np.ndarray) -> None:
-    """Adds a teacher retriever's vectors to every batch: ``t_q [B, d]`` (rows of ``question_vectors``, one per
-    example) and ``t_p [B * m, d]`` (``passage_vectors`` indexed by passage id, e.g. a memory map of its corpus
-    embeddings; zeros for padding passages)."""
+    """Adds a teacher retriever's vectors to every batch: ``t_q [B, d]`` (rows of ``question_vectors``, one per example)
+    and ``t_p [B * m, d]`` (``passage_vectors`` indexed by passage id, e.g. a memory map of its corpus embeddings; zeros
+    for padding passages)."""
     if len(question_vectors) != len(self._pool):
       raise ValueError(f"{len(question_vectors)} teacher question vectors for {len(self._pool)} training questions")
     if question_vectors.shape[1:] != passage_vectors.shape[1:]:

@@ -245,8 +245,8 @@ def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrie
 
 
 class QASystem:
-  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``). Not
-  thread-safe: one caller at a time (the server batches requests onto one thread)."""
+  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``). Not thread-safe: one
+  caller at a time (the server batches requests onto one thread)."""
 
   def __init__(self, spec: SystemSpec, params: Params, index: DenseIndex, store: PassageStore,
                tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,

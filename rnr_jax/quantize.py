@@ -1,5 +1,5 @@
-"""Symmetric int8 quantization with one float32 scale per row (the ``"int8_row"`` index, embedding tables) or per
-output unit (kernels)."""
+"""Symmetric int8 quantization with one float32 scale per row (the ``"int8_row"`` index, embedding tables) or per output
+unit (kernels)."""
 
 from __future__ import annotations
 

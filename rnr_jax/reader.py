@@ -1,8 +1,8 @@
 """Reading: answer-span targets, reader losses and answer decoding.
 
-As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one
-ranking logit. Training (paper §2.2.3, footnote 6): ranking cross-entropy of the positive (first) passage plus the
-marginal log-likelihood of all its gold spans. Decoding: paper appendix A.3, :func:`select_answer`.
+As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one ranking
+logit. Training (paper §2.2.3, footnote 6): ranking cross-entropy of the positive (first) passage plus the marginal
+log-likelihood of all its gold spans. Decoding: paper appendix A.3, :func:`select_answer`.
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits:
   """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
 
   ``"dpr"``: the best span of the top-ranked passage. Else the best of the top ``spans_per_passage`` spans of each
-  passage by ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (``"weighted"``, λ = ``passage_score_weight``) or by
-  ``start + end + log Prank + log Pret`` (``"fused"``, beyond the paper; ``Pret`` the softmax of ``retrieval_scale *
+  passage by ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (``"weighted"``, λ = ``passage_score_weight``) or by ``start +
+  end + log Prank + log Pret`` (``"fused"``, beyond the paper; ``Pret`` the softmax of ``retrieval_scale *
   retrieval_scores``): the retriever's evidence joins the reader's, which a weak ranker needs.
   """
   m = len(rank_logits)

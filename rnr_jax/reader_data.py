@@ -1,8 +1,8 @@
 """Reader inputs from a prepared dataset: a question with m passages, span targets, answer text.
 
 As DPR's reader is trained (paper §2.2.3), an example is a question with its positive passage first and ``m - 1``
-answer-free negatives, built from the token-ID corpus. A *ranked candidates file* is an ``.npz`` with one
-``int32 [Q, k]`` array per split: the passages retrieved for each question of the split, best first, -1 padded.
+answer-free negatives, built from the token-ID corpus. A *ranked candidates file* is an ``.npz`` with one ``int32 [Q,
+k]`` array per split: the passages retrieved for each question of the split, best first, -1 padded.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ def answer_text(tokenizer: Tokenizer, is_continuation: np.ndarray, input_ids: np
 def predict_answers(tokenizer: Tokenizer, is_continuation: np.ndarray, texts: Sequence[str],
                     batch: Mapping[str, np.ndarray], pids: np.ndarray, start_logits: np.ndarray, end_logits: np.ndarray,
                     rank_logits: np.ndarray, num_passages: int, *, max_answer_len: int, rule: str = "dpr") -> list[str]:
-  """The answer of each question of a :func:`reader_batch` (``pids [B, m]``) from its first ``num_passages``
-  (``[B * m, L]`` and ``[B * m]`` host logits; ``texts[pid]``: a passage's text; no passage text: answer "")."""
+  """The answer of each question of a :func:`reader_batch` (``pids [B, m]``) from its first ``num_passages`` (``[B * m,
+  L]`` and ``[B * m]`` host logits; ``texts[pid]``: a passage's text; no passage text: answer "")."""
   num_q, m = pids.shape
   valid = reader.text_mask(batch["input_ids"].shape[1], batch["text_start"], batch["text_end"])
   n = min(num_passages, m)

@@ -1,9 +1,8 @@
 """The pipeline's report: the paper's Table 3 (footprint), Table 4 (EM per stage) and Figure 1 analogues.
 
-Each evaluated system is one row: its name, the stage that produced it, the
-footprint of its components (retriever, reader, index, corpus; bytes) and the
-EM on each dev split. ``report.json`` holds the rows; :func:`markdown` renders
-the two tables and :func:`plot` the footprint-vs-EM figure.
+Each evaluated system is one row: its name, the stage that produced it, the footprint of its components (retriever,
+reader, index, corpus; bytes) and the EM on each dev split. ``report.json`` holds the rows; :func:`markdown` renders the
+two tables and :func:`plot` the footprint-vs-EM figure.
 """
 
 from __future__ import annotations

@@ -58,9 +58,8 @@ def pad_rows(batch: tk.EncodedBatch, rows: int) -> tk.EncodedBatch:
 class BatchEncoder:
   """Runs a ``(params, batch) -> [rows, ...]`` function jitted over the mesh's data axes, on padded batches.
 
-  Every process passes the same full batches; each puts its own rows on its devices and the outputs are gathered
-  back to every process. Batches of one (rows, length) shape share one compilation. A couple of batches stay in
-  flight so the host prepares the next one while the devices compute.
+  Every process passes the same full batches; each puts its own rows on its devices and the outputs are gathered back to
+  every process. A couple of batches stay in flight so the host prepares the next while the devices compute.
   """
 
   def __init__(self, embed_fn: EmbedFn, mesh: Mesh, batch_size: int):
@@ -80,14 +79,8 @@ class BatchEncoder:
 
   def __call__(self, params: Params, batches: Iterable[tuple[np.ndarray, tk.EncodedBatch]], total: int,
                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Outputs ``[total, ...]`` float32: row ``i`` from the batch holding index ``i``.
-
-    Args:
-      params: parameters placed on ``mesh`` (sharded or replicated).
-      batches: ``(indices, batch)`` pairs, at most ``batch_size`` rows each.
-      total: number of rows of the result.
-      on_batch: called with the number of rows of each finished batch (progress).
-    """
+    """Outputs ``[total, ...]`` float32 of ``(indices, batch)`` pairs (at most ``batch_size`` rows each): row ``i`` from
+    the batch holding index ``i``; ``on_batch`` gets each finished batch's row count."""
     out: np.ndarray | None = None
     pending: list[tuple[np.ndarray, jax.Array]] = []
 
@@ -113,8 +106,8 @@ class BatchEncoder:
     return out
 
   def run(self, params: Params, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
-    """The outputs of one batch's rows, run padded to ``rows`` rounded up to a multiple of the devices (callers
-    keep ``rows`` to a few sizes, e.g. powers of two, so only a few shapes compile)."""
+    """The outputs of one batch's rows, run padded to ``rows`` rounded up to a multiple of the devices (callers keep
+    ``rows`` to a few sizes, e.g. powers of two, so only a few shapes compile)."""
     n = batch.input_ids.shape[0]
     size = -(-max(rows, n) // self._parallel) * self._parallel
     out = self._fn(params, self._device_batch(batch, size))
@@ -141,26 +134,12 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
                   *, max_len: int, buckets: Sequence[int], token_type: int = 1, chunk_dir: str | None = None,
                   chunk_size: int = 4096, key: Mapping[str, Any] | None = None,
                   progress: bool = False) -> CorpusEmbeddings:
-  """Embeds every passage record (``title [SEP] text`` ids, e.g. a :class:`TokenCorpus`).
+  """Embeds every passage record (``title [SEP] text`` ids; row i of the result is record i).
 
-  Records are encoded in chunks of ``chunk_size``, each batched by length bucket.
-  With ``chunk_dir``, every finished chunk is saved there atomically
-  (``<chunk>.npy``) and a later call with the same ``key`` reads it back instead
-  of encoding it again, so a killed run continues where it stopped. Multi-process
-  runs need ``chunk_dir`` on a filesystem every process sees; process 0 writes.
-
-  Args:
-    encoder: a :class:`BatchEncoder` of the passage embedding function.
-    params: its parameters, placed on the encoder's mesh.
-    tokenizer: builds the ``[CLS] record [SEP]`` inputs.
-    records: token ids of each passage; row i of the result is record i.
-    max_len, buckets: input length limit and padding buckets.
-    token_type: token type id of the passage inputs.
-    chunk_dir: where finished chunks go (None: keep nothing).
-    chunk_size: passages per chunk.
-    key: what identifies the embeddings (model fingerprint, corpus hash, ...);
-      chunks written under another key raise ``ValueError`` instead of being mixed in.
-    progress: show a progress bar with passages/s.
+  Records are encoded in chunks of ``chunk_size``, each batched by length bucket. With ``chunk_dir`` every finished
+  chunk is saved there and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a
+  killed run continues where it stopped; chunks of another key are refused, never mixed in. Multi-process runs need
+  ``chunk_dir`` on a filesystem every process sees; process 0 writes.
   """
   n = len(records)
   if n == 0:
@@ -242,8 +221,8 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
                        ks: Sequence[int] = DEFAULT_KS, passage_ids: np.ndarray | None = None) -> dict[str, float]:
   """Top-k answer accuracy (DPR ``has_answer``) of exact search over the passages.
 
-  Row i of ``passage_vectors`` is passage id ``passage_ids[i]`` of ``matcher`` (default: i).
-  Returns ``{"top1": ..., "top5": ..., ...}``.
+  Row i of ``passage_vectors`` is passage id ``passage_ids[i]`` of ``matcher`` (default: i). Returns ``{"top1": ...,
+  "top5": ..., ...}``.
   """
   ids, _ = search_exact(question_vectors, passage_vectors, max(ks))
   if passage_ids is not None:
@@ -256,8 +235,8 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
                     ks: Sequence[int] = DEFAULT_KS, candidates: int = lexical.CANDIDATES) -> dict[str, float]:
   """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus.
 
-  Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top
-  ``candidates`` (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone.
+  Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top ``candidates``
+  (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone.
   """
   if bm25.num_passages != len(passage_vectors):
     raise ValueError(f"the BM25 index holds {bm25.num_passages} passages, the embeddings {len(passage_vectors)}")
@@ -274,12 +253,9 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
 
 
 class FreshIndex:
-  """Exact search over the corpus encoded by a model's current parameters, encoded at most once per step.
-
-  Used by a unified student's evaluation and, with a retriever export, to build the initial candidate pool. With
-  ``passage_ids`` (the passage filter's subset) only those passages are indexed; with ``cache_dir`` the latest
-  encoding is kept for a later export of the same parameters (:func:`load_cached_vectors`).
-  """
+  """Exact search over the corpus encoded by a model's current parameters (once per step): only ``passage_ids`` (the
+  filter's subset) when given; with ``cache_dir`` the latest encoding is kept for a later export of the same parameters
+  (:func:`load_cached_vectors`)."""
 
   def __init__(self, question_fn: EmbedFn, passage_fn: EmbedFn, spec: RetrieverSpec, tokenizer: tk.Tokenizer,
                corpus: Sequence[np.ndarray], mesh: Mesh, batch_size: int, passage_ids: np.ndarray | None = None,
@@ -321,8 +297,8 @@ def _vectors_key(params: Params, passage_ids: np.ndarray) -> dict[str, str]:
 
 
 def save_cached_vectors(directory: str, vectors: np.ndarray, params: Params, passage_ids: np.ndarray) -> None:
-  """Keeps an encoding (``vectors.npy`` + its key) so a later evaluation or export of the same parameters over the
-  same passages reuses it instead of encoding the corpus again."""
+  """Keeps an encoding (``vectors.npy`` + its key) so a later evaluation or export of the same parameters over the same
+  passages reuses it instead of encoding the corpus again."""
   key = _vectors_key(params, passage_ids)
   if jax.process_index() != 0:
     return

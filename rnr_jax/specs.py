@@ -30,33 +30,20 @@ def _to_json(spec) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class RetrieverSpec:
-  """A retriever (:class:`~rnr_jax.qa_model.Retriever`) and its inputs.
+  """A retriever (:class:`~rnr_jax.qa_model.Retriever`) and its inputs."""
 
-  Attributes:
-    encoder: transformers ``config.json`` dict of the encoder (``num_hidden_layers`` = the layers kept).
-    shared: one encoder for questions and passages (paper §2.2.2) or two (DPR).
-    pooling: ``"cls"`` or ``"mean"``.
-    retrieval_dim: first d dims of the pooled vector; 0 = full width.
-    normalize: L2-normalise the vectors (cosine scores, as sentence-transformers models were trained); False
-      scores by the raw inner product (DPR and the paper).
-    passage_token_type: token type id of passage inputs (questions use 0).
-    tokenizer_fingerprint: sha256 of the tokenizer files, so ids from another vocabulary are refused.
-    question_len, passage_len: maximum input lengths.
-    buckets: padding lengths (:mod:`rnr_jax.tokenization`).
-    dtype: compute dtype name.
-  """
-
-  encoder: Mapping[str, Any]
-  shared: bool
-  pooling: str
-  retrieval_dim: int
+  encoder: Mapping[str, Any]  # transformers config.json of the encoder (num_hidden_layers: the layers kept)
+  shared: bool  # one encoder for questions and passages (paper §2.2.2) or two (DPR)
+  pooling: str  # "cls" or "mean"
+  retrieval_dim: int  # first d dims of the pooled vector; 0 = full width
+  # Cosine scores (how sentence-transformers models were trained) or the raw inner product (DPR and the paper).
   normalize: bool
-  passage_token_type: int
-  tokenizer_fingerprint: str
+  passage_token_type: int  # questions use 0
+  tokenizer_fingerprint: str  # sha256 of the tokenizer files, so ids of another vocabulary are refused
   question_len: int
   passage_len: int
-  buckets: tuple[int, ...]
-  dtype: str = "float32"
+  buckets: tuple[int, ...]  # padding lengths (rnr_jax.tokenization)
+  dtype: str = "float32"  # compute dtype
 
   def __post_init__(self) -> None:
     if self.pooling not in ("cls", "mean"):
@@ -113,19 +100,10 @@ class RetrieverSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ReaderSpec:
-  """A reader (:class:`~rnr_jax.qa_model.RetrieverReader`) and its inputs.
+  """A reader (:class:`~rnr_jax.qa_model.RetrieverReader`) and its inputs (lengths in tokens)."""
 
-  Attributes:
-    encoder: transformers ``config.json`` dict of the encoder (layers kept).
-    pooling, retrieval_dim: the model's retrieval vector (unused when only reading).
-    tokenizer_fingerprint: sha256 of the tokenizer files.
-    question_len, reader_len, max_answer_len: input and answer lengths in tokens.
-    buckets: padding lengths.
-    dtype: compute dtype name.
-  """
-
-  encoder: Mapping[str, Any]
-  pooling: str
+  encoder: Mapping[str, Any]  # transformers config.json of the encoder (layers kept)
+  pooling: str  # the retrieval vector's, unused when only reading
   retrieval_dim: int
   tokenizer_fingerprint: str
   question_len: int
@@ -152,8 +130,8 @@ class ReaderSpec:
 
 
 def read_fn(model: qa_model.RetrieverReader, select: Callable[[Params], Params] = lambda p: p) -> EmbedFn:
-  """``(params, batch) -> [rows, 2L + 1]``: start logits, end logits and rank logit of each row, in one array so a
-  batch runner gathers it."""
+  """``(params, batch) -> [rows, 2L + 1]``: start logits, end logits and rank logit of each row, in one array so a batch
+  runner gathers it."""
   def read(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
     start, end, rank = model.apply({"params": select(params)}, batch, method="read")
     return jnp.concatenate([start, end, rank[:, None]], axis=1)
@@ -162,18 +140,11 @@ def read_fn(model: qa_model.RetrieverReader, select: Callable[[Params], Params] 
 
 @dataclasses.dataclass(frozen=True)
 class SystemSpec:
-  """A QA system's model(s); ``config.json["model"]`` of a bundle.
+  """A QA system's model(s); ``config.json["model"]`` of a bundle."""
 
-  Attributes:
-    reader: the reader (for a unified system, the whole retriever-reader).
-    retriever: the retrieval inputs and vectors; for a unified system it describes the reader's ``embed`` and
-      shares its encoder.
-    unified: one model (parameters of the reader) or two (``{"retriever": ..., "reader": ...}``).
-  """
-
-  reader: ReaderSpec
-  retriever: RetrieverSpec
-  unified: bool
+  reader: ReaderSpec  # for a unified system, the whole retriever-reader
+  retriever: RetrieverSpec  # for a unified system, the reader's embed (its encoder shared)
+  unified: bool  # one model (the reader's parameters) or two ({"retriever": ..., "reader": ...})
 
   def __post_init__(self) -> None:
     if self.reader.tokenizer_fingerprint != self.retriever.tokenizer_fingerprint:

@@ -222,8 +222,8 @@ def _do_lower_case(path: str) -> bool:
 
 def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
                      shuffle_rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
-  """Yields index arrays of examples batched within their length bucket, each index once, in order of bucket then
-  index; ``shuffle_rng`` shuffles examples within buckets and the batches across them."""
+  """Yields index arrays of examples batched within their length bucket, each index once, in order of bucket then index;
+  ``shuffle_rng`` shuffles examples within buckets and the batches across them."""
   bucket_of = np.searchsorted(np.asarray(buckets), np.asarray(lengths), side="left")
   batches = []
   for b in np.unique(bucket_of):

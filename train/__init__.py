@@ -8,8 +8,8 @@ from ml_collections import config_flags
 
 
 def define_stage_flags(default_config: str, what: str) -> None:
-  """A stage's flags, ``--config`` (with ``--config.<field>`` overrides) and ``--workdir``; defined only when run as
-  a program, so stage modules import together."""
+  """A stage's flags, ``--config`` (with ``--config.<field>`` overrides) and ``--workdir``; defined only when run as a
+  program, so stage modules import together."""
   config_flags.DEFINE_config_file("config", default_config, f"{what} config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, evaluations, exported best model.")
   flags.mark_flag_as_required("workdir")

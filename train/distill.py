@@ -5,11 +5,11 @@ r"""Distils the reader teacher into the unified retriever-reader (paper §2.2.3,
 
 The student is one :class:`~rnr_jax.qa_model.RetrieverReader`, started from a shared-encoder retriever
 (``unified.init_retriever``, fresh reader heads) or from ``model.init`` (an exported reader gives its encoder and
-heads). Each step takes ``train.batch_size`` questions with ``distill.m`` passages of their candidate pool J_read,
-the positive first, and minimises ``L_read + L_ret`` (:mod:`rnr_jax.distill`). The teacher reads every sampled
-passage once, into a cache (:mod:`rnr_jax.teacher`). Every ``train.eval_every`` steps the dev split is answered
-end to end with a fresh index (:class:`rnr_jax.evaluation.OpenEvaluator`); the best student is exported to
-``W/best/``, which ``train.finetune`` and ``infer.export`` read.
+heads). Each step takes ``train.batch_size`` questions with ``distill.m`` passages of their candidate pool J_read, the
+positive first, and minimises ``L_read + L_ret`` (:mod:`rnr_jax.distill`). The teacher reads every sampled passage once,
+into a cache (:mod:`rnr_jax.teacher`). Every ``train.eval_every`` steps the dev split is answered end to end with a
+fresh index (:class:`rnr_jax.evaluation.OpenEvaluator`); the best student is exported to ``W/best/``, which
+``train.finetune`` and ``infer.export`` read.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ r"""Trains the passage filter and writes the passage subset it keeps (paper §2.
   python -m train.filter --config configs/filter.py --workdir W [--config.filter.keep_bytes=500000000]
 
 ``J+train`` is every passage retrieved in the top ``filter.top_k`` for a question of ``filter.positive_splits``;
-``J-train`` the rest. Each step takes half positives, oversampled by their smoothed retrieval frequency, half
-uniform negatives, and minimises the binary cross-entropy of ``s_j = v_j . w``. The best parameters by ``hit_val``
-are exported to ``W/best/``; they then score every passage (``W/passage_scores.npy``) and the top-n go to
-``W/subset.npz`` (:func:`rnr_jax.passage_filter.load_subset`), n a count, a fraction or a byte budget.
+``J-train`` the rest. Each step takes half positives, oversampled by their smoothed retrieval frequency, half uniform
+negatives, and minimises the binary cross-entropy of ``s_j = v_j . w``. The best parameters by ``hit_val`` are exported
+to ``W/best/``; they then score every passage (``W/passage_scores.npy``) and the top-n go to ``W/subset.npz``
+(:func:`rnr_jax.passage_filter.load_subset`), n a count, a fraction or a byte budget.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@ r"""Iterative finetuning of the unified retriever-reader (paper §2.2.4, Algorit
 
   python -m train.finetune --config configs/finetune.py --workdir W --config.finetune.init=DISTILL/best
 
-Starts from the distillation stage's exported student (its model, input lengths and retrieval settings). Each step
-takes ``train.batch_size`` training questions with ``finetune.m`` passages of their candidate pool J_read (drawn
-afresh every epoch), the positive first, and runs Algorithm 1 (:mod:`rnr_jax.iterative`): a reader update on DPR's
-reader loss, then an update of the result on ``L_recon + L_nll`` of the retrieval scores. Evaluation and exports
-are those of ``train.distill``.
+Starts from the distillation stage's exported student (its model, input lengths and retrieval settings). Each step takes
+``train.batch_size`` training questions with ``finetune.m`` passages of their candidate pool J_read (drawn afresh every
+epoch), the positive first, and runs Algorithm 1 (:mod:`rnr_jax.iterative`): a reader update on DPR's reader loss, then
+an update of the result on ``L_recon + L_nll`` of the retrieval scores. Evaluation and exports are those of
+``train.distill``.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@ r"""The whole method in one command: data -> teacher system -> filter -> student
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
   python -m train.pipeline --config configs/smoke.py --workdir W          # minutes: tiny models, a data slice
 
-Each stage (:data:`STAGES`) calls a stage trainer with its stage config from the pipeline config plus the wiring
-below (the teacher retriever's candidates feed the reader, the filter and J_read; the filter's subset is the
-student's corpus), writes ``W/<stage>/`` and, when finished, ``W/stages/<stage>.json`` (wall time, summary). A
-finished stage is skipped and an interrupted one resumes from its checkpoints, so the same command continues an
-interrupted pipeline. The student's topology is ``config.student``: ``paper`` (a retrieval-only shared encoder
-first, §2.2.2) or ``from_teacher_reader`` (distillation starts from the teacher reader, learning retrieval from
-the teacher retriever's scores).
+Each stage (:data:`STAGES`) calls a stage trainer with its stage config from the pipeline config plus the wiring below
+(the teacher retriever's candidates feed the reader, the filter and J_read; the filter's subset is the student's
+corpus), writes ``W/<stage>/`` and, when finished, ``W/stages/<stage>.json`` (wall time, summary). A finished stage is
+skipped and an interrupted one resumes from its checkpoints, so the same command continues an interrupted pipeline. The
+student's topology is ``config.student``: ``paper`` (a retrieval-only shared encoder first, §2.2.2) or
+``from_teacher_reader`` (distillation starts from the teacher reader, learning retrieval from the teacher retriever's
+scores).
 """
 
 from __future__ import annotations
@@ -344,8 +344,8 @@ def student_retriever(p: Pipeline) -> dict[str, Any]:
 
 
 def distill(p: Pipeline) -> dict[str, Any]:
-  """The unified retriever-reader distilled from the teacher reader (from the student retriever, ``paper``; or from
-  the teacher reader itself, learning retrieval from the teacher retriever's scores, ``from_teacher_reader``)."""
+  """The unified retriever-reader distilled from the teacher reader (from the student retriever, ``paper``; or from the
+  teacher reader itself, learning retrieval from the teacher retriever's scores, ``from_teacher_reader``)."""
   wiring = {"distill.teacher": p.path("teacher_reader", "best"), **p.pool_wiring()}
   if p.config.student == "paper":
     wiring["unified.init_retriever"] = p.path("student_retriever", "best")

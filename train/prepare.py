@@ -2,13 +2,11 @@ r"""Builds the prepared dataset directory that every later stage reads.
 
   python -m train.prepare --data_dir ../shared/data --out work/prepared
 
-From ``corpus.jsonl`` and the ``*_train.jsonl`` / ``*_dev.jsonl`` question files
-of ``--data_dir``: DPR-style 100-word passages, the token-ID corpus (plain, bz2
-and lzma), a saved BM25 index, and for every question its BM25 top-k (ids,
-scores, has_answer flags), gold passages, positives and hard negatives; then
-``manifest.json``. A rerun with the same inputs and settings prints
-"up to date" and does nothing. Prints a summary and, last, one JSON line with
-the passage count and the BM25 answer accuracy of each dev split.
+From ``corpus.jsonl`` and the ``*_train.jsonl`` / ``*_dev.jsonl`` question files of ``--data_dir``: DPR-style 100-word
+passages, the token-ID corpus (plain, bz2 and lzma), a saved BM25 index, and for every question its BM25 top-k (ids,
+scores, has_answer flags), gold passages, positives and hard negatives; then ``manifest.json``. A rerun with the same
+inputs and settings prints "up to date" and does nothing. Prints a summary and, last, one JSON line with the passage
+count and the BM25 answer accuracy of each dev split.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ r"""Trains the reader teacher: DPR's reader with a passage ranker (paper §2.2.3
   python -m train.reader --config configs/reader.py --workdir W [--config.reader.candidates=ranked.npz]
 
 Each step takes ``train.batch_size`` questions, each with ``reader.m`` passages: a positive first, then answer-free
-negatives (BM25 hard negatives, or the top passages of a ranked candidates file). The loss is the positive's
-ranking cross-entropy among the m plus the marginal likelihood of all answer spans in it. Every
-``train.eval_every`` steps the dev split is read (:class:`rnr_jax.evaluation.ReaderEvaluator`); the best
-parameters (``reader.select_metric``) are exported to ``W/best/``.
+negatives (BM25 hard negatives, or the top passages of a ranked candidates file). The loss is the positive's ranking
+cross-entropy among the m plus the marginal likelihood of all answer spans in it. Every ``train.eval_every`` steps the
+dev split is read (:class:`rnr_jax.evaluation.ReaderEvaluator`); the best parameters (``reader.select_metric``) are
+exported to ``W/best/``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ r"""Trains the retriever: a DPR bi-encoder, or the paper's single shared encoder
   python -m train.retriever --config configs/retriever.py --workdir W [--config.retriever.shared=False ...]
 
 Each step takes ``train.batch_size`` questions, each with its positive and ``retriever.hard_negatives`` BM25 hard
-negatives, and minimises the NLL of the positive among all passages of the global batch. Every
-``train.eval_every`` steps the corpus is encoded and each dev split's top-k answer accuracy measured; the best
-parameters (``retriever.select_metric``) are exported to ``W/best/`` (and, with ``retriever.save_embeddings``,
-their corpus encoding to ``W/embeddings``, the ``infer.encode`` layout).
+negatives, and minimises the NLL of the positive among all passages of the global batch. Every ``train.eval_every``
+steps the corpus is encoded and each dev split's top-k answer accuracy measured; the best parameters
+(``retriever.select_metric``) are exported to ``W/best/`` (and, with ``retriever.save_embeddings``, their corpus
+encoding to ``W/embeddings``, the ``infer.encode`` layout).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class RetrieverBatches(loop.EpochIterator):
 
 
 def make_loss_fn(spec: RetrieverSpec, scale: float) -> step_lib.LossFn:
-  """In-batch-negative NLL of each question's positive, with dropout; with ``spec.normalize`` the scores are
-  ``scale`` x cosine (their range [-1, 1] alone is too narrow for a softmax over the batch)."""
+  """In-batch-negative NLL of each question's positive, with dropout; with ``spec.normalize`` the scores are ``scale`` x
+  cosine (their range [-1, 1] alone is too narrow for a softmax over the batch)."""
   model = spec.build()
 
   def loss_fn(params: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array

@@ -1,8 +1,8 @@
 """Retriever and reader training candidates from BM25, stored as memory-mappable ``.npy`` files, and samplers.
 
-Per question: its BM25 top-k with scores and DPR ``has_answer`` flags; ``gold``, its gold document's passages
-holding an answer; ``positives``, gold then the other retrieved answer passages; ``hard_negatives``, the top
-retrieved passages without an answer.
+Per question: its BM25 top-k with scores and DPR ``has_answer`` flags; ``gold``, its gold document's passages holding an
+answer; ``positives``, gold then the other retrieved answer passages; ``hard_negatives``, the top retrieved passages
+without an answer.
 """
 
 from __future__ import annotations

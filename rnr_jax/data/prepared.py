@@ -1,7 +1,7 @@
 """The prepared dataset directory: built once by ``python -m train.prepare``, read by every later stage.
 
-Layout: ``manifest.json`` (written last: the inputs' sha256, settings, counts, metrics), ``passages.jsonl`` (pid =
-line index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/`` forms, ``bm25/``, and for each question file
+Layout: ``manifest.json`` (written last: the inputs' sha256, settings, counts, metrics), ``passages.jsonl`` (pid = line
+index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/`` forms, ``bm25/``, and for each question file
 ``<split>.jsonl`` a ``splits/<split>/`` with ``questions.jsonl`` and the :class:`SplitCandidates` arrays.
 """
 

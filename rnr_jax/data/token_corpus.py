@@ -1,8 +1,8 @@
 """The token-ID corpus (paper §2.3): passages stored as the WordPiece ids of ``title [SEP] text``, not as text.
 
-A corpus directory holds ``tokens.npy`` (all records concatenated), ``offsets.npy`` (``int64[n + 1]``) and
-``meta.json`` (dtype, vocabulary size, counts, tokenizer, the arrays' sha256); arrays load memory-mapped.
-:func:`compress` writes a bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one.
+A corpus directory holds ``tokens.npy`` (all records concatenated), ``offsets.npy`` (``int64[n + 1]``) and ``meta.json``
+(dtype, vocabulary size, counts, tokenizer, the arrays' sha256); arrays load memory-mapped. :func:`compress` writes a
+bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Orbax checkpoints of a run (``state``, ``rng``, ``data`` position per step, committed atomically) and where a
-run's initial state comes from: its own newest readable checkpoint (everything), else ``init_checkpoint`` (another
-run's parameters, fresh optimiser), else the stage's pretrained weights, else the random initialisation.
+"""Orbax checkpoints of a run (``state``, ``rng``, ``data`` position per step, committed atomically) and where a run's
+initial state comes from: its own newest readable checkpoint (everything), else ``init_checkpoint`` (another run's
+parameters, fresh optimiser), else the stage's pretrained weights, else the random initialisation.
 """
 
 from __future__ import annotations
@@ -86,11 +86,10 @@ class Checkpointer:
                      ) -> tuple[int, TrainState, jax.Array, DataState] | None:
     """Restores the newest readable checkpoint; None if the directory has none.
 
-    A checkpoint that fails to restore (a file deleted or truncated, say) is
-    reported and the previous one tried. Once an older one restores, the
-    unreadable newer ones are deleted, so the resumed run can save those steps
-    again. If no checkpoint restores, the first error is raised: that is more
-    likely a changed model or optimiser than corruption, and nothing is deleted.
+    A checkpoint that fails to restore (a file deleted or truncated, say) is reported and the previous one tried. Once
+    an older one restores, the unreadable newer ones are deleted, so the resumed run can save those steps again. If no
+    checkpoint restores, the first error is raised: that is more likely a changed model or optimiser than corruption,
+    and nothing is deleted.
     """
     failed: list[int] = []
     first_error: Exception | None = None
@@ -125,9 +124,9 @@ class Checkpointer:
 def load_params(path: epath.PathLike, abstract_params: PyTree) -> PyTree:
   """Restores only the parameters of another run's checkpoint, sharded like ``abstract_params``.
 
-  ``path`` is a step directory (``.../checkpoints/1000``), a checkpoint directory
-  (its newest step) or a workdir (``<workdir>/checkpoints``, newest step). The
-  optimiser state in the checkpoint is not read, so it may come from any stage.
+  ``path`` is a step directory (``.../checkpoints/1000``), a checkpoint directory (its newest step) or a workdir
+  (``<workdir>/checkpoints``, newest step). The optimiser state in the checkpoint is not read, so it may come from any
+  stage.
   """
   path = epath.Path(path)
   if (path / "checkpoints").is_dir() and not (path / "state").exists():

@@ -1,8 +1,8 @@
 """The one training loop every stage runs, and the resumable batch iterator.
 
-A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`, which reads
-the ``mesh`` and ``train`` config sections and runs: abstract shapes, shardings, jitted init (parameters born
-sharded), jitted step, resume, then the steps with logs, evaluations (and the best export) and checkpoints.
+A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`, which reads the
+``mesh`` and ``train`` config sections and runs: abstract shapes, shardings, jitted init (parameters born sharded),
+jitted step, resume, then the steps with logs, evaluations (and the best export) and checkpoints.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class EpochIterator:
   """Deterministic, resumable batches over an indexable dataset.
 
   Epoch ``e`` visits the examples in the order ``default_rng(seed + e).permutation(num_examples)``, cut into global
-  batches (an epoch's last partial batch is dropped). Process ``p`` of ``P`` gets rows ``[p * G/P, (p + 1) * G/P)``
-  of each global batch. The position ``{seed, epoch, index}`` replays the same batches after a restart.
+  batches (an epoch's last partial batch is dropped). Process ``p`` of ``P`` gets rows ``[p * G/P, (p + 1) * G/P)`` of
+  each global batch. The position ``{seed, epoch, index}`` replays the same batches after a restart.
   """
 
   def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,

@@ -12,10 +12,10 @@ _MASKED_LOGIT = -1e9
 def in_batch_nll(scores: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """DPR's loss with in-batch negatives: NLL and top-1 accuracy of each question's positive among all passages.
 
-  ``scores [B, P]`` score every question against every passage of the *global* batch (question i owns rows
-  ``i * P/B ... (i + 1) * P/B - 1``, its positive first). Computed inside ``jit`` on arrays sharded over the data
-  axis, XLA gathers the passages across devices; unlike an all-gather with a stop-gradient, gradients reach every
-  passage. ``mask [1, P]`` (optional) leaves padding passages out.
+  ``scores [B, P]`` score every question against every passage of the *global* batch (question i owns rows ``i * P/B ...
+  (i + 1) * P/B - 1``, its positive first). Computed inside ``jit`` on arrays sharded over the data axis, XLA gathers
+  the passages across devices; unlike an all-gather with a stop-gradient, gradients reach every passage. ``mask [1, P]``
+  (optional) leaves padding passages out.
   """
   num_q, num_p = scores.shape
   if num_p % num_q:
@@ -41,8 +41,8 @@ def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: fl
            mask: jax.Array | None = None) -> jax.Array:
   """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)).
 
-  The teacher is a constant (``stop_gradient``). Multiply by ``T**2`` to keep
-  Hinton et al.'s gradient scale across temperatures.
+  The teacher is a constant (``stop_gradient``). Multiply by ``T**2`` to keep Hinton et al.'s gradient scale across
+  temperatures.
 
   Args:
     teacher_logits, student_logits: [..., C]; the softmax is over the last axis.

@@ -1,8 +1,8 @@
 """Device mesh, parameter sharding rules, global batches and multi-host start-up (the ``mesh`` config section).
 
-The batch is split over every data-parallel axis (``data`` and ``fsdp``); parameters, and through the same regex
-rules the optimiser moments (whose paths end with the parameter path), are split over ``fsdp`` where a rule says
-so and replicated otherwise.
+The batch is split over every data-parallel axis (``data`` and ``fsdp``); parameters, and through the same regex rules
+the optimiser moments (whose paths end with the parameter path), are split over ``fsdp`` where a rule says so and
+replicated otherwise.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ DATA_AXES = ("data", "fsdp")
 def maybe_initialize_distributed(mesh_cfg: Any) -> None:
   """Calls ``jax.distributed.initialize()`` when ``mesh_cfg.distributed`` is set.
 
-  Must run before anything touches a JAX device (including ``jax.devices()`` or
-  ``jax.process_index()``), i.e. first thing in a stage's ``main``. The cluster
-  (Cloud TPU, SLURM, Kubernetes, ...) is auto-detected by JAX. Calling it twice is
-  harmless.
+  Must run before anything touches a JAX device (including ``jax.devices()`` or ``jax.process_index()``), i.e. first
+  thing in a stage's ``main``. The cluster (Cloud TPU, SLURM, Kubernetes, ...) is auto-detected by JAX. Calling it twice
+  is harmless.
   """
   if getattr(mesh_cfg, "distributed", False) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
@@ -57,15 +56,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the device mesh of ``mesh_cfg.shape`` over ``mesh_cfg.axes``.
+  """The device mesh of ``mesh_cfg.shape`` (one entry may be -1) over ``mesh_cfg.axes`` and ``devices`` (default:
+  all of every process).
 
-  Args:
-    mesh_cfg: has ``shape`` (one entry may be -1) and ``axes``.
-    devices: defaults to all devices of all processes; tests pass a subset
-      (e.g. one device for a single-device reference run).
-
-  Axes are ``AxisType.Auto``: XLA propagates shardings through the step, which
-  is what lets ``q @ p.T`` over data-sharded arrays gather the passages itself.
+  Axes are ``AxisType.Auto``: XLA propagates shardings through the step, which is what lets ``q @ p.T`` over
+  data-sharded arrays gather the passages itself.
   """
   devices = list(jax.devices() if devices is None else devices)
   axes = tuple(mesh_cfg.axes)
@@ -87,19 +82,7 @@ def data_parallelism(mesh: Mesh) -> int:
 
 def path_name(path: Sequence[Any]) -> str:
   """'/'-joined name of a pytree key path, e.g. ``params/encoder/layer_0/query/kernel``."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def tree_map_with_names(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
@@ -116,9 +99,8 @@ def _axis_names(entry: SpecEntry) -> tuple[str, ...]:
 def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
   """PartitionSpec of one array: the first rule whose regex fully matches ``name``.
 
-  Unmatched arrays and scalars are replicated. A dimension whose size is not
-  divisible by its mesh axes is replicated instead (and logged), so one rule can
-  cover kernels of many shapes.
+  Unmatched arrays and scalars are replicated. A dimension whose size is not divisible by its mesh axes is replicated
+  instead (and logged), so one rule can cover kernels of many shapes.
   """
   if not shape:
     return PartitionSpec()
@@ -148,9 +130,8 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
 def param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """NamedSharding for every array of a pytree, from regex rules on its path.
 
-  Works for any pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters, or a
-  whole ``TrainState``: the optimiser moments' paths end with the parameter
-  path, so rules starting with ``.*`` shard them like their parameters).
+  Works for any pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters, or a whole ``TrainState``: the optimiser
+  moments' paths end with the parameter path, so rules starting with ``.*`` shard them like their parameters).
   """
   return tree_map_with_names(
       lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
@@ -166,9 +147,8 @@ def init_sharded(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array, mesh: M
                  rules: Rules) -> PyTree:
   """Runs ``init_fn(rng)`` so that every array is created directly in its shards.
 
-  ``jax.eval_shape`` gives the shapes without computing anything; ``jax.jit`` with
-  ``out_shardings`` then materialises each device's shard only, so no full copy
-  of the parameters ever exists on one device or on the host.
+  ``jax.eval_shape`` gives the shapes without computing anything; ``jax.jit`` with ``out_shardings`` then materialises
+  each device's shard only, so no full copy of the parameters ever exists on one device or on the host.
   """
   shardings = param_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
   return jax.jit(init_fn, out_shardings=shardings)(rng)
@@ -189,9 +169,8 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                       data_axes: Iterable[str] = DATA_AXES) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays sharded over the data axes.
 
-  Every process passes its own ``local_batch`` (leading dimension = global batch
-  / process count); the result has the global leading dimension. On one process
-  this is a sharded ``device_put``.
+  Every process passes its own ``local_batch`` (leading dimension = global batch / process count); the result has the
+  global leading dimension. On one process this is a sharded ``device_put``.
   """
   sharding = batch_sharding(mesh, data_axes)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

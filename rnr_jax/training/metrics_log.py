@@ -26,9 +26,8 @@ def _format(metrics: Mapping[str, float]) -> str:
 class MetricsLogger:
   """Logs every few steps: loss, lr, grad norm, examples/s, ETA (plus any other metric).
 
-  The JSONL file has one object per log step: ``{"step": s, "loss": ..., ...}``;
-  evaluation metrics are prefixed ``eval/``. A resumed run first drops the
-  lines of steps after its checkpoint, so the file never shows a step twice.
+  The JSONL file has one object per log step: ``{"step": s, "loss": ..., ...}``; evaluation metrics are prefixed
+  ``eval/``. A resumed run first drops the lines of steps after its checkpoint, so the file never shows a step twice.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, batch_size: int, start_step: int = 0,

@@ -1,5 +1,5 @@
-"""AdamW with warmup / decay, global-norm clipping, frozen subtrees and a learning-rate multiple for the task heads
-(the ``optim`` config section)."""
+"""AdamW with warmup / decay, global-norm clipping, frozen subtrees and a learning-rate multiple for the task heads (the
+``optim`` config section)."""
 
 from __future__ import annotations
 
