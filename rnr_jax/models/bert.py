@@ -1,7 +1,6 @@
 """BERT encoder in Flax (linen), numerically equivalent to transformers' ``BertModel`` without its pooler.
 
-Only BERT's config, embeddings and layer live here; the skeleton and the blocks are
-in :mod:`rnr_jax.models.encoder`. Parameter paths are listed in :class:`BertEncoder`.
+Only BERT's config, embeddings and layer live here; the skeleton and blocks are in :mod:`rnr_jax.models.encoder`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
-from rnr_jax.models.encoder import ConfigModule, Embeddings, Encoder, HFEncoderConfig
+from rnr_jax.models.encoder import Attention, ConfigModule, Embeddings, Encoder, HFEncoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +40,6 @@ class BertConfig(HFEncoderConfig):
 
 
 class BertEmbeddings(Embeddings):
-  """Word + absolute position + token type embeddings, LayerNorm, dropout."""
-
   config: BertConfig
 
   def words(self, input_ids: jax.Array) -> jax.Array:
@@ -56,35 +53,23 @@ class BertLayer(ConfigModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
-    c = self.config
-    attention = self.attention(c.hidden_size // c.num_attention_heads, c.hidden_dropout_prob)
-    attention_output = attention(x, x, x, x, mask, deterministic=deterministic)
-    return self.feed_forward(attention_output, c.hidden_dropout_prob, deterministic=deterministic)
+    dropout = self.config.hidden_dropout_prob
+    x = self.child(Attention, "attention", output_dropout_rate=dropout)(x, x, x, x, mask, deterministic=deterministic)
+    return self.feed_forward(x, dropout, deterministic=deterministic)
 
 
 class BertEncoder(Encoder):
-  """BERT encoder (``BertModel`` without pooler): word + absolute position + token type
-  embeddings, post-LN transformer layers and the activation named by ``hidden_act``
-  (exact erf GELU for ``"gelu"``).
+  """BERT encoder (``BertModel`` without pooler), with the activation named by ``hidden_act``.
 
-  Parameter naming (stable; sharding rules may regex-match these paths). The tree
-  mirrors the Hugging Face state dict with ``encoder.layer.{i}`` -> ``layer_{i}``,
-  ``attention.self.{query,key,value}`` -> ``attention/{query,key,value}`` and
-  ``LayerNorm`` -> ``layer_norm``; kernels are ``[in, out]`` (the transpose of
-  ``torch.nn.Linear.weight``)::
+  Parameter paths (stable: sharding rules regex-match them) mirror the Hugging Face state dict with
+  ``encoder.layer.{i}`` -> ``layer_{i}``, ``attention.self.{query,key,value}`` -> ``attention/{query,key,value}``,
+  ``LayerNorm`` -> ``layer_norm`` and kernels ``[in, out]`` (``torch.nn.Linear.weight`` transposed)::
 
-      embeddings/word_embeddings/embedding          [vocab_size, hidden]
-      embeddings/position_embeddings/embedding      [max_position_embeddings, hidden]
-      embeddings/token_type_embeddings/embedding    [type_vocab_size, hidden]
-      embeddings/layer_norm/{scale,bias}            [hidden]
-      layer_{i}/attention/{query,key,value}/kernel  [hidden, hidden]  (+ bias [hidden])
-      layer_{i}/attention/output/dense/kernel       [hidden, hidden]  (+ bias)
-      layer_{i}/attention/output/layer_norm/{scale,bias}
-      layer_{i}/intermediate/dense/kernel           [hidden, intermediate]  (+ bias)
-      layer_{i}/output/dense/kernel                 [intermediate, hidden]  (+ bias)
-      layer_{i}/output/layer_norm/{scale,bias}
-
-  Attributes are those of :class:`~rnr_jax.models.encoder.Encoder`.
+      embeddings/{word,position,token_type}_embeddings/embedding, embeddings/layer_norm/{scale,bias}
+      layer_{i}/attention/{query,key,value}/{kernel,bias}       [hidden, hidden]
+      layer_{i}/attention/output/{dense/{kernel,bias},layer_norm/{scale,bias}}
+      layer_{i}/intermediate/dense/{kernel,bias}                [hidden, intermediate]
+      layer_{i}/output/{dense/{kernel,bias},layer_norm/{scale,bias}}
   """
 
   config: BertConfig

@@ -1,12 +1,9 @@
 """The encoder skeleton BERT and MobileBERT share: config base, :class:`Encoder` and common blocks.
 
-An encoder checks its inputs, embeds them (``embeddings``), runs ``layer_0`` ...
-``layer_{n-1}`` and returns an :class:`EncoderOutput`; a model supplies only its
-config, embeddings and layer modules (:mod:`rnr_jax.models.bert`, :mod:`rnr_jax.models.mobilebert`).
-
-Numerics: parameters are stored in ``param_dtype`` and matmuls run in ``dtype``
-(e.g. bf16 compute with f32 params). Embedding sums, residual additions before a
-norm, normalization statistics and the attention softmax are computed in float32.
+A model supplies only its config, embeddings and layer module (:mod:`rnr_jax.models.bert`,
+:mod:`rnr_jax.models.mobilebert`). Parameters are stored in ``param_dtype`` and matmuls run in
+``dtype``; embedding sums, residual additions before a norm, normalization statistics and the
+attention softmax are computed in float32.
 """
 
 from __future__ import annotations
@@ -24,22 +21,16 @@ logger = logging.getLogger(__name__)
 
 Dtype = Any  # anything jnp.dtype accepts (jnp.float32, jnp.bfloat16, "float32", ...)
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
-  return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+  return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))  # sqrt(2 / pi)
 
 
 # Activations named like transformers' ``ACT2FN`` keys (the parameter-free ones).
 ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),
   "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": _gelu_tanh,
-  "gelu_fast": _gelu_tanh,
-  "gelu_accurate": _gelu_tanh,
-  "gelu_pytorch_tanh": _gelu_tanh,
-  "gelu_python_tanh": _gelu_tanh,
+  **dict.fromkeys(("gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"), _gelu_tanh),
   "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
   "relu": jax.nn.relu,
@@ -58,17 +49,11 @@ ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
 NORM_TYPES = ("layer_norm", "no_norm")
 
 
-# --------------------------------------------------------------------------- config
-
-
 @dataclasses.dataclass(frozen=True)
 class HFEncoderConfig:
-  """Base of the encoder configs: the fields they share and conversion from/to a transformers ``config.json`` dict.
+  """Fields the encoder configs share (transformers keys, ``BertConfig`` defaults) and ``config.json`` conversion.
 
-  Field names are the transformers config keys, with ``transformers.BertConfig``'s
-  defaults. Subclasses add their own fields (and may change defaults), and set
-  ``model_type`` (the ``config.json`` ``model_type``) and ``architecture`` (the
-  transformers class that loads the converted weights).
+  Subclasses set ``model_type`` (as in ``config.json``) and ``architecture`` (the transformers class).
   """
 
   model_type: ClassVar[str]
@@ -92,13 +77,8 @@ class HFEncoderConfig:
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
     for name in (
-      "vocab_size",
-      "hidden_size",
-      "num_hidden_layers",
-      "num_attention_heads",
-      "intermediate_size",
-      "max_position_embeddings",
-      "type_vocab_size",
+      "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+      "max_position_embeddings", "type_vocab_size"
     ):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,13 +88,14 @@ class HFEncoderConfig:
     """The :class:`Norm` kind of every norm in the encoder."""
     return "layer_norm"
 
+  @property
+  def true_hidden_size(self) -> int:
+    """Width inside a layer (attention and FFN outputs)."""
+    return self.hidden_size
+
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any]) -> Self:
-    """Builds the config from a transformers config dict (e.g. a parsed ``config.json``).
-
-    Keys the encoder does not use (``architectures``, ``id2label``, ``use_cache``...)
-    are ignored; a ``model_type`` other than this class's raises ``ValueError``.
-    """
+    """The config of a transformers config dict; unused keys are ignored, another ``model_type`` raises."""
     model_type = d.get("model_type", cls.model_type)
     if model_type != cls.model_type:
       raise ValueError(f"{cls.__name__} expects model_type={cls.model_type!r}, got {model_type!r}")
@@ -130,18 +111,15 @@ class HFEncoderConfig:
     """Raises ``ValueError`` for transformers settings this encoder does not implement."""
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The transformers ``config.json`` dict (``model_type``, ``architectures`` and all fields)."""
+    """The transformers ``config.json`` dict."""
     return {"model_type": self.model_type, "architectures": [self.architecture], **dataclasses.asdict(self)}
 
 
-# --------------------------------------------------------------------------- inputs and outputs
-
-
 class EncoderOutput(NamedTuple):
-  """Encoder outputs: the final hidden states and the [CLS] (first position) vector."""
+  """The final hidden states ``[B, L, H]`` and the [CLS] (first position) vector ``[B, H]``."""
 
-  sequence: jax.Array  # [batch, length, hidden]
-  cls: jax.Array  # [batch, hidden]
+  sequence: jax.Array
+  cls: jax.Array
 
 
 def resolve_num_layers(num_hidden_layers: int, num_layers: int | None) -> int:
@@ -153,42 +131,8 @@ def resolve_num_layers(num_hidden_layers: int, num_layers: int | None) -> int:
   return num_layers
 
 
-def prepare_inputs(
-  input_ids: jax.Array,
-  attention_mask: jax.Array | None,
-  token_type_ids: jax.Array | None,
-  max_position_embeddings: int,
-) -> tuple[jax.Array | None, jax.Array]:
-  """Validates shapes; returns the ``[B, 1, 1, L]`` boolean key mask (or None) and token types."""
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-  length = input_ids.shape[1]
-  if length > max_position_embeddings:
-    raise ValueError(f"sequence length {length} exceeds max_position_embeddings={max_position_embeddings}")
-  for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-    if x is not None and x.shape != input_ids.shape:
-      raise ValueError(f"{name} shape {x.shape} differs from input_ids shape {input_ids.shape}")
-  mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-  if token_type_ids is None:
-    token_type_ids = jnp.zeros_like(input_ids)
-  return mask, token_type_ids
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def dense_layer(features: int, init_std: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-  """A dense layer (kernel ``[in, features]`` plus bias) initialized like transformers' ``Linear``."""
-  return nn.Dense(
-    features, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(init_std), name=name
-  )
-
-
 class Norm(nn.Module):
-  """LayerNorm (``kind="layer_norm"``) or MobileBERT's NoNorm (``kind="no_norm"``: ``x * scale + bias``).
-
-  Computed in float32 (biased variance, as ``torch.nn.LayerNorm``), returned in ``dtype``.
-  """
+  """LayerNorm (biased variance, as torch) or MobileBERT's NoNorm (``x * scale + bias``), computed in float32."""
 
   kind: str = "layer_norm"
   eps: float = 1e-12
@@ -210,60 +154,54 @@ class Norm(nn.Module):
     return (x * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-class ResidualProjection(nn.Module):
-  """``norm(dropout(dense(x)) + residual)`` with submodules ``dense`` and ``layer_norm``.
+class ConfigModule(nn.Module):
+  """Base of the modules built from an encoder config; its factories apply the config's init, norm and dtypes."""
 
-  The residual sum is formed in float32.
-  """
-
-  features: int
-  init_std: float
-  norm_kind: str = "layer_norm"
-  eps: float = 1e-12
-  dropout_rate: float = 0.0
+  config: HFEncoderConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def child(self, cls: type[ConfigModule], name: str, **fields: Any) -> Any:
+    return cls(self.config, self.dtype, self.param_dtype, name=name, **fields)
+
+  def dense(self, features: int, name: str) -> nn.Dense:
+    init = nn.initializers.normal(self.config.initializer_range)
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
+
+  def norm(self, eps: float, name: str = "layer_norm") -> Norm:
+    return Norm(self.config.norm_kind, eps, self.dtype, self.param_dtype, name=name)
+
+  def feed_forward(self, x: jax.Array, dropout_rate: float, *, deterministic: bool) -> jax.Array:
+    """The FFN ``output(activation(intermediate(x)), residual=x)``."""
+    h = self.child(Intermediate, "intermediate")(x)
+    return self.child(ResidualProjection, "output", dropout_rate=dropout_rate)(h, x, deterministic=deterministic)
+
+
+class ResidualProjection(ConfigModule):
+  """``norm(dropout(dense(x)) + residual)`` to the residual's width, the sum in float32."""
+
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
-    y = dense_layer(self.features, self.init_std, self.dtype, self.param_dtype, "dense")(x)
+    y = self.dense(residual.shape[-1], "dense")(x)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = y.astype(jnp.float32) + residual.astype(jnp.float32)
-    return Norm(self.norm_kind, self.eps, self.dtype, self.param_dtype, name="layer_norm")(y)
+    return self.norm(self.config.layer_norm_eps)(y)
 
 
-class Intermediate(nn.Module):
-  """``activation(dense(x))`` with submodule ``dense``."""
-
-  features: int
-  activation: str
-  init_std: float
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+class Intermediate(ConfigModule):
+  """``activation(dense(x))`` to ``intermediate_size``."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = dense_layer(self.features, self.init_std, self.dtype, self.param_dtype, "dense")(x)
-    return ACTIVATIONS[self.activation](y)
+    return ACTIVATIONS[self.config.hidden_act](self.dense(self.config.intermediate_size, "dense")(x))
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention followed by its :class:`ResidualProjection` (``output``).
+class Attention(ConfigModule):
+  """Multi-head attention (query, key, value may differ: MobileBERT bottlenecks), then ``output`` with ``residual``."""
 
-  Query, key and value may come from different tensors (MobileBERT's bottlenecks);
-  ``residual`` is added before the output norm. Submodules: ``query``, ``key``,
-  ``value`` (each one ``[in, num_heads * head_dim]`` dense) and ``output``.
-  """
-
-  num_heads: int
-  head_dim: int
-  init_std: float
-  attention_dropout_rate: float = 0.0
   output_dropout_rate: float = 0.0
-  norm_kind: str = "layer_norm"
-  eps: float = 1e-12
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(
@@ -276,118 +214,37 @@ class Attention(nn.Module):
     *,
     deterministic: bool,
   ) -> jax.Array:
-    width = self.num_heads * self.head_dim
+    c = self.config
+    head_dim = c.true_hidden_size // c.num_attention_heads
+    width = c.num_attention_heads * head_dim
 
-    def project(x: jax.Array, name: str) -> jax.Array:
-      """``[B, L, in] -> [B, heads, L, head_dim]``."""
-      y = dense_layer(width, self.init_std, self.dtype, self.param_dtype, name)(x)
-      return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
+    def project(x: jax.Array, name: str) -> jax.Array:  # [B, L, in] -> [B, heads, L, head_dim]
+      y = self.dense(width, name)(x)
+      return y.reshape(*y.shape[:-1], c.num_attention_heads, head_dim).swapaxes(-2, -3)
 
     # Heads are moved in front of the sequence axis before the two batched matmuls:
     # XLA's CPU backend runs `bqnd,bknd->bnqk` einsums without that layout ~3x slower
     # at 256 tokens (bench/bench_encoder.py).
-    q = project(query, "query") * jnp.asarray(self.head_dim**-0.5, self.dtype)
+    q = project(query, "query") * jnp.asarray(head_dim**-0.5, self.dtype)
     k = project(key, "key")
     v = project(value, "value")
     logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
+    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.matmul(probs.astype(v.dtype), v).swapaxes(-2, -3)
     context = context.reshape(*context.shape[:-2], width)
-    return ResidualProjection(
-      residual.shape[-1],
-      self.init_std,
-      self.norm_kind,
-      self.eps,
-      self.output_dropout_rate,
-      self.dtype,
-      self.param_dtype,
-      name="output",
-    )(context, residual, deterministic=deterministic)
-
-
-# --------------------------------------------------------------------------- skeleton
-
-
-class ConfigModule(nn.Module):
-  """Base of the modules built from an encoder config (embeddings, layers, their parts, encoders).
-
-  Its factories create the shared blocks with the config's initializer range,
-  activation, norm kind and epsilon, in the module that calls them.
-  """
-
-  config: HFEncoderConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def dense(self, features: int, name: str) -> nn.Dense:
-    return dense_layer(features, self.config.initializer_range, self.dtype, self.param_dtype, name)
-
-  def norm(self, eps: float, name: str = "layer_norm") -> Norm:
-    return Norm(self.config.norm_kind, eps, self.dtype, self.param_dtype, name=name)
-
-  def residual_projection(self, features: int, dropout_rate: float, name: str) -> ResidualProjection:
-    c = self.config
-    return ResidualProjection(
-      features,
-      c.initializer_range,
-      c.norm_kind,
-      c.layer_norm_eps,
-      dropout_rate,
-      self.dtype,
-      self.param_dtype,
-      name=name,
-    )
-
-  def intermediate(self, x: jax.Array) -> jax.Array:
-    """``intermediate``: ``activation(dense(x))`` to ``intermediate_size``."""
-    c = self.config
-    return Intermediate(
-      c.intermediate_size, c.hidden_act, c.initializer_range, self.dtype, self.param_dtype, name="intermediate"
-    )(x)
-
-  def feed_forward(self, x: jax.Array, dropout_rate: float, *, deterministic: bool) -> jax.Array:
-    """``output(intermediate(x), residual=x)``: the FFN with submodules ``intermediate`` and ``output``."""
-    return self.residual_projection(x.shape[-1], dropout_rate, "output")(
-      self.intermediate(x), x, deterministic=deterministic
-    )
-
-  def attention(self, head_dim: int, output_dropout_rate: float) -> Attention:
-    c = self.config
-    return Attention(
-      num_heads=c.num_attention_heads,
-      head_dim=head_dim,
-      init_std=c.initializer_range,
-      attention_dropout_rate=c.attention_probs_dropout_prob,
-      output_dropout_rate=output_dropout_rate,
-      norm_kind=c.norm_kind,
-      eps=c.layer_norm_eps,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="attention",
-    )
+    output = self.child(ResidualProjection, "output", dropout_rate=self.output_dropout_rate)
+    return output(context, residual, deterministic=deterministic)
 
 
 class Embeddings(ConfigModule):
-  """Word vectors + absolute position + token type embeddings (summed in float32), norm, dropout.
-
-  Subclasses define :meth:`words` (the ``[B, L, hidden_size]`` word vectors from
-  ``word_embeddings`` and whatever transforms them) and may change :meth:`norm_eps`.
-  Submodules: those of :meth:`words`, ``position_embeddings``, ``token_type_embeddings``
-  and ``layer_norm``.
-  """
+  """Word vectors (:meth:`words`) + absolute position + token type embeddings, summed in float32, norm, dropout."""
 
   def embed(self, num: int, features: int, name: str) -> nn.Embed:
-    return nn.Embed(
-      num,
-      features,
-      dtype=self.param_dtype,
-      param_dtype=self.param_dtype,
-      embedding_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
+    init = nn.initializers.normal(self.config.initializer_range)
+    return nn.Embed(num, features, dtype=self.param_dtype, param_dtype=self.param_dtype, embedding_init=init, name=name)
 
   def words(self, input_ids: jax.Array) -> jax.Array:
     raise NotImplementedError
@@ -398,33 +255,23 @@ class Embeddings(ConfigModule):
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, deterministic: bool) -> jax.Array:
     c = self.config
-    x = self.words(input_ids)
+    x = self.words(input_ids).astype(jnp.float32)
     positions = jnp.arange(input_ids.shape[1])[None, :]
-    x = (
-      x.astype(jnp.float32)
-      + self.embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")(positions).astype(jnp.float32)
-      + self.embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")(token_type_ids).astype(jnp.float32)
-    )
+    x = x + self.embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")(positions).astype(jnp.float32)
+    x = x + self.embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")(token_type_ids).astype(jnp.float32)
     x = self.norm(self.norm_eps())(x)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class Encoder(ConfigModule):
-  """A text encoder: ``embeddings``, then layers ``layer_0`` ... ``layer_{n-1}``.
+  """``embeddings_class`` named ``embeddings``, then ``layer_class`` as ``layer_0`` ... ``layer_{n-1}``.
 
-  A model subclasses it and sets :attr:`embeddings_class` (an :class:`Embeddings`)
-  and :attr:`layer_class` (a :class:`ConfigModule` mapping ``(x, mask, *,
-  deterministic)`` to the next hidden states).
-
-  Attributes:
-    config: the architecture.
-    dtype: computation dtype (e.g. ``jnp.bfloat16``); outputs are in this dtype.
-    param_dtype: parameter dtype.
-    num_layers: keep only the first ``num_layers`` layers (``None``: all of them).
+  ``dtype`` is the computation (and output) dtype, ``param_dtype`` the parameters'; ``num_layers``
+  keeps only the first layers (``None``: all).
   """
 
   embeddings_class: ClassVar[type[Embeddings]]
-  layer_class: ClassVar[type[ConfigModule]]
+  layer_class: ClassVar[type[ConfigModule]]  # (x, mask, *, deterministic) -> next hidden states
 
   num_layers: int | None = None
 
@@ -437,15 +284,20 @@ class Encoder(ConfigModule):
     *,
     deterministic: bool = True,
   ) -> EncoderOutput:
-    """Encodes ``input_ids`` ``[B, L]``; ``attention_mask`` is 1 for real tokens, 0 for padding.
-
-    With ``deterministic=False`` dropout is active and needs ``rngs={"dropout": key}``.
-    """
+    """Encodes ``input_ids`` ``[B, L]`` (mask: 1 real, 0 padding); dropout needs ``rngs={"dropout": key}``."""
     c = self.config
-    mask, token_type_ids = prepare_inputs(input_ids, attention_mask, token_type_ids, c.max_position_embeddings)
-    x = self.embeddings_class(c, self.dtype, self.param_dtype, name="embeddings")(
-      input_ids, token_type_ids, deterministic=deterministic
-    )
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    length = input_ids.shape[1]
+    if length > c.max_position_embeddings:
+      raise ValueError(f"sequence length {length} exceeds max_position_embeddings={c.max_position_embeddings}")
+    for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+      if x is not None and x.shape != input_ids.shape:
+        raise ValueError(f"{name} shape {x.shape} differs from input_ids shape {input_ids.shape}")
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = self.child(self.embeddings_class, "embeddings")(input_ids, token_type_ids, deterministic=deterministic)
     for i in range(resolve_num_layers(c.num_hidden_layers, self.num_layers)):
-      x = self.layer_class(c, self.dtype, self.param_dtype, name=f"layer_{i}")(x, mask, deterministic=deterministic)
+      x = self.child(self.layer_class, f"layer_{i}")(x, mask, deterministic=deterministic)
     return EncoderOutput(sequence=x, cls=x[:, 0])

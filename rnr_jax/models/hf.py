@@ -1,21 +1,10 @@
-"""Hugging Face interop: config dispatch, encoder factory and checkpoint conversion.
+"""Hugging Face interop: config dispatch, encoder factory and checkpoint conversion (both ways).
 
-A Hugging Face encoder directory (``config.json`` plus ``model.safetensors``,
-sharded safetensors or ``pytorch_model.bin``) converts to ``(config, params)`` for
-:class:`~rnr_jax.models.bert.BertEncoder` / :class:`~rnr_jax.models.mobilebert.MobileBertEncoder`
-and back, so that ``transformers.AutoModel.from_pretrained`` reads what
-:func:`save_hf_encoder` writes.
-
-The mapping between state-dict keys and parameter paths is mechanical (see the
-naming in :class:`~rnr_jax.models.bert.BertEncoder`): ``encoder.layer.{i}`` <-> ``layer_{i}``,
-``ffn.{j}`` <-> ``ffn_{j}``, ``attention.self.{q,k,v}`` <-> ``attention/{q,k,v}``,
-``LayerNorm`` <-> ``layer_norm``; ``weight`` <-> ``kernel`` (transposed), ``scale``
-(norms) or ``embedding`` (embedding tables). The set of expected tensors and their
-shapes comes from the Flax module itself (``jax.eval_shape`` of its ``init``), so a
-checkpoint is validated exactly against what the encoder computes.
-
-Conversion functions work on numpy arrays and do not need torch; only reading a
-``pytorch_model.bin`` imports it.
+A Hugging Face directory (``config.json`` plus safetensors, sharded or not, or ``pytorch_model.bin``) converts to
+``(config, params)`` and back, so ``transformers.AutoModel.from_pretrained`` reads what :func:`save_hf_encoder`
+writes. Keys map to paths as in :class:`~rnr_jax.models.bert.BertEncoder`; ``weight`` is ``kernel`` (transposed),
+``scale`` or ``embedding``. Expected tensors and shapes come from ``jax.eval_shape`` of the module's ``init``, so
+a checkpoint is validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch.
 """
 
 from __future__ import annotations
@@ -50,15 +39,10 @@ _CONFIG_CLASSES: dict[str, type[EncoderConfig]] = {"bert": BertConfig, "mobilebe
 
 # Non-persistent buffers that older transformers versions saved with the weights.
 _BUFFERS = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
-# Weight files, in order of preference.
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _TORCH_BIN, _TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = (
-  "vocab.txt",
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "added_tokens.json",
+  "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"
 )
 _HUB_PATTERNS = ["config.json", "model*.safetensors", _SAFETENSORS_INDEX, *TOKENIZER_FILES]
 _HUB_TORCH_PATTERNS = ["pytorch_model*.bin", _TORCH_BIN_INDEX]
@@ -67,9 +51,6 @@ _LAYER_RE = re.compile(r"layer_(\d+)")
 _FFN_RE = re.compile(r"ffn_(\d+)")
 _HF_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.")
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-
-
-# --------------------------------------------------------------------------- configs and modules
 
 
 def config_from_hf_dict(d: Mapping[str, Any]) -> EncoderConfig:
@@ -103,9 +84,6 @@ def _param_shapes(config: EncoderConfig, num_layers: int) -> dict[tuple[str, ...
   return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract).items()}
 
 
-# --------------------------------------------------------------------------- key mapping
-
-
 def _hf_key(path: tuple[str, ...]) -> str:
   """The (unprefixed) transformers state-dict key of a Flax parameter path."""
   *modules, leaf = path
@@ -125,25 +103,20 @@ def _hf_key(path: tuple[str, ...]) -> str:
   return ".".join(parts)
 
 
-def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  return shape[::-1] if path[-1] == "kernel" else shape
-
-
 def _unused_hf_tensors(config: EncoderConfig, num_layers: int) -> dict[str, np.ndarray]:
-  """Tensors transformers' model owns but never uses under ``config``, with their initial values.
+  """Tensors transformers' model builds but never uses under ``config``, with their initial values.
 
-  ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck``
-  builds ``attention`` whenever ``key_query_shared_bottleneck`` is set, even where the
-  forward pass skips them. They are ignored on load and written (zeros, ones for norm
-  scales) on save so transformers finds every weight it expects.
+  ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck`` builds ``attention``
+  whenever ``key_query_shared_bottleneck`` is set. They are ignored on load and written on save so transformers
+  finds every weight it expects.
   """
   if not isinstance(config, MobileBertConfig):
     return {}
   c = config
   tensors: dict[str, np.ndarray] = {}
   if not c.uses_embedding_transformation:
-    width = c.embedding_size * (3 if c.trigram_input else 1)
-    tensors["embeddings.embedding_transformation.weight"] = np.zeros((c.hidden_size, width), np.float32)
+    # Here embedding_size == hidden_size and there are no trigrams.
+    tensors["embeddings.embedding_transformation.weight"] = np.zeros((c.hidden_size, c.embedding_size), np.float32)
     tensors["embeddings.embedding_transformation.bias"] = np.zeros((c.hidden_size,), np.float32)
   if c.use_bottleneck and c.key_query_shared_bottleneck and c.use_bottleneck_attention:
     size = c.intra_bottleneck_size
@@ -170,9 +143,6 @@ def _normalize_keys(state_dict: Mapping[str, np.ndarray], model_type: str, sourc
   return out
 
 
-# --------------------------------------------------------------------------- conversion
-
-
 def _outside_encoder(key: str, num_layers: int, num_hidden_layers: int) -> bool:
   """Whether a tensor belongs to a head/pooler or to a layer dropped by truncation."""
   if not key.startswith(("embeddings.", "encoder.")):
@@ -188,22 +158,11 @@ def hf_state_dict_to_params(
   *,
   source: str = "state dict",
 ) -> Params:
-  """Converts a transformers state dict (numpy arrays) to encoder params (float32 numpy arrays).
+  """Converts a transformers state dict (numpy arrays) to float32 encoder params of the first ``num_layers`` layers.
 
-  Keys may carry the ``bert.``/``mobilebert.`` prefix (task models such as
-  ``BertForQuestionAnswering``). Tensors outside the encoder (pooler, heads) and the
-  layers beyond ``num_layers`` are ignored (logged at debug level).
-
-  Args:
-    config: the architecture of the checkpoint.
-    state_dict: tensor name -> array.
-    num_layers: load only the first ``num_layers`` layers (``None``: all).
-    source: what ``state_dict`` was read from, for error messages.
-
-  Raises:
-    ValueError: naming every missing encoder tensor, every tensor inside the encoder
-      (``embeddings.*``, ``encoder.*``) the module has no parameter for, and every
-      tensor whose shape differs from the module's.
+  Keys may carry the ``bert.``/``mobilebert.`` prefix of task models; the pooler, heads and dropped layers are
+  ignored (logged at debug level). ``source`` names the input in errors. Raises ``ValueError`` naming every
+  missing, unexpected (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor.
   """
   n = resolve_num_layers(config.num_hidden_layers, num_layers)
   expected = {_hf_key(path): (path, shape) for path, shape in _param_shapes(config, n).items()}
@@ -213,8 +172,9 @@ def hf_state_dict_to_params(
   for key, value in _normalize_keys(state_dict, config.model_type, source).items():
     if key in expected:
       path, shape = expected[key]
-      if tuple(value.shape) != _hf_shape(path, shape):
-        misshaped.append(f"{key} {tuple(value.shape)} (expected {_hf_shape(path, shape)})")
+      hf_shape = shape[::-1] if path[-1] == "kernel" else shape
+      if tuple(value.shape) != hf_shape:
+        misshaped.append(f"{key} {tuple(value.shape)} (expected {hf_shape})")
         continue
       array = np.asarray(value, dtype=np.float32)
       flat[path] = np.ascontiguousarray(array.T) if path[-1] == "kernel" else array
@@ -223,15 +183,8 @@ def hf_state_dict_to_params(
     else:
       unexpected.append(key)
   missing = sorted(key for key, (path, _) in expected.items() if path not in flat)
-  problems = [
-    f"{what}: {', '.join(sorted(keys))}"
-    for what, keys in (
-      ("missing tensors", missing),
-      ("unexpected encoder tensors", unexpected),
-      ("wrongly shaped tensors", misshaped),
-    )
-    if keys
-  ]
+  found = {"missing tensors": missing, "unexpected encoder tensors": unexpected, "wrongly shaped tensors": misshaped}
+  problems = [f"{what}: {', '.join(sorted(keys))}" for what, keys in found.items() if keys]
   if problems:
     raise ValueError(f"{source} does not match {config.architecture} ({n} layers): " + "; ".join(problems))
   if ignored:
@@ -244,11 +197,9 @@ def _num_layers(flat_params: Mapping[tuple[str, ...], Any]) -> int:
 
 
 def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, np.ndarray]:
-  """Converts encoder params to a transformers ``BertModel``/``MobileBertModel`` state dict.
+  """Converts encoder params (any number of layers) to a float32 ``BertModel``/``MobileBertModel`` state dict.
 
-  The number of layers is that of ``params`` (a truncated encoder yields a shallower
-  model). Tensors are float32 numpy arrays, without the pooler. Raises ``ValueError``
-  if ``params`` does not have exactly the encoder's parameters and shapes.
+  The pooler is left out. Raises ``ValueError`` unless ``params`` has exactly the encoder's parameters and shapes.
   """
   flat = traverse_util.flatten_dict(jax.device_get(params))
   n = _num_layers(flat)
@@ -272,9 +223,6 @@ def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, 
     array = np.array(value, dtype=np.float32)  # a writable copy
     state_dict[_hf_key(path)] = np.ascontiguousarray(array.T) if path[-1] == "kernel" else array
   return state_dict
-
-
-# --------------------------------------------------------------------------- files
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -303,11 +251,9 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str]:
-  """Reads the weights of a Hugging Face model directory; returns ``(state_dict, source)``."""
-  for single, index, reader in (
-    (_SAFETENSORS, _SAFETENSORS_INDEX, _read_safetensors),
-    (_TORCH_BIN, _TORCH_BIN_INDEX, _read_torch_bin),
-  ):
+  """Reads the weights of a Hugging Face model directory, in order of preference; returns ``(state_dict, source)``."""
+  formats = ((_SAFETENSORS, _SAFETENSORS_INDEX, _read_safetensors), (_TORCH_BIN, _TORCH_BIN_INDEX, _read_torch_bin))
+  for single, index, reader in formats:
     if (directory / single).is_file():
       return reader(directory / single), str(directory / single)
     if (directory / index).is_file():
@@ -353,22 +299,11 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike[str]) -> Path:
 def load_hf_encoder(
   path_or_hub_id: str | os.PathLike[str], num_layers: int | None = None
 ) -> tuple[EncoderConfig, Params]:
-  """Loads a BERT/MobileBERT encoder from a Hugging Face model directory or Hub id.
+  """``(config, float32 params)`` of the first ``num_layers`` layers of a Hugging Face directory or Hub id.
 
-  Args:
-    path_or_hub_id: a local directory with ``config.json`` and ``model.safetensors``
-      (or sharded safetensors, or ``pytorch_model.bin``); anything else is taken as a
-      Hub id and fetched with ``huggingface_hub.snapshot_download``.
-    num_layers: keep only the first ``num_layers`` layers.
-
-  Returns:
-    ``(config, params)``: the config (with ``num_hidden_layers`` equal to the layers
-    kept, so ``build_encoder(config)`` matches ``params``) and float32 numpy params.
-
-  Raises:
-    ValueError: the checkpoint does not match its config (see :func:`hf_state_dict_to_params`).
-    FileNotFoundError: a local path without ``config.json`` or weights.
-    OSError: not a local directory and the Hub cannot provide it.
+  The config's ``num_hidden_layers`` is the layers kept, so ``build_encoder(config)`` matches ``params``. Raises
+  ``ValueError`` (checkpoint and config differ), ``FileNotFoundError`` (no ``config.json`` or weights) or
+  ``OSError`` (no local directory and the Hub cannot provide it).
   """
   directory = _resolve_directory(path_or_hub_id)
   config_file = directory / "config.json"
@@ -390,16 +325,10 @@ def save_hf_encoder(
   out_dir: str | os.PathLike[str],
   tokenizer_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-  """Writes ``config.json`` and ``model.safetensors`` loadable by ``transformers.AutoModel``.
+  """Writes ``config.json``, ``model.safetensors`` (no pooler) and the tokenizer files of ``tokenizer_dir``.
 
-  The directory is written next to ``out_dir`` and moved into place with
-  ``os.replace`` (an existing ``out_dir`` is replaced). ``num_hidden_layers`` is set
-  to the number of layers in ``params``. The pooler is not written (transformers
-  initializes it). With ``tokenizer_dir``, its tokenizer files (:data:`TOKENIZER_FILES`)
-  are copied too.
-
-  Returns:
-    The output directory.
+  The directory is written next to ``out_dir`` and moved into place with ``os.replace``, replacing an existing
+  one; ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory.
   """
   out = Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
@@ -437,9 +366,6 @@ def save_hf_encoder(
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out
-
-
-# --------------------------------------------------------------------------- all-MiniLM-L6-v2
 
 
 def minilm_dir() -> Path:

@@ -1,8 +1,7 @@
 """MobileBERT encoder in Flax (linen), numerically equivalent to transformers' ``MobileBertModel`` without its pooler.
 
-Only MobileBERT's config, embeddings and layer (with its parts) live here; the
-skeleton and the shared blocks are in :mod:`rnr_jax.models.encoder`. Parameter
-paths are listed in :class:`MobileBertEncoder`.
+Only MobileBERT's config, embeddings and layer parts live here; the skeleton and shared blocks are in
+:mod:`rnr_jax.models.encoder`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rnr_jax.models.encoder import NORM_TYPES, ConfigModule, Embeddings, Encoder, HFEncoderConfig
+from rnr_jax.models.encoder import (
+  NORM_TYPES, Attention, ConfigModule, Embeddings, Encoder, HFEncoderConfig, Intermediate, ResidualProjection
+)
 
 # transformers builds these norms as ``NORM2FN[type](size)``, i.e. with torch's default epsilon.
 _TORCH_DEFAULT_EPS = 1e-5
@@ -63,22 +64,15 @@ class MobileBertConfig(HFEncoderConfig):
 
   @property
   def true_hidden_size(self) -> int:
-    """Width inside a layer: ``intra_bottleneck_size`` with bottlenecks, else ``hidden_size``."""
     return self.intra_bottleneck_size if self.use_bottleneck else self.hidden_size
 
   @property
   def uses_embedding_transformation(self) -> bool:
-    """Whether the embeddings go through ``embedding_transformation`` (as in transformers)."""
     return self.trigram_input or self.embedding_size != self.hidden_size
-
-  @property
-  def uses_shared_attention_bottleneck(self) -> bool:
-    """Whether layers compute ``bottleneck/attention`` (query/key shared bottleneck)."""
-    return self.use_bottleneck and self.key_query_shared_bottleneck and not self.use_bottleneck_attention
 
 
 class MobileBertEmbeddings(Embeddings):
-  """Word embeddings (optionally as trigrams) projected to ``hidden_size``, + position and token type."""
+  """Word embeddings (optionally as trigrams) projected to ``hidden_size`` by ``embedding_transformation``."""
 
   config: MobileBertConfig
 
@@ -87,14 +81,8 @@ class MobileBertEmbeddings(Embeddings):
     x = self.embed(c.vocab_size, c.embedding_size, "word_embeddings")(input_ids)
     if c.trigram_input:
       # [next token, this token, previous token], zero beyond the ends (a width-3 convolution).
-      x = jnp.concatenate(
-        [
-          jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0))),
-          x,
-          jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))),
-        ],
-        axis=-1,
-      )
+      next_token = jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0)))
+      x = jnp.concatenate([next_token, x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0)))], axis=-1)
     if c.uses_embedding_transformation:
       x = self.dense(c.hidden_size, "embedding_transformation")(x)
     return x
@@ -104,7 +92,7 @@ class MobileBertEmbeddings(Embeddings):
 
 
 class BottleneckLayer(ConfigModule):
-  """``norm(dense(x))`` projecting to ``intra_bottleneck_size``; submodules ``dense`` and ``layer_norm``."""
+  """``norm(dense(x))`` projecting to ``intra_bottleneck_size``."""
 
   config: MobileBertConfig
 
@@ -114,30 +102,25 @@ class BottleneckLayer(ConfigModule):
 
 
 class Bottleneck(ConfigModule):
-  """Layer inputs from the bottlenecks: returns ``(query, key, value, residual)``.
-
-  ``input`` always projects the residual stream; with ``use_bottleneck_attention`` its
-  output also feeds query, key and value; otherwise, with ``key_query_shared_bottleneck``,
-  ``attention`` projects the shared query/key input and the value reads ``x``.
-  """
+  """Layer inputs ``(query, key, value, residual)``: ``input`` projects the residual stream (and, with
+  ``use_bottleneck_attention``, feeds q, k, v); else ``attention`` may project the shared query/key."""
 
   config: MobileBertConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     c = self.config
-    residual = BottleneckLayer(c, self.dtype, self.param_dtype, name="input")(x)
+    residual = self.child(BottleneckLayer, "input")(x)
     if c.use_bottleneck_attention:
       return residual, residual, residual, residual
     if c.key_query_shared_bottleneck:
-      shared = BottleneckLayer(c, self.dtype, self.param_dtype, name="attention")(x)
+      shared = self.child(BottleneckLayer, "attention")(x)
       return shared, shared, x, residual
     return x, x, x, residual
 
 
 class MobileBertLayerOutput(ConfigModule):
-  """Last FFN projection: ``norm(dense(h) + attention_output)``, then (with bottlenecks)
-  ``bottleneck``: ``norm(dropout(dense(.)) + layer_input)`` back to ``hidden_size``."""
+  """``norm(dense(h) + attention_output)``, then (with bottlenecks) ``bottleneck`` back to ``hidden_size``."""
 
   config: MobileBertConfig
 
@@ -152,14 +135,13 @@ class MobileBertLayerOutput(ConfigModule):
     y = y.astype(jnp.float32) + attention_output.astype(jnp.float32)
     y = self.norm(_TORCH_DEFAULT_EPS)(y)
     if c.use_bottleneck:
-      y = self.residual_projection(c.hidden_size, c.hidden_dropout_prob, "bottleneck")(
-        y, layer_input, deterministic=deterministic
-      )
+      bottleneck = self.child(ResidualProjection, "bottleneck", dropout_rate=c.hidden_dropout_prob)
+      y = bottleneck(y, layer_input, deterministic=deterministic)
     return y
 
 
 class FeedForward(ConfigModule):
-  """One of the stacked FFNs: ``norm(dense(act(dense(x))) + x)``, no dropout (as transformers)."""
+  """One of the stacked FFNs, without dropout (as transformers)."""
 
   config: MobileBertConfig
 
@@ -177,61 +159,37 @@ class MobileBertLayer(ConfigModule):
   def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool) -> jax.Array:
     c = self.config
     if c.use_bottleneck:
-      query, key, value, residual = Bottleneck(c, self.dtype, self.param_dtype, name="bottleneck")(x)
+      query, key, value, residual = self.child(Bottleneck, "bottleneck")(x)
     else:
       query = key = value = residual = x
     # transformers drops out the attention output only in layers without bottlenecks.
     output_dropout = 0.0 if c.use_bottleneck else c.hidden_dropout_prob
-    attention = self.attention(c.true_hidden_size // c.num_attention_heads, output_dropout)
-    attention_output = attention(query, key, value, residual, mask, deterministic=deterministic)
+    attention = self.child(Attention, "attention", output_dropout_rate=output_dropout)
+    y = attention(query, key, value, residual, mask, deterministic=deterministic)
     for j in range(c.num_feedforward_networks - 1):
-      attention_output = FeedForward(c, self.dtype, self.param_dtype, name=f"ffn_{j}")(attention_output)
-    h = self.intermediate(attention_output)
-    return MobileBertLayerOutput(c, self.dtype, self.param_dtype, name="output")(
-      h, attention_output, x, deterministic=deterministic
-    )
+      y = self.child(FeedForward, f"ffn_{j}")(y)
+    h = self.child(Intermediate, "intermediate")(y)
+    return self.child(MobileBertLayerOutput, "output")(h, y, x, deterministic=deterministic)
 
 
 class MobileBertEncoder(Encoder):
-  """MobileBERT encoder (``MobileBertModel`` without pooler).
+  """MobileBERT encoder (``MobileBertModel`` without pooler) with every architecture switch of its config.
 
-  Implements every architecture switch of ``transformers.MobileBertConfig``: the
-  trigram embedding transformation (``trigram_input``, ``embedding_size`` !=
-  ``hidden_size``), the bottleneck layers (``use_bottleneck``,
-  ``use_bottleneck_attention``, ``key_query_shared_bottleneck``), stacked FFNs
-  (``num_feedforward_networks``) and ``normalization_type`` (``"no_norm"``:
-  ``x * scale + bias``, or ``"layer_norm"``). Like transformers, the embedding norm and
-  the layer output norm use epsilon 1e-5 (``torch.nn.LayerNorm``'s default) while the
-  other norms use ``layer_norm_eps``.
-
-  Parameter naming (stable; mirrors the Hugging Face state dict like
-  :class:`~rnr_jax.models.bert.BertEncoder`, with ``encoder.layer.{i}`` -> ``layer_{i}``,
-  ``ffn.{j}`` -> ``ffn_{j}`` and ``LayerNorm`` -> ``layer_norm``, kernels ``[in, out]``;
-  ``true = intra_bottleneck_size if use_bottleneck else hidden_size``)::
+  As in transformers, the embedding norm and the layer output norm use epsilon 1e-5 (torch's default),
+  the other norms ``layer_norm_eps``. Paths follow :class:`~rnr_jax.models.bert.BertEncoder` plus
+  ``ffn.{j}`` -> ``ffn_{j}``; ``true`` is ``intra_bottleneck_size`` with ``use_bottleneck``, else ``hidden``::
 
       embeddings/word_embeddings/embedding                [vocab_size, embedding_size]
       embeddings/embedding_transformation/{kernel,bias}   [3*embedding_size or embedding_size, hidden]
-                                                          (only if trigram_input or embedding_size != hidden)
-      embeddings/position_embeddings/embedding            [max_position_embeddings, hidden]
-      embeddings/token_type_embeddings/embedding          [type_vocab_size, hidden]
-      embeddings/layer_norm/{scale,bias}                  [hidden]
-      layer_{i}/bottleneck/input/dense/{kernel,bias}      [hidden, true]        (use_bottleneck)
-      layer_{i}/bottleneck/input/layer_norm/{scale,bias}  [true]                (use_bottleneck)
-      layer_{i}/bottleneck/attention/...                  as bottleneck/input   (use_bottleneck,
-                                                          key_query_shared_bottleneck, not use_bottleneck_attention)
-      layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]
-      layer_{i}/attention/output/dense/{kernel,bias}      [true, true]
-      layer_{i}/attention/output/layer_norm/{scale,bias}  [true]
-      layer_{i}/ffn_{j}/intermediate/dense/{kernel,bias}  [true, intermediate]  (j < num_feedforward_networks - 1)
-      layer_{i}/ffn_{j}/output/dense/{kernel,bias}        [intermediate, true]
-      layer_{i}/ffn_{j}/output/layer_norm/{scale,bias}    [true]
-      layer_{i}/intermediate/dense/{kernel,bias}          [true, intermediate]
-      layer_{i}/output/dense/{kernel,bias}                [intermediate, true]
-      layer_{i}/output/layer_norm/{scale,bias}            [true]
-      layer_{i}/output/bottleneck/dense/{kernel,bias}     [true, hidden]        (use_bottleneck)
-      layer_{i}/output/bottleneck/layer_norm/{scale,bias} [hidden]              (use_bottleneck)
-
-  Attributes are those of :class:`~rnr_jax.models.encoder.Encoder`.
+                                                          (if trigram_input or embedding_size != hidden)
+      embeddings/{position,token_type}_embeddings/embedding, embeddings/layer_norm/{scale,bias}
+      layer_{i}/bottleneck/input/{dense,layer_norm}/...   [hidden, true]  (use_bottleneck)
+      layer_{i}/bottleneck/attention/...                  as input (also key_query_shared_bottleneck,
+                                                          not use_bottleneck_attention)
+      layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]; output/... [true, true]
+      layer_{i}/ffn_{j}/{intermediate,output}/...         (j < num_feedforward_networks - 1)
+      layer_{i}/{intermediate,output}/...                 [true, intermediate], [intermediate, true]
+      layer_{i}/output/bottleneck/{dense,layer_norm}/...  [true, hidden]  (use_bottleneck)
   """
 
   config: MobileBertConfig
