@@ -44,7 +44,6 @@ def eval_config() -> ml_collections.ConfigDict:
   e.answer_rule = "dpr"  # "dpr" (best span of the top-ranked passage) or "weighted" (appendix A.3)
   # em_open_mean (mean over m', appendix A.2), em_open (best over m', A.3), em_open@<m'> or top<k>.
   e.select_metric = "em_open_mean"
-  e.keep_best = 5  # best evaluations exported to W/top/step_<step>/ (appendix A.3: up to five); 0 = none
   return e
 
 
@@ -56,7 +55,6 @@ def make_tiny_unified(c: ml_collections.ConfigDict) -> None:
   c.eval.passages = (1, 4)
   c.eval.ks = (1, 4)
   c.eval.questions = 16
-  c.eval.keep_best = 2
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
       "filter.val_negatives=3000", "filter.score_batch_size=16", "train.batch_size=18", "train.num_steps=150",
       "optim.lr=5e-5", "optim.warmup_steps=15", "train.eval_every=75", "train.ckpt_every=75")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
-          "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)", "eval.keep_best=1",
+          "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)",
           "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50",
           f"pool.encode_batch_size={ENCODE_BATCH}", "eval.batch_size=2")
   # Retrieval is learnt here: the positive's NLL among all 32 passages of the batch (the teacher's ranker is too

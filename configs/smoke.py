@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.stages.filter = stage("configs/filter.py:tiny", *steps, "filter.keep=0.5", "filter.val_negatives=16",
                           "filter.positive_splits=('nq_train', 'squadshifts_train')")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.k1=8", "eval.questions=8",
-          "eval.passages=(1, 4)", "eval.ks=(1, 4)", "eval.keep_best=1")
+          "eval.passages=(1, 4)", "eval.ks=(1, 4)")
   c.stages.distill = stage("configs/distill.py:tiny", *steps, *pool, "distill.m=2", "distill.cache_batch_size=4",
                            "model.pooling='mean'", "unified.normalize=True", "distill.retrieval_loss='nll'",
                            "distill.in_batch=True")

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,22 +86,19 @@ def params_fingerprint(params: Params) -> str:
 
 
 class BestExport:
-  """Exports the parameters of the best evaluation by one metric to ``<workdir>/best`` (and the ``keep`` best to
-  ``<workdir>/top/step_<step>``, appendix A.3's checkpoint choice, when ``keep`` > 1).
+  """Exports the parameters of the best evaluation by one metric to ``<workdir>/best``.
 
   ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
   :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the evaluation's
   corpus encoding beside it).
   """
 
-  def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, keep: int = 1,
-               fingerprint: bool = False, on_best: Callable[[int, dict[str, Any]], None] | None = None):
+  def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, fingerprint: bool = False,
+               on_best: Callable[[int, dict[str, Any]], None] | None = None):
     self.select = select
     self._fingerprint = fingerprint
     self._model = dict(model)
     self._export = Export(os.path.join(workdir, "best"))
-    self._top = os.path.join(workdir, "top") if keep > 1 else None
-    self._keep = keep
     self._on_best = on_best
     exported = self._export.latest_info()
     self.best = float(exported["metrics"].get(select, -math.inf)) if exported else -math.inf
@@ -115,12 +111,10 @@ class BestExport:
     """Exports ``params`` if ``metrics[select]`` beats every earlier evaluation; returns whether it did."""
     if self.select not in metrics:
       raise KeyError(f"the evaluation has no metric {self.select!r} to select by (has {sorted(metrics)})")
-    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select}
-    if self._top is not None:
-      self._update_top(step, params, item)
     if not metrics[self.select] > self.best:
       return False
     self.best = float(metrics[self.select])
+    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select}
     if self._fingerprint:
       item["fingerprint"] = params_fingerprint(params)
     self._export.save(step, params, item)
@@ -132,24 +126,6 @@ class BestExport:
   def latest(self, abstract_params: Any) -> tuple[Params, dict[str, Any]]:
     """The best export's parameters (placed like ``abstract_params``) and its model item."""
     return self._export.restore(abstract_params), self._export.latest_info()
-
-  def _update_top(self, step: int, params: Params, item: Mapping[str, Any]) -> None:
-    top = {}
-    for name in os.listdir(self._top) if os.path.isdir(self._top) else ():
-      info = read_info(os.path.join(self._top, name))
-      if info is not None:
-        top[int(info["step"])] = float(info["metrics"][self.select])
-    stale = [s for s in top if s >= step]  # left by a run resumed from an earlier checkpoint
-    kept = sorted(((v, s) for s, v in top.items() if s < step), key=lambda vs: (-vs[0], vs[1]))
-    dropped = stale
-    if len(kept) < self._keep or item["metrics"][self.select] > kept[self._keep - 1][0]:
-      export = Export(os.path.join(self._top, f"step_{step}"))  # replaces a stale export of this step
-      export.save(step, params, item)
-      export.close()
-      dropped = [s for s in stale if s != step] + [s for _, s in kept[self._keep - 1:]]
-    if jax.process_index() == 0:
-      for s in dropped:
-        shutil.rmtree(os.path.join(self._top, f"step_{s}"), ignore_errors=True)
 
   def close(self) -> None:
     self._export.close()

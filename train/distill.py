@@ -93,8 +93,7 @@ def fresh_evaluation(config: ml_collections.ConfigDict, workdir: str, system: Sy
                                passage_filter.subset_ids(pcfg.subset, data.num_passages),
                                cache_dir=os.path.join(workdir, "index"))
   evaluator = OpenEvaluator(config.eval, system, data, tokenizer, index, mesh)
-  return evaluator, exports.BestExport(workdir, exports.unified_info(system, scale), config.eval.select_metric,
-                                       keep=int(config.eval.keep_best))
+  return evaluator, exports.BestExport(workdir, exports.unified_info(system, scale), config.eval.select_metric)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:

@@ -1,9 +1,8 @@
 """The encoder skeleton BERT and MobileBERT share: config base, :class:`Encoder` and common blocks.
 
 A model supplies only its config, embeddings and layer module (:mod:`rnr_jax.models.bert`,
-:mod:`rnr_jax.models.mobilebert`). Parameters are stored in ``param_dtype`` and matmuls run in
-``dtype``; embedding sums, residual additions before a norm, normalization statistics and the
-attention softmax are computed in float32.
+:mod:`rnr_jax.models.mobilebert`). Parameters are stored in ``param_dtype`` and matmuls run in ``dtype``; embedding
+sums, residual additions before a norm, normalization statistics and the attention softmax are computed in float32.
 """
 
 from __future__ import annotations
@@ -266,8 +265,8 @@ class Embeddings(ConfigModule):
 class Encoder(ConfigModule):
   """``embeddings_class`` named ``embeddings``, then ``layer_class`` as ``layer_0`` ... ``layer_{n-1}``.
 
-  ``dtype`` is the computation (and output) dtype, ``param_dtype`` the parameters'; ``num_layers``
-  keeps only the first layers (``None``: all).
+  ``dtype`` is the computation (and output) dtype, ``param_dtype`` the parameters'; ``num_layers`` keeps only the first
+  layers (``None``: all).
   """
 
   embeddings_class: ClassVar[type[Embeddings]]

@@ -1,10 +1,10 @@
 """Hugging Face interop: config dispatch, encoder factory and checkpoint conversion (both ways).
 
 A Hugging Face directory (``config.json`` plus safetensors, sharded or not, or ``pytorch_model.bin``) converts to
-``(config, params)`` and back, so ``transformers.AutoModel.from_pretrained`` reads what :func:`save_hf_encoder`
-writes. Keys map to paths as in :class:`~rnr_jax.models.bert.BertEncoder`; ``weight`` is ``kernel`` (transposed),
-``scale`` or ``embedding``. Expected tensors and shapes come from ``jax.eval_shape`` of the module's ``init``, so
-a checkpoint is validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch.
+``(config, params)`` and back, so ``transformers.AutoModel.from_pretrained`` reads what :func:`save_hf_encoder` writes.
+Keys map to paths as in :class:`~rnr_jax.models.bert.BertEncoder`; ``weight`` is ``kernel`` (transposed), ``scale`` or
+``embedding``. Expected tensors and shapes come from ``jax.eval_shape`` of the module's ``init``, so a checkpoint is
+validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def _hf_key(path: tuple[str, ...]) -> str:
 def _unused_hf_tensors(config: EncoderConfig, num_layers: int) -> dict[str, np.ndarray]:
   """Tensors transformers' model builds but never uses under ``config``, with their initial values.
 
-  ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck`` builds ``attention``
-  whenever ``key_query_shared_bottleneck`` is set. They are ignored on load and written on save so transformers
-  finds every weight it expects.
+  ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck`` builds ``attention`` whenever
+  ``key_query_shared_bottleneck`` is set. They are ignored on load and written on save so transformers finds every
+  weight it expects.
   """
   if not isinstance(config, MobileBertConfig):
     return {}
@@ -160,9 +160,9 @@ def hf_state_dict_to_params(
 ) -> Params:
   """Converts a transformers state dict (numpy arrays) to float32 encoder params of the first ``num_layers`` layers.
 
-  Keys may carry the ``bert.``/``mobilebert.`` prefix of task models; the pooler, heads and dropped layers are
-  ignored (logged at debug level). ``source`` names the input in errors. Raises ``ValueError`` naming every
-  missing, unexpected (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor.
+  Keys may carry the ``bert.``/``mobilebert.`` prefix of task models; the pooler, heads and dropped layers are ignored
+  (logged at debug level). ``source`` names the input in errors. Raises ``ValueError`` naming every missing, unexpected
+  (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor.
   """
   n = resolve_num_layers(config.num_hidden_layers, num_layers)
   expected = {_hf_key(path): (path, shape) for path, shape in _param_shapes(config, n).items()}
@@ -302,8 +302,8 @@ def load_hf_encoder(
   """``(config, float32 params)`` of the first ``num_layers`` layers of a Hugging Face directory or Hub id.
 
   The config's ``num_hidden_layers`` is the layers kept, so ``build_encoder(config)`` matches ``params``. Raises
-  ``ValueError`` (checkpoint and config differ), ``FileNotFoundError`` (no ``config.json`` or weights) or
-  ``OSError`` (no local directory and the Hub cannot provide it).
+  ``ValueError`` (checkpoint and config differ), ``FileNotFoundError`` (no ``config.json`` or weights) or ``OSError``
+  (no local directory and the Hub cannot provide it).
   """
   directory = _resolve_directory(path_or_hub_id)
   config_file = directory / "config.json"
@@ -327,8 +327,8 @@ def save_hf_encoder(
 ) -> Path:
   """Writes ``config.json``, ``model.safetensors`` (no pooler) and the tokenizer files of ``tokenizer_dir``.
 
-  The directory is written next to ``out_dir`` and moved into place with ``os.replace``, replacing an existing
-  one; ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory.
+  The directory is written next to ``out_dir`` and moved into place with ``os.replace``, replacing an existing one;
+  ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory.
   """
   out = Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():

@@ -175,8 +175,8 @@ class MobileBertLayer(ConfigModule):
 class MobileBertEncoder(Encoder):
   """MobileBERT encoder (``MobileBertModel`` without pooler) with every architecture switch of its config.
 
-  As in transformers, the embedding norm and the layer output norm use epsilon 1e-5 (torch's default),
-  the other norms ``layer_norm_eps``. Paths follow :class:`~rnr_jax.models.bert.BertEncoder` plus
+  As in transformers, the embedding norm and the layer output norm use epsilon 1e-5 (torch's default), the other norms
+  ``layer_norm_eps``. Paths follow :class:`~rnr_jax.models.bert.BertEncoder` plus
   ``ffn.{j}`` -> ``ffn_{j}``; ``true`` is ``intra_bottleneck_size`` with ``use_bottleneck``, else ``hidden``::
 
       embeddings/word_embeddings/embedding                [vocab_size, embedding_size]

@@ -33,18 +33,10 @@ class Checkpointer:
 
   def __init__(self, directory: epath.PathLike, *, save_every: int, max_to_keep: int = 2,
                async_save: bool = True):
-    """
-    Args:
-      directory: where step directories go (e.g. ``<workdir>/checkpoints``).
-      save_every: ``should_save(step)`` is true every this many steps.
-      max_to_keep: older checkpoints are deleted once this many exist.
-      async_save: write in a background thread while training continues.
-    """
     self.directory = epath.Path(directory)
     self._save_every = save_every
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -58,10 +50,7 @@ class Checkpointer:
     return step % self._save_every == 0
 
   def save(self, step: int, state: TrainState, rng: jax.Array, data_state: DataState) -> bool:
-    """Starts saving a checkpoint of ``step`` unless one exists; returns whether it did.
-
-    ``state`` may be donated to the next step as soon as this returns.
-    """
+    """Starts saving ``step`` unless it exists; ``state`` may be donated to the next step as soon as this returns."""
     if step in self._manager.all_steps():
       return False
     args = ocp.args.Composite(
@@ -112,10 +101,6 @@ class Checkpointer:
                          f"(tried steps {failed})") from first_error
     return None
 
-  def wait_until_finished(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""
     self._manager.close()
@@ -145,28 +130,13 @@ def load_params(path: epath.PathLike, abstract_params: PyTree) -> PyTree:
   return restored["params"]
 
 
-def restore_or_initialize(
-    checkpointer: Checkpointer,
-    abstract_state: TrainState,
-    *,
-    rng: jax.Array,
-    init_params: Callable[[], PyTree],
-    create_state: Callable[[PyTree], TrainState],
-    init_checkpoint: str | None = None,
-    load_pretrained: Callable[[PyTree], PyTree] | None = None,
-) -> Restored:
-  """The run's starting state, in the resume order of the module docstring.
-
-  Args:
-    checkpointer: the run's own checkpoints.
-    abstract_state: TrainState of ``jax.ShapeDtypeStruct`` with shardings.
-    rng: base key of a fresh run (a resumed run uses its saved key).
-    init_params: random parameter initialisation, born sharded.
-    create_state: parameters -> TrainState at step 0 (fresh optimiser state).
-    init_checkpoint: path for :func:`load_params`, or None.
-    load_pretrained: maps randomly initialised parameters to pretrained ones
-      (host or device arrays; they are placed with the parameter shardings).
-  """
+def restore_or_initialize(checkpointer: Checkpointer, abstract_state: TrainState, *, rng: jax.Array,
+                          init_params: Callable[[], PyTree], create_state: Callable[[PyTree], TrainState],
+                          init_checkpoint: str | None = None,
+                          load_pretrained: Callable[[PyTree], PyTree] | None = None) -> Restored:
+  """The run's starting state, in the resume order of the module docstring. ``abstract_state`` carries the
+  shardings; ``rng`` is a fresh run's base key; ``load_pretrained`` maps the random parameters to pretrained ones
+  (placed with the parameter shardings)."""
   latest = checkpointer.restore_latest(abstract_state)
   if latest is not None:
     step, state, saved_rng, data_state = latest
