@@ -1,4 +1,5 @@
-"""Corpus encoding (``rnr_jax.retrieval``, ``python -m infer.encode``): resumable chunks, sharding, search."""
+"""Corpus encoding (``rnr_jax.retrieval``, ``rnr_jax.embeddings``, ``python -m infer.encode``): resumable chunks,
+sharding, search."""
 
 import json
 import os
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 
 from infer import encode as encode_cli
-from rnr_jax import retrieval
+from rnr_jax import embeddings, exports, qa_model, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data.prepared import PrepareSettings, prepare
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.data import PreparedData
+from rnr_jax.specs import RetrieverSpec
+from rnr_jax.training.mesh import data_mesh
 from test_retriever import NUM_DOCS, write_toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +29,8 @@ BUCKETS = (32, 64, 96)
 def model():
   """A random-init tiny retriever: ``(spec, params)``."""
   config = load_config(os.path.join(ROOT, "configs/retriever.py:tiny"), ["model.pooling=mean"])
-  spec = retrieval.RetrieverSpec.from_config(config, retrieval.initial_encoder(config.model)[0], "")
-  return spec, retrieval.initial_params(spec.build(), jax.random.key(0))
+  spec = RetrieverSpec.from_config(config, exports.initial_encoder(config.model)[0], "")
+  return spec, qa_model.init_params(spec.build(), jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def _encode(spec, params, records, mesh, **kwargs):
 
 def test_encode_corpus_resumes_from_finished_chunks(model, records, tmp_path):
   spec, params = model
-  mesh = retrieval.data_mesh()
+  mesh = data_mesh()
   reference = _encode(spec, params, records, mesh)
   assert reference.vectors.shape == (100, 16) and reference.chunks_reused == 0
 
@@ -83,20 +86,20 @@ def test_encode_corpus_resumes_from_finished_chunks(model, records, tmp_path):
 def test_sharded_encoding_equals_single_device(model, records):
   spec, params = model
   assert jax.device_count() == 8
-  sharded = _encode(spec, params, records, retrieval.data_mesh()).vectors
-  single = _encode(spec, params, records, retrieval.data_mesh(jax.devices()[:1])).vectors
+  sharded = _encode(spec, params, records, data_mesh()).vectors
+  single = _encode(spec, params, records, data_mesh(jax.devices()[:1])).vectors
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
 
   tokenizer = tk.Tokenizer.from_pretrained()
   questions = ["who wrote the iliad", "what is the capital of france", "when did the war end"] * 7
   q = [retrieval.encode_questions(retrieval.BatchEncoder(spec.embed_fns()[0], mesh, 16), params, tokenizer,
                                   questions, max_len=32, buckets=BUCKETS)
-       for mesh in (retrieval.data_mesh(), retrieval.data_mesh(jax.devices()[:1]))]
+       for mesh in (data_mesh(), data_mesh(jax.devices()[:1]))]
   np.testing.assert_allclose(q[0], q[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(q[0][0], q[0][3], rtol=1e-6, atol=1e-6)  # same question, another batch row
 
   with pytest.raises(ValueError, match="divisible"):
-    retrieval.BatchEncoder(spec.embed_fns()[1], retrieval.data_mesh(), 12)
+    retrieval.BatchEncoder(spec.embed_fns()[1], data_mesh(), 12)
 
 
 def test_search_exact_and_answer_accuracy():
@@ -166,18 +169,18 @@ def test_encode_cli_writes_embeddings_for_the_index(toy_prepared, tmp_path):
   assert hybrid == summary["eval_lexical"] and hybrid["lexical_weight"] == 0.5
   assert set(hybrid["splits"]["toy_dev"]) == {"top1", "top5", "top20", "top100"}
 
-  vectors, info = retrieval.load_embeddings(out)
+  vectors, info = embeddings.load(out)
   assert vectors.shape == (NUM_DOCS, 16) and vectors.dtype == np.float32
   assert info["pooling"] == "cls" and info["dim"] == 16 and len(info["model_fingerprint"]) == 64
-  assert not os.path.exists(os.path.join(out, retrieval.CHUNKS_DIR))
+  assert not os.path.exists(os.path.join(out, embeddings.CHUNKS_DIR))
 
   # The same model and corpus again: the finished output is reused, not recomputed.
   config = load_config(os.path.join(ROOT, "configs/retriever.py:tiny"))
-  mesh = retrieval.data_mesh()
+  mesh = data_mesh()
   spec, params, fingerprint = encode_cli.resolve_model(None, None, config, "", mesh)
   assert fingerprint == info["model_fingerprint"]
-  mtime = os.path.getmtime(os.path.join(out, retrieval.EMBEDDINGS_FILE))
-  again = encode_cli.encode(out=out, prepared=prepared, spec=spec, params=params, fingerprint=fingerprint, mesh=mesh,
-                            batch_size=16, chunk_size=20)
+  mtime = os.path.getmtime(os.path.join(out, embeddings.EMBEDDINGS_FILE))
+  again = embeddings.encode_prepared(out=out, prepared=prepared, spec=spec, params=params, fingerprint=fingerprint,
+                                     mesh=mesh, batch_size=16, chunk_size=20)
   assert again["model_fingerprint"] == fingerprint
-  assert os.path.getmtime(os.path.join(out, retrieval.EMBEDDINGS_FILE)) == mtime
+  assert os.path.getmtime(os.path.join(out, embeddings.EMBEDDINGS_FILE)) == mtime

@@ -16,18 +16,19 @@ import jax
 import numpy as np
 import pytest
 
-from infer import ask, evaluate
+from infer import ask
 from infer import encode as encode_cli
-from infer import export as export_cli
-from rnr_jax import passage_filter, qa_model, retrieval
+from rnr_jax import embeddings, evaluation, exports, passage_filter, qa_model
 from rnr_jax import reader_data as rd
 from rnr_jax.bundle import BundleError, load_bundle
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import Prediction, QASystem, SystemSpec, encode_passages
+from rnr_jax.qa_system import Prediction, QASystem, encode_passages
+from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training.mesh import data_mesh
 from test_reader_train import build_toy_prepared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,11 +47,11 @@ def workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("export_run")
   prepared = build_toy_prepared(str(root))
   config = load_config(os.path.join(ROOT, "configs/reader.py:tiny"), ["model.pooling=mean"])
-  spec = rd.ReaderSpec.from_config(config, retrieval.initial_encoder(config.model)[0],
-                                   PreparedData.load(prepared).manifest["settings"]["tokenizer"])
+  spec = ReaderSpec.from_config(config, exports.initial_encoder(config.model)[0],
+                                PreparedData.load(prepared).manifest["settings"]["tokenizer"])
   system = SystemSpec.unified_model(spec, passage_len=48)  # as train.distill exports it: with its system spec
-  export = rd.ParamsExport(str(root / "best"))
-  export.save(1, system.init_params(jax.random.key(0)), {"reader": spec.to_json(), "system": system.to_json()})
+  export = exports.Export(str(root / "best"))
+  export.save(1, qa_model.init_params(spec.build(), jax.random.key(0)), exports.unified_info(system, 20.0))
   export.close()
   kept = np.asarray([p for p in range(160) if p not in DROPPED])
   passage_filter.save_subset(root / "subset.npz", kept, np.zeros(len(kept)), 160)
@@ -101,19 +102,20 @@ def test_encode_takes_a_unified_export_and_export_reuses_its_vectors(workdir, tm
   spec is refused by name."""
   data = PreparedData.load(workdir / "prepared")
   fingerprint_tok = data.manifest["settings"]["tokenizer"]
-  mesh = retrieval.data_mesh()
+  mesh = data_mesh()
   spec, params, fingerprint = encode_cli.resolve_model(None, str(workdir / "best"), None, fingerprint_tok, mesh)
   assert isinstance(spec, SystemSpec) and spec.unified and spec.retriever.passage_len == 48
-  info = encode_cli.encode(out=str(tmp_path / "emb"), prepared=str(workdir / "prepared"), spec=spec, params=params,
-                           fingerprint=fingerprint, mesh=mesh, batch_size=8, chunk_size=64, eval_splits=["toy_dev"])
+  info = embeddings.encode_prepared(out=str(tmp_path / "emb"), prepared=str(workdir / "prepared"), spec=spec,
+                                    params=params, fingerprint=fingerprint, mesh=mesh, batch_size=8, chunk_size=64,
+                                    eval_splits=["toy_dev"])
   assert info["passage_len"] == 48 and info["dim"] == spec.dim and 0 <= info["eval"]["toy_dev"]["top1"] <= 1
   corpus = data.token_corpus()
   expected = encode_passages(spec, params, Tokenizer.from_pretrained(data.tokenizer_path),
                              [corpus[p] for p in range(len(corpus))], mesh, batch_size=8)
-  reused = export_cli.reuse_embeddings(str(tmp_path / "emb"), spec, params, len(corpus))
+  reused = embeddings.reuse(str(tmp_path / "emb"), spec, params, len(corpus))
   np.testing.assert_allclose(reused, expected, rtol=1e-5, atol=1e-5)
 
-  plain = rd.ParamsExport(str(tmp_path / "reader_only"))
+  plain = exports.Export(str(tmp_path / "reader_only"))
   plain.save(1, params, {"reader": spec.reader.to_json()})
   plain.close()
   with pytest.raises(ValueError, match="reader_only: a reader export without a system spec"):
@@ -136,7 +138,8 @@ def test_edit_cli_adds_and_removes_passages(bundle, tmp_path):
 
 
 def test_fp16_weights_give_nearly_the_same_logits(bundle, workdir):
-  spec, model, params, _ = rd.load_reader(str(workdir / "best"))
+  spec, params, _ = exports.load_reader(str(workdir / "best"))
+  model = spec.build()
   loaded = load_bundle(bundle[0])
   data = PreparedData.load(workdir / "prepared")
   tokenizer = Tokenizer.from_pretrained(data.tokenizer_path)
@@ -177,13 +180,14 @@ def test_evaluate_cli_last_line_is_json(bundle, workdir, tmp_path):
   assert [r["correct"] for r in rows] == [bool(exact_match(r["prediction"], r["answers"])) for r in rows]
   assert np.mean([r["correct"] for r in rows]) == summary["em"]  # the lines hold the best m' predictions
   assert "evaluate" in proc.stderr  # the progress bar
-  assert evaluate.read_counts(8) == [1, 8] and evaluate.read_counts(25) == [1, 10, 20, 25]
-  assert evaluate.read_counts(25, max_read=10) == [1, 10] and evaluate.read_counts(25, max_read=1) == [1]
+  assert evaluation.read_counts(8) == [1, 8] and evaluation.read_counts(25) == [1, 10, 20, 25]
+  assert evaluation.read_counts(25, max_read=10) == [1, 10] and evaluation.read_counts(25, max_read=1) == [1]
 
   # Reading only the top passage: the same m'=1 answers, the top-k accuracy of all 8 retrieved.
   system = QASystem.from_bundle(bundle[0])
-  one, _ = evaluate.evaluate(system, questions[:6], top_k=8, rule="weighted",
-                             passage_score_weight=system.settings.passage_score_weight, progress=False, max_read=1)
+  one, _ = evaluation.evaluate_system(system, questions[:6], top_k=8, rule="weighted",
+                                      passage_score_weight=system.settings.passage_score_weight, progress=False,
+                                      max_read=1)
   assert set(one["em_at"]) == {"1"} and one["em"] == summary["em_at"]["1"] and one["best_read_passages"] == 1
   assert one["top_k_accuracy"] == summary["top_k_accuracy"]
 

@@ -5,12 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from rnr_jax import knowledge, lexical, retrieval
+from rnr_jax import knowledge, lexical, qa_model
 from rnr_jax.data import TokenCorpus
 from rnr_jax.index import DenseIndex
-from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec, encode_passages
-from rnr_jax.reader_data import ReaderSpec
+from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training.mesh import data_mesh
 
 
 def _reference_fuse(d_ids, d_sc, l_ids, l_sc, weight, k):
@@ -76,9 +77,9 @@ def system(tmp_path_factory):
   spec = SystemSpec.unified_model(ReaderSpec(encoder=encoder, pooling="cls", retrieval_dim=8,
                                              tokenizer_fingerprint="test", question_len=16, reader_len=64,
                                              max_answer_len=10, buckets=(32, 64)), passage_len=64)
-  params = spec.init_params(jax.random.key(0))
+  params = qa_model.init_params(spec.reader.build(), jax.random.key(0))
   corpus = TokenCorpus.load(directory)
-  mesh = retrieval.data_mesh(jax.devices()[:1])
+  mesh = data_mesh(jax.devices()[:1])
   vectors = encode_passages(spec, params, tokenizer, [corpus[i] for i in range(len(corpus))], mesh)
   return QASystem.from_parts(spec, params, DenseIndex.build(vectors, "exact", num_eval_queries=0), corpus,
                              tokenizer, settings=InferenceSettings(top_k=3, read_passages=1), mesh=mesh)

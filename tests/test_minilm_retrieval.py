@@ -8,10 +8,13 @@ the sequence, full 384-d, cosine: how MiniLM was pretrained).
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from rnr_jax import embed, tokenization
+from rnr_jax import retrieval, tokenization
+from rnr_jax.specs import RetrieverSpec
+from rnr_jax.training.mesh import data_mesh
 
 DATA = os.environ.get("RNR_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
@@ -29,7 +32,6 @@ def test_minilm_gold_passage_beats_random_median():
     path = tokenization.default_tokenizer_path()
   except ImportError as e:
     pytest.skip(str(e))
-  from rnr_jax.models import build_encoder
   from rnr_jax.models.hf import load_hf_encoder
 
   rng = np.random.default_rng(0)
@@ -40,17 +42,20 @@ def test_minilm_gold_passage_beats_random_median():
   random_ids = [ids[i] for i in rng.choice(len(ids), 100, replace=False)]
   passages = [corpus[q["gold_pid"]] for q in questions] + [corpus[i] for i in random_ids]
 
-  config, params = load_hf_encoder(path)
-  fn = embed.make_embed_fn(build_encoder(config), "mean", 0)
+  config, encoder = load_hf_encoder(path)
+  buckets = tokenization.DEFAULT_BUCKETS
+  spec = RetrieverSpec(encoder=config.to_hf_dict(), shared=True, pooling="mean", retrieval_dim=0, normalize=True,
+                       passage_token_type=1, tokenizer_fingerprint="", question_len=64, passage_len=256,
+                       buckets=buckets)
+  question_fn, passage_fn = spec.embed_fns()
+  params, mesh = {"encoder": encoder}, data_mesh(jax.devices()[:1])
   tok = tokenization.Tokenizer.from_pretrained(path)
   records = tok.passage_token_ids([p["title"] for p in passages], [p["text"] for p in passages])
-  lengths = [min(len(r) + 2, 256) for r in records]
-  batches = [(idx, embed.pad_rows(tok.passages_from_records([records[i] for i in idx], 256), 32))
-             for idx in tokenization.bucketed_batches(lengths, 32)]
-  p_vecs, _ = embed.embed_in_batches(fn, params, batches, len(passages), config.hidden_size)
-  q_vecs = np.array(fn(params, tok.questions([q["question"] for q in questions]).as_dict()))
-  p_vecs /= np.linalg.norm(p_vecs, axis=1, keepdims=True)
-  q_vecs /= np.linalg.norm(q_vecs, axis=1, keepdims=True)
+  p_vecs = retrieval.encode_corpus(retrieval.BatchEncoder(passage_fn, mesh, 32), params, tok, records, max_len=256,
+                                   buckets=buckets).vectors
+  q_vecs = retrieval.encode_questions(retrieval.BatchEncoder(question_fn, mesh, 32), params, tok,
+                                      [q["question"] for q in questions], max_len=64, buckets=buckets)
+  np.testing.assert_allclose(np.linalg.norm(p_vecs, axis=1), 1.0, rtol=1e-5)  # cosine scores
   scores = q_vecs @ p_vecs.T  # [50, 150]
   gold = scores[np.arange(50), np.arange(50)]
   random_median = np.median(scores[:, 50:], axis=1)

@@ -110,35 +110,6 @@ def test_select_answer_rules():
     reader.select_answer(start, end, rank, valid, rule="bogus")
 
 
-def test_select_answer_vote_sums_retrieval_probabilities_over_equal_spans():
-  length = 8
-  valid = np.zeros((3, length), bool)
-  valid[:, 1:7] = True
-  start = np.full((3, length), -5.0)
-  end = np.full((3, length), -5.0)
-  ids = np.tile(np.arange(10, 10 + length), (3, 1))
-  start[0, 2], end[0, 2] = 9.0, 9.0  # passage 0 reads token 12
-  start[1, 4], end[1, 5] = 3.0, 3.0  # passages 1 and 2 read tokens (14, 15), at different positions of passage 2
-  ids[2, 1:3] = (14, 15)
-  start[2, 1], end[2, 2] = 1.0, 1.0
-  rank = np.array([5.0, 0.0, 0.0])  # the ranker is ignored
-  for retrieval, want in (([0.30, 0.29, 0.28], (1, 4, 5)), ([0.40, 0.29, 0.28], (0, 2, 2))):
-    p_ret = np.exp(_log_softmax(20.0 * np.asarray(retrieval)))
-    votes = {(0, 2, 2): p_ret[0], (1, 4, 5): p_ret[1] + p_ret[2]}  # by hand: 0.40 vs 0.60, then 0.83 vs 0.17
-    v = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="vote", retrieval_scores=retrieval,
-                             input_ids=ids)
-    assert (v.passage, v.start, v.end) == want and v.score == pytest.approx(np.log(votes[want]))
-  # One passage: the DPR rule's answer.
-  one = reader.select_answer(start[1:2], end[1:2], rank[1:2], valid[1:2], max_answer_len=3, rule="vote",
-                             retrieval_scores=[0.3], input_ids=ids[1:2])
-  dpr = reader.select_answer(start[1:2], end[1:2], rank[1:2], valid[1:2], max_answer_len=3, rule="dpr")
-  assert (one.passage, one.start, one.end) == (dpr.passage, dpr.start, dpr.end)
-  with pytest.raises(ValueError, match="retrieval scores"):
-    reader.select_answer(start, end, rank, valid, rule="vote", input_ids=ids)
-  with pytest.raises(ValueError, match="input ids"):
-    reader.select_answer(start, end, rank, valid, rule="vote", retrieval_scores=[0.3, 0.2, 0.1])
-
-
 def test_extend_to_words():
   vocab = {"[CLS]": 0, "foo": 1, "##bar": 2, "##baz": 3, "x": 4}
   table = reader.continuation_table(vocab)

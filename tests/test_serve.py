@@ -11,13 +11,14 @@ import jax
 import pytest
 
 from infer import serve
-from rnr_jax import retrieval
-from rnr_jax import reader_data as rd
+from rnr_jax import exports, qa_model
 from rnr_jax.config import load_config
 from rnr_jax.data import TokenCorpus
 from rnr_jax.index import DenseIndex
-from rnr_jax.qa_system import InferenceSettings, QASystem, SystemSpec, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training.mesh import data_mesh
 from test_reader_train import ANSWERS, KEYS, ROOT
 
 TIMEOUT_S = 60
@@ -32,10 +33,10 @@ def system(tmp_path_factory):
   corpus = TokenCorpus.write(tmp_path_factory.mktemp("serve") / "corpus", tokenizer.passage_token_ids(titles, texts),
                              tokenizer.vocab_size)
   config = load_config(f"{ROOT}/configs/reader.py:tiny", ["model.pooling=mean"])
-  reader_spec = rd.ReaderSpec.from_config(config, retrieval.initial_encoder(config.model)[0], "")
+  reader_spec = ReaderSpec.from_config(config, exports.initial_encoder(config.model)[0], "")
   spec = SystemSpec.unified_model(reader_spec, passage_len=64, normalize=True)
-  params = spec.init_params(jax.random.key(0))
-  vectors = encode_passages(spec, params, tokenizer, corpus, retrieval.data_mesh(jax.devices()[:1]))
+  params = qa_model.init_params(spec.reader.build(), jax.random.key(0))
+  vectors = encode_passages(spec, params, tokenizer, corpus, data_mesh(jax.devices()[:1]))
   settings = InferenceSettings(top_k=5, read_passages=2, question_batch=16, read_batch=16)
   return QASystem.from_parts(spec, params, DenseIndex.build(vectors, "exact"), corpus, tokenizer, settings=settings)
 
