@@ -90,7 +90,8 @@ class BestExport:
 
   ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
   :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the evaluation's
-  corpus encoding beside it).
+  corpus encoding beside it). The export also lists ``bests``, ``[step, value]`` of each new best so far: a run
+  resumed from a checkpoint older than the export compares with the bests before it, as an uninterrupted run does.
   """
 
   def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, fingerprint: bool = False,
@@ -102,6 +103,7 @@ class BestExport:
     self._on_best = on_best
     exported = self._export.latest_info()
     self.best = float(exported["metrics"].get(select, -math.inf)) if exported else -math.inf
+    self._bests = [tuple(b) for b in exported.get("bests", [[exported["step"], self.best]])] if exported else []
 
   @property
   def directory(self) -> str:
@@ -111,10 +113,15 @@ class BestExport:
     """Exports ``params`` if ``metrics[select]`` beats every earlier evaluation; returns whether it did."""
     if self.select not in metrics:
       raise KeyError(f"the evaluation has no metric {self.select!r} to select by (has {sorted(metrics)})")
+    if self._bests and self._bests[-1][0] >= step:  # bests of steps a run resumed from an earlier checkpoint replays
+      self._bests = [(s, v) for s, v in self._bests if s < step]
+      self.best = self._bests[-1][1] if self._bests else -math.inf
     if not metrics[self.select] > self.best:
       return False
     self.best = float(metrics[self.select])
-    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select}
+    self._bests.append((step, self.best))
+    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select,
+            "bests": [list(b) for b in self._bests]}
     if self._fingerprint:
       item["fingerprint"] = params_fingerprint(params)
     self._export.save(step, params, item)

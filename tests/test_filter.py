@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from test_reader_train import DISTRACTORS, NUM_DEV, NUM_TRAIN, build_toy_prepared
 
+from rnr_jax import exports
 from rnr_jax import passage_filter as pf
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData, TokenCorpus
@@ -141,3 +142,9 @@ def test_filter_learns_toy_task(toy_prepared, tmp_path):
   assert all_scores.shape == (data.num_passages,) and np.array_equal(all_scores[pids], scores)
   summary = json.loads((tmp_path / "subset.json").read_text())
   assert summary["kept"] == 40 and summary["hit_val"] == 1.0
+  # The subset comes from the best export: the first evaluation reaching the best hit ratio, flagged in eval.jsonl.
+  best = next(e for e in evals if e["hit_val"] == 1.0)
+  assert [e["step"] for e in evals if e["best"]][-1] == best["step"]
+  info = exports.read_info(str(tmp_path / "best"))
+  assert info["step"] == summary["best_step"] == best["step"] and info["select_metric"] == "hit_val"
+  assert info["filter"]["passage_len"] == config.tokens.passage_len and info["metrics"]["hit_val"] == 1.0

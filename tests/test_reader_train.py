@@ -16,13 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from rnr_jax import reader, retrieval
+from rnr_jax import exports, qa_model, reader
 from rnr_jax import reader_data as rd
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData, TokenCorpus
 from rnr_jax.data.prepared import PrepareSettings, prepare
+from rnr_jax.evaluation import ReaderEvaluator
 from rnr_jax.metrics import exact_match
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training import mesh as mesh_lib
 from train import reader as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,15 +168,21 @@ def test_reader_learns_toy_task(toy_prepared, tmp_path):
   assert [e["step"] for e in evals] == [30, 60]
   assert losses[-1] < 0.2 * losses[0]
   assert evals[-1]["em_gold"] >= 0.85 and evals[-1]["em_open"] >= 0.85, evals
-  spec, model, params, info = rd.load_reader(str(tmp_path / "run" / "best"))
-  assert info["metrics"][config.reader.select_metric] == max(e[config.reader.select_metric] for e in evals)
-  assert spec.reader_len == config.tokens.reader_len and model.config.hidden_size == 32
+  select = config.reader.select_metric
+  best = next(e for e in evals if e[select] == max(x[select] for x in evals))
+  assert [e["best"] for e in evals] == [True, evals[1][select] > evals[0][select]]
+  mesh = mesh_lib.data_mesh()
+  spec, params, info = exports.load_reader(str(tmp_path / "run" / "best"), mesh)
+  assert info["step"] == best["step"] and info["select_metric"] == select
+  assert {k: v for k, v in info["metrics"].items() if k != "eval_s"} == {
+      k: v for k, v in best.items() if k not in ("step", "best", "eval_s")}
+  assert spec.reader_len == config.tokens.reader_len and spec.build().config.hidden_size == 32
 
-  # The same evaluation of a random-init reader: EM near 0.
+  # The exported parameters reproduce their evaluation; a random-init reader's EM is near 0.
   data = PreparedData.load(toy_prepared)
   tok = Tokenizer.from_pretrained(data.tokenizer_path)
   dev = rd.load_reader_split(data, "toy_dev", tok)
-  evaluator = trainer.Evaluator(config, str(tmp_path / "eval"), spec, model, data, tok, dev, retrieval.data_mesh())
-  initial = evaluator.evaluate(model.init(jax.random.key(1), retrieval.dummy_inputs())["params"])
-  evaluator.close()
+  evaluator = ReaderEvaluator(config.reader, spec, dev, data, tok, mesh)
+  assert evaluator(params, best["step"]) == {k: v for k, v in info["metrics"].items() if k != "eval_s"}
+  initial = evaluator(qa_model.init_params(spec.build(), jax.random.key(1)), 0)
   assert initial["em_gold"] <= 0.25 and initial["em_open"] <= 0.25, initial

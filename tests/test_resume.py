@@ -1,4 +1,5 @@
-"""Checkpointing and resuming: SIGKILL mid-run, NaN stop, corrupt checkpoints, resume order."""
+"""Checkpointing and resuming: SIGKILL mid-run, NaN stop, corrupt checkpoints, resume order, eval log and best
+export."""
 
 import json
 import logging
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import toy_model
-from rnr_jax import io
+from rnr_jax import exports, io
 from rnr_jax.training import checkpoint, loop, mesh as mesh_lib, optim, step as step_lib
 
 TOY_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_train.py")
@@ -102,12 +103,12 @@ def test_nan_loss_stops_run_and_last_good_checkpoint_resumes(tmp_path, log_every
   config = toy_model.toy_config(num_steps=12, ckpt_every=5, log_every=log_every, eval_every=100)
   init_fn, loss_fn = toy_model.regressor_fns()
   with pytest.raises(FloatingPointError, match=f"at step {detected_at} "):
-    loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, loss_fn=loss_fn,
+    loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
                     data=PoisonAt(toy_data(config), at=7))
   assert checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=5).all_steps() == [5]
   # The kept checkpoint restores through the normal resume path (nothing left to train).
   config.train.num_steps = 5
-  state = loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, loss_fn=loss_fn,
+  state = loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
                           data=toy_data(config))
   assert int(state.step) == 5
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
@@ -117,7 +118,7 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
   config = toy_model.toy_config(num_steps=6, ckpt_every=2, keep_ckpts=3, async_ckpt=False)
   init_fn, loss_fn = toy_model.regressor_fns()
   run = lambda: loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn,  # noqa: E731
-                                loss_fn=loss_fn, data=toy_data(config))
+                                step=step_lib.adamw_step(config, loss_fn), data=toy_data(config))
   final = jax.device_get(run().params)
   ckpt_dir = tmp_path / "checkpoints"
   (ckpt_dir / "6" / "state" / "_METADATA").write_text("")  # truncate a file of the newest one
@@ -138,11 +139,83 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
     run()
 
 
+class Interrupted(Exception):
+  pass
+
+
+class StopAt:
+  """Wraps an iterator; fetching the ``at``-th batch raises :class:`Interrupted`, as if the run were killed there."""
+
+  def __init__(self, inner, at):
+    self.inner, self.at, self.calls = inner, at, 0
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.at:
+      raise Interrupted(f"batch {self.at}")
+    return next(self.inner)
+
+  def state(self):
+    return self.inner.state()
+
+  def restore(self, state):
+    self.inner.restore(state)
+
+
+def test_resume_keeps_eval_log_and_best_export_of_an_uninterrupted_run(tmp_path):
+  # The selection metric by step. The run stops after step 7's evaluation, whose export (the best) is newer than
+  # the checkpoint of step 4; the resumed run evaluates steps 5 to 7 again, and step 5 must lose to step 2.
+  scores = {1: 0.2, 2: 0.5, 3: 0.1, 4: 0.3, 5: 0.4, 6: 0.45, 7: 0.9, 8: 0.6}
+  config = toy_model.toy_config(num_steps=8, ckpt_every=4, eval_every=1, log_every=1, async_ckpt=False)
+  init_fn, loss_fn = toy_model.regressor_fns()
+  heldout = toy_model.regressor_evaluator()
+
+  def run(workdir, data):
+    best = exports.BestExport(str(workdir), {"toy": "regressor"}, "score")
+    try:
+      loop.train_loop(config, workdir=str(workdir), init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
+                      data=data, evaluator=lambda params, step: {**heldout(params, step), "score": scores[step]},
+                      best=best)
+    finally:
+      best.close()
+
+  def evals(workdir):
+    with open(workdir / "eval.jsonl", encoding="utf-8") as f:
+      return [{k: v for k, v in json.loads(line).items() if k != "eval_s"} for line in f]
+
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  run(straight, toy_data(config))
+  with pytest.raises(Interrupted):
+    run(resumed, StopAt(toy_data(config), at=8))  # after step 7's evaluation and export
+  assert [e["step"] for e in evals(resumed)] == list(range(1, 8))
+  assert exports.read_info(str(resumed / "best"))["step"] == 7
+  run(resumed, toy_data(config))  # resumes from step 4
+
+  # eval.jsonl: each step once, the same metrics and the same choice of the best as without the interruption.
+  assert [e["step"] for e in evals(straight) if e["best"]] == [1, 2, 7]
+  assert evals(resumed) == evals(straight)
+  assert [m["step"] for m in read_metrics(resumed) if "eval/score" in m] == list(range(1, 9))
+  # The best export: step 7's parameters and metrics, as in the uninterrupted run.
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  exported = {}
+  for workdir in (straight, resumed):
+    export = exports.Export(str(workdir / "best"))
+    info, params = export.latest_info(), export.restore(abstract)
+    export.close()
+    info["metrics"].pop("eval_s")
+    exported[workdir] = info, params
+    assert info["step"] == 7 and info["metrics"] == {"mse": evals(straight)[6]["mse"], "score": 0.9}
+  assert exported[resumed][0] == exported[straight][0]
+  assert_trees_equal(exported[resumed][1], exported[straight][1])
+
+
 def test_resume_order_own_checkpoint_then_init_checkpoint_then_pretrained(tmp_path):
   config = toy_model.toy_config(num_steps=4)
   init_fn, loss_fn = toy_model.regressor_fns()
   other = loop.train_loop(config, workdir=str(tmp_path / "other"), init_fn=init_fn,
-                          loss_fn=loss_fn, data=toy_data(config))
+                          step=step_lib.adamw_step(config, loss_fn), data=toy_data(config))
 
   mesh = mesh_lib.make_mesh(config.mesh)
   optimizer, _ = optim.make_optimizer(config.optim, 10)

@@ -47,6 +47,19 @@ def regressor_fns(dropout: float = 0.1):
   return init_fn, loss_fn
 
 
+def regressor_evaluator(dropout: float = 0.1, num: int = 32, seed: int = 1):
+  """``(params, step) -> {"mse": ...}``: the regressor's error on held-out data, without dropout."""
+  model = ToyRegressor(dropout=dropout)
+  data = regression_data(num, seed)
+  predict = jax.jit(lambda params: model.apply({"params": params}, data["tokens"], train=False))
+
+  def evaluate(params, step):
+    del step
+    return {"mse": float(((np.asarray(predict(params)) - data["target"]) ** 2).mean())}
+
+  return evaluate
+
+
 def regression_data(num: int, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   return {"tokens": rng.integers(0, VOCAB, (num, SEQ)).astype(np.int32),
@@ -84,7 +97,7 @@ def dual_encoder_fns():
   def loss_fn(params, batch, rng):
     del rng
     q, p = model.apply({"params": params}, batch["q_tokens"], batch["p_tokens"])
-    nll, acc = losses.in_batch_nll(q, p)
+    nll, acc = losses.in_batch_nll(q @ p.T)
     return nll, {"accuracy": acc}
 
   return init_fn, loss_fn

@@ -25,7 +25,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy_model  # noqa: E402
 
 from rnr_jax.io import atomic_write_bytes  # noqa: E402
-from rnr_jax.training import loop, mesh  # noqa: E402
+from rnr_jax.training import loop, mesh, step  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
   data = loop.EpochIterator(fetch, len(arrays["tokens"]), config.train.batch_size,
                             seed=config.train.seed)
   init_fn, loss_fn = toy_model.regressor_fns()
-  state = loop.train_loop(config, workdir=args.workdir, init_fn=init_fn, loss_fn=loss_fn,
+  state = loop.train_loop(config, workdir=args.workdir, init_fn=init_fn, step=step.adamw_step(config, loss_fn),
                           data=data)
   params = {mesh.path_name(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
