@@ -1,87 +1,37 @@
-"""Distillation pieces (``rnr_jax.distill``): KD losses, the teacher cache, the candidate pool and batches.
+"""Distillation pieces: the unified outputs and KD losses (``rnr_jax.distill``), the teacher cache
+(``rnr_jax.teacher``), the candidate pool and its batches (``rnr_jax.pool``), the best exports and cached fresh-index
+vectors.
 
 The end-to-end distillation run on a toy task is in ``tests/test_finetune.py`` (it feeds finetuning).
 """
 
 import json
 import os
-import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import distill as distill_config
-from rnr_jax import distill, qa_model, reader
+from configs import finetune as finetune_config
+from rnr_jax import distill, exports, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax.data import PreparedData
-from rnr_jax.models import config_from_hf_dict
-from rnr_jax.qa_system import SystemSpec
+from rnr_jax.pool import UnifiedBatches, load_pool
+from rnr_jax.specs import ReaderSpec, SystemSpec
+from rnr_jax.teacher import TeacherCache
 from rnr_jax.tokenization import Tokenizer
+from rnr_jax.training import losses
+from rnr_jax.training.step import accumulate
 from test_reader_train import NUM_TRAIN, build_toy_prepared
-from train import distill as distill_train
-
-TINY_BERT = dict(model_type="bert", vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu",
-                 layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-
-
-def tiny_model() -> qa_model.RetrieverReader:
-  """A one-layer random-init retriever-reader (milliseconds per step)."""
-  return qa_model.RetrieverReader(config_from_hf_dict(TINY_BERT), retrieval_dim=8)
-
-
-def compiled(fn, *args):
-  """``jax.jit(fn)`` compiled for ``args`` without XLA's backend optimisations (half the compile time)."""
-  return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
-
-
-def random_batch(seed: int = 0, num_q: int = 2, m: int = 3, length: int = 12, q_len: int = 6, p_len: int = 8
-                 ) -> dict[str, np.ndarray]:
-  """A unified batch (rnr_jax.distill's module docstring) of random tokens; question 1's last passage is padding."""
-  rng = np.random.default_rng(seed)
-  rows = num_q * m
-
-  def inputs(n, length, real):
-    ids = rng.integers(1, TINY_BERT["vocab_size"], (n, length)).astype(np.int32)
-    mask = (np.arange(length)[None, :] < np.asarray(real)[:, None]).astype(np.int32)
-    types = np.ones_like(ids) * (np.arange(length)[None, :] >= 4) * mask
-    return ids * mask, mask, types.astype(np.int32)
-
-  lengths = rng.integers(8, length + 1, rows)
-  batch = dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs(rows, length, lengths)))
-  batch["text_start"] = np.full(rows, 4, np.int32)
-  batch["text_end"] = (lengths - 1).astype(np.int32)
-  batch["passage_mask"] = np.ones((num_q, m), bool)
-  batch["passage_mask"][1, -1] = False
-  batch["text_end"][m * 2 - 1] = 4  # the padding passage has no text
-  batch.update({f"q_{k}": v for k, v in zip(("input_ids", "attention_mask", "token_type_ids"),
-                                            inputs(num_q, q_len, rng.integers(3, q_len + 1, num_q)))})
-  batch["q_token_type_ids"] = np.zeros_like(batch["q_token_type_ids"])
-  batch.update({f"p_{k}": v for k, v in zip(("input_ids", "attention_mask", "token_type_ids"),
-                                            inputs(rows, p_len, rng.integers(3, p_len + 1, rows)))})
-  batch["span_starts"] = np.array([[5, 6], [4, 4]], np.int32)
-  batch["span_ends"] = np.array([[5, 7], [6, 4]], np.int32)
-  batch["span_mask"] = np.array([[True, True], [True, False]])
-  return batch
-
+from train import distill as distill_stage
+from train import finetune as finetune_stage
+from unified_fixtures import (ENCODER_INPUTS, TINY_BERT, compiled, kl_numpy, log_softmax_numpy, random_batch,
+                              tiny_model, tiny_params)
 
 # ---- losses ---------------------------------------------------------------------------
-
-
-def _kl_numpy(teacher, student, temperature, mask):
-  """Mean over rows with a True entry of KL(softmax(t/T) || softmax(s/T)) over the masked entries."""
-  width = teacher.shape[-1]
-  values = []
-  for t, s, k in zip(teacher.reshape(-1, width), student.reshape(-1, width), mask.reshape(-1, width)):
-    if not k.any():
-      continue
-    t, s = t[k].astype(np.float64) / temperature, s[k].astype(np.float64) / temperature
-    log_pt = t - t.max() - np.log(np.exp(t - t.max()).sum())
-    log_ps = s - s.max() - np.log(np.exp(s - s.max()).sum())
-    values.append(float((np.exp(log_pt) * (log_pt - log_ps)).sum()))
-  return float(np.mean(values))
 
 
 def test_distill_loss_matches_numpy_kl_with_temperature():
@@ -99,20 +49,14 @@ def test_distill_loss_matches_numpy_kl_with_temperature():
                                      t_end.reshape(-1, length), t_rank, scores, temperature=temperature,
                                      retrieval_loss="kd")
   rows = valid & passage_mask[..., None]
-  want = {"start_kl": _kl_numpy(t_start, start, temperature, rows), "end_kl": _kl_numpy(t_end, end, temperature, rows),
-          "rank_kl": _kl_numpy(t_rank, rank, temperature, passage_mask),
-          "retrieval_loss": _kl_numpy(t_rank, scores, temperature, passage_mask)}
+  want = {"start_kl": kl_numpy(t_start, start, temperature, rows), "end_kl": kl_numpy(t_end, end, temperature, rows),
+          "rank_kl": kl_numpy(t_rank, rank, temperature, passage_mask),
+          "retrieval_loss": kl_numpy(t_rank, scores, temperature, passage_mask)}
   for name, value in want.items():
     assert float(parts[name]) == pytest.approx(value, rel=1e-5), name
   assert float(loss) == pytest.approx(sum(want.values()), rel=1e-5)
-  assert want["start_kl"] != pytest.approx(_kl_numpy(t_start, start, 1.0, rows), rel=1e-2)  # τ matters
-  # read_weight scales L_read only; the reported parts stay unweighted.
-  weighted, weighted_parts = distill.distill_loss(start, end, rank, valid, passage_mask, t_start, t_end, t_rank,
-                                                  scores, temperature=temperature, retrieval_loss="kd",
-                                                  read_weight=temperature ** 2)
-  read = want["start_kl"] + want["end_kl"] + want["rank_kl"]
-  assert float(weighted) == pytest.approx(temperature ** 2 * read + want["retrieval_loss"], rel=1e-5)
-  assert float(weighted_parts["read_loss"]) == pytest.approx(read, rel=1e-5)
+  assert float(parts["read_loss"]) == pytest.approx(want["start_kl"] + want["end_kl"] + want["rank_kl"], rel=1e-5)
+  assert want["start_kl"] != pytest.approx(kl_numpy(t_start, start, 1.0, rows), rel=1e-2)  # τ matters
 
   _, parts = distill.distill_loss(start, end, rank, valid, passage_mask, t_start, t_end, t_rank, scores,
                                   temperature=temperature, retrieval_loss="nll")
@@ -126,10 +70,7 @@ def test_distill_loss_matches_numpy_kl_with_temperature():
 
 def test_kd_losses_zero_for_the_teacher_itself_and_positive_otherwise():
   model, batch = tiny_model(), random_batch()
-  params = model.init(jax.random.key(0), {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-  params = params["params"]
-  other = model.init(jax.random.key(1), {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-  other = other["params"]
+  params, other = tiny_params(model, batch, 0), tiny_params(model, batch, 1)
 
   def parts(student, teacher):
     t_start, t_end, t_rank, _ = distill.read_outputs(model, teacher, batch, None)
@@ -155,11 +96,10 @@ def test_kd_losses_zero_for_the_teacher_itself_and_positive_otherwise():
 def test_retrieval_scores_equal_separate_encodings():
   """Questions and passages embedded in one padded call score as when embedded apart (q . p, or scaled cosine)."""
   model, batch = tiny_model(), random_batch(seed=1)
-  params = model.init(jax.random.key(0), {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+  params = {"params": tiny_params(model, batch)}
 
   def outputs(params):
-    embed = lambda prefix: model.apply(params, {k: batch[prefix + k] for k in ("input_ids", "attention_mask",
-                                                                            "token_type_ids")}, method="embed")
+    embed = lambda prefix: model.apply(params, {k: batch[prefix + k] for k in ENCODER_INPUTS}, method="embed")
     return (distill.retrieval_scores(model, params["params"], batch, None, normalize=False, scale=1.0),
             distill.retrieval_scores(model, params["params"], batch, None, normalize=True, scale=20.0),
             embed("q_"), embed("p_").reshape(2, 3, -1))
@@ -170,40 +110,36 @@ def test_retrieval_scores_equal_separate_encodings():
   np.testing.assert_allclose(cosine, 20 * np.einsum("bd,bmd->bm", qn, pn), rtol=1e-5, atol=1e-5)
 
 
-def _log_softmax(x, mask):
-  x = np.where(mask, x.astype(np.float64), -np.inf)
-  return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
-
-
 def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
-  """In-batch NLL ranks each positive among every real passage of the batch; the teacher-retriever KL over them is
-  zero when the teacher's scores are the student's and matches a numpy reference otherwise."""
+  """In-batch NLL ranks each positive among every real passage of the batch; the teacher-retriever KL (at
+  temperature 1) over them is zero when the teacher's scores are the student's and matches a numpy reference
+  otherwise, and the loss adds it with its weight."""
   model, batch = tiny_model(), random_batch(seed=2)
-  params = model.init(jax.random.key(0), {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-  params = params["params"]
+  params = tiny_params(model, batch)
   mask = batch["passage_mask"]
   num_q, m = mask.shape
 
   def outputs(params, batch):
     q, p = distill.retrieval_vectors(model, params, batch, None)
-    everything = distill.score_in_batch(q, p, normalize=True, scale=20.0)
-    return (q, p, everything, distill.own_scores(everything, m), *distill.in_batch_nll(everything, mask),
+    everything = distill.score(q, p, normalize=True, scale=20.0)
+    return (q, p, everything, distill.own_scores(everything, m),
+            *losses.in_batch_nll(everything, mask.reshape(1, num_q * m)),
             distill.retrieval_scores(model, params, batch, None, normalize=True, scale=20.0))
 
   q, p, everything, own, nll, accuracy, scores = compiled(outputs, params, batch)(params, batch)
+  q, p, everything, scores = (np.asarray(x) for x in (q, p, everything, scores))
   np.testing.assert_allclose(own, scores, rtol=1e-5, atol=1e-5)  # the diagonal blocks are the own-m scores
   flat = mask.reshape(1, -1)
-  log_p = _log_softmax(np.asarray(everything), flat)
+  log_p = log_softmax_numpy(everything, flat)
   positives = np.arange(num_q) * m
   assert float(nll) == pytest.approx(-log_p[np.arange(num_q), positives].mean(), rel=1e-5)
   want_acc = np.mean(np.argmax(np.where(flat, everything, -np.inf), -1) == positives)
   assert float(accuracy) == pytest.approx(want_acc)
 
-  def parts(params, batch, in_batch, read_weight=1.0):
+  def parts(params, batch, in_batch, teacher_scale):
     loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
                                         in_batch=in_batch, retriever_teacher_weight=0.5,
-                                        retriever_teacher_temperature=2.0, retriever_teacher_scale=20.0,
-                                        read_weight=read_weight)
+                                        retriever_teacher_scale=teacher_scale)
     return loss_fn(params, batch, jax.random.key(0))
 
   teacher_out = distill.read_outputs(model, params, batch, None)
@@ -211,7 +147,7 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
   unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
   other = np.random.default_rng(0).normal(size=p.shape).astype(np.float32)
   for in_batch in (True, False):
-    run = compiled(lambda params, batch: parts(params, batch, in_batch), params,
+    run = compiled(lambda params, batch: parts(params, batch, in_batch, 20.0), params,
                    {**base, "t_q": unit(q), "t_p": unit(p)})
     # Dropout is off in the tiny model, so the student's vectors equal the ones above.
     loss, aux = run(params, {**base, "t_q": unit(q), "t_p": unit(p)})
@@ -219,58 +155,59 @@ def test_in_batch_retrieval_loss_and_retriever_teacher_kd():
     loss_other, aux_other = run(params, {**base, "t_q": unit(q), "t_p": unit(other)})
     teacher = 20.0 * unit(q) @ unit(other).T
     if in_batch:
-      want = _kl_numpy(teacher, np.asarray(everything), 2.0, np.broadcast_to(flat, teacher.shape)) * 4.0
+      want = kl_numpy(teacher, everything, 1.0, np.broadcast_to(flat, teacher.shape))
+      at_tau = kl_numpy(teacher, everything, 3.0, np.broadcast_to(flat, teacher.shape))
       assert float(aux["retrieval_loss"]) == pytest.approx(float(nll), rel=1e-5)
       assert "in_batch_acc" in aux
     else:
       blocks = teacher.reshape(num_q, num_q, m)[np.arange(num_q), np.arange(num_q)]
-      want = _kl_numpy(blocks, np.asarray(scores), 2.0, mask) * 4.0
+      want = kl_numpy(blocks, scores, 1.0, mask)
+      at_tau = kl_numpy(blocks, scores, 3.0, mask)
+      assert float(aux["retrieval_loss"]) == pytest.approx(float(distill.retrieval_nll(scores, mask)), rel=1e-5)
     assert float(aux_other["retriever_kd"]) == pytest.approx(want, rel=1e-4)
+    assert want != pytest.approx(at_tau, rel=1e-2)  # the distillation τ does not reach this KL
     assert float(loss_other) - float(loss) == pytest.approx(0.5 * want, rel=1e-4, abs=1e-5)
+    # The total: L_read (zero: the teacher is the student) + the retrieval loss + weight x the teacher KL.
+    assert abs(float(aux_other["read_loss"])) < 1e-5
+    assert float(loss_other) == pytest.approx(float(aux_other["read_loss"]) + float(aux_other["retrieval_loss"])
+                                              + 0.5 * want, rel=1e-5)
 
-  # read_weight reaches L_read through make_distill_loss: a teacher other than the student makes it non-zero.
-  shifted = {**base, "t_q": unit(q), "t_p": unit(p), "t_start": base["t_start"][..., ::-1],
-             "t_end": base["t_end"][..., ::-1], "t_rank": base["t_rank"][..., ::-1]}
-  (loss_1, aux_1), (loss_3, _) = (compiled(lambda params, batch: parts(params, batch, True, w), params, shifted)(
-      params, shifted) for w in (1.0, 3.0))
-  assert float(aux_1["read_loss"]) > 1e-3
-  assert float(loss_3) - float(loss_1) == pytest.approx(2.0 * float(aux_1["read_loss"]), rel=1e-4)
+  # retriever_teacher_scale=None: the teacher's scores are the raw inner products t_q . t_p.
+  raw = {**base, "t_q": q, "t_p": other}
+  _, aux_raw = compiled(lambda params, batch: parts(params, batch, True, None), params, raw)(params, raw)
+  want = kl_numpy(q @ other.T, everything, 1.0, np.broadcast_to(flat, everything.shape))
+  assert float(aux_raw["retriever_kd"]) == pytest.approx(want, rel=1e-4)
 
-  # embed_weight adds that weight x the mean 1 - cos to the teacher retriever's vectors over the questions and the
-  # real passages: zero for the student's own vectors (padding rows' zero teacher vectors do not count).
-  def embedded(params, batch):
-    return distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
-                                     in_batch=True, embed_weight=0.75)(params, batch, jax.random.key(0))
 
-  flat_mask = mask.reshape(-1)
-  assert not flat_mask.all()  # the batch has padding passages
-  own_p = np.where(flat_mask[:, None], unit(p), 0.0)
-  run = compiled(embedded, params, {**base, "t_q": unit(q), "t_p": own_p})
-  (loss_own, aux_own), (loss_other, aux_other) = (run(params, {**base, "t_q": unit(q), "t_p": t_p})
-                                                  for t_p in (own_p, other * flat_mask[:, None]))
-  assert abs(float(aux_own["embed_loss"])) < 1e-5
-  cos_other = np.sum(unit(p) * unit(other), -1)
-  want = np.concatenate([np.zeros(num_q), (1.0 - cos_other)[flat_mask]]).sum() / (num_q + flat_mask.sum())
-  assert float(aux_other["embed_loss"]) == pytest.approx(want, rel=1e-4)
-  assert float(loss_other) - float(loss_own) == pytest.approx(0.75 * want, rel=1e-4)
-  narrow = {**base, "t_q": unit(q)[:, :-1], "t_p": own_p[:, :-1]}
-  with pytest.raises(ValueError, match="embed_weight.*retrieval_dim"):
-    jax.eval_shape(embedded, params, narrow)
+def test_accumulate_gives_the_full_batch_gradients():
+  """Two micro-batches of one question each: the mean of their gradients is the full batch's (the losses are means
+  over questions), outputs are stacked, and micro-batch i sees extra[i] and fold_in(rng, i)."""
+  model, batch = tiny_model(), random_batch(seed=4)
+  params = tiny_params(model, batch)
+  rng = jax.random.key(3)
 
-  # label_weight adds that weight x train.reader's hard-label loss on the batch's span targets.
-  def labelled(params, batch):
-    loss_fn = distill.make_distill_loss(model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll",
-                                        in_batch=True, label_weight=0.25)
-    return loss_fn(params, batch, jax.random.key(0)), reader.reader_loss(
-        *distill.read_outputs(model, params, batch, None), batch["span_starts"], batch["span_ends"],
-        batch["span_mask"], batch["passage_mask"])[0]
-  (loss_l, aux_l), want_label = compiled(labelled, params, shifted)(params, shifted)
-  plain, _ = compiled(lambda params, batch: distill.make_distill_loss(
-      model, normalize=True, scale=20.0, temperature=3.0, retrieval_loss="nll", in_batch=True)(
-          params, batch, jax.random.key(0)), params, shifted)(params, shifted)
-  assert float(want_label) > 0.1  # random heads: far from the targets
-  assert float(aux_l["label_loss"]) == pytest.approx(float(want_label), rel=1e-5)
-  assert float(loss_l) - float(plain) == pytest.approx(0.25 * float(want_label), rel=1e-4)
+  def both(params, batch):
+    def fn(micro, r, extra):
+      loss, grads = jax.value_and_grad(lambda p: distill.reader_loss(model, p, micro, None)[0])(params)
+      return grads, (loss, extra, jax.random.uniform(r), micro["span_starts"])
+
+    full = jax.grad(lambda p: distill.reader_loss(model, p, batch, None)[0])(params)
+    return (full, accumulate(fn, params, batch, rng, 1, jnp.array([7.0])),
+            accumulate(fn, params, batch, rng, 2, jnp.array([7.0, 8.0])))
+
+  full, (grads_1, out_1), (grads_2, out_2) = compiled(both, params, batch)(params, batch)
+  loss_1, extra_1, u_1, _ = out_1
+  loss_2, extra_2, u_2, spans_2 = out_2
+  assert loss_1.shape == (1,) and loss_2.shape == (2,)
+  assert float(loss_2.mean()) == pytest.approx(float(loss_1[0]), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), grads_1, full)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_2, full)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(full)) > 1e-3  # gradients are not trivially zero
+  np.testing.assert_array_equal(extra_1, [7.0])
+  np.testing.assert_array_equal(extra_2, [7.0, 8.0])
+  assert float(u_1[0]) == float(jax.random.uniform(rng))
+  np.testing.assert_array_equal(u_2, [float(jax.random.uniform(jax.random.fold_in(rng, i))) for i in range(2)])
+  np.testing.assert_array_equal(spans_2[:, 0], batch["span_starts"])  # micro-batch i holds question i
 
 
 # ---- teacher cache --------------------------------------------------------------------
@@ -312,7 +249,7 @@ def test_teacher_cache_written_once_reused_and_invalidated(tmp_path):
   key = {"teacher": "abc", "data": "d1"}
 
   def build(teacher, k=key):
-    return distill.TeacherCache.open_or_build(root, k, pids, width, inputs, teacher, questions_per_call=2)
+    return TeacherCache.open_or_build(root, k, pids, width, inputs, teacher, questions_per_call=2)
 
   teacher = CountingTeacher()
   cache = build(teacher)
@@ -350,7 +287,7 @@ def test_teacher_cache_written_once_reused_and_invalidated(tmp_path):
   rest = CountingTeacher()
   resumed = build(rest, {**key, "data": "d2"})
   assert rest.calls == 3
-  fresh = distill.TeacherCache.open_or_build(str(tmp_path / "fresh"), {**key, "data": "d2"}, pids, width, inputs,
+  fresh = TeacherCache.open_or_build(str(tmp_path / "fresh"), {**key, "data": "d2"}, pids, width, inputs,
                                              CountingTeacher(), questions_per_call=3)
   for s in range(samples):
     for name in ("t_start", "t_end", "t_rank"):
@@ -367,10 +304,24 @@ def toy_prepared(tmp_path_factory):
 
 
 def _system(data) -> SystemSpec:
-  spec = rd.ReaderSpec(encoder=dict(TINY_BERT, vocab_size=30522), pooling="cls", retrieval_dim=8,
-                       tokenizer_fingerprint=data.manifest["settings"]["tokenizer"], question_len=32, reader_len=96,
-                       max_answer_len=10, buckets=(32, 64, 96))
+  spec = ReaderSpec(encoder=dict(TINY_BERT, vocab_size=30522), pooling="cls", retrieval_dim=8,
+                    tokenizer_fingerprint=data.manifest["settings"]["tokenizer"], question_len=32, reader_len=96,
+                    max_answer_len=10, buckets=(32, 64, 96))
   return SystemSpec.unified_model(spec, passage_len=64, passage_token_type=1)
+
+
+def _pool_config(candidates: str = "") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(train_splits=("toy_train",), max_train_questions=0, candidates=candidates,
+                                        retriever="", k1=6, encode_batch_size=8))
+
+
+def _examples_of(batch, it, system, tokenizer):
+  """The pool example of each question row of a batch, found by its question tokens."""
+  r = system.retriever
+  encoded = tokenizer.questions(it.questions, r.question_len, r.buckets).as_dict()
+  tokens = [tuple(ids[mask > 0].tolist()) for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+  return np.array([tokens.index(tuple(ids[mask > 0].tolist()))
+                   for ids, mask in zip(batch["q_input_ids"], batch["q_attention_mask"])])
 
 
 def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
@@ -380,27 +331,26 @@ def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
   # J_read from a ranked candidates file: BM25 top 6 (each key's 4 passages, then other keys').
   ranked = str(tmp_path / "ranked.npz")
   rd.save_ranked(ranked, {"toy_train": rd.ranked_pids(data, "toy_train", None)[:, :8]})
-  pool_cfg = ml_collections.ConfigDict(dict(train_splits=("toy_train",), max_train_questions=0, candidates=ranked,
-                                            retriever="", k1=6, encode_batch_size=8))
+  pool_cfg = _pool_config(ranked)
   workdir = str(tmp_path / "run")
-  pool = distill.load_pool(pool_cfg, data, tokenizer, workdir, mesh=None)
-  assert len(pool) == NUM_TRAIN and pool.step == 0
-  with np.load(os.path.join(workdir, "pool", "0.npz")) as f:
+  pool = load_pool(pool_cfg, data, tokenizer, workdir, mesh=None)
+  assert len(pool) == NUM_TRAIN
+  with np.load(os.path.join(workdir, "pool.npz")) as f:
     assert f["toy_train"].shape == (NUM_TRAIN, 6)
-  with open(os.path.join(workdir, "pool", "0.json"), encoding="utf-8") as f:
+  with open(os.path.join(workdir, "pool.json"), encoding="utf-8") as f:
     assert json.load(f)["source"] == "candidates"
 
   teacher = CountingTeacher()
   caches = []
 
   def teacher_cache(pids, inputs):
-    caches.append(distill.TeacherCache.open_or_build(os.path.join(workdir, "teacher_cache"), {"teacher": "t"}, pids,
-                                                     system.reader.reader_len, inputs, teacher, 8))
+    caches.append(TeacherCache.open_or_build(os.path.join(workdir, "teacher_cache"), {"teacher": "t"}, pids,
+                                             system.reader.reader_len, inputs, teacher, 8))
     return caches[-1]
 
   def batches(pool=pool):
-    return distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3, samples=2,
-                                  teacher_cache=teacher_cache)
+    return UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3, samples=2,
+                          teacher_cache=teacher_cache)
 
   it = batches()
   first = [next(it) for _ in range(5)]  # 4 batches per epoch: the fifth is epoch 1, sample 1
@@ -435,7 +385,7 @@ def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
   for _ in range(2):
     next(it)
   state = it.state()
-  assert state["pool_step"] == 0
+  assert state == {"seed": 3, "epoch": 0, "index": 2}
   resumed = batches()
   resumed.restore(state)
   for want in first[2:]:
@@ -443,50 +393,71 @@ def test_pool_batches_with_teacher_cache_and_resume(toy_prepared, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
-  assert teacher.calls == 2 * NUM_TRAIN // 8
+  assert teacher.calls == 2 * NUM_TRAIN // 8 and len(caches) == 3
 
-  # With span targets (distill.label_weight): the same rows and teacher logits, plus each positive's answer spans.
-  spanned = distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3,
-                                   samples=2, teacher_cache=teacher_cache, max_spans=3)
-  for want in first[:2]:
-    got = next(spanned)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
-    assert got["span_starts"].shape == (8, 3) and got["span_mask"][:, 0].all()  # every positive holds its answer
-    assert (got["span_starts"] <= got["span_ends"]).all()
-  assert teacher.calls == 2 * NUM_TRAIN // 8  # they reopened the same cache
-  caches.pop()
-
-  # A refresh (here with a fake index ranking every key's distractors first) saves pool <step>, names it in the
-  # data position and makes the teacher read the new samples.
-  class ReversedIndex:
-    def search(self, params, step, questions, k):
-      assert params == "params" and step == 7 and len(questions) == NUM_TRAIN
-      return rd.ranked_pids(data, "toy_train", ranked)[:, :k][:, ::-1].copy()
-
-  distill.PoolRefresher(pool, it, ReversedIndex())(types.SimpleNamespace(params="params"), 7)
-  assert it.state()["pool_step"] == 7 and pool.step == 7 and pool.has(7, {"source": "refresh", "step": 7, "k1": 6})
-  batch = next(it)
-  assert teacher.calls == 4 * NUM_TRAIN // 8 and len(caches) == 4  # opened by three iterators, then rebuilt
-  assert len(os.listdir(os.path.join(workdir, "teacher_cache"))) == 1  # the stale cache is gone
-  assert batch["t_rank"].shape == (8, 4)
-  # A restarted run's pool (step 0) becomes pool 7 again when the data position is restored.
-  restarted = distill.load_pool(pool_cfg, data, tokenizer, workdir, mesh=None)
-  resumed = batches(restarted)
-  resumed.restore(it.state())
-  assert restarted.step == 7
+  # A restarted run finds the saved pool (same key): not rewritten, the same negatives.
+  written = os.stat(os.path.join(workdir, "pool.npz")).st_mtime_ns
+  restarted = load_pool(pool_cfg, data, tokenizer, workdir, mesh=None)
+  assert os.stat(os.path.join(workdir, "pool.npz")).st_mtime_ns == written
+  np.testing.assert_array_equal(restarted.examples, pool.examples)
   for q in range(NUM_TRAIN):
     np.testing.assert_array_equal(restarted.splits[0].negatives[q], pool.splits[0].negatives[q])
+
+
+def test_batches_without_a_teacher_draw_each_epoch_afresh_with_span_targets_and_resume(toy_prepared, tmp_path):
+  """Finetuning's batches: example i in epoch e reads the pool's sample e, with the answer spans of its positive."""
+  data = PreparedData.load(toy_prepared)
+  tokenizer = Tokenizer.from_pretrained(data.tokenizer_path)
+  system = _system(data)
+  pool = load_pool(_pool_config(), data, tokenizer, str(tmp_path / "run"), mesh=None)  # BM25 candidates
+
+  def batches():
+    return UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3, max_spans=3)
+
+  it = batches()
+  first = [next(it) for _ in range(5)]  # 4 batches per epoch: the fifth is epoch 1
+  questions = data.questions("toy_train")
+  matcher = data.matcher()
+  drawn = {}
+  for b, batch in enumerate(first):
+    epoch = b // 4
+    examples = _examples_of(batch, it, system, tokenizer)
+    pids = np.stack([pool.sample(int(i), epoch, 4, 3) for i in examples])
+    drawn.update({(epoch, int(i)): tuple(row) for i, row in zip(examples, pids.tolist())})
+    want = it.reader_inputs(examples, pids, spans=True)
+    for k in want:
+      np.testing.assert_array_equal(batch[k], want[k], err_msg=k)
+    assert not any(k.startswith("t_") for k in batch)
+    assert batch["span_starts"].shape == (8, 3) and batch["span_mask"][:, 0].all()  # every positive holds its answer
+    for row, i in enumerate(examples):
+      _, q = pool.examples[i]
+      assert matcher.flags(questions[q].answers, pids[row]).tolist() == [True, False, False, False]
+      answers = {tuple(a.tolist()) for a in pool.question(int(i))[2]}
+      for s, e, keep in zip(batch["span_starts"][row], batch["span_ends"][row], batch["span_mask"][row]):
+        if keep:
+          assert tuple(batch["input_ids"][row * 4, s : e + 1].tolist()) in answers
+  assert len({k[1] for k in drawn}) == NUM_TRAIN  # epoch 0 visits every example once
+  assert any(drawn[1, i] != drawn[0, i] for (e, i) in drawn if e == 1)  # epoch 1 draws a new sample
+
+  # Resuming from the state after batch 2 replays batches 3-5.
+  it = batches()
+  for _ in range(2):
+    next(it)
+  resumed = batches()
+  resumed.restore(it.state())
+  for want in first[2:]:
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_batches_carry_the_retriever_teachers_vectors(toy_prepared, tmp_path):
   data = PreparedData.load(toy_prepared)
   tokenizer = Tokenizer.from_pretrained(data.tokenizer_path)
   system = _system(data)
-  pool_cfg = ml_collections.ConfigDict(dict(train_splits=("toy_train",), max_train_questions=0, candidates="",
-                                            retriever="", k1=6, encode_batch_size=8))
-  pool = distill.load_pool(pool_cfg, data, tokenizer, str(tmp_path / "run"), mesh=None)
-  it = distill.UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3)
+  pool = load_pool(_pool_config(), data, tokenizer, str(tmp_path / "run"), mesh=None)
+  it = UnifiedBatches(pool, tokenizer, data.token_corpus(), system, m=4, batch_size=8, seed=3)
   assert len(it.questions) == len(pool) and it.questions[1] == pool.question(1)[0]
   rng = np.random.default_rng(0)
   q_vectors = rng.normal(size=(len(pool), 5)).astype(np.float32)
@@ -499,12 +470,7 @@ def test_batches_carry_the_retriever_teachers_vectors(toy_prepared, tmp_path):
   batch = next(it)
   assert batch["t_q"].shape == (8, 5) and batch["t_p"].shape == (32, 5)
   # t_q row r is the vector of the pool question whose tokens are in q_input_ids row r.
-  r = system.retriever
-  encoded = tokenizer.questions(it.questions, r.question_len, r.buckets).as_dict()
-  tokens = [tuple(ids[mask > 0].tolist()) for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
-  for row in range(8):
-    ids = tuple(batch["q_input_ids"][row][batch["q_attention_mask"][row] > 0].tolist())
-    np.testing.assert_array_equal(batch["t_q"][row], q_vectors[tokens.index(ids)])
+  np.testing.assert_array_equal(batch["t_q"], q_vectors[_examples_of(batch, it, system, tokenizer)])
   # t_p row j is the vector of the passage in p_input_ids row j (its token record is in that row).
   corpus = data.token_corpus()
   for row in range(32):
@@ -513,25 +479,43 @@ def test_batches_carry_the_retriever_teachers_vectors(toy_prepared, tmp_path):
     assert set(np.asarray(corpus[pid]).tolist()) <= set(ids.tolist())
 
 
-def test_top_exports_keep_the_best_evaluations(tmp_path):
-  top = distill.TopExports(str(tmp_path / "top"), keep=2, select="em")
+# ---- exports and cached vectors -------------------------------------------------------
+
+
+def test_best_export_keeps_the_best_evaluations_in_top(tmp_path):
+  best = exports.BestExport(str(tmp_path), {"note": "x"}, "em", keep=2)
   params = {"w": np.zeros(3, np.float32)}
+  top = tmp_path / "top"
 
-  def update(step, em):
-    return top.update(step, {"w": params["w"] + step}, {"metrics": {"em": em}, "note": "x"})
+  def offer(step, em):
+    return best.offer(step, {"w": params["w"] + step}, {"em": em})
 
-  assert update(10, 0.2) and update(20, 0.5)
-  assert not update(30, 0.1)  # worse than both kept
-  assert update(40, 0.3) and top.steps() == {20: 0.5, 40: 0.3}  # 10 dropped
-  assert not update(50, 0.3)  # ties keep the earlier step
-  export = rd.ParamsExport(str(tmp_path / "top" / "step_40"))
-  np.testing.assert_array_equal(export.restore({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"], [40] * 3)
-  assert export.latest_info()["note"] == "x"
-  export.close()
-  assert update(40, 0.9) and top.steps() == {20: 0.5, 40: 0.9}  # a re-evaluated step replaces its export
+  def kept():
+    return {int(info["step"]): info["metrics"]["em"]
+            for info in (exports.read_info(str(top / name)) for name in os.listdir(top))}
+
+  def restored(directory):
+    export = exports.Export(str(directory))
+    try:
+      return export.restore({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"], export.latest_info()
+    finally:
+      export.close()
+
+  assert offer(10, 0.2) and offer(20, 0.5)
+  assert not offer(30, 0.1) and kept() == {10: 0.2, 20: 0.5}  # worse than both kept
+  assert not offer(40, 0.3) and kept() == {20: 0.5, 40: 0.3}  # 10 dropped
+  assert not offer(50, 0.3) and kept() == {20: 0.5, 40: 0.3}  # ties keep the earlier step
+  w, info = restored(top / "step_40")
+  np.testing.assert_array_equal(w, [40] * 3)
+  assert info["note"] == "x" and info["select_metric"] == "em"
+  w, info = restored(tmp_path / "best")
+  np.testing.assert_array_equal(w, [20] * 3)
+  assert info["step"] == 20 and info["metrics"] == {"em": 0.5}
+  assert offer(40, 0.9) and kept() == {20: 0.5, 40: 0.9}  # a re-evaluated step replaces its export
   # A run resumed from step 30: the exports of later steps are dropped.
-  assert update(35, 0.1) and top.steps() == {20: 0.5, 35: 0.1}
-  assert sorted(os.listdir(tmp_path / "top")) == ["step_20", "step_35"]
+  assert not offer(35, 0.1) and kept() == {20: 0.5, 35: 0.1}
+  assert sorted(os.listdir(top)) == ["step_20", "step_35"]
+  best.close()
 
 
 def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_passages(tmp_path):
@@ -539,23 +523,19 @@ def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_pass
   vectors = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
   pids = np.array([3, 5, 8, 9])
   cache = str(tmp_path / "index")
-  assert distill.load_cached_vectors(cache, params, pids) is None  # nothing kept yet
-  distill.save_cached_vectors(cache, vectors, params, pids)
-  np.testing.assert_array_equal(distill.load_cached_vectors(cache, params, pids), vectors)
-  assert distill.load_cached_vectors(cache, {"w": params["w"] + 1e-3}, pids) is None  # other parameters
-  assert distill.load_cached_vectors(cache, params, pids[:-1]) is None  # other passages
-  os.remove(os.path.join(cache, distill.VECTORS_KEY_FILE))  # an interrupted save: vectors without their key
-  assert distill.load_cached_vectors(cache, params, pids) is None
+  assert retrieval.load_cached_vectors(cache, params, pids) is None  # nothing kept yet
+  retrieval.save_cached_vectors(cache, vectors, params, pids)
+  np.testing.assert_array_equal(retrieval.load_cached_vectors(cache, params, pids), vectors)
+  assert retrieval.load_cached_vectors(cache, {"w": params["w"] + 1e-3}, pids) is None  # other parameters
+  assert retrieval.load_cached_vectors(cache, params, pids[:-1]) is None  # other passages
+  os.remove(os.path.join(cache, retrieval.VECTORS_KEY_FILE))  # an interrupted save: vectors without their key
+  assert retrieval.load_cached_vectors(cache, params, pids) is None
 
 
-def test_distill_refuses_bad_loss_weights_before_writing(tmp_path):
-  """Negative weights, and embedding matching without the teacher retriever it matches, fail naming the field."""
-  for field, value, match in (("embed_weight", 1.0, "embed_weight.*retriever_teacher"),
-                              ("embed_weight", -1.0, "embed_weight must be >= 0"),
-                              ("label_weight", -1.0, "label_weight must be >= 0")):
-    config = distill_config.get_config()
-    config.distill.teacher = str(tmp_path / "teacher")
-    config.distill[field] = value
+def test_unified_stages_refuse_a_missing_model_before_writing(tmp_path):
+  for stage, config, match in ((distill_stage, distill_config.get_config("tiny"), "distill.teacher"),
+                               (finetune_stage, finetune_config.get_config("tiny"), "finetune.init")):
+    workdir = tmp_path / match
     with pytest.raises(ValueError, match=match):
-      distill_train.train_and_evaluate(config, str(tmp_path / field))
-    assert not os.path.exists(tmp_path / field)
+      stage.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
