@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from rnr_jax import deploy, exports
 from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint

@@ -1,4 +1,5 @@
-"""Corpus embeddings directories: the passage vectors a retriever (or unified student) gives a prepared corpus.
+"""Corpus embeddings: the passage vectors a retriever (or unified student) gives a prepared corpus, and the fresh
+index a training run searches with its current parameters.
 
 ``embeddings.npy`` (float32 ``[N, d]``, row i = passage id i of the prepared directory), then ``embeddings.json``
 (format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks while
@@ -7,6 +8,7 @@ encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +27,8 @@ from rnr_jax.data import PreparedData
 from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS
-from rnr_jax.specs import RetrieverSpec, SystemSpec
+from rnr_jax.reader_data import NO_PASSAGE
+from rnr_jax.specs import EmbedFn, RetrieverSpec, SystemSpec
 
 Params = Any
 FORMAT = "rnr_jax.embeddings"
@@ -51,6 +54,8 @@ def key_of(spec: RetrieverSpec | SystemSpec, fingerprint: str, corpus_sha256: st
 def save(out_dir: str, vectors: np.ndarray, info: Mapping[str, Any]) -> None:
   """Writes ``embeddings.npy`` then ``embeddings.json`` (``info`` plus format, count and dim); drops ``chunks/``."""
   os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(os.path.join(out_dir, META_FILE)):
+    os.remove(os.path.join(out_dir, META_FILE))  # the meta goes last: a half-written pair is never taken as valid
   save_npy(os.path.join(out_dir, EMBEDDINGS_FILE), np.asarray(vectors, np.float32))
   atomic_write_json(os.path.join(out_dir, META_FILE), {
       "format": FORMAT, "version": VERSION, "num_passages": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
@@ -170,3 +175,56 @@ def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], dat
   logging.info("Teacher retriever %s: %d questions encoded in %.1f s.", teacher, len(vectors),
                time.perf_counter() - start)
   return vectors, passages, bool(spec.normalize)
+
+
+class FreshIndex:
+  """Exact search over the corpus encoded by a model's current parameters (once per step): only ``passage_ids`` (the
+  filter's subset) when given; with ``cache_dir`` the latest encoding is kept for a later export of the same parameters
+  (:func:`load_fresh`)."""
+
+  def __init__(self, question_fn: EmbedFn, passage_fn: EmbedFn, spec: RetrieverSpec, tokenizer: tk.Tokenizer,
+               corpus: Sequence[np.ndarray], mesh: Mesh, batch_size: int, passage_ids: np.ndarray | None = None,
+               cache_dir: str | None = None):
+    self._spec = spec
+    self._cache_dir = cache_dir
+    self._tokenizer = tokenizer
+    self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
+    self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
+    self._row_ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else self._passage_ids
+    self._questions = retrieval.BatchEncoder(question_fn, mesh, batch_size)
+    self._passages = retrieval.BatchEncoder(passage_fn, mesh, batch_size)
+    self._step: int | None = None
+    self._vectors: np.ndarray | None = None
+
+  def search(self, params: Params, step: int, questions: Sequence[str], k: int) -> np.ndarray:
+    """``int32 [len(questions), k]`` passage ids, best first (-1 padded past the corpus size)."""
+    spec = self._spec
+    if self._step != step or self._vectors is None:
+      self._vectors = retrieval.encode_corpus(self._passages, params, self._tokenizer, self._corpus,
+                                              max_len=spec.passage_len, buckets=spec.buckets,
+                                              token_type=spec.passage_token_type).vectors
+      self._step = step
+      if self._cache_dir and jax.process_index() == 0:
+        save(self._cache_dir, self._vectors, fresh_key(params, self._row_ids))
+    q = retrieval.encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
+                                   buckets=spec.buckets)
+    ids, _ = retrieval.search_exact(q, self._vectors, k)
+    if self._passage_ids is not None:
+      ids = self._passage_ids[ids]
+    return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=NO_PASSAGE)
+
+
+def fresh_key(params: Params, passage_ids: np.ndarray) -> dict[str, str]:
+  """What identifies an encoding of some passages by some parameters."""
+  return {"model_fingerprint": exports.params_fingerprint(params),
+          "passage_ids_sha256": hashlib.sha256(np.ascontiguousarray(passage_ids, np.int64).tobytes()).hexdigest()}
+
+
+def load_fresh(directory: str, params: Params, passage_ids: np.ndarray) -> np.ndarray | None:
+  """The vectors kept in ``directory`` for exactly these parameters and passages, else None."""
+  try:
+    vectors, info = load(directory, mmap=False)
+  except FileNotFoundError:
+    return None
+  key = fresh_key(params, passage_ids)
+  return vectors if all(info.get(k) == v for k, v in key.items()) and len(vectors) == len(passage_ids) else None

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rnr_jax import passage_filter, reader, retrieval
+from rnr_jax import embeddings, passage_filter, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData, Question
@@ -170,7 +170,7 @@ class OpenEvaluator:
   retrieval accuracy ``top<k>``."""
 
   def __init__(self, eval_cfg: Any, system: SystemSpec, data: PreparedData, tokenizer: tk.Tokenizer,
-               index: retrieval.FreshIndex, mesh: jax.sharding.Mesh):
+               index: embeddings.FreshIndex, mesh: jax.sharding.Mesh):
     self._data = data
     self._index = index
     self._counts = tuple(sorted(int(n) for n in eval_cfg.passages))

@@ -141,41 +141,35 @@ class BestExport:
 # ---- loading --------------------------------------------------------------------------
 
 
-def _restore(directory: str, what: str, key: str, init: Callable[[Any], Params], mesh: Mesh | None
-             ) -> tuple[Any, Params, dict[str, Any]]:
-  """``(spec, params replicated on mesh or on device 0, model item)`` of an export holding ``model[key]``."""
+def _restore(directory: str, kind: str, mesh: Mesh | None) -> tuple[Any, Params, dict[str, Any]]:
+  """``(spec, params replicated on mesh or on device 0, model item)`` of an export holding ``model[kind]``."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no exported {what} (no such directory)")
+    raise FileNotFoundError(f"{directory}: no exported {kind} (no such directory)")
   export = Export(directory)
   try:
     info = export.latest_info()
     if info is None:
-      raise FileNotFoundError(f"{directory}: no exported {what}")
-    if key not in info:
-      raise ValueError(f"{directory}: not an exported {what} (its model item holds {sorted(info)})")
-    spec = {"retriever": RetrieverSpec, "reader": ReaderSpec}[key].from_json(info[key])
+      raise FileNotFoundError(f"{directory}: no exported {kind}")
+    if kind not in info:
+      raise ValueError(f"{directory}: not an exported {kind} (its model item holds {sorted(info)})")
+    spec = {"retriever": RetrieverSpec, "reader": ReaderSpec}[kind].from_json(info[kind])
     sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    abstract = jax.eval_shape(lambda: init(spec.build()))
-    params = export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                         abstract))
-    return spec, params, info
+    abstract = jax.eval_shape(lambda: qa_model.init_params(spec.build(), jax.random.key(0)))
+    return spec, export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                             abstract)), info
   finally:
     export.close()
 
 
-def _init(model: Any) -> Params:
-  return qa_model.init_params(model, jax.random.key(0))
-
-
 def load_retriever(directory: str, mesh: Mesh | None = None) -> tuple[RetrieverSpec, Params, dict[str, Any]]:
   """``(spec, params, model item)`` of an exported retriever (``train.retriever``'s ``W/best``)."""
-  return _restore(directory, "retriever", "retriever", _init, mesh)
+  return _restore(directory, "retriever", mesh)
 
 
 def load_reader(directory: str, mesh: Mesh | None = None) -> tuple[ReaderSpec, Params, dict[str, Any]]:
   """``(spec, params, model item)`` of an exported reader or unified student."""
-  return _restore(directory, "reader", "reader", _init, mesh)
+  return _restore(directory, "reader", mesh)
 
 
 def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | None = None, *,

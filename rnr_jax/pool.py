@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rnr_jax import exports, passage_filter, retrieval
+from rnr_jax import embeddings, exports, passage_filter, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
@@ -116,7 +116,7 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
       spec, params, _ = exports.load_retriever(pool_cfg.retriever, mesh)
       if spec.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:
         raise ValueError(f"{pool_cfg.retriever} was trained with another tokenizer than {data.path}'s")
-      index = retrieval.FreshIndex(*spec.embed_fns(), spec, tokenizer, data.token_corpus(), mesh,
+      index = embeddings.FreshIndex(*spec.embed_fns(), spec, tokenizer, data.token_corpus(), mesh,
                                    int(pool_cfg.encode_batch_size),
                                    passage_filter.subset_ids(subset, data.num_passages))
       return {s: index.search(params, 0, [q.question for q in data.questions(s)], int(pool_cfg.k1)) for s in splits}

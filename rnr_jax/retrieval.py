@@ -1,9 +1,7 @@
-"""Dense retrieval: batched sharded encoding (resumable in chunks), exact search and its evaluation, and the fresh
-index a training run searches with its current parameters."""
+"""Dense retrieval: batched sharded encoding (resumable in chunks), exact search and its evaluation."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -16,15 +14,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rnr_jax import exports, lexical
+from rnr_jax import lexical
 from rnr_jax import tokenization as tk
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.index_search import exact_search
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
-from rnr_jax.reader_data import NO_PASSAGE
-from rnr_jax.specs import EmbedFn, RetrieverSpec
+from rnr_jax.specs import EmbedFn
 from rnr_jax.training import mesh as mesh_lib
 
 Params = Any
@@ -247,76 +244,3 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
   lexical_ids, lexical_scores = bm25.search(list(questions), depth)
   ids, _ = lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, weight, max(ks))
   return {f"top{k}": v for k, v in answer_top_k_accuracy(ids, answers, matcher, ks).items()}
-
-
-# ---- the fresh index of a training run ----------------------------------------------------
-
-
-class FreshIndex:
-  """Exact search over the corpus encoded by a model's current parameters (once per step): only ``passage_ids`` (the
-  filter's subset) when given; with ``cache_dir`` the latest encoding is kept for a later export of the same parameters
-  (:func:`load_cached_vectors`)."""
-
-  def __init__(self, question_fn: EmbedFn, passage_fn: EmbedFn, spec: RetrieverSpec, tokenizer: tk.Tokenizer,
-               corpus: Sequence[np.ndarray], mesh: Mesh, batch_size: int, passage_ids: np.ndarray | None = None,
-               cache_dir: str | None = None):
-    self._spec = spec
-    self._cache_dir = cache_dir
-    self._tokenizer = tokenizer
-    self._passage_ids = None if passage_ids is None else np.asarray(passage_ids, np.int64)
-    self._corpus = corpus if passage_ids is None else [corpus[int(p)] for p in self._passage_ids]
-    self._row_ids = np.arange(len(corpus), dtype=np.int64) if passage_ids is None else self._passage_ids
-    self._questions = BatchEncoder(question_fn, mesh, batch_size)
-    self._passages = BatchEncoder(passage_fn, mesh, batch_size)
-    self._step: int | None = None
-    self._vectors: np.ndarray | None = None
-
-  def search(self, params: Params, step: int, questions: Sequence[str], k: int) -> np.ndarray:
-    """``int32 [len(questions), k]`` passage ids, best first (-1 padded past the corpus size)."""
-    spec = self._spec
-    if self._step != step or self._vectors is None:
-      self._vectors = encode_corpus(self._passages, params, self._tokenizer, self._corpus, max_len=spec.passage_len,
-                                    buckets=spec.buckets, token_type=spec.passage_token_type).vectors
-      self._step = step
-      if self._cache_dir:
-        save_cached_vectors(self._cache_dir, self._vectors, params, self._row_ids)
-    q = encode_questions(self._questions, params, self._tokenizer, questions, max_len=spec.question_len,
-                         buckets=spec.buckets)
-    ids, _ = search_exact(q, self._vectors, k)
-    if self._passage_ids is not None:
-      ids = self._passage_ids[ids]
-    return np.pad(ids.astype(np.int32), ((0, 0), (0, k - ids.shape[1])), constant_values=NO_PASSAGE)
-
-
-VECTORS_FILE, VECTORS_KEY_FILE = "vectors.npy", "vectors.json"
-
-
-def _vectors_key(params: Params, passage_ids: np.ndarray) -> dict[str, str]:
-  return {"params": exports.params_fingerprint(params),
-          "passage_ids": hashlib.sha256(np.ascontiguousarray(passage_ids, np.int64).tobytes()).hexdigest()}
-
-
-def save_cached_vectors(directory: str, vectors: np.ndarray, params: Params, passage_ids: np.ndarray) -> None:
-  """Keeps an encoding (``vectors.npy`` + its key) so a later evaluation or export of the same parameters over the same
-  passages reuses it instead of encoding the corpus again."""
-  key = _vectors_key(params, passage_ids)
-  if jax.process_index() != 0:
-    return
-  os.makedirs(directory, exist_ok=True)
-  key_path = os.path.join(directory, VECTORS_KEY_FILE)
-  if os.path.exists(key_path):
-    os.remove(key_path)  # the key goes last: a half-written pair is never taken as valid
-  save_npy(os.path.join(directory, VECTORS_FILE), np.asarray(vectors, np.float32))
-  atomic_write_json(key_path, key)
-
-
-def load_cached_vectors(directory: str, params: Params, passage_ids: np.ndarray) -> np.ndarray | None:
-  """The vectors :func:`save_cached_vectors` kept for exactly these parameters and passages, else None."""
-  key_path = os.path.join(directory, VECTORS_KEY_FILE)
-  if not os.path.isfile(key_path):
-    return None
-  with open(key_path, encoding="utf-8") as f:
-    if json.load(f) != _vectors_key(params, passage_ids):
-      return None
-  vectors = np.load(os.path.join(directory, VECTORS_FILE))
-  return vectors if vectors.shape[0] == len(passage_ids) else None

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from rnr_jax import exports, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.io import atomic_write_json
-from rnr_jax.specs import ReaderSpec, read_fn
+from rnr_jax.specs import read_fn
 
 Params = Any
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -34,46 +34,24 @@ CACHE_VERSION = 1
 
 
 class Teacher:
-  """The reader teacher: loaded once on first use, replicated on ``mesh``, never part of a student's state."""
+  """The reader teacher, replicated on ``mesh``: read once into the cache, then released, never in the student's
+  state or checkpoints."""
 
   def __init__(self, directory: str, mesh: jax.sharding.Mesh, rows_per_call: int):
-    self.directory = directory
-    self._mesh = mesh
-    self._rows = rows_per_call
-    self._loaded: tuple[Params, retrieval.BatchEncoder] | None = None
-    self._spec: ReaderSpec | None = None
-    self._fingerprint: str | None = None
-
-  def _load(self) -> tuple[Params, retrieval.BatchEncoder]:
-    if self._loaded is None:
-      self._spec, params, _ = exports.load_reader(self.directory, self._mesh)
-      self._loaded = params, retrieval.BatchEncoder(read_fn(self._spec.build()), self._mesh, self._rows)
-      logging.info("Loaded the reader teacher from %s.", self.directory)
-    return self._loaded
-
-  @property
-  def spec(self) -> ReaderSpec:
-    """The teacher's reader spec (kept after :meth:`release`)."""
-    if self._spec is None:
-      self._load()
-    return self._spec
-
-  def fingerprint(self) -> str:
-    """sha256 of the teacher's parameters (kept after :meth:`release`)."""
-    if self._fingerprint is None:
-      self._fingerprint = exports.params_fingerprint(self._load()[0])
-    return self._fingerprint
+    self.spec, self._params, _ = exports.load_reader(directory, mesh)
+    self.fingerprint = exports.params_fingerprint(self._params)
+    self._read = retrieval.BatchEncoder(read_fn(self.spec.build()), mesh, rows_per_call)
+    logging.info("Loaded the reader teacher from %s.", directory)
 
   def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``start, end [rows, L]`` and ``rank [rows]`` logits of a reader batch (numpy)."""
-    params, encoder = self._load()
     rows, length = batch["input_ids"].shape
-    out = encoder(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
+    out = self._read(self._params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
     return out[:, :length], out[:, length : 2 * length], out[:, 2 * length]
 
   def release(self) -> None:
-    """Drops the parameters (loaded again if called again)."""
-    self._loaded = None
+    """Frees the parameters' device memory once every output is cached."""
+    self._params = None
 
 
 InputsFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]

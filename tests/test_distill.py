@@ -16,7 +16,7 @@ import pytest
 
 from configs import distill as distill_config
 from configs import finetune as finetune_config
-from rnr_jax import distill, exports, retrieval
+from rnr_jax import distill, embeddings, exports
 from rnr_jax import reader_data as rd
 from rnr_jax.data import PreparedData
 from rnr_jax.pool import UnifiedBatches, load_pool
@@ -482,39 +482,28 @@ def test_batches_carry_the_retriever_teachers_vectors(toy_prepared, tmp_path):
 # ---- exports and cached vectors -------------------------------------------------------
 
 
-def test_best_export_keeps_the_best_evaluations_in_top(tmp_path):
-  best = exports.BestExport(str(tmp_path), {"note": "x"}, "em", keep=2)
+def test_best_export_keeps_the_best_evaluation(tmp_path):
+  best = exports.BestExport(str(tmp_path), {"note": "x"}, "em")
   params = {"w": np.zeros(3, np.float32)}
-  top = tmp_path / "top"
 
   def offer(step, em):
     return best.offer(step, {"w": params["w"] + step}, {"em": em})
 
-  def kept():
-    return {int(info["step"]): info["metrics"]["em"]
-            for info in (exports.read_info(str(top / name)) for name in os.listdir(top))}
-
-  def restored(directory):
-    export = exports.Export(str(directory))
+  def restored():
+    export = exports.Export(str(tmp_path / "best"))
     try:
       return export.restore({"w": jax.ShapeDtypeStruct((3,), np.float32)})["w"], export.latest_info()
     finally:
       export.close()
 
   assert offer(10, 0.2) and offer(20, 0.5)
-  assert not offer(30, 0.1) and kept() == {10: 0.2, 20: 0.5}  # worse than both kept
-  assert not offer(40, 0.3) and kept() == {20: 0.5, 40: 0.3}  # 10 dropped
-  assert not offer(50, 0.3) and kept() == {20: 0.5, 40: 0.3}  # ties keep the earlier step
-  w, info = restored(top / "step_40")
-  np.testing.assert_array_equal(w, [40] * 3)
-  assert info["note"] == "x" and info["select_metric"] == "em"
-  w, info = restored(tmp_path / "best")
+  assert not offer(30, 0.1) and not offer(40, 0.5)  # worse, and a tie: the earlier step stays
+  w, info = restored()
   np.testing.assert_array_equal(w, [20] * 3)
+  assert info["note"] == "x" and info["select_metric"] == "em"
   assert info["step"] == 20 and info["metrics"] == {"em": 0.5}
-  assert offer(40, 0.9) and kept() == {20: 0.5, 40: 0.9}  # a re-evaluated step replaces its export
-  # A run resumed from step 30: the exports of later steps are dropped.
-  assert not offer(35, 0.1) and kept() == {20: 0.5, 35: 0.1}
-  assert sorted(os.listdir(top)) == ["step_20", "step_35"]
+  with pytest.raises(KeyError, match="no metric 'em'"):
+    best.offer(50, params, {"f1": 1.0})
   best.close()
 
 
@@ -523,13 +512,13 @@ def test_cached_fresh_index_vectors_are_reused_only_for_the_same_params_and_pass
   vectors = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
   pids = np.array([3, 5, 8, 9])
   cache = str(tmp_path / "index")
-  assert retrieval.load_cached_vectors(cache, params, pids) is None  # nothing kept yet
-  retrieval.save_cached_vectors(cache, vectors, params, pids)
-  np.testing.assert_array_equal(retrieval.load_cached_vectors(cache, params, pids), vectors)
-  assert retrieval.load_cached_vectors(cache, {"w": params["w"] + 1e-3}, pids) is None  # other parameters
-  assert retrieval.load_cached_vectors(cache, params, pids[:-1]) is None  # other passages
-  os.remove(os.path.join(cache, retrieval.VECTORS_KEY_FILE))  # an interrupted save: vectors without their key
-  assert retrieval.load_cached_vectors(cache, params, pids) is None
+  assert embeddings.load_fresh(cache, params, pids) is None  # nothing kept yet
+  embeddings.save(cache, vectors, embeddings.fresh_key(params, pids))
+  np.testing.assert_array_equal(embeddings.load_fresh(cache, params, pids), vectors)
+  assert embeddings.load_fresh(cache, {"w": params["w"] + 1e-3}, pids) is None  # other parameters
+  assert embeddings.load_fresh(cache, params, pids[:-1]) is None  # other passages
+  os.remove(os.path.join(cache, embeddings.META_FILE))  # an interrupted save: vectors without their meta
+  assert embeddings.load_fresh(cache, params, pids) is None
 
 
 def test_unified_stages_refuse_a_missing_model_before_writing(tmp_path):

@@ -210,7 +210,6 @@ def test_distill_learns_toy_task(distilled):
   info = exports.read_info(os.path.join(workdir, "best"))
   assert info["metrics"]["em_open_mean"] == best["em_open_mean"] and info["step"] == best["step"]
   assert system.unified and system.retriever.pooling == "mean" and scale == config.unified.scale
-  assert sorted(os.listdir(os.path.join(workdir, "top"))) == ["step_20", "step_40"]  # eval.keep_best = 2
   caches = os.listdir(os.path.join(workdir, "teacher_cache"))
   assert len(caches) == 1 and os.path.exists(os.path.join(workdir, "teacher_cache", caches[0], "done.json"))
 

@@ -14,7 +14,7 @@ from test_retriever import write_toy_data
 from configs.pipeline_common import stage
 from rnr_jax import exports
 from rnr_jax.config import load_config
-from rnr_jax.data.sources import write_slice, write_tfds_squad
+from train.sources import write_slice, write_tfds_squad
 from rnr_jax.qa_system import QASystem
 from train import pipeline
 

@@ -43,11 +43,17 @@ def optim_cfg(**overrides):
   return cfg
 
 
+def init_sharded(init_fn, mesh):
+  """Parameters born sharded by the rules, as train_loop initialises them (eval_shape, then jit with shardings)."""
+  shardings = mesh_lib.param_shardings(jax.eval_shape(init_fn, jax.random.key(0)), mesh, toy_model.RULES)
+  return jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
+
+
 def build_step(mesh, init_fn, loss_fn, *, grad_accum=1, trainable_mask=None, num_steps=10):
   """(jitted step, initial state) on ``mesh``, as train_loop builds them."""
   optimizer, schedule = optim.make_optimizer(optim_cfg(), num_steps, trainable_mask)
   new_state = lambda rng: step_lib.TrainState.create(init_fn(rng), optimizer)  # noqa: E731
-  state = mesh_lib.init_sharded(new_state, jax.random.key(0), mesh, toy_model.RULES)
+  state = init_sharded(new_state, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, optimizer, grad_accum=grad_accum, schedule=schedule),
@@ -75,7 +81,7 @@ def test_mesh_and_rules_shard_params():
   mesh = make_mesh((-1, 2))
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
   init_fn, _ = toy_model.regressor_fns()
-  params = mesh_lib.init_sharded(init_fn, jax.random.key(0), mesh, toy_model.RULES)
+  params = init_sharded(init_fn, mesh)
   specs = jax.tree.map(lambda x: x.sharding.spec, params)
   assert specs["embed"]["embedding"] == P(None, "fsdp")
   assert specs["hidden"]["kernel"] == P("fsdp", None)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rnr_jax import distill, embeddings, exports, passage_filter, qa_model, retrieval
+from rnr_jax import distill, embeddings, exports, passage_filter, qa_model
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
 from rnr_jax.evaluation import OpenEvaluator
@@ -88,7 +88,7 @@ def fresh_evaluation(config: ml_collections.ConfigDict, workdir: str, system: Sy
   """The unified stages' evaluation (a fresh index of the filtered corpus, kept in ``W/index`` for the export of
   the same parameters) and the export of the best student."""
   pcfg = config.pool
-  index = retrieval.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
+  index = embeddings.FreshIndex(*system.embed_fns(), system.retriever, tokenizer, data.token_corpus(), mesh,
                                int(pcfg.encode_batch_size),
                                passage_filter.subset_ids(pcfg.subset, data.num_passages),
                                cache_dir=os.path.join(workdir, "index"))
@@ -115,12 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   loop.check_vocabulary(system.reader.build().config.vocab_size, tokenizer, data)
   pool = load_pool(pcfg, data, tokenizer, workdir, mesh)
   teacher = Teacher(dcfg.teacher, mesh, int(dcfg.cache_batch_size) * m)
+  if teacher.spec.tokenizer_fingerprint != system.reader.tokenizer_fingerprint:
+    raise ValueError(f"the teacher {dcfg.teacher} was trained with another tokenizer than {data.path}'s")
 
   def teacher_cache(pids: np.ndarray, inputs: InputsFn) -> TeacherCache:
-    if teacher.spec.tokenizer_fingerprint != system.reader.tokenizer_fingerprint:
-      raise ValueError(f"the teacher {dcfg.teacher} was trained with another tokenizer than {data.path}'s")
     r = system.reader
-    key = {"teacher": teacher.fingerprint(), "teacher_spec": teacher.spec.to_json(), "data": data_fingerprint(data),
+    key = {"teacher": teacher.fingerprint, "teacher_spec": teacher.spec.to_json(), "data": data_fingerprint(data),
            "examples": hashlib.sha256(pool.examples.tobytes()).hexdigest(),
            "inputs": {"reader_len": r.reader_len, "question_len": r.question_len, "buckets": list(r.buckets)}}
     cache = TeacherCache.open_or_build(os.path.join(workdir, "teacher_cache"), key, pids, r.reader_len, inputs,

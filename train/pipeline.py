@@ -30,12 +30,10 @@ from ml_collections import config_flags
 
 from rnr_jax import deploy, embeddings, exports, passage_filter, retrieval
 from rnr_jax import reader_data as rd
-from rnr_jax import report as report_lib
 from rnr_jax import tokenization as tk
 from rnr_jax.config import apply_override, load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
-from rnr_jax.data.sources import write_slice, write_tfds_squad
 from rnr_jax.evaluation import evaluate_system
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import atomic_write_json, atomic_write_text
@@ -46,7 +44,9 @@ from train import distill as distill_stage
 from train import filter as filter_stage
 from train import finetune as finetune_stage
 from train import reader as reader_stage
+from train import report as report_lib
 from train import retriever as retriever_stage
+from train.sources import write_slice, write_tfds_squad
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,14 +205,15 @@ class Pipeline:
     """The kept passages encoded by a unified run's exported student: its last fresh index when that encoded
     exactly these parameters and passages (its final evaluation), else encoded now (and kept for the bundle)."""
     cache = self.path(run, "index")
-    vectors = retrieval.load_cached_vectors(cache, params, pids)
+    vectors = embeddings.load_fresh(cache, params, pids)
     if vectors is not None:
       logging.info("Reusing %s's encoding of the %d kept passages.", run, len(pids))
       return vectors
     corpus = self.data.token_corpus()
     vectors = encode_passages(spec, params, self.tokenizer(), [corpus[p] for p in pids.tolist()], self.mesh,
                               batch_size=int(self.config.encode_batch_size), progress=True)
-    retrieval.save_cached_vectors(cache, vectors, params, pids)
+    if jax.process_index() == 0:
+      embeddings.save(cache, vectors, embeddings.fresh_key(params, pids))
     return vectors
 
   def unified_system(self, run: str) -> tuple[QASystem, dict[str, Any]]:

@@ -5,7 +5,7 @@ parameters, fresh optimiser), else the stage's pretrained weights, else the rand
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax

@@ -143,17 +143,6 @@ def with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
                       abstract_tree, shardings)
 
 
-def init_sharded(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array, mesh: Mesh,
-                 rules: Rules) -> PyTree:
-  """Runs ``init_fn(rng)`` so that every array is created directly in its shards.
-
-  ``jax.eval_shape`` gives the shapes without computing anything; ``jax.jit`` with ``out_shardings`` then materialises
-  each device's shard only, so no full copy of the parameters ever exists on one device or on the host.
-  """
-  shardings = param_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
-  return jax.jit(init_fn, out_shardings=shardings)(rng)
-
-
 def batch_sharding(mesh: Mesh, data_axes: Iterable[str] = DATA_AXES) -> NamedSharding:
   """Sharding of batch arrays: leading dimension split over the data-parallel axes."""
   axes = tuple(a for a in data_axes if a in mesh.shape)

@@ -1,4 +1,4 @@
-"""Data directories to prepare from besides a user's own files: a slice of one (smoke runs), SQuAD from TFDS."""
+"""Data directories the pipeline prepares from besides a user's own files: a slice (smoke runs), SQuAD from TFDS."""
 
 from __future__ import annotations
 
