@@ -55,7 +55,7 @@ def retrieval_vectors(model: qa_model.RetrieverReader, params: Params, batch: Ba
   are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout.
   """
   q, p = _inputs(batch, "q_"), _inputs(batch, "p_")
-  length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])
+  length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])  # one padded length: one encoder call
   rows = {k: jnp.concatenate([jnp.pad(x[k], ((0, 0), (0, length - x[k].shape[1]))) for x in (q, p)])
           for k in ENCODER_INPUTS}
   vectors = model.apply({"params": params}, rows, deterministic=rng is None, rngs=_rngs(rng), method="embed")
@@ -117,7 +117,7 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
   """
   if retrieval_loss not in RETRIEVAL_LOSSES:
     raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {retrieval_loss!r}")
-  rows = valid & passage_mask[..., None]
+  rows = valid & passage_mask[..., None]  # padding passages and non-text positions leave the KL
   start_kl = losses.kl_div(teacher_start.reshape(start.shape), start, temperature, rows)
   end_kl = losses.kl_div(teacher_end.reshape(end.shape), end, temperature, rows)
   rank_kl = losses.kl_div(teacher_rank, rank, temperature, passage_mask)
@@ -147,7 +147,7 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
     two-encoder retriever is the better retrieval teacher.
   """
   def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    read_rng, ret_rng = jax.random.split(rng)
+    read_rng, ret_rng = jax.random.split(rng)  # reading and retrieval passes draw different dropout
     start, end, rank, valid = read_outputs(model, params, batch, read_rng)
     q, p = retrieval_vectors(model, params, batch, ret_rng)
     mask = batch["passage_mask"]
@@ -161,11 +161,11 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
                              scores, temperature=temperature, retrieval_loss=retrieval_loss)
     if in_batch and retrieval_loss == "nll":
       nll, accuracy = losses.in_batch_nll(everything, mask.reshape(1, num_q * m))
-      loss = loss - aux["retrieval_loss"] + nll
+      loss = loss - aux["retrieval_loss"] + nll  # the in-batch NLL replaces the per-question one
       aux = {**aux, "retrieval_loss": nll, "in_batch_acc": accuracy}
     if retriever_teacher_weight:
       teacher = jnp.einsum("bd,pd->bp", batch["t_q"], batch["t_p"], preferred_element_type=jnp.float32)
-      teacher = teacher * retriever_teacher_scale if retriever_teacher_scale else teacher
+      teacher = teacher * retriever_teacher_scale if retriever_teacher_scale else teacher  # on the student's scale
       if in_batch:
         kd = losses.kl_div(teacher, everything, 1.0, mask.reshape(1, num_q * m))
       else:

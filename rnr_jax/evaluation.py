@@ -49,7 +49,7 @@ class _Reading:
     self._batch = batch_size
     self._rule = rule
     self._is_continuation = reader.continuation_table(tokenizer.vocab())
-    self._reader = retrieval.BatchEncoder(model_fn, mesh, batch_size * m)
+    self._reader = retrieval.BatchEncoder(model_fn, mesh, batch_size * m)  # one compiled shape per bucket
 
   def answers(self, params: Params, question_ids: Sequence[np.ndarray], pids: np.ndarray, counts: Sequence[int]
               ) -> dict[int, list[str]]:
@@ -242,7 +242,7 @@ def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, r
   answers = [q.answers for q in questions]
   em_at = {n: float(np.mean([exact_match(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
   f1_at = {n: float(np.mean([f1_score(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
-  best = max(counts, key=lambda n: (em_at[n], -n))
+  best = max(counts, key=lambda n: (em_at[n], -n))  # EM at the best m', as the paper; ties: fewer
   matcher = AnswerMatcher(lambda pid: system.passage(pid)[1] if pid >= 0 else "")  # -1: an empty index slot
   ks = sorted({k for k in DEFAULT_KS if k < top_k} | {top_k})
   accuracy = answer_top_k_accuracy(np.concatenate(ranked), answers, matcher, ks)

@@ -32,7 +32,7 @@ def iterative_step(config: Any, model: qa_model.RetrieverReader, *, normalize: b
   ``retrieval_acc``, ``loss`` (their sum), both gradient norms, ``param_norm`` and ``lr``.
   """
   doubled = config.optim.copy_and_resolve_references()
-  doubled.warmup_steps = 2 * int(config.optim.warmup_steps)
+  doubled.warmup_steps = 2 * int(config.optim.warmup_steps)  # two updates per step
   optimizer, schedule = make_optimizer(doubled, 2 * int(config.train.num_steps))
   temperature, grad_accum = float(config.finetune.temperature), int(config.optim.grad_accum)
 
@@ -54,7 +54,7 @@ def iterative_step(config: Any, model: qa_model.RetrieverReader, *, normalize: b
     # (1) l(t) with θ(t), a constant target; (2) θ̂(t) = update of θ(t) on the reader loss.
     def read_pass(micro: Batch, r: jax.Array, _: Any) -> tuple[Params, Any]:
       read_rng, ret_rng = jax.random.split(r)
-      target = jax.lax.stop_gradient(scores_of(theta, micro, ret_rng))
+      target = jax.lax.stop_gradient(scores_of(theta, micro, ret_rng))  # (1) is a constant target
       (loss, aux), grads = jax.value_and_grad(
           lambda p: distill.reader_loss(model, p, micro, read_rng), has_aux=True)(theta)
       return grads, (target, loss, aux)
@@ -65,18 +65,18 @@ def iterative_step(config: Any, model: qa_model.RetrieverReader, *, normalize: b
 
     # (3)-(5) l̂(t) with θ̂(t), L_recon + L_nll; (6) θ(t+1) = update of θ̂(t).
     def retrieval_pass(micro: Batch, r: jax.Array, target: jax.Array) -> tuple[Params, Any]:
-      _, ret_rng = jax.random.split(r)
+      _, ret_rng = jax.random.split(r)  # the same key as (1): l and l-hat differ only by the reader update
       (loss, aux), grads = jax.value_and_grad(retrieval_objective, has_aux=True)(theta_hat, micro, ret_rng, target)
       return grads, (loss, aux)
 
     ret_grads, (ret_losses, ret_aux) = accumulate(retrieval_pass, theta_hat, batch, rng, grad_accum, targets)
-    updates, opt_state = optimizer.update(ret_grads, opt_state, theta_hat)
+    updates, opt_state = optimizer.update(ret_grads, opt_state, theta_hat)  # the shared state, advanced again
     params = optax.apply_updates(theta_hat, updates)
 
     metrics = {**jax.tree.map(jnp.mean, read_aux), **jax.tree.map(jnp.mean, ret_aux),
                "loss": read_losses.mean() + ret_losses.mean(), "read_grad_norm": optax.tree.norm(read_grads),
                "retrieval_grad_norm": optax.tree.norm(ret_grads), "param_norm": optax.tree.norm(params),
-               "lr": schedule(state.step * 2)}
+               "lr": schedule(state.step * 2)}  # the schedule counts updates
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return Step(update, lambda params: TrainState.create(params, optimizer))

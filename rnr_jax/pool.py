@@ -80,7 +80,7 @@ class TrainingPool:
   def sample(self, i: int, s: int, m: int, seed: int) -> np.ndarray:
     """Sample ``s`` of example ``i``: ``m`` passage ids, a positive first (drawn from ``(seed, s, i)``)."""
     split, q = self.examples[i]
-    rng = np.random.default_rng([seed, POOL_STREAM, s, int(i)])
+    rng = np.random.default_rng([seed, POOL_STREAM, s, int(i)])  # one stream per sample and example: resumable
     return self.splits[split].training_passages(int(q), m, rng)
 
   def question(self, i: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
@@ -198,7 +198,7 @@ class UnifiedBatches(EpochIterator):
     epoch = self.state()["epoch"]
     if self._teacher_cache is not None:
       cache, sample = self._cache_of_pool(), epoch % self._samples
-      pids = np.asarray(cache.pids[sample, idx])
+      pids = np.asarray(cache.pids[sample, idx])  # the passages the teacher read
     else:
       pids = np.stack([self._pool.sample(int(i), epoch, self._m, self._seed) for i in idx])
     batch = self.reader_inputs(idx, pids, spans=self._max_spans > 0)
@@ -214,6 +214,6 @@ class UnifiedBatches(EpochIterator):
       tq, tp = self._retriever_teacher
       flat = pids.reshape(-1)
       t_p = np.asarray(tp[np.maximum(flat, 0)], np.float32)
-      t_p[flat == rd.NO_PASSAGE] = 0.0
+      t_p[flat == rd.NO_PASSAGE] = 0.0  # padding passages get no teacher vector
       batch.update(t_q=tq[np.asarray(idx)], t_p=t_p)
     return batch

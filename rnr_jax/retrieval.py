@@ -94,7 +94,7 @@ class BatchEncoder:
       if len(idx) > self.batch_size:
         raise ValueError(f"batch of {len(idx)} rows exceeds the encoding batch size {self.batch_size}")
       pending.append((idx, self._fn(params, self._device_batch(batch, self.batch_size))))
-      if len(pending) > 2:
+      if len(pending) > 2:  # two batches in flight: the host prepares while devices run
         finish(*pending.pop(0))
     for idx, vectors in pending:
       finish(idx, vectors)

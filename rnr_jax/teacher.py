@@ -122,11 +122,11 @@ class TeacherCache:
         for name, x in (("start", start), ("end", end)):
           x = x.reshape(len(rows), m, length)[..., :width]
           arrays[name][s, i, :, : x.shape[-1]] = x.astype(np.float16)
-          arrays[name][s, i, :, x.shape[-1]:] = 0
+          arrays[name][s, i, :, x.shape[-1]:] = 0  # positions past a short bucket
         arrays["rank"][s, i] = rank.reshape(len(rows), m).astype(np.float16)
         for a in arrays.values():
           a.flush()
-        atomic_write_json(progress_path, {"done": int(rows[-1]) + 1})
+        atomic_write_json(progress_path, {"done": int(rows[-1]) + 1})  # after the flush: a killed build resumes here
     if writer:
       atomic_write_json(os.path.join(directory, "done.json"), {"seconds": time.perf_counter() - t})
       os.remove(progress_path)

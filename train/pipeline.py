@@ -100,6 +100,8 @@ class Pipeline:
     self.validate()
     records = {}
     for stage in names:
+      if stage in redo:  # from scratch: a stage's checkpoints would otherwise resume its earlier run
+        shutil.rmtree(self.path("prepared" if stage == "prepare" else stage), ignore_errors=True)
       record = None if stage in redo else self.finished(stage)
       if record is None:
         logging.info("=== stage %s ===", stage)
@@ -496,7 +498,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("data_dir", None, "Our jsonl files (corpus.jsonl, *_train.jsonl, *_dev.jsonl); default: the "
                       "config's data_dir (RNR_DATA or ../shared/data).")
   flags.DEFINE_string("until", None, "Stop after this stage.")
-  flags.DEFINE_list("redo", [], "Stages to run again even if finished (their later stages are not redone).")
+  flags.DEFINE_list("redo", [], "Stages to run again from scratch, their outputs deleted first (later stages are "
+                    "not redone).")
   flags.DEFINE_string("results_md", None, "Also write the report's markdown here (e.g. docs/results.md).")
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -167,7 +167,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   mesh = mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.
-  init_rng, base_rng = jax.random.split(make_key(train_cfg))
+  init_rng, base_rng = jax.random.split(make_key(train_cfg))  # init and step keys never collide
   abstract_state = jax.eval_shape(lambda rng: step.init_state(init_fn(rng)), init_rng)
   shardings = mesh_lib.param_shardings(abstract_state, mesh, config.mesh.rules)
   init_params = jax.jit(init_fn, out_shardings=shardings.params)
@@ -192,7 +192,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
                          start_step=start_step)
   try:
     for step_num in range(start_step + 1, total_steps + 1):
-      batch = mesh_lib.make_global_batch(next(data), mesh)
+      batch = mesh_lib.make_global_batch(next(data), mesh)  # each process contributes its rows
       state, metrics = train_step(state, batch, rng)
       last = step_num == total_steps
       save = last or checkpointer.should_save(step_num)

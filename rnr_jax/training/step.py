@@ -86,7 +86,7 @@ def accumulate(fn: Callable[[Batch, jax.Array, Any], tuple[PyTree, Any]], params
     grads, out = fn(micro, jax.random.fold_in(rng, i), ex)
     return jax.tree.map(jnp.add, carry, grads), out
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # sums in float32
   grads, outs = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), split_microbatches(batch, grad_accum), extra))
   return jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grads, params), outs
 
@@ -103,7 +103,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro, rng)
       return grads, (loss, aux)
 
-    rng = jax.random.fold_in(base_rng, state.step)
+    rng = jax.random.fold_in(base_rng, state.step)  # a resumed run draws the same keys
     grads, (losses, auxes) = accumulate(micro_step, state.params, batch, rng, grad_accum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
