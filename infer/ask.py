@@ -1,18 +1,23 @@
 r"""Asks a bundle one or more questions from the command line.
 
-  python -m infer.ask --bundle B "who wrote the iliad" ["another question" ...] [--top_k K --read_passages M]
+  python -m infer.ask --bundle B "who wrote the iliad" ["another question" ...] [--top_k K --read_passages M
+                      --n_best N --no_answer_threshold P --json]
 
-Prints, per question, the answer, the title and id of the passage it comes from, and the passage with the answer
-highlighted: ANSI bold on a terminal, ``**...**`` otherwise.
+Prints, per question, the n-best answers with their probabilities, each with the title and id of its passage and the
+passage with the answer highlighted (ANSI bold on a terminal, ``**...**`` otherwise), then the retrieved titles;
+``--json`` prints one JSON object per question instead (:meth:`Prediction.to_json`). ``--bundle`` takes a bundle
+directory or a Hugging Face Hub id.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
+from infer.common import enable_compilation_cache
 from rnr_jax.bundle import BundleError
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
@@ -28,6 +33,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("rule", None, list(RULES), "Answer rule (default: the bundle's).")
   flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
   flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the bundle's).")
+  flags.DEFINE_integer("n_best", 3, "Answers shown per question.")
+  flags.DEFINE_float("no_answer_threshold", 0.0, "Say there is no answer below this probability.")
+  flags.DEFINE_bool("json", False, "Print one JSON object per question.")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
   flags.mark_flag_as_required("bundle")
 
@@ -42,23 +50,31 @@ def highlight(passage: str, start: int, end: int, tty: bool) -> str:
 
 def render(p: Prediction, tty: bool) -> str:
   """The printed form of a prediction."""
-  if p.passage_id < 0:
+  if not p.answers:
     return f"Q: {p.question}\nA: (no answer: no passage was retrieved)\n"
-  return (f"Q: {p.question}\nA: {p.answer}\n"
-          f"Passage {p.passage_id} (rank {p.rank + 1}, score {p.score:.3f}): {p.title}\n"
-          f"{highlight(p.passage, p.answer_start, p.answer_end, tty)}\n")
+  lines = [f"Q: {p.question}", f"A: {p.answer or '(no confident answer)'}"]
+  for i, a in enumerate(p.answers, 1):
+    lines += [f"{i}. {a.text} (p={a.probability:.3f}) from passage {a.passage.id} (rank {a.passage.rank + 1}): "
+              f"{a.passage.title}", f"   {highlight(a.passage.text, a.start, a.end, tty)}"]
+  lines.append("Retrieved: " + "; ".join(f"{r.rank + 1}. {r.title} ({r.score:.3f})" for r in p.passages))
+  return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
   questions = list(argv[1:])
   if not questions or any(not q.strip() for q in questions):
     raise app.UsageError("give one or more non-empty questions, e.g. python -m infer.ask --bundle B \"question\"")
+  enable_compilation_cache()
   try:
-    system = QASystem.from_bundle(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
-  except (BundleError, FileNotFoundError) as e:
+    system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
+  except (BundleError, OSError) as e:
     sys.exit(f"infer.ask: error: {e}")
   predictions = system.answer(questions, top_k=FLAGS.top_k, read_passages=FLAGS.read_passages, rule=FLAGS.rule,
-                              passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight)
+                              passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight,
+                              n_best=FLAGS.n_best, no_answer_threshold=FLAGS.no_answer_threshold)
+  if FLAGS.json:
+    print("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in predictions), end="")
+    return
   tty = sys.stdout.isatty()
   print("\n".join(render(p, tty) for p in predictions), end="")
 

@@ -210,7 +210,7 @@ def read_counts(top_k: int, max_read: int = 0) -> list[int]:
 
 def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, rule: str,
                     passage_score_weight: float, batch_size: int = 64, progress: bool = True, max_read: int = 0,
-                    lexical_weight: float | None = None) -> tuple[dict[str, Any], list[Any]]:
+                    lexical_weight: float | None = None, n_best: int = 1) -> tuple[dict[str, Any], list[Any]]:
   """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3).
 
   Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m' of
@@ -233,7 +233,7 @@ def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, r
     for i in range(0, len(questions), batch_size):
       chunk = questions[i:i + batch_size]
       results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
-                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight)
+                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight, n_best=n_best)
       for n in counts:
         predictions[n] += results.predictions[n]
       ranked.append(results.passage_ids)

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,8 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rnr_jax import lexical, reader, retrieval
-from rnr_jax import reader_data as rd
+from rnr_jax import answers, lexical, reader, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.bundle import BundleError, load_bundle
 from rnr_jax.data.token_corpus import TokenCorpus, save_npy
@@ -32,7 +30,6 @@ from rnr_jax.training import mesh as mesh_lib
 RULES = ("dpr", "weighted", "fused")
 PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-NO_PASSAGE = rd.NO_PASSAGE
 
 
 def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
@@ -194,24 +191,46 @@ class InferenceSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class Prediction:
-  """The answer to one question from passage ``passage_id``: its character range in ``passage`` (-1 if unknown),
-  ``score`` under the rule, the passage's ``retrieval_score`` and ``rank`` (0 = best). Without a retrieved passage
-  with text: answer "", ids, ranges and rank -1, scores 0."""
+class RetrievedPassage:
+  """A retrieved passage: its display ``title`` and ``text``, retrieval ``score`` and ``rank`` (0 = best)."""
 
-  question: str
-  answer: str
-  passage_id: int
+  id: int
   title: str
-  passage: str
-  answer_start: int
-  answer_end: int
+  text: str
   score: float
-  retrieval_score: float
   rank: int
 
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """One of a question's n-best answers: ``passage.text[start:end]``, its ``probability`` among the candidate spans of
+  the passages read (:func:`rnr_jax.answers.nbest`) and its ``score`` under the rule."""
+
+  text: str
+  probability: float
+  score: float
+  start: int
+  end: int
+  passage: RetrievedPassage
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """The n-best ``answers`` to a question (ordered by the rule) and its retrieved ``passages``, best first;
+  ``no_answer``: nothing was read, or the best answer's probability is below the threshold."""
+
+  question: str
+  answers: tuple[Answer, ...]
+  passages: tuple[RetrievedPassage, ...]
+  no_answer: bool = False
+
+  @property
+  def answer(self) -> str:
+    """The answer's text ("" for no answer)."""
+    return "" if self.no_answer else self.answers[0].text
+
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {"question": self.question, "answer": self.answer, **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,15 +243,26 @@ class Results:
   predictions: dict[int, list[Prediction]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """Questions with their retrieved passages and, per question, the reader rows of the first passages read:
+  ``(input_ids, text_start, text_end, start_logits, end_logits, rank_logit)`` (:meth:`QASystem.read`)."""
+
+  questions: list[str]
+  passage_ids: np.ndarray
+  passage_scores: np.ndarray
+  passages: list[tuple[RetrievedPassage, ...]]
+  rows: list[list[tuple[np.ndarray, int, int, np.ndarray, np.ndarray, float]]]
+
+
 def _power_of_two(n: int, limit: int) -> int:
   """Smallest power of two >= ``n``, or ``limit`` when that is smaller: a padded batch size, so few shapes compile."""
   return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
-def _locate(text: str, part: str, near: int) -> int:
-  """Start of the occurrence of ``part`` in ``text`` closest to ``near`` (the first of equals), or -1."""
-  starts = [m.start() for m in re.finditer(f"(?={re.escape(part)})", text)] if part else []
-  return min(starts, key=lambda i: abs(i - near), default=-1)
+def _lengths(max_len: int, buckets: Sequence[int]) -> list[int]:
+  """Every padded length :func:`rnr_jax.tokenization.bucket_length` gives under ``max_len``."""
+  return sorted({min(b, max_len) for b in buckets} | {max_len})
 
 
 @functools.lru_cache(maxsize=8)
@@ -245,8 +275,8 @@ def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrie
 
 
 class QASystem:
-  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``). Not thread-safe: one
-  caller at a time (the server batches requests onto one thread)."""
+  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``, by default every
+  local device). Not thread-safe: one caller at a time (the server runs requests and edits on one thread)."""
 
   def __init__(self, spec: SystemSpec, params: Params, index: DenseIndex, store: PassageStore,
                tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,
@@ -257,7 +287,7 @@ class QASystem:
     if missing.any():
       raise ValueError(f"indexed passages missing from the corpus: {index.ids[missing][:10].tolist()}")
     self.spec = spec
-    self.mesh = mesh if mesh is not None else mesh_lib.data_mesh(jax.devices()[:1])
+    self.mesh = mesh if mesh is not None else mesh_lib.data_mesh(jax.local_devices())
     self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
     self.index = index
     self.store = store
@@ -266,7 +296,13 @@ class QASystem:
     self._passage_texts = passage_texts
     self._lexical: LexicalIndex | None = None
     self._is_continuation = reader.continuation_table(tokenizer.vocab())
+    self._detokenize = answers.Detokenizer(tokenizer.vocab(), (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id))
+    self._views: dict[int, tuple[str, str, np.ndarray]] = {}
+    self._views_version = store.version
     self._embed_questions, self._read = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
+    parallel = mesh_lib.data_parallelism(self.mesh)
+    # Reader rows run in chunks of at most this many, padded to a power of two: few shapes, all compiled by warmup().
+    self.read_rows = max(_power_of_two(self.settings.read_batch * self.settings.read_passages, 1 << 30), parallel)
 
   @classmethod
   def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Params, index: DenseIndex,
@@ -275,7 +311,7 @@ class QASystem:
                  settings: InferenceSettings | None = None, mesh: Mesh | None = None) -> QASystem:
     """A system from in-memory parts; a reader ``spec`` makes a unified retriever-reader. ``passage_ids``: the ids
     of the corpus rows (default: row numbers); ``passage_texts(pid)``: ``(title, text)`` to cut answers from (None:
-    decode the token ids); ``mesh``: a one-axis ``("data",)`` mesh (default: the first device)."""
+    detokenize the token ids); ``mesh``: a one-axis ``("data",)`` mesh."""
     if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
     return cls(spec, params, index, PassageStore(token_corpus, passage_ids), tokenizer, settings=settings,
@@ -305,6 +341,15 @@ class QASystem:
     except ValueError as e:
       raise BundleError(path, f"inconsistent components: {e}") from e
 
+  @classmethod
+  def from_pretrained(cls, bundle: str | os.PathLike, *, revision: str | None = None, **kwargs: Any) -> QASystem:
+    """The system of a bundle directory or a Hugging Face Hub model id (downloaded with ``huggingface_hub``; see
+    ``python -m infer.hub``); ``kwargs`` go to :meth:`from_bundle`."""
+    if os.path.isdir(bundle) or os.path.isabs(bundle) or str(bundle).startswith((".", "~")):
+      return cls.from_bundle(bundle, **kwargs)
+    from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+    return cls.from_bundle(snapshot_download(str(bundle), revision=revision), **kwargs)
+
   def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
     """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed jitted batches."""
     questions = tk.check_questions(questions)
@@ -319,6 +364,21 @@ class QASystem:
   def embed_passages(self, records: Sequence[np.ndarray], *, progress: bool = False) -> np.ndarray:
     """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records."""
     return encode_passages(self.spec, self.params, self.tokenizer, records, self.mesh, progress=progress)
+
+  def warmup(self, *, passages: bool = False) -> int:
+    """Compiles every shape questions and reading can take (and passage encoding for edits); returns the count."""
+    shapes = []
+    q, r = self.spec.retriever, self.spec.reader
+    for length in _lengths(q.question_len, q.buckets):
+      shapes += [(self._embed_questions, rows, length) for rows in _sizes(self.settings.question_batch)]
+    for length in _lengths(r.reader_len, r.buckets):
+      shapes += [(self._read, rows, length) for rows in _sizes(self.read_rows)]
+    for runner, rows, length in shapes:
+      ones = np.ones((rows, length), np.int32)
+      runner.run(self.params, tk.EncodedBatch(ones, ones, 0 * ones), rows)
+    if passages:
+      self.embed_passages([np.ones(n - 2, np.int32) for n in _lengths(q.passage_len, q.buckets)])
+    return len(shapes)
 
   def search(self, questions: Sequence[str], top_k: int, *, lexical_weight: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -344,81 +404,120 @@ class QASystem:
     return lexical.fuse(dense_ids, dense_scores, lexical_ids, lexical_scores, s.lexical_weight,
                         min(top_k, len(self.index)))
 
+  def _view(self, pid: int) -> tuple[str, str, np.ndarray]:
+    """``(title, text, character range of each text token)`` of a passage: its original text if known, else the
+    token ids detokenized; cached until the passages are edited."""
+    if self._views_version != self.store.version or len(self._views) > 50_000:
+      self._views, self._views_version = {}, self.store.version
+    pid = int(pid)
+    if pid not in self._views:
+      title_ids, text_ids = self.tokenizer.split_record(self.store[pid])
+      if self._passage_texts is None:
+        text, offsets = self._detokenize(text_ids)
+        self._views[pid] = (self._detokenize(title_ids)[0], text, offsets)
+      else:
+        title, text = self.store.edited_text(pid) or self._passage_texts(pid)
+        ids, offsets = self.tokenizer.encode_texts_with_offsets([text])[0]
+        if not np.array_equal(ids, text_ids):
+          raise ValueError(f"passage {pid}: its token-ID record does not match the tokenization of its text")
+        self._views[pid] = (title, text, offsets)
+    return self._views[pid]
+
   def passage(self, pid: int) -> tuple[str, str]:
-    """``(title, text)`` of a passage: the original text if known, else decoded from its token ids."""
-    if self._passage_texts is not None:
-      return self.store.edited_text(pid) or self._passage_texts(int(pid))
-    title_ids, text_ids = self.tokenizer.split_record(self.store[pid])
-    return self.tokenizer.decode(title_ids), self.tokenizer.decode(text_ids)
+    """``(title, text)`` of a passage for display: the original text if known, else detokenized from its ids."""
+    return self._view(pid)[:2]
+
+  def retrieved(self, pids: np.ndarray, scores: np.ndarray) -> tuple[RetrievedPassage, ...]:
+    """The passages of one question's retrieved ids and scores (empty slots, -1, dropped)."""
+    return tuple(RetrievedPassage(int(p), *self.passage(p), float(sc), rank)
+                 for rank, (p, sc) in enumerate(zip(pids.tolist(), scores.tolist())) if p >= 0)
+
+  def read(self, questions: Sequence[str], *, top_k: int | None = None, read_passages: int | None = None,
+           lexical_weight: float | None = None) -> Reading:
+    """Retrieves ``top_k`` passages per question and reads the first ``read_passages`` in jitted chunks."""
+    s = self.settings if lexical_weight is None else dataclasses.replace(self.settings, lexical_weight=lexical_weight)
+    questions = tk.check_questions(questions)
+    top_k, m = top_k or s.top_k, read_passages or s.read_passages
+    if min(top_k, m) < 1:
+      raise ValueError(f"top_k and read_passages must be >= 1, got {top_k} and {m}")
+    if not questions:
+      return Reading([], np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), [], [])
+    pids, scores = self._retrieve(questions, self.embed_questions(questions), top_k, s)
+    r = self.spec.reader
+    rows = []  # (question, input_ids, token types, text_start, text_end) of each row, in order
+    for q, q_ids in enumerate(self.tokenizer.encode_texts(questions)):
+      read = [p for p in pids[q, :m].tolist() if p >= 0]
+      b = self.tokenizer.reader_from_records(q_ids, [self.store[p] for p in read], r.reader_len, r.buckets,
+                                             r.question_len)
+      rows += [(q, b.input_ids[i, :n], b.token_type_ids[i, :n], int(b.text_start[i]), int(b.text_end[i]))
+               for i, n in enumerate(b.attention_mask.sum(1)[:len(read)].tolist())]
+    per_question: list[list[Any]] = [[] for _ in questions]
+    for first in range(0, len(rows), self.read_rows):  # rows of any questions share chunks: few, full batches
+      chunk = rows[first:first + self.read_rows]
+      length = tk.bucket_length(max(len(row[1]) for row in chunk), r.buckets, r.reader_len)
+      ids = np.full((len(chunk), length), self.tokenizer.pad_id, np.int32)
+      mask, types = np.zeros_like(ids), np.zeros_like(ids)
+      for i, (_, row, row_types, _, _) in enumerate(chunk):
+        ids[i, :len(row)], mask[i, :len(row)], types[i, :len(row)] = row, 1, row_types
+      logits = self._read.run(self.params, tk.EncodedBatch(ids, mask, types), _power_of_two(len(chunk), 1 << 30))
+      for i, (q, row, _, text_start, text_end) in enumerate(chunk):
+        n = len(row)
+        per_question[q].append((row, text_start, text_end, logits[i, :n], logits[i, length:length + n],
+                                float(logits[i, 2 * length])))
+    passages = [self.retrieved(pids[q], scores[q]) for q in range(len(questions))]
+    return Reading(questions, pids, scores, passages, per_question)
+
+  def choose(self, reading: Reading, q: int, read_passages: int | None = None, *, rule: str | None = None,
+             passage_score_weight: float | None = None, n_best: int = 1, no_answer_threshold: float = 0.0
+             ) -> Prediction:
+    """Question ``q``'s answers from the first ``read_passages`` passages read (numpy only, no model call)."""
+    s = self.settings
+    rule, lam = rule or s.rule, s.passage_score_weight if passage_score_weight is None else passage_score_weight
+    rows = reading.rows[q][:read_passages or s.read_passages]
+    passages = {p.id: p for p in reading.passages[q]}
+    if not rows:
+      return Prediction(reading.questions[q], (), reading.passages[q], True)
+    length = max(len(row[0]) for row in rows)
+    pad = lambda x: np.pad(x, (0, length - len(x)), constant_values=reader.NEG_INF)
+    valid = reader.text_mask(length, [row[1] for row in rows], [row[2] for row in rows])
+    candidates = answers.nbest(
+        np.stack([pad(row[3]) for row in rows]), np.stack([pad(row[4]) for row in rows]),
+        np.asarray([row[5] for row in rows]), valid, max_answer_len=self.spec.reader.max_answer_len, rule=rule,
+        passage_score_weight=lam, retrieval_scores=reading.passage_scores[q, :len(rows)],
+        retrieval_scale=s.retrieval_scale)
+    spans = []
+    for p, start, end, _, _ in candidates:
+      input_ids, text_start, text_end = rows[p][:3]
+      start, end = reader.extend_to_words(input_ids, start, end, text_start, text_end, self._is_continuation)
+      title, text, offsets = self._view(int(reading.passage_ids[q, p]))
+      first, last = int(offsets[start - text_start, 0]), int(offsets[end - text_start, 1])
+      spans.append((text[first:last], first, last))
+    best = [Answer(spans[i][0], prob, candidates[i][3], spans[i][1], spans[i][2],
+                   passages[int(reading.passage_ids[q, candidates[i][0]])])
+            for i, prob in answers.merge_answers([sp[0] for sp in spans], [c[4] for c in candidates], n_best)]
+    return Prediction(reading.questions[q], tuple(best), reading.passages[q],
+                      not best or best[0].probability < no_answer_threshold)
 
   def answer(self, questions: Sequence[str], *, top_k: int | None = None, read_passages: int | None = None,
-             rule: str | None = None, passage_score_weight: float | None = None,
-             lexical_weight: float | None = None) -> list[Prediction]:
-    """The answer to each question; unset settings take :attr:`settings`."""
+             **choice: Any) -> list[Prediction]:
+    """The answer to each question; unset settings take :attr:`settings` (``choice``: see :meth:`predict`)."""
     m = read_passages or self.settings.read_passages
-    return self.predict(questions, top_k=top_k, read_counts=(m,), rule=rule, passage_score_weight=passage_score_weight,
-                        lexical_weight=lexical_weight).predictions[m]
+    return self.predict(questions, top_k=top_k, read_counts=(m,), **choice).predictions[m]
 
   def predict(self, questions: Sequence[str], *, top_k: int | None = None, read_counts: Sequence[int] | None = None,
-              rule: str | None = None, passage_score_weight: float | None = None,
-              lexical_weight: float | None = None) -> Results:
+              lexical_weight: float | None = None, **choice: Any) -> Results:
     """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m' of
-    ``read_counts`` (an m' beyond ``top_k`` reads all); unset settings take :attr:`settings`."""
-    given = dict(top_k=top_k, rule=rule, passage_score_weight=passage_score_weight, lexical_weight=lexical_weight)
-    s = dataclasses.replace(self.settings, **{k: v for k, v in given.items() if v is not None})
-    counts = tuple(dict.fromkeys(read_counts or (s.read_passages,)))
+    ``read_counts`` (an m' beyond ``top_k`` reads all); ``choice``: ``rule``, ``passage_score_weight``, ``n_best``,
+    ``no_answer_threshold`` of :meth:`choose`. Unset settings take :attr:`settings`."""
+    counts = tuple(dict.fromkeys(read_counts or (self.settings.read_passages,)))
     if min(counts) < 1:
       raise ValueError(f"read counts must be >= 1, got {list(counts)}")
-    questions = tk.check_questions(questions)
-    if not questions:
-      return Results(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32), {n: [] for n in counts})
-    pids, scores = self._retrieve(questions, self.embed_questions(questions), s.top_k, s)
-    answers: dict[int, list[Prediction]] = {n: [] for n in counts}
-    m = min(max(counts), pids.shape[1])
-    q_ids = self.tokenizer.encode_texts(questions)
-    r = self.spec.reader
-    for start in range(0, len(questions), s.read_batch):
-      group = range(start, min(start + s.read_batch, len(questions)))
-      batch = rd.reader_batch(self.tokenizer, self.store, [q_ids[q] for q in group], pids[group.start:group.stop, :m],
-                              max_len=r.reader_len, buckets=r.buckets, question_len=r.question_len,
-                              max_answer_len=r.max_answer_len, max_spans=1)
-      inputs = tk.EncodedBatch(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-      logits = self._read.run(self.params, inputs, _power_of_two(len(group), s.read_batch) * m)
-      for b, q in enumerate(group):
-        for n in counts:
-          answers[n].append(self._choose(questions[q], batch, logits, b, m, min(n, m), pids[q], scores[q], s))
-    return Results(pids, scores, answers)
+    choice = {k: v for k, v in choice.items() if v is not None}
+    reading = self.read(questions, top_k=top_k, read_passages=max(counts), lexical_weight=lexical_weight)
+    return Results(reading.passage_ids, reading.passage_scores,
+                   {n: [self.choose(reading, q, n, **choice) for q in range(len(reading.questions))] for n in counts})
 
-  def _choose(self, question: str, batch: Mapping[str, np.ndarray], logits: np.ndarray, b: int, m: int, n: int,
-              pids: np.ndarray, scores: np.ndarray, s: InferenceSettings) -> Prediction:
-    """The answer of question ``b`` of a read group from its first ``n`` of ``m`` passages."""
-    rows = slice(b * m, b * m + n)
-    length = batch["input_ids"].shape[1]
-    valid = reader.text_mask(length, batch["text_start"][rows], batch["text_end"][rows])
-    if not valid.any():
-      return Prediction(question, "", NO_PASSAGE, "", "", -1, -1, 0.0, 0.0, -1)
-    span = reader.select_answer(logits[rows, :length], logits[rows, length:2 * length], logits[rows, 2 * length],
-                                valid, self.spec.reader.max_answer_len, s.rule, s.passage_score_weight,
-                                retrieval_scores=scores[:n], retrieval_scale=s.retrieval_scale)
-    row = b * m + span.passage
-    pid = int(pids[span.passage])
-    answer, title, passage, char_start = self._span_text(pid, batch["input_ids"][row], int(batch["text_start"][row]),
-                                                         int(batch["text_end"][row]), span.start, span.end)
-    return Prediction(question, answer, pid, title, passage, char_start,
-                      char_start + len(answer) if char_start >= 0 else -1, float(span.score),
-                      float(scores[span.passage]), int(span.passage))
 
-  def _span_text(self, pid: int, input_ids: np.ndarray, text_start: int, text_end: int, start: int, end: int
-                 ) -> tuple[str, str, str, int]:
-    """``(answer, title, passage, answer's first character)`` of token span ``[start, end]`` of a reader row."""
-    start, end = reader.extend_to_words(input_ids, start, end, text_start, text_end, self._is_continuation)
-    title, passage = self.passage(pid)
-    if self._passage_texts is not None:
-      text_ids, offsets = self.tokenizer.encode_texts_with_offsets([passage])[0]
-      if not np.array_equal(text_ids[:text_end - text_start], input_ids[text_start:text_end]):
-        raise ValueError(f"passage {pid}: its token-ID record does not match the tokenization of its text")
-      first, last = offsets[start - text_start, 0], offsets[end - text_start, 1]
-      return passage[first:last], title, passage, int(first)
-    answer = self.tokenizer.decode(input_ids[start:end + 1])
-    prefix = self.tokenizer.decode(input_ids[text_start:start])
-    return answer, title, passage, _locate(passage, answer, len(prefix) + bool(prefix))
+def _sizes(limit: int) -> list[int]:
+  """The padded row counts of batches of up to ``limit`` rows (:func:`_power_of_two`)."""
+  return sorted({_power_of_two(n, limit) for n in range(1, limit + 1)})

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnr_jax import answers
+from rnr_jax.answers import top_spans  # noqa: F401 - part of this module's API
+
 NEG_INF = -1e9
 
 
@@ -85,90 +88,29 @@ class Span:
   score: float
 
 
-def _log_softmax_np(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  x = np.where(mask, x.astype(np.float64), -np.inf)
-  m = np.max(x, axis=-1, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
-
-
-def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarray,
-              max_answer_len: int, top_k: int, log_probs: bool = False) -> list[tuple[int, int, float]]:
-  """Best ``top_k`` non-overlapping spans ``(s, e, score)`` of one passage inside ``valid``, as in DPR; score is
-  ``start[s] + end[e]`` of the logits or, with ``log_probs``, of their log-softmaxes over ``valid``."""
-  valid = np.asarray(valid, bool)
-  if log_probs:
-    s_sc, e_sc = _log_softmax_np(start_logits, valid), _log_softmax_np(end_logits, valid)
-  else:
-    s_sc, e_sc = np.where(valid, start_logits, -np.inf), np.where(valid, end_logits, -np.inf)
-  length = len(s_sc)
-  # scores[s, w] = start[s] + end[s + w]
-  idx = np.arange(length)[:, None] + np.arange(max_answer_len)[None, :]
-  inside = idx < length
-  idx = np.minimum(idx, length - 1)
-  scores = np.where(inside & valid[idx] & valid[:, None], s_sc[:, None] + e_sc[idx], -np.inf)
-  chosen: list[tuple[int, int, float]] = []
-  for f in np.argsort(-scores, axis=None):
-    sc = scores.flat[f]
-    if not np.isfinite(sc) or len(chosen) >= top_k:
-      break
-    s, w = divmod(int(f), max_answer_len)
-    if all(s + w < cs or s > ce for cs, ce, _ in chosen):  # else it overlaps a better span
-      chosen.append((s, s + w, float(sc)))
-  return chosen
-
-
-def _best_span(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarray, has_text: np.ndarray,
-               max_answer_len: int, spans_per_passage: int, *, log_probs: bool, span_weight: float,
-               passage_scores: np.ndarray) -> Span:
-  """Maximum of ``span_weight * span score + passage_scores[p]`` over the top spans of every passage with text."""
-  best = None
-  for p in np.flatnonzero(has_text).tolist():
-    for s, e, sc in top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, spans_per_passage,
-                              log_probs=log_probs):
-      total = span_weight * sc + passage_scores[p]
-      if best is None or total > best.score:
-        best = Span(p, s, e, float(total))
-  if best is None:
-    raise ValueError("no valid span in any passage")
-  return best
-
-
 def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray, valid: np.ndarray,
                   max_answer_len: int = 10, rule: str = "dpr", passage_score_weight: float = 0.8,
                   spans_per_passage: int = 5, retrieval_scores: np.ndarray | None = None,
                   retrieval_scale: float = 20.0) -> Span:
-  """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``).
+  """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``): the first of
+  :func:`rnr_jax.answers.nbest`.
 
   ``"dpr"``: the best span of the top-ranked passage. Else the best of the top ``spans_per_passage`` spans of each
   passage by ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (``"weighted"``, λ = ``passage_score_weight``) or by ``start +
   end + log Prank + log Pret`` (``"fused"``, beyond the paper; ``Pret`` the softmax of ``retrieval_scale *
   retrieval_scores``): the retriever's evidence joins the reader's, which a weak ranker needs.
   """
-  m = len(rank_logits)
-  has_text = np.asarray(valid).any(-1)
-  if not has_text.any():
+  if not np.asarray(valid).any():
     raise ValueError("no passage has text tokens to read")
-  if rule == "dpr":
-    for p in np.argsort(-np.where(has_text, rank_logits, -np.inf)):
-      spans = top_spans(start_logits[p], end_logits[p], valid[p], max_answer_len, 1)
-      if spans:
-        return Span(int(p), *spans[0])
-    raise ValueError("no valid span in any passage")
-  if rule == "weighted":
-    lam = passage_score_weight
-    rank_lp = _log_softmax_np(np.asarray(rank_logits), has_text)
-    return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
-                      log_probs=True, span_weight=1 - lam, passage_scores=2 * lam * rank_lp)
-  if rule != "fused":
-    raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
-  if retrieval_scores is None or np.shape(retrieval_scores) != (m,):
-    raise ValueError(f"rule 'fused' needs the {m} passages' retrieval scores, got "
+  if rule == "fused" and (retrieval_scores is None or np.shape(retrieval_scores) != (len(rank_logits),)):
+    raise ValueError(f"rule 'fused' needs the {len(rank_logits)} passages' retrieval scores, got "
                      f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
-  retrieval_lp = _log_softmax_np(retrieval_scale * np.asarray(retrieval_scores, np.float64), has_text)
-  passage_lp = _log_softmax_np(np.asarray(rank_logits), has_text) + retrieval_lp
-  return _best_span(start_logits, end_logits, valid, has_text, max_answer_len, spans_per_passage,
-                    log_probs=False, span_weight=1.0, passage_scores=passage_lp)
+  candidates = answers.nbest(start_logits, end_logits, rank_logits, valid, max_answer_len=max_answer_len, rule=rule,
+                             passage_score_weight=passage_score_weight, retrieval_scores=retrieval_scores,
+                             retrieval_scale=retrieval_scale, spans_per_passage=spans_per_passage)
+  if not candidates:
+    raise ValueError("no valid span in any passage")
+  return Span(*candidates[0][:4])
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,
