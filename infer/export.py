@@ -9,6 +9,12 @@ A unified student keeps its own retrieval settings; a plain reader export takes 
 ``--passage_token_type`` and ``--normalize``. The kept passages are encoded (or taken from ``--embeddings``), indexed
 (its recall against exact search reported) and written with the weights (:mod:`rnr_jax.deploy`). Prints the footprint
 table (model, index, corpus, other; paper Table 3) and, last, one JSON line.
+
+``--hf_out DIR`` (with or without ``--out``) writes a unified student for the Hugging Face ecosystem:
+``config.json`` and ``model.safetensors`` that ``transformers.AutoModel.from_pretrained(DIR)`` loads, the tokenizer,
+``heads.safetensors`` (``qa_outputs``: start and end logits of each token's hidden state; ``qa_classifier``: the
+passage-ranking logit of the [CLS] state; torch ``Linear`` layout) and ``rnr_jax.json`` (the system spec: pooling,
+retrieval width, normalisation and token types of the retrieval vectors).
 """
 
 from __future__ import annotations
@@ -16,13 +22,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags
+from safetensors.numpy import save_file
 
 from rnr_jax import deploy, exports
 from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint
+from rnr_jax.data import PreparedData
 from rnr_jax.index import KINDS
+from rnr_jax.io import atomic_write_json
+from rnr_jax.models.hf import config_from_hf_dict, save_hf_encoder
+from rnr_jax.qa_model import HEAD_NAMES
 from rnr_jax.qa_system import RULES, InferenceSettings
+from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
@@ -37,6 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_string("subset", None, "Passage filter subset (train.filter's subset.npz): only its passages ship.")
   flags.DEFINE_string("embeddings", None, "Embeddings directory of the whole corpus (infer.encode) to reuse.")
   flags.DEFINE_string("out", None, "Bundle directory to write.")
+  flags.DEFINE_string("hf_out", None, "Also (or only) write the unified student as a Hugging Face model directory.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out.")
   flags.DEFINE_enum("index_kind", "int8", list(KINDS), "Index kind (int8 = the paper's INT8 index).")
   flags.DEFINE_enum("weights_dtype", "float16", list(WEIGHTS_DTYPES), "Stored weight values (float16+int8-embeddings: "
@@ -53,7 +69,20 @@ def define_flags() -> None:
   flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.")
   flags.DEFINE_float("lexical_weight", 0.0, "Default BM25 fusion weight of retrieval (0 = dense only; BM25 is built "
                      "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).")
-  flags.mark_flag_as_required("out")
+
+
+def write_hf(out_dir: str, spec: SystemSpec, params: Any, tokenizer_dir: str | None) -> None:
+  """The ``--hf_out`` directory (see the module docstring)."""
+  if not spec.unified:
+    raise app.UsageError("--hf_out writes a unified retriever-reader; this is a retriever with a separate reader")
+  params = jax.device_get(params)
+  save_hf_encoder(config_from_hf_dict(spec.reader.encoder), params["encoder"], out_dir, tokenizer_dir)
+  heads = {f"{name}.{torch_name}": np.ascontiguousarray(np.asarray(params[name][ours], np.float32).T)
+           for name in HEAD_NAMES for torch_name, ours in (("weight", "kernel"), ("bias", "bias"))}
+  save_file(heads, os.path.join(out_dir, "heads.safetensors"), metadata={"format": "pt"})
+  atomic_write_json(os.path.join(out_dir, "rnr_jax.json"), {"system": spec.to_json(), "heads": {
+      "qa_outputs": "logits = hidden_states @ weight.T + bias; [..., 0] start, [..., 1] end",
+      "qa_classifier": "rank logit = hidden_states[:, 0] @ weight.T + bias"}})
 
 
 def main(argv: Sequence[str]) -> None:
@@ -61,11 +90,17 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "best") if FLAGS.workdir else None)
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
-  if not model_dir or not prepared:
-    raise app.UsageError("pass --workdir, or --model and --prepared")
+  if not model_dir or not (prepared or not FLAGS.out) or not (FLAGS.out or FLAGS.hf_out):
+    raise app.UsageError("pass --out and/or --hf_out, and --workdir, or --model and --prepared")
   mesh = mesh_lib.data_mesh()
   spec, params = exports.load_system(model_dir, FLAGS.retriever, mesh, passage_len=FLAGS.passage_len,
                                      passage_token_type=FLAGS.passage_token_type, normalize=FLAGS.normalize)
+  if FLAGS.hf_out:
+    tokenizer_dir = PreparedData.load(prepared).tokenizer_path if prepared and os.path.isdir(prepared) else None
+    write_hf(FLAGS.hf_out, spec, params, tokenizer_dir)
+    print(f"wrote {FLAGS.hf_out}: transformers encoder, heads and system spec")
+    if not FLAGS.out:
+      return
   settings = InferenceSettings(top_k=FLAGS.top_k, read_passages=FLAGS.read_passages, rule=FLAGS.rule,
                                passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight)
   summary = deploy.export(out=FLAGS.out, prepared=prepared, spec=spec, params=params, mesh=mesh,

@@ -342,13 +342,14 @@ class QASystem:
       raise BundleError(path, f"inconsistent components: {e}") from e
 
   @classmethod
-  def from_pretrained(cls, bundle: str | os.PathLike, *, revision: str | None = None, **kwargs: Any) -> QASystem:
+  def from_pretrained(cls, bundle: str | os.PathLike, *, revision: str | None = None, endpoint: str | None = None,
+                      token: str | None = None, **kwargs: Any) -> QASystem:
     """The system of a bundle directory or a Hugging Face Hub model id (downloaded with ``huggingface_hub``; see
     ``python -m infer.hub``); ``kwargs`` go to :meth:`from_bundle`."""
     if os.path.isdir(bundle) or os.path.isabs(bundle) or str(bundle).startswith((".", "~")):
       return cls.from_bundle(bundle, **kwargs)
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
-    return cls.from_bundle(snapshot_download(str(bundle), revision=revision), **kwargs)
+    return cls.from_bundle(snapshot_download(str(bundle), revision=revision, endpoint=endpoint, token=token), **kwargs)
 
   def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
     """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed jitted batches."""
@@ -405,18 +406,19 @@ class QASystem:
                         min(top_k, len(self.index)))
 
   def _view(self, pid: int) -> tuple[str, str, np.ndarray]:
-    """``(title, text, character range of each text token)`` of a passage: its original text if known, else the
-    token ids detokenized; cached until the passages are edited."""
+    """``(title, text, character range of each text token)`` of a passage: its original text if known (given, or
+    added by an edit), else the token ids detokenized; cached until the passages are edited."""
     if self._views_version != self.store.version or len(self._views) > 50_000:
       self._views, self._views_version = {}, self.store.version
     pid = int(pid)
     if pid not in self._views:
       title_ids, text_ids = self.tokenizer.split_record(self.store[pid])
-      if self._passage_texts is None:
+      given = self.store.edited_text(pid) or (self._passage_texts and self._passage_texts(pid))
+      if not given:
         text, offsets = self._detokenize(text_ids)
         self._views[pid] = (self._detokenize(title_ids)[0], text, offsets)
       else:
-        title, text = self.store.edited_text(pid) or self._passage_texts(pid)
+        title, text = given
         ids, offsets = self.tokenizer.encode_texts_with_offsets([text])[0]
         if not np.array_equal(ids, text_ids):
           raise ValueError(f"passage {pid}: its token-ID record does not match the tokenization of its text")
