@@ -72,8 +72,9 @@ def main() -> None:
 
   def agreement(a: str, b: str) -> tuple[float, float]:
     pa, pb = runs[a][1], runs[b][1]
-    same = np.mean([x.answer == y.answer and x.passage_id == y.passage_id for x, y in zip(pa, pb)])
-    score = max(abs(x.score - y.score) for x, y in zip(pa, pb))
+    top = lambda p: (p.answers[0].passage.id, p.answers[0].score) if p.answers else (-1, 0.0)
+    same = np.mean([x.answer == y.answer and top(x)[0] == top(y)[0] for x, y in zip(pa, pb)])
+    score = max(abs(top(x)[1] - top(y)[1]) for x, y in zip(pa, pb))
     return float(same), float(score)
 
   em_at = {name: r[0]["em_at"] for name, r in runs.items()}

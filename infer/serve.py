@@ -10,7 +10,7 @@ too), ``POST /api/search`` (passages only), ``GET /api/passages/{id}``, ``POST /
 passages, optionally saved into the bundle; needs the ``X-API-Key`` header), ``GET /api/health`` and ``GET
 /api/config``. Requests run on one worker thread: concurrent questions are micro-batched into shared reads, and an edit
 runs between batches, so it is atomic and the next request sees it. Every input shape is compiled before the port
-opens (:meth:`QASystem.warmup`), and JAX's persistent compilation cache makes restarts fast.
+opens (:func:`infer.common.compile_shapes`), and JAX's persistent compilation cache makes restarts fast.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
-from infer.common import enable_compilation_cache, local_mesh
+from infer.common import compile_shapes, enable_compilation_cache, local_mesh
 from rnr_jax import knowledge
 from rnr_jax.bundle import BundleError
 from rnr_jax.qa_system import RULES, QASystem
@@ -265,11 +265,18 @@ def _questions(limits: Limits, system: QASystem, one: str | None, many: list[str
   return [q.strip() for q in questions]
 
 
-async def _wait(futures: Sequence[concurrent.futures.Future], timeout_s: float) -> list[Any]:
+async def _wait(futures: Sequence[concurrent.futures.Future], timeout_s: float,
+                expected: tuple[type[Exception], ...] = ()) -> list[Any]:
+  """The futures' results; a timeout is a 503, a failure other than ``expected`` a logged 500."""
   try:
     return await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), timeout_s)
   except TimeoutError:
     raise fastapi.HTTPException(503, "timed out waiting for the worker") from None
+  except expected:
+    raise
+  except Exception as e:  # noqa: BLE001 - the client gets its type, the log the traceback
+    logging.exception("a request failed")
+    raise fastapi.HTTPException(500, f"answering failed: {type(e).__name__}") from None
 
 
 def _apply_edits(system: QASystem, edit: EditRequest, bundle_dir: str | None) -> dict[str, Any]:
@@ -365,7 +372,7 @@ def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int =
   @api.get("/api/passages/{pid}", response_model=PassageOut, summary="A passage by id")
   async def passage(pid: int) -> dict[str, Any]:
     try:
-      [(title, text)] = await _wait([worker.run(lambda s: s.passage(pid))], limits.timeout_s)
+      [(title, text)] = await _wait([worker.run(lambda s: s.passage(pid))], limits.timeout_s, (KeyError,))
     except KeyError:
       raise fastapi.HTTPException(404, f"no passage with id {pid}") from None
     return {"id": pid, "title": title, "text": text}
@@ -377,7 +384,8 @@ def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int =
     if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
       raise fastapi.HTTPException(401, "a valid X-API-Key header is required")
     try:
-      [result] = await _wait([worker.run(lambda s: _apply_edits(s, request, bundle_dir))], 10 * limits.timeout_s)
+      [result] = await _wait([worker.run(lambda s: _apply_edits(s, request, bundle_dir))], 10 * limits.timeout_s,
+                             (KeyError, ValueError))
     except (KeyError, ValueError) as e:
       raise fastapi.HTTPException(400, str(e).strip("'\"")) from None
     return result
@@ -424,7 +432,7 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(f"infer.serve: error: {e}")
   api_key = os.environ.get(API_KEY_ENV) or None
   start = time.perf_counter()
-  shapes = system.warmup(passages=api_key is not None)
+  shapes = compile_shapes(system, passages=api_key is not None)
   system.answer(["warm up"], n_best=3)  # the rest of the path: BM25 when fused, the answer choice
   logging.info("compiled %d input shapes in %.1f s", shapes, time.perf_counter() - start)
   limits = Limits(max_question_chars=FLAGS.max_question_chars, max_top_k=FLAGS.max_top_k,
@@ -433,7 +441,7 @@ def main(argv: Sequence[str]) -> None:
   bundle_dir = FLAGS.bundle if os.path.isdir(FLAGS.bundle) else None
   api = make_app(system, limits=limits, max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                  cors_origins=FLAGS.cors_origins, api_key=api_key, bundle_dir=bundle_dir, examples=FLAGS.examples)
-  std_logging.basicConfig(level=std_logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+  access_log.setLevel(std_logging.INFO)  # one line per request on stderr, through absl's handler
   host, port = sock.getsockname()[:2]
   print(f"Serving {FLAGS.bundle} ({len(system.index)} passages) on http://{host}:{port}/", flush=True)
   server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, timeout_keep_alive=30,

@@ -117,7 +117,7 @@ def unpack(entry: Mapping[str, Any], bundle_dir: str, out_root: str) -> int:
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   if entry["compression"] == "none":
     try:
-      os.link(src, dst)
+      os.link(os.path.realpath(src), dst)  # Linux link(2) would link a symlink itself (Hub caches hold symlinks)
     except OSError:
       shutil.copyfile(src, dst)
     return 0

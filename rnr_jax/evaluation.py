@@ -217,7 +217,7 @@ def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, r
   :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
   ``best_read_passages``, ``em_at`` / ``f1_at`` per m', ``top_k_accuracy`` of retrieval (DPR ``has_answer`` on the
   passage text), ``questions_per_s`` and the settings. ``max_read`` > 0 reads at most that many passages (reading
-  dominates the time); ``lexical_weight`` None takes the system's setting.
+  dominates the time); ``lexical_weight`` None takes the system's setting; ``n_best``: answers per prediction.
   """
   if not questions:
     raise ValueError("no questions to evaluate")

@@ -169,18 +169,15 @@ class InferenceSettings:
   read_batch: int = 4
 
   def __post_init__(self) -> None:
-    if self.rule not in RULES:
-      raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-    if min(self.top_k, self.read_passages, self.question_batch, self.read_batch) < 1:
-      raise ValueError(f"top_k, read_passages, question_batch and read_batch must be >= 1: {self}")
-    if not 0.0 <= self.passage_score_weight <= 1.0:
-      raise ValueError(f"passage_score_weight must be in [0, 1], got {self.passage_score_weight}")
-    if not (self.retrieval_scale > 0.0 and np.isfinite(self.retrieval_scale)):
-      raise ValueError(f"retrieval_scale must be a finite number > 0, got {self.retrieval_scale}")
-    if not (self.lexical_weight >= 0.0 and np.isfinite(self.lexical_weight)):
-      raise ValueError(f"lexical_weight must be a finite number >= 0, got {self.lexical_weight}")
-    if self.lexical_candidates < 1:
-      raise ValueError(f"lexical_candidates must be >= 1, got {self.lexical_candidates}")
+    bad = [f"{name} {want}" for name, want, ok in (
+        ("rule", f"in {RULES}", self.rule in RULES),
+        ("top_k, read_passages, question_batch, read_batch, lexical_candidates", ">= 1",
+         min(self.top_k, self.read_passages, self.question_batch, self.read_batch, self.lexical_candidates) >= 1),
+        ("passage_score_weight", "in [0, 1]", 0.0 <= self.passage_score_weight <= 1.0),
+        ("retrieval_scale", "finite and > 0", 0.0 < self.retrieval_scale < np.inf),
+        ("lexical_weight", "finite and >= 0", 0.0 <= self.lexical_weight < np.inf)) if not ok]
+    if bad:
+      raise ValueError(f"inference settings need {'; '.join(bad)}: {self}")
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> InferenceSettings:
@@ -260,11 +257,6 @@ def _power_of_two(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
-def _lengths(max_len: int, buckets: Sequence[int]) -> list[int]:
-  """Every padded length :func:`rnr_jax.tokenization.bucket_length` gives under ``max_len``."""
-  return sorted({min(b, max_len) for b in buckets} | {max_len})
-
-
 @functools.lru_cache(maxsize=8)
 def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrieval.BatchEncoder]:
   """The jitted question encoder and reader of a spec, cached so reloaded systems reuse the compilations."""
@@ -299,9 +291,10 @@ class QASystem:
     self._detokenize = answers.Detokenizer(tokenizer.vocab(), (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id))
     self._views: dict[int, tuple[str, str, np.ndarray]] = {}
     self._views_version = store.version
-    self._embed_questions, self._read = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
+    # The jitted runners; infer.common.compile_shapes compiles every shape they meet.
+    self.question_runner, self.read_runner = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
     parallel = mesh_lib.data_parallelism(self.mesh)
-    # Reader rows run in chunks of at most this many, padded to a power of two: few shapes, all compiled by warmup().
+    # Reader rows run in chunks of at most this many, padded to a power of two, so few shapes compile.
     self.read_rows = max(_power_of_two(self.settings.read_batch * self.settings.read_passages, 1 << 30), parallel)
 
   @classmethod
@@ -359,27 +352,12 @@ class QASystem:
     lengths = [min(len(ids) + 2, r.question_len) for ids in self.tokenizer.encode_texts(questions)]
     for idx in tk.bucketed_batches(lengths, limit, r.buckets):
       batch = self.tokenizer.questions([questions[i] for i in idx], r.question_len, r.buckets)
-      out[idx] = self._embed_questions.run(self.params, batch, _power_of_two(len(idx), limit))
+      out[idx] = self.question_runner.run(self.params, batch, _power_of_two(len(idx), limit))
     return out
 
   def embed_passages(self, records: Sequence[np.ndarray], *, progress: bool = False) -> np.ndarray:
     """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records."""
     return encode_passages(self.spec, self.params, self.tokenizer, records, self.mesh, progress=progress)
-
-  def warmup(self, *, passages: bool = False) -> int:
-    """Compiles every shape questions and reading can take (and passage encoding for edits); returns the count."""
-    shapes = []
-    q, r = self.spec.retriever, self.spec.reader
-    for length in _lengths(q.question_len, q.buckets):
-      shapes += [(self._embed_questions, rows, length) for rows in _sizes(self.settings.question_batch)]
-    for length in _lengths(r.reader_len, r.buckets):
-      shapes += [(self._read, rows, length) for rows in _sizes(self.read_rows)]
-    for runner, rows, length in shapes:
-      ones = np.ones((rows, length), np.int32)
-      runner.run(self.params, tk.EncodedBatch(ones, ones, 0 * ones), rows)
-    if passages:
-      self.embed_passages([np.ones(n - 2, np.int32) for n in _lengths(q.passage_len, q.buckets)])
-    return len(shapes)
 
   def search(self, questions: Sequence[str], top_k: int, *, lexical_weight: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +439,7 @@ class QASystem:
       mask, types = np.zeros_like(ids), np.zeros_like(ids)
       for i, (_, row, row_types, _, _) in enumerate(chunk):
         ids[i, :len(row)], mask[i, :len(row)], types[i, :len(row)] = row, 1, row_types
-      logits = self._read.run(self.params, tk.EncodedBatch(ids, mask, types), _power_of_two(len(chunk), 1 << 30))
+      logits = self.read_runner.run(self.params, tk.EncodedBatch(ids, mask, types), _power_of_two(len(chunk), 1 << 30))
       for i, (q, row, _, text_start, text_end) in enumerate(chunk):
         n = len(row)
         per_question[q].append((row, text_start, text_end, logits[i, :n], logits[i, length:length + n],
@@ -518,8 +496,3 @@ class QASystem:
     reading = self.read(questions, top_k=top_k, read_passages=max(counts), lexical_weight=lexical_weight)
     return Results(reading.passage_ids, reading.passage_scores,
                    {n: [self.choose(reading, q, n, **choice) for q in range(len(reading.questions))] for n in counts})
-
-
-def _sizes(limit: int) -> list[int]:
-  """The padded row counts of batches of up to ``limit`` rows (:func:`_power_of_two`)."""
-  return sorted({_power_of_two(n, limit) for n in range(1, limit + 1)})

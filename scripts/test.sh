@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# The demo page's browser test drives Debian's Chromium (never a downloaded browser); it skips, saying so, without it.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "scripts/test.sh: could not install chromium; the browser test will be skipped" >&2
+fi
 export RNR_DATA="${RNR_DATA:-$(cd .. && pwd)/shared/data}"
 set +e
 .venv/bin/python -m pytest -q "$@"

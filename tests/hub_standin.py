@@ -8,6 +8,7 @@ import threading
 
 import fastapi
 import uvicorn
+import yaml
 from fastapi.responses import Response
 
 from infer.serve import bind
@@ -28,6 +29,14 @@ def make_app() -> fastapi.FastAPI:
     repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
     repos.setdefault(repo_id, {"sha": "0" * 40, "files": {}})
     return {"url": f"{request.base_url}{repo_id}", "name": repo_id}
+
+  @api.post("/api/validate-yaml")
+  async def validate_yaml(request: fastapi.Request) -> dict:  # the model card's front matter must be a YAML mapping
+    content = (await request.json())["content"]
+    front = content.split("---\n")[1] if content.startswith("---\n") else ""
+    if not isinstance(yaml.safe_load(front), dict):
+      raise fastapi.HTTPException(400, "the metadata is not a YAML mapping")
+    return {"errors": [], "warnings": []}
 
   @api.post("/api/models/{namespace}/{name}/preupload/{revision}")
   async def preupload(namespace: str, name: str, request: fastapi.Request) -> dict:

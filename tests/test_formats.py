@@ -53,7 +53,8 @@ def test_external_files_are_read_as_tools_write_them(tmp_path):
   dpr = tmp_path / "fid.json"  # FiD / pyserini style: string ids and scores, extra fields
   dpr.write_text(json.dumps([
       {"question": "q1", "answers": ["Black Sea"], "ctxs": [
-          {"id": "wiki:7", "title": "Danube", "text": "It ends in the black sea.", "score": "71.2", "has_answer": False},
+          {"id": "wiki:7", "title": "Danube", "text": "It ends in the black sea.", "score": "71.2",
+           "has_answer": False},
           {"id": "wiki:9", "title": "Rhine", "text": "It ends in the North Sea.", "score": "70.1"}]},
       {"question": "q2", "answers": ["x"], "ctxs": []}]))
   records = formats.read_dpr(str(dpr))
@@ -68,8 +69,8 @@ def test_external_files_are_read_as_tools_write_them(tmp_path):
   run.write_text("q1 Q0 3 1 2.5 x\nq1 Q0 4 2 2.5 x\nq1 Q0 1 3 9.0 x\n\nq2 Q0 8 1 1 x\n")
   assert formats.read_trec(str(run)) == {"q1": [("1", 9.0), ("4", 2.5), ("3", 2.5)], "q2": [("8", 1.0)]}
   texts = {"1": "nothing", "3": "the black sea", "4": "also nothing", "8": "x marks"}
-  accuracy = formats.trec_top_k_accuracy(formats.read_trec(str(run)), {"q1": ["Black Sea"], "q2": ["x"], "q3": ["y"]},
-                                         texts.__getitem__, (1, 3))
+  answers = {"q1": ["Black Sea"], "q2": ["x"], "q3": ["y"]}
+  accuracy = formats.trec_top_k_accuracy(formats.read_trec(str(run)), answers, texts.__getitem__, (1, 3))
   assert accuracy == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3)}
   run.write_text("q1 Q0 3 1 not-a-score x\n")
   with pytest.raises(ValueError, match="run.trec:1"):

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from infer import serve
+from infer.common import compile_shapes
 from rnr_jax import exports, qa_model
 from rnr_jax.config import load_config
 from rnr_jax.data import TokenCorpus
@@ -182,9 +183,9 @@ def test_concurrent_requests_are_batched_with_unchanged_answers(system):
         assert got["answers"][0]["probability"] == pytest.approx(want.answers[0].probability, abs=1e-4)
 
 
-def test_warmup_compiles_every_shape_requests_can_take(system):
-  count = system.warmup()
-  embed, read = system._embed_questions._fn, system._read._fn  # pylint: disable=protected-access
+def test_every_shape_requests_can_take_is_compiled_at_start(system):
+  count = compile_shapes(system)
+  embed, read = system.question_runner._fn, system.read_runner._fn  # pylint: disable=protected-access
   sizes = embed._cache_size(), read._cache_size()  # pylint: disable=protected-access
   assert count >= sizes[0] + sizes[1] - 2 and sizes[1] > 1
   for n in (1, 3, 7, 16, 21):
