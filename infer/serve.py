@@ -9,8 +9,10 @@ Endpoints: ``POST /api/ask`` (one ``question`` or a batch of ``questions``, with
 too), ``POST /api/search`` (passages only), ``GET /api/passages/{id}``, ``POST /api/edit`` (add, remove and replace
 passages, optionally saved into the bundle; needs the ``X-API-Key`` header), ``GET /api/health`` and ``GET
 /api/config``. Requests run on one worker thread: concurrent questions are micro-batched into shared reads, and an edit
-runs between batches, so it is atomic and the next request sees it. Every input shape is compiled before the port
-opens (:func:`infer.common.compile_shapes`), and JAX's persistent compilation cache makes restarts fast.
+runs between batches, so it is atomic and the next request sees it; an edit of the bundle by another process
+(``python -m infer.edit``) is loaded beside the running system and swapped in (``--watch_s``). Every input shape is
+compiled before the port opens (:func:`infer.common.compile_shapes`); JAX's persistent compilation cache makes
+restarts fast.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_top_k", 100, "Largest top_k accepted.")
   flags.DEFINE_float("timeout_s", 30.0, "A request waiting longer for its answer gets 503.")
   flags.DEFINE_list("examples", list(EXAMPLES), "Example questions on the demo page.")
+  flags.DEFINE_float("watch_s", 2.0, "How often to look for edits of the bundle by other processes (0: never).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
   flags.mark_flag_as_required("bundle")
 
@@ -92,6 +95,7 @@ class Worker:
     self._max_batch, self._max_wait = max_batch, max_wait_ms / 1000
     self._queue: queue.Queue[Any] = queue.Queue()
     self.batches = self.questions = 0
+    self.bundle_stamp = 0  # the bundle manifest's mtime the system reflects (watch_bundle)
     self._thread = threading.Thread(target=self._run, name="qa-worker", daemon=True)
     self._thread.start()
 
@@ -279,8 +283,9 @@ async def _wait(futures: Sequence[concurrent.futures.Future], timeout_s: float,
     raise fastapi.HTTPException(500, f"answering failed: {type(e).__name__}") from None
 
 
-def _apply_edits(system: QASystem, edit: EditRequest, bundle_dir: str | None) -> dict[str, Any]:
+def _apply_edits(worker: Worker, edit: EditRequest, bundle_dir: str | None) -> dict[str, Any]:
   """Checks every edit first, so a bad one changes nothing, then applies them (on the worker thread)."""
+  system = worker.system
   removed, replaced = set(edit.remove), [p.id for p in edit.replace]
   missing = [i for i in [*removed, *replaced] if i is None or i not in system.store or i not in system.index]
   if missing:
@@ -295,22 +300,58 @@ def _apply_edits(system: QASystem, edit: EditRequest, bundle_dir: str | None) ->
   added = knowledge.add_passages(system, [knowledge.Passage(p.title, p.text, p.id) for p in edit.add])
   if edit.save:
     knowledge.save_edits(system, bundle_dir)
+    worker.bundle_stamp = _manifest_stamp(bundle_dir)  # our own write: nothing to reload
   return {"added": added.tolist(), "removed": sorted(removed), "replaced": replaced, "passages": len(system.index),
           "saved": edit.save}
 
 
+def _manifest_stamp(bundle_dir: str) -> int:
+  try:
+    return os.stat(os.path.join(bundle_dir, "manifest.json")).st_mtime_ns
+  except OSError:
+    return 0
+
+
+def watch_bundle(worker: Worker, bundle_dir: str, interval_s: float, stop: threading.Event) -> threading.Thread:
+  """Reloads the bundle when another process edits it (``python -m infer.edit`` rewrites its manifest), loading beside
+  the running system and swapping it in between batches, so the next request sees the edit."""
+  worker.bundle_stamp = _manifest_stamp(bundle_dir)
+
+  def run() -> None:
+    while not stop.wait(interval_s):
+      stamp = _manifest_stamp(bundle_dir)
+      if stamp in (0, worker.bundle_stamp):
+        continue
+      try:
+        new = QASystem.from_bundle(bundle_dir, mesh=worker.system.mesh)
+      except Exception:  # noqa: BLE001 - a half-written or broken bundle: keep serving, try again later
+        logging.exception("reloading %s failed; still serving the system loaded before", bundle_dir)
+        continue
+      worker.bundle_stamp = stamp
+      worker.run(lambda _: setattr(worker, "system", new)).result()
+      logging.info("reloaded %s: %d passages", bundle_dir, len(new.index))
+
+  thread = threading.Thread(target=run, name="bundle-watcher", daemon=True)
+  thread.start()
+  return thread
+
+
 def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int = 16, max_wait_ms: float = 5.0,
              cors_origins: Sequence[str] = (), api_key: str | None = None, bundle_dir: str | None = None,
-             examples: Sequence[str] = EXAMPLES) -> fastapi.FastAPI:
+             watch_s: float = 0.0, examples: Sequence[str] = EXAMPLES) -> fastapi.FastAPI:
   """The application; its worker starts now and stops at shutdown (``app.state.worker``). ``api_key`` None disables
-  the edit endpoint; ``bundle_dir``: where ``save`` writes edits."""
+  the edit endpoint; ``bundle_dir``: where ``save`` writes edits and, every ``watch_s`` > 0 seconds, where the server
+  looks for edits made by other processes (:func:`watch_bundle`)."""
   limits = limits or Limits(max_question_tokens=system.spec.retriever.question_len - 2)
   worker = Worker(system, max_batch=max_batch, max_wait_ms=max_wait_ms)
-  started = time.time()
+  started, stop = time.time(), threading.Event()
+  if bundle_dir and watch_s > 0:
+    watch_bundle(worker, bundle_dir, watch_s, stop)
 
   @contextlib.asynccontextmanager
   async def lifespan(_: fastapi.FastAPI):
     yield
+    stop.set()
     worker.close()
 
   api = fastapi.FastAPI(title="rnr-jax", version="1", lifespan=lifespan,
@@ -384,7 +425,7 @@ def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int =
     if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
       raise fastapi.HTTPException(401, "a valid X-API-Key header is required")
     try:
-      [result] = await _wait([worker.run(lambda s: _apply_edits(s, request, bundle_dir))], 10 * limits.timeout_s,
+      [result] = await _wait([worker.run(lambda _: _apply_edits(worker, request, bundle_dir))], 10 * limits.timeout_s,
                              (KeyError, ValueError))
     except (KeyError, ValueError) as e:
       raise fastapi.HTTPException(400, str(e).strip("'\"")) from None
@@ -392,7 +433,7 @@ def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int =
 
   @api.get("/api/health", summary="Liveness and counters")
   async def health() -> dict[str, Any]:
-    return {"status": "ok", "passages": len(system.index), "devices": int(system.mesh.devices.size),
+    return {"status": "ok", "passages": len(worker.system.index), "devices": int(system.mesh.devices.size),
             "batches": worker.batches, "questions": worker.questions, "uptime_s": round(time.time() - started, 1)}
 
   @api.get("/api/config", summary="Defaults, limits and example questions (for the demo page)")
@@ -440,7 +481,8 @@ def main(argv: Sequence[str]) -> None:
                   timeout_s=FLAGS.timeout_s)
   bundle_dir = FLAGS.bundle if os.path.isdir(FLAGS.bundle) else None
   api = make_app(system, limits=limits, max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
-                 cors_origins=FLAGS.cors_origins, api_key=api_key, bundle_dir=bundle_dir, examples=FLAGS.examples)
+                 cors_origins=FLAGS.cors_origins, api_key=api_key, bundle_dir=bundle_dir, watch_s=FLAGS.watch_s,
+                 examples=FLAGS.examples)
   access_log.setLevel(std_logging.INFO)  # one line per request on stderr, through absl's handler
   host, port = sock.getsockname()[:2]
   print(f"Serving {FLAGS.bundle} ({len(system.index)} passages) on http://{host}:{port}/", flush=True)

@@ -1,8 +1,7 @@
 """Answer choice and display text in numpy, apart from any model call, so every inference engine can share them.
 
-:func:`nbest` ranks the candidate spans of the passages read under an answer rule (its first is
-:func:`rnr_jax.reader.select_answer`'s answer) with probabilities normalised over those candidates, so they compare
-across questions. :class:`Detokenizer` turns WordPiece ids into clean display text with each token's character range.
+:func:`nbest` ranks the candidate spans of the passages read under an answer rule (paper appendix A.3; its first is
+the answer) with probabilities normalised over those candidates, so they compare across questions. :class:`Detokenizer` turns WordPiece ids into clean display text with each token's character range.
 """
 
 from __future__ import annotations
@@ -47,12 +46,17 @@ def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarra
 def nbest(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray, valid: np.ndarray, *,
           max_answer_len: int, rule: str, passage_score_weight: float = 0.8, retrieval_scores: np.ndarray | None = None,
           retrieval_scale: float = 20.0, spans_per_passage: int = 5) -> list[tuple[int, int, int, float, float]]:
-  """``(passage, start, end, score, probability)`` of the top spans of each of ``m`` passages (``[m, L]``, ``[m]``),
-  ordered as the rule chooses (:func:`rnr_jax.reader.select_answer`, ``score`` its score).
+  """``(passage, start, end, score, probability)`` of the top ``spans_per_passage`` spans of each of ``m`` passages
+  (``[m, L]``, ``[m]``; spans inside ``valid``, at most ``max_answer_len`` tokens), best first by the rule:
 
-  ``probability`` is a softmax over all candidates: of the rule's score for ``weighted`` and ``fused``, and for ``dpr``
-  (whose order is passage rank, then span) of the reader's joint ``log Prank + log Ps + log Pe``."""
+  ``"dpr"``: passages in the ranker's order, each one's spans by ``start + end`` logits (DPR's answer first);
+  ``"weighted"``: ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (λ = ``passage_score_weight``); ``"fused"`` (beyond the
+  paper): ``start + end + log Prank + log Pret``, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``: the
+  retriever's evidence joins the reader's, which a weak ranker needs. ``probability`` is a softmax over all
+  candidates: of the rule's score, or for ``dpr`` of the reader's joint ``log Prank + log Ps + log Pe``."""
   has_text = np.asarray(valid).any(-1)
+  if rule == "fused" and np.shape(retrieval_scores) != np.shape(rank_logits):
+    raise ValueError(f"rule 'fused' needs the {len(rank_logits)} passages' retrieval scores, got {retrieval_scores}")
   rank_lp = log_softmax(np.asarray(rank_logits), has_text)
   cands = []  # passage, start, end, start + end logits, log Ps + log Pe
   for p in np.flatnonzero(has_text).tolist():
@@ -74,7 +78,7 @@ def nbest(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndar
   else:
     raise ValueError(f"unknown answer rule {rule!r}; expected 'dpr', 'weighted' or 'fused'")
   if rule != "dpr":
-    order = np.argsort(-score, kind="stable")  # ties: the first in passage then span order, as select_answer
+    order = np.argsort(-score, kind="stable")  # ties: the first in passage, then span order
   prob = np.exp(log_prob - log_prob.max())
   prob /= prob.sum()
   return [(int(p[i]), cands[i][1], cands[i][2], float(score[i]), float(prob[i])) for i in order.tolist()]

@@ -153,7 +153,7 @@ def write_passages(directory: str | os.PathLike, records: Sequence[np.ndarray], 
 
 @dataclasses.dataclass(frozen=True)
 class InferenceSettings:
-  """Default answering settings (a bundle's ``config.json["inference"]``; rules: :func:`rnr_jax.reader.select_answer`).
+  """Default answering settings (a bundle's ``config.json["inference"]``; rules: :func:`rnr_jax.answers.nbest`).
 
   ``lexical_weight`` > 0 ranks passages by ``dense + lexical_weight * BM25`` over the two retrievals' top
   ``lexical_candidates`` (:func:`rnr_jax.lexical.fuse`); 0 retrieves by the dense index alone, as the paper does."""

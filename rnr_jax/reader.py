@@ -2,20 +2,17 @@
 
 As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one ranking
 logit. Training (paper §2.2.3, footnote 6): ranking cross-entropy of the positive (first) passage plus the marginal
-log-likelihood of all its gold spans. Decoding: paper appendix A.3, :func:`select_answer`.
+log-likelihood of all its gold spans. Decoding (paper appendix A.3): :mod:`rnr_jax.answers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnr_jax import answers
-from rnr_jax.answers import top_spans  # noqa: F401 - part of this module's API
 
 NEG_INF = -1e9
 
@@ -78,39 +75,6 @@ def reader_loss(start_logits: jax.Array, end_logits: jax.Array, rank_logits: jax
   loss = jnp.mean(rank_loss + span_loss)
   rank_acc = jnp.mean(jnp.argmax(jnp.where(passage_mask, rank_logits, NEG_INF), -1) == 0)
   return loss, {"rank_loss": rank_loss.mean(), "span_loss": span_loss.mean(), "rank_acc": rank_acc}
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-  passage: int  # index among the m passages
-  start: int  # token position (inclusive)
-  end: int  # token position (inclusive)
-  score: float
-
-
-def select_answer(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray, valid: np.ndarray,
-                  max_answer_len: int = 10, rule: str = "dpr", passage_score_weight: float = 0.8,
-                  spans_per_passage: int = 5, retrieval_scores: np.ndarray | None = None,
-                  retrieval_scale: float = 20.0) -> Span:
-  """The answer span among ``m`` passages of one question (arrays ``[m, L]`` and ``[m]``): the first of
-  :func:`rnr_jax.answers.nbest`.
-
-  ``"dpr"``: the best span of the top-ranked passage. Else the best of the top ``spans_per_passage`` spans of each
-  passage by ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (``"weighted"``, λ = ``passage_score_weight``) or by ``start +
-  end + log Prank + log Pret`` (``"fused"``, beyond the paper; ``Pret`` the softmax of ``retrieval_scale *
-  retrieval_scores``): the retriever's evidence joins the reader's, which a weak ranker needs.
-  """
-  if not np.asarray(valid).any():
-    raise ValueError("no passage has text tokens to read")
-  if rule == "fused" and (retrieval_scores is None or np.shape(retrieval_scores) != (len(rank_logits),)):
-    raise ValueError(f"rule 'fused' needs the {len(rank_logits)} passages' retrieval scores, got "
-                     f"{None if retrieval_scores is None else np.shape(retrieval_scores)}")
-  candidates = answers.nbest(start_logits, end_logits, rank_logits, valid, max_answer_len=max_answer_len, rule=rule,
-                             passage_score_weight=passage_score_weight, retrieval_scores=retrieval_scores,
-                             retrieval_scale=retrieval_scale, spans_per_passage=spans_per_passage)
-  if not candidates:
-    raise ValueError("no valid span in any passage")
-  return Span(*candidates[0][:4])
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,

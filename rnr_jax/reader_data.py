@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from rnr_jax import reader
+from rnr_jax.answers import nbest
 from rnr_jax.data.examples import sample_reader_passages
 from rnr_jax.data.prepared import PreparedData
 from rnr_jax.data.readers import Question
@@ -175,9 +176,9 @@ def predict_answers(tokenizer: Tokenizer, is_continuation: np.ndarray, texts: Se
     if not valid[rows].any():
       answers.append("")
       continue
-    span = reader.select_answer(start_logits[rows], end_logits[rows], rank_logits[rows], valid[rows],
-                                max_answer_len, rule)
-    row = b * m + span.passage
-    answers.append(answer_text(tokenizer, is_continuation, batch["input_ids"][row], int(batch["text_start"][row]),
-                               int(batch["text_end"][row]), span.start, span.end, texts[pids[b, span.passage]]))
+    p, start, end, _, _ = nbest(start_logits[rows], end_logits[rows], rank_logits[rows], valid[rows],
+                                max_answer_len=max_answer_len, rule=rule)[0]
+    answers.append(answer_text(tokenizer, is_continuation, batch["input_ids"][b * m + p],
+                               int(batch["text_start"][b * m + p]), int(batch["text_end"][b * m + p]), start, end,
+                               texts[pids[b, p]]))
   return answers

@@ -25,7 +25,7 @@ from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import Prediction, QASystem, encode_passages
+from rnr_jax.qa_system import Answer, Prediction, QASystem, RetrievedPassage, encode_passages
 from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.mesh import data_mesh
@@ -214,9 +214,10 @@ def test_corrupted_bundle_is_refused_naming_the_file(bundle, tmp_path):
 
 
 def test_ask_highlights_the_answer():
-  p = Prediction("q", "Black Sea", 3, "Danube", "It ends in the Black Sea.", 15, 24, 1.0, 2.0, 0)
-  assert ask.highlight(p.passage, p.answer_start, p.answer_end, tty=False) == "It ends in the **Black Sea**."
-  assert ask.highlight(p.passage, p.answer_start, p.answer_end, tty=True) == "It ends in the \033[1mBlack Sea\033[0m."
-  assert ask.highlight(p.passage, -1, -1, tty=False) == p.passage
+  passage = RetrievedPassage(3, "Danube", "It ends in the Black Sea.", 2.0, 0)
+  p = Prediction("q", (Answer("Black Sea", 0.75, 1.0, 15, 24, passage),), (passage,))
+  assert ask.highlight(passage.text, 15, 24, tty=False) == "It ends in the **Black Sea**."
+  assert ask.highlight(passage.text, 15, 24, tty=True) == "It ends in the \033[1mBlack Sea\033[0m."
+  assert ask.highlight(passage.text, -1, -1, tty=False) == passage.text
   text = ask.render(p, tty=False)
-  assert "A: Black Sea" in text and "Danube" in text and "**Black Sea**" in text
+  assert "A: Black Sea" in text and "Danube" in text and "**Black Sea**" in text and "p=0.750" in text

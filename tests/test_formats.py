@@ -44,7 +44,7 @@ def test_evaluate_retrieval_files_score_as_evaluate_does(bundle, workdir, tmp_pa
   measures = [ir_measures.Success @ k for k in (1, 5, 8)]
   scores = ir_measures.calc_aggregate(measures, list(ir_measures.read_trec_qrels(f"{trec}.qrels")),
                                       list(ir_measures.read_trec_run(str(trec))))
-  assert {f"top{m.cutoff}": pytest.approx(v, abs=1e-9) for m, v in scores.items()} == want
+  assert {f"top{m['cutoff']}": pytest.approx(v, abs=1e-9) for m, v in scores.items()} == want
   assert _run("infer.score_retrieval", f"--trec={trec}", f"--questions={questions}", f"--bundle={bundle[0]}",
               "--ks=1,5,8")["top_k_accuracy"] == want
 

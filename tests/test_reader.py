@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnr_jax import reader
+from rnr_jax import answers, reader
 
 
 def test_find_answer_spans_all_occurrences_inside_text_only():
@@ -63,7 +63,7 @@ def test_top_spans_best_equals_brute_force_and_no_overlap():
     s, e = rng.normal(size=30), rng.normal(size=30)
     valid = np.zeros(30, bool)
     valid[5:27] = True
-    spans = reader.top_spans(s, e, valid, 4, top_k=5)
+    spans = answers.top_spans(s, e, valid, 4, top_k=5)
     a, b, sc = _brute_top(s, e, valid, 4)
     assert spans[0][:2] == (a, b) and np.isclose(spans[0][2], sc)
     for (s1, e1, _), (s2, e2, _) in itertools.combinations(spans, 2):
@@ -76,7 +76,12 @@ def _log_softmax(x) -> np.ndarray:
   return x - np.log(np.sum(np.exp(x)))
 
 
-def test_select_answer_rules():
+def _select(*args, **kwargs):
+  """``(passage, start, end, score)`` of the first of the n-best answers."""
+  return answers.nbest(*args, **{"max_answer_len": 10, "rule": "dpr", **kwargs})[0][:4]
+
+
+def test_answer_rules():
   length = 8
   valid = np.zeros((2, length), bool)
   valid[:, 2:7] = True
@@ -86,28 +91,25 @@ def test_select_answer_rules():
   start[0, 3], end[0, 3] = 1.1, 1.1  # (its best span by logits, DPR's choice)
   start[1, 4], end[1, 5] = 9.0, 9.0  # passage 1: one confident span
   rank = np.array([2.0, 1.5])  # the ranker prefers passage 0
-  dpr = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="dpr")
-  assert (dpr.passage, dpr.start, dpr.end) == (0, 3, 3)
-  w = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="weighted", passage_score_weight=0.5)
-  assert (w.passage, w.start, w.end) == (1, 4, 5)
+  assert _select(start, end, rank, valid, max_answer_len=3, rule="dpr")[:3] == (0, 3, 3)
+  w = _select(start, end, rank, valid, max_answer_len=3, rule="weighted", passage_score_weight=0.5)
+  assert w[:3] == (1, 4, 5)
   # lambda = 1 ranks by passage only, so the answer comes from passage 0.
-  w1 = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="weighted", passage_score_weight=1.0)
-  assert w1.passage == 0
+  assert _select(start, end, rank, valid, max_answer_len=3, rule="weighted", passage_score_weight=1.0)[0] == 0
   # fused: span logits + log Prank + log Pret. Against a hand computation for three retrieval settings.
   for retrieval, scale in (([0.9, 0.1], 20.0), ([0.1, 0.9], 20.0), ([0.5, 0.49], 1.0)):
     passage = _log_softmax(rank) + _log_softmax(scale * np.asarray(retrieval))
     # Each passage's best span by logits: passage 0 (3, 3) at 2.2, passage 1 (4, 5) at 18.
     want = max([(2.2 + passage[0], 0, 3, 3), (18.0 + passage[1], 1, 4, 5)])
-    f = reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="fused", retrieval_scores=retrieval,
-                             retrieval_scale=scale)
-    assert (f.passage, f.start, f.end) == want[1:] and f.score == pytest.approx(want[0])
+    f = _select(start, end, rank, valid, max_answer_len=3, rule="fused", retrieval_scores=retrieval,
+                retrieval_scale=scale)
+    assert f[:3] == want[1:] and f[3] == pytest.approx(want[0])
   # A retrieval margin of 0.8 at scale 20 (16 nats) outweighs passage 1's span margin: passage 0 is chosen.
-  assert reader.select_answer(start, end, rank, valid, max_answer_len=3, rule="fused",
-                              retrieval_scores=[0.9, 0.1]).passage == 0
+  assert _select(start, end, rank, valid, max_answer_len=3, rule="fused", retrieval_scores=[0.9, 0.1])[0] == 0
   with pytest.raises(ValueError, match="retrieval scores"):
-    reader.select_answer(start, end, rank, valid, rule="fused")
+    _select(start, end, rank, valid, rule="fused")
   with pytest.raises(ValueError, match="rule"):
-    reader.select_answer(start, end, rank, valid, rule="bogus")
+    _select(start, end, rank, valid, rule="bogus")
 
 
 def test_extend_to_words():
