@@ -54,9 +54,11 @@ def main() -> None:
   import uvicorn  # pylint: disable=import-outside-toplevel
 
   from infer import serve  # pylint: disable=import-outside-toplevel
+  from infer.common import compile_shapes  # pylint: disable=import-outside-toplevel
   from rnr_jax import QASystem  # pylint: disable=import-outside-toplevel
 
   system = QASystem.from_pretrained(args.bundle)
+  compile_shapes(system)  # as infer.serve does before it listens
   sock = serve.bind("127.0.0.1", 0)
   server = uvicorn.Server(uvicorn.Config(serve.make_app(system), log_level="warning"))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import save_file
 
+from infer.common import enable_compilation_cache
 from rnr_jax import deploy, exports
 from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint
 from rnr_jax.data import PreparedData
@@ -92,6 +93,7 @@ def main(argv: Sequence[str]) -> None:
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
   if not model_dir or not (prepared or not FLAGS.out) or not (FLAGS.out or FLAGS.hf_out):
     raise app.UsageError("pass --out and/or --hf_out, and --workdir, or --model and --prepared")
+  enable_compilation_cache()
   mesh = mesh_lib.data_mesh()
   spec, params = exports.load_system(model_dir, FLAGS.retriever, mesh, passage_len=FLAGS.passage_len,
                                      passage_token_type=FLAGS.passage_token_type, normalize=FLAGS.normalize)

@@ -26,7 +26,7 @@ def test_edits_by_http_persist_and_edits_by_other_processes_are_seen(bundle, tmp
   shutil.copytree(bundle[0], directory, ignore=shutil.ignore_patterns(".cache"))
   system = QASystem.from_pretrained(directory)
   n = len(system.index)
-  api = serve.make_app(system, api_key=KEY, bundle_dir=directory, watch_s=0.2)
+  api = serve.make_app(system, api_key=KEY, bundle_dir=directory, watch_s=0.2, limits=serve.Limits(max_top_k=1000))
   with TestClient(api) as client:
     reply = client.post("/api/edit", headers={"X-API-Key": KEY}, json={
         "add": [{"title": "Kiwi Island", "text": "The capital of Kiwi Island is Zorbla."}], "remove": [0], "save": True})
