@@ -61,6 +61,11 @@ def _questions(n, offset=0):
 
 def test_ask_returns_ranked_answers_with_their_passages(client, system):
   assert system.mesh.devices.size == len(jax.local_devices()) == 8  # batches are split over every local device
+  one = QASystem(system.spec, system.params, system.index, system.store, system.tokenizer, settings=system.settings,
+                 mesh=data_mesh(jax.devices()[:1]))
+  for a, b in zip(one.answer(_questions(5), n_best=3), system.answer(_questions(5), n_best=3)):
+    assert [x.text for x in a.answers] == [x.text for x in b.answers]
+    assert [x.probability for x in a.answers] == pytest.approx([x.probability for x in b.answers], abs=1e-4)
   reply = client.post("/api/ask", json={"questions": _questions(3), "top_k": 4, "read_passages": 3, "n_best": 4,
                                         "rule": "weighted", "passage_score_weight": 0.3})
   assert reply.status_code == 200, reply.text
