@@ -77,6 +77,9 @@ def define_flags() -> None:
 # ---- the worker: micro-batched questions and exclusive jobs on one thread -------------------------
 
 
+_STOP = object()  # the worker's last queue item
+
+
 @dataclasses.dataclass
 class _Ask:
   question: str
@@ -116,12 +119,12 @@ class Worker:
   def close(self) -> None:
     """Finishes what is queued, then stops."""
     if self._thread.is_alive():
-      self._queue.put(None)
+      self._queue.put(_STOP)
       self._thread.join()
 
   def _run(self) -> None:
     item = self._queue.get()
-    while item is not None:
+    while item is not _STOP:
       if not isinstance(item, _Ask):
         fn, future = item
         if future.set_running_or_notify_cancel():
@@ -139,7 +142,7 @@ class Worker:
           item = None
           break
         if not isinstance(item, _Ask):
-          break  # a job or the stop: it runs after this batch
+          break  # a job or the stop: it comes after this batch
         batch.append(item)
         item = None
       self._answer(batch)

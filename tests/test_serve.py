@@ -199,6 +199,19 @@ def test_every_shape_requests_can_take_is_compiled_at_start(system):
   assert (embed._cache_size(), read._cache_size()) == sizes  # pylint: disable=protected-access
 
 
+def test_worker_answers_what_is_queued_then_stops(system):
+  worker = serve.Worker(system, max_batch=16, max_wait_ms=2000)
+  options = dict(top_k=3, read_passages=2, rule="dpr", passage_score_weight=0.8, n_best=1, no_answer_threshold=0.0)
+  asked = worker.ask(_questions(1)[0], **options)
+  closing = threading.Thread(target=worker.close)
+  closing.start()  # the stop arrives while the batch still waits for company
+  closing.join(TIMEOUT_S)
+  assert not closing.is_alive() and asked.result(0).answer == system.answer(_questions(1), top_k=3, read_passages=2,
+                                                                             rule="dpr")[0].answer
+  with pytest.raises(RuntimeError, match="closed"):
+    worker.ask("another", **options)
+
+
 def test_taken_port_is_one_clear_error_line(tmp_path):
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
