@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from infer.common import enable_compilation_cache
 from rnr_jax.bundle import BundleError
 from rnr_jax.knowledge import Passage, edit_bundle
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str]) -> None:
     edits = {"remove": FLAGS.id}
   else:
     edits = {command: passages_from_flags(command)}
+  enable_compilation_cache()
   try:
     result = edit_bundle(FLAGS.bundle, cache_dir=FLAGS.cache_dir, **edits)
   except (BundleError, FileNotFoundError, KeyError, ValueError) as e:

@@ -26,6 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from infer.common import enable_compilation_cache
 from rnr_jax import embeddings, exports, qa_model
 from rnr_jax.data import PreparedData
 from rnr_jax.models import Params
@@ -89,6 +90,7 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  enable_compilation_cache()
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
   if not prepared:
     raise app.UsageError("pass --prepared (or --workdir with a <workdir>/prepared)")
