@@ -26,6 +26,7 @@ def pool_config() -> ml_collections.ConfigDict:
   p.candidates = ""
   p.retriever = ""
   p.k1 = 200  # passages per question in J_read
+  p.positives = "gold_article"  # as reader.positives (configs/reader.py)
   # Passage filter subset (train.filter's subset.npz): fresh indexes (evaluation, a pool retriever's search) hold
   # only its passages, as the deployed system will. "" = the whole corpus.
   p.subset = ""

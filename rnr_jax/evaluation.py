@@ -112,17 +112,19 @@ class RetrievalEvaluator:
 
 
 class ReaderEvaluator:
-  """Exact match on ``reader.eval_split``: ``em_gold`` (the gold passage and ``m - 1`` hard negatives, the ranker
-  choosing), ``em_open@n`` over the top-n retrieved passages and ``em_open``, their best (appendix A.3)."""
+  """Exact match on ``reader.eval_split``, each named for what it reads: ``em_gold_alone`` (the gold passage only),
+  ``em_gold_ranked`` (the gold passage among ``m - 1`` hard negatives, the ranker choosing), ``em_open@n`` (the top n
+  retrieved passages) and ``em_open``, the best of those (appendix A.3)."""
 
   def __init__(self, rcfg: Any, spec: ReaderSpec, split: rd.ReaderSplit, data: PreparedData,
                tokenizer: tk.Tokenizer, mesh: jax.sharding.Mesh):
     self._split = split
     self._m = int(rcfg.m)
     self._counts = tuple(sorted(int(n) for n in rcfg.eval_passages))
-    self.names = {"em_gold", "em_open", *(f"em_open@{n}" for n in self._counts)}
+    self.names = {"em_gold_alone", "em_gold_ranked", "em_open", *(f"em_open@{n}" for n in self._counts)}
     _check_select(rcfg.select_metric, self.names, "reader.select_metric")
     batch, fn = int(rcfg.eval_batch_size), read_fn(spec.build())
+    self._alone = _Reading(fn, spec, data, tokenizer, mesh, batch, 1, rcfg.answer_rule)
     self._gold = _Reading(fn, spec, data, tokenizer, mesh, batch, self._m, rcfg.answer_rule)
     self._open = _Reading(fn, spec, data, tokenizer, mesh, batch, self._counts[-1], rcfg.answer_rule)
     self._open_questions = np.arange(len(split))[: int(rcfg.eval_questions) or None]
@@ -132,10 +134,12 @@ class ReaderEvaluator:
     split = self._split
     ids = lambda qs: [split.question_ids[q] for q in qs]
     gold_pids = np.asarray([split.gold_passages(q, self._m) for q in self._gold_questions]).reshape(-1, self._m)
-    gold = self._gold.answers(params, ids(self._gold_questions), gold_pids, [self._m])[self._m]
+    alone = self._alone.answers(params, ids(self._gold_questions), gold_pids[:, :1], [1])[1]
+    ranked = self._gold.answers(params, ids(self._gold_questions), gold_pids, [self._m])[self._m]
     open_pids = np.stack([split.open_passages(q, self._counts[-1]) for q in self._open_questions])
     opened = self._open.answers(params, ids(self._open_questions), open_pids, self._counts)
-    metrics = {"em_gold": _em(gold, [split.questions[q] for q in self._gold_questions])}
+    with_gold = [split.questions[q] for q in self._gold_questions]
+    metrics = {"em_gold_alone": _em(alone, with_gold), "em_gold_ranked": _em(ranked, with_gold)}
     for n in self._counts:
       metrics[f"em_open@{n}"] = _em(opened[n], [split.questions[q] for q in self._open_questions])
     metrics["em_open"] = max(metrics[f"em_open@{n}"] for n in self._counts)

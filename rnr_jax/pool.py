@@ -42,7 +42,7 @@ class TrainingPool:
   questions with a positive and a negative, the first ``max_questions`` of each split."""
 
   def __init__(self, data: PreparedData, tokenizer: tk.Tokenizer, directory: str, splits: Sequence[str], k1: int,
-               max_questions: int = 0):
+               max_questions: int = 0, positives: str = "gold_article"):
     self.path = os.path.join(directory, "pool.npz")
     self._key_path = os.path.join(directory, "pool.json")
     self.split_names = tuple(splits)
@@ -50,6 +50,7 @@ class TrainingPool:
     self._data = data
     self._tokenizer = tokenizer
     self._max_questions = max_questions
+    self._positives = positives
     self.splits: list[rd.ReaderSplit] = []
     self.examples = np.zeros((0, 2), np.int64)
 
@@ -71,7 +72,7 @@ class TrainingPool:
     multihost_utils.sync_global_devices("rnr_jax.pool.TrainingPool.write")
 
   def load(self) -> None:
-    self.splits = [rd.load_reader_split(self._data, s, self._tokenizer, self.path, self.k1)
+    self.splits = [rd.load_reader_split(self._data, s, self._tokenizer, self.path, self.k1, self._positives)
                    for s in self.split_names]
     self.examples = np.asarray([(s, q) for s, split in enumerate(self.splits)
                                 for q in split.trainable()[: self._max_questions or None]], np.int64).reshape(-1, 2)
@@ -130,7 +131,7 @@ def load_pool(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, workdi
               mesh: jax.sharding.Mesh | None) -> TrainingPool:
   """The stage's :class:`TrainingPool` in ``workdir``, built (or found) and loaded."""
   pool = TrainingPool(data, tokenizer, workdir, pool_cfg.train_splits, int(pool_cfg.k1),
-                      int(pool_cfg.max_train_questions))
+                      int(pool_cfg.max_train_questions), pool_cfg.positives)
   key, compute = initial_ranking(pool_cfg, data, tokenizer, mesh)
   if not pool.has(key):
     logging.info("Building the candidate pool from %s.", key["source"])

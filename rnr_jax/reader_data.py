@@ -89,29 +89,37 @@ class ReaderSplit:
     return np.pad(pids, (0, m - len(pids)), constant_values=NO_PASSAGE)
 
 
+POSITIVES = ("gold_article", "any")
+
+
 def load_reader_split(data: PreparedData, split: str, tokenizer: Tokenizer, candidates: str | None = None,
-                      num_negatives: int = 30) -> ReaderSplit:
+                      num_negatives: int = 30, positives: str = "gold_article") -> ReaderSplit:
   """The pools of ``split``, from a ranked candidates file (its negatives capped at ``num_negatives``) or, without
-  one, the prepared BM25 pools."""
+  one, the prepared BM25 pools. ``positives``: ``"gold_article"`` keeps the gold document's answer-holding passages
+  when there are any (DPR's gold-page positives: a distractor that merely contains the answer string teaches the
+  reader spans out of context), ``"any"`` every retrieved answer-holding passage after them."""
+  if positives not in POSITIVES:
+    raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
   questions = data.questions(split)
   cands = data.candidates(split)
   ranked = ranked_pids(data, split, candidates)
-  if candidates:
-    matcher = data.matcher()
-    positives, negatives = [], []
-    for q, question in enumerate(questions):
+  matcher = data.matcher() if candidates else None
+  pos, negatives = [], []
+  for q, question in enumerate(questions):
+    gold = np.asarray(cands.gold[q], np.int32)
+    if candidates:
       row = ranked[q][ranked[q] != NO_PASSAGE]
       hits = matcher.flags(question.answers, row)
-      gold = np.asarray(cands.gold[q], np.int32)
-      positives.append(np.concatenate([gold, row[hits & ~np.isin(row, gold)]]).astype(np.int32))
+      others = row[hits & ~np.isin(row, gold)]
       negatives.append(row[~hits][:num_negatives])
-  else:
-    positives = [np.asarray(cands.positives[q], np.int32) for q in range(len(questions))]
-    negatives = [np.asarray(cands.hard_negatives[q], np.int32) for q in range(len(questions))]
+    else:
+      others = np.asarray(cands.positives[q][len(gold):], np.int32)  # gold first, then BM25's answer passages
+      negatives.append(np.asarray(cands.hard_negatives[q], np.int32))
+    pos.append(gold if positives == "gold_article" and len(gold) else np.concatenate([gold, others]).astype(np.int32))
   question_ids = tokenizer.encode_texts([q.question for q in questions])
   flat_answers = iter(tokenizer.encode_texts([a for q in questions for a in q.answers]))
   answer_ids = [list(itertools.islice(flat_answers, len(q.answers))) for q in questions]
-  return ReaderSplit(questions, question_ids, answer_ids, ranked, positives, negatives)
+  return ReaderSplit(questions, question_ids, answer_ids, ranked, pos, negatives)
 
 
 def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequence[np.ndarray], pids: np.ndarray,

@@ -396,8 +396,11 @@ def report(p: Pipeline) -> dict[str, Any]:
            "eval_distill": "+ unified retriever-reader (KD)", "eval_finetune": "+ iterative finetuning",
            "bundle": f"+ INT8 index, {WEIGHTS_LABEL.get(b.weights_dtype, 'FP16')} weights, token ids, bz2/lzma"
                      + fusion + rule}
+  short = {"eval_teacher": "teacher", "eval_filtered": "+ filter", "eval_distill": "+ unified (KD)",
+           "eval_finetune": "+ Algorithm 1", "bundle": "bundle"}
   rows = [report_lib.system_row(name, stage, records[stage]["summary"]["footprint"],
-                                records[stage]["summary"]["results"]) for stage, name in names.items()]
+                                records[stage]["summary"]["results"], short=short[stage])
+          for stage, name in names.items()]
   retrieval_rows = [{"name": "BM25", "accuracy": {
       sp: {f"top{k}": m[f"bm25_top{k}_answer_acc"] for k in (1, 5, 20, 100)}
       for sp, m in records["prepare"]["summary"]["bm25"].items()}}]
@@ -429,6 +432,10 @@ def report(p: Pipeline) -> dict[str, Any]:
       "dev_splits": list(p.dev_splits), "systems": rows, "retrieval": retrieval_rows,
       "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
       "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()}, "config": c.to_dict(),
+      "reader": {"split": p.stage_config("teacher_reader", {}).reader.eval_split,
+                 "metrics": {k: v for k, v in (records["teacher_reader"]["summary"]["eval"] or {}).items()
+                             if k.startswith("em_")},
+                 "max_answer_len": answer_limit(p), "answerable": answerable(p, answer_limit(p))},
   }
   first, last = rows[0], rows[-1]
   result["final_vs_teacher"] = {
@@ -450,6 +457,21 @@ STAGES: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
     "finetune": finetune, "eval_finetune": lambda p: p.evaluate_unified("finetune"), "bundle": bundle,
     "report": report,
 }
+
+
+def answer_limit(p: Pipeline) -> int:
+  """The teacher reader's longest answer span in tokens."""
+  return int(exports.read_info(p.path("teacher_reader", "best"))["reader"]["max_answer_len"])
+
+
+def answerable(p: Pipeline, limit: int) -> dict[str, float]:
+  """Share of each split's questions with an answer of at most ``limit`` tokens (the others cannot match exactly)."""
+  tokenizer, out = p.tokenizer(), {}
+  for split in p.data.splits:
+    questions = p.data.questions(split)
+    lengths = [min(len(ids) for ids in tokenizer.encode_texts(list(q.answers))) for q in questions if q.answers]
+    out[split] = float(np.mean(np.asarray(lengths) <= limit)) if lengths else 0.0
+  return out
 
 
 def bundle_rule(p: Pipeline) -> str:

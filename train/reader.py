@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   loop.check_vocabulary(encoder_config.vocab_size, tokenizer, data)
   spec = ReaderSpec.from_config(config, encoder_config, data.manifest["settings"]["tokenizer"])
   candidates = rcfg.candidates or None
-  train_splits = [rd.load_reader_split(data, s, tokenizer, candidates, int(rcfg.num_negatives))
+  train_splits = [rd.load_reader_split(data, s, tokenizer, candidates, int(rcfg.num_negatives), rcfg.positives)
                   for s in rcfg.train_splits]
   batches = ReaderBatches(train_splits, tokenizer, data.token_corpus(), spec, m=int(rcfg.m),
                           max_spans=int(rcfg.max_spans), batch_size=int(config.train.batch_size),
@@ -97,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   step = step_lib.adamw_step(config, lambda params, batch, rng: distill.reader_loss(model, params, batch, rng))
 
   # Evals.
-  dev = rd.load_reader_split(data, rcfg.eval_split, tokenizer, candidates, int(rcfg.num_negatives))
+  dev = rd.load_reader_split(data, rcfg.eval_split, tokenizer, candidates, int(rcfg.num_negatives), rcfg.positives)
   evaluator = ReaderEvaluator(rcfg, spec, dev, data, tokenizer, mesh)
   best = exports.BestExport(workdir, {"reader": spec.to_json()}, rcfg.select_metric)
 

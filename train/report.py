@@ -67,6 +67,16 @@ def markdown(report: Mapping[str, Any], figure: str | None = "figure1.png") -> s
     for r in retrieval:
       out.append(f"| {r['name']} | " + " | ".join(_pct(r['accuracy'].get(s, {}).get(k)) for s in splits for k in ks)
                  + " |")
+  reading = report.get("reader")
+  if reading and reading["metrics"]:
+    names = {"em_gold_alone": "the gold passage alone", "em_gold_ranked": "the gold passage among hard negatives, "
+             "the ranker choosing", "em_open": "the best of the retrieved top-n"}
+    out += ["", f"## Teacher reader on {reading['split']} (EM %, each named for what it reads)", "",
+            "| reads | EM |", "|---|---:|"]
+    out += [f"| {names.get(k, 'the retrieved ' + k.split('@')[1] if '@' in k else k)} | {_pct(v)} |"
+            for k, v in reading["metrics"].items()]
+    out += ["", f"Answers of at most {reading['max_answer_len']} tokens (the reader's span limit) exist for "
+            + ", ".join(f"{100 * v:.1f}% of {s}" for s, v in reading["answerable"].items()) + " questions."]
   extra = report.get("filter")
   if extra:
     out += ["", "## Passage filter", "", f"kept {extra['kept']} of {extra['num_passages']} passages "
@@ -92,26 +102,38 @@ def markdown(report: Mapping[str, Any], figure: str | None = "figure1.png") -> s
   return "\n".join(out) + "\n"
 
 
-def plot(report: Mapping[str, Any], path: str, split: str) -> None:
-  """Footprint (log x) vs EM on ``split`` per system, as a PNG (Figure 1 analogue)."""
+def plot(report: Mapping[str, Any], path: str) -> None:
+  """Footprint (log x) vs EM per system, one panel per dev split, as a PNG (Figure 1 analogue)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
 
-  rows = [r for r in report["systems"] if r["em"].get(split) is not None]
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  rows, splits = report["systems"], list(report["dev_splits"])
   xs = [r["footprint"]["total"] / MB for r in rows]
-  ys = [100 * r["em"][split] for r in rows]
-  ax.plot(xs, ys, "o-", color="tab:blue")
-  for x, y, r in zip(xs, ys, rows):
-    ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-  ax.set_xscale("log")
-  ax.set_xlabel("system footprint (MB, log scale)")
-  ax.set_ylabel(f"EM on {split} (%)")
-  ax.set_title(report["title"], fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
+  fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), dpi=130, sharey=True, squeeze=False)
+  for ax, split in zip(axes[0], splits):
+    ys = [100 * r["em"][split] for r in rows]
+    ax.plot(xs, ys, "o-", color="tab:blue")
+    for n, (x, y) in enumerate(zip(xs, ys), 1):  # consecutive stages often share a footprint: alternate sides
+      ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(7 if n % 2 else -7, -3),
+                  ha="left" if n % 2 else "right", fontsize=8)
+    ax.set_xscale("log")
+    # A few plain labels: the default log ticks overlap on a span of one decade.
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    ax.set_ylim(0, max(100 * max(r["em"][s] for r in rows for s in splits) * 1.2, 5))
+    ax.set_xlabel("system footprint (MB, log scale)")
+    ax.set_title(split, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+  axes[0][0].set_ylabel("exact match (%)")
+  key = "; ".join(f"{n} {r.get('short', r['name'])}" for n, r in enumerate(rows, 1))
+  fig.suptitle("Footprint falls, EM holds", fontsize=10)
+  fig.text(0.5, 0.01, key, ha="center", fontsize=7, wrap=True)
+  fig.tight_layout(rect=(0, 0.06, 1, 0.95))
   import io  # pylint: disable=import-outside-toplevel
 
   buf = io.BytesIO()
@@ -120,13 +142,13 @@ def plot(report: Mapping[str, Any], path: str, split: str) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
-def write(report: Mapping[str, Any], directory: str, figure_split: str | None = None) -> dict[str, str]:
+def write(report: Mapping[str, Any], directory: str) -> dict[str, str]:
   """Writes ``report.json``, ``report.md`` and ``figure1.png`` into ``directory``; returns their paths."""
   paths = {"json": os.path.join(directory, "report.json"), "markdown": os.path.join(directory, "report.md"),
            "figure": os.path.join(directory, "figure1.png")}
   atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
   atomic_write_text(paths["markdown"], markdown(report))
-  plot(report, paths["figure"], figure_split or report["dev_splits"][0])
+  plot(report, paths["figure"])
   return paths
 
 
