@@ -70,6 +70,8 @@ def define_flags() -> None:
   flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.")
   flags.DEFINE_float("lexical_weight", 0.0, "Default BM25 fusion weight of retrieval (0 = dense only; BM25 is built "
                      "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).")
+  flags.DEFINE_bool("onnx", True, "Write the ONNX graph a unified BERT student is served with without JAX "
+                    "(rnr_jax.runtime), extra/student.onnx: kilobytes, the weights are the bundle's own.")
 
 
 def write_hf(out_dir: str, spec: SystemSpec, params: Any, tokenizer_dir: str | None) -> None:
@@ -109,7 +111,7 @@ def main(argv: Sequence[str]) -> None:
                           settings=settings, subset=FLAGS.subset, embeddings_dir=FLAGS.embeddings,
                           index_kind=FLAGS.index_kind, weights_dtype=FLAGS.weights_dtype, batch_size=FLAGS.batch_size,
                           recall_split=FLAGS.recall_split, recall_questions=FLAGS.recall_questions,
-                          overwrite=FLAGS.overwrite)
+                          overwrite=FLAGS.overwrite, onnx=FLAGS.onnx)
   report = summary["index"]
   print(f"index: {report['kind']}, {report['n']} x {report['dim']}, recall@10 {report['recall@10']:.4f}, "
         f"recall@20 {report['recall@20']:.4f} vs exact ({report['eval_source']})")

@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
@@ -101,7 +100,7 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _is_float(dtype: np.dtype) -> bool:
-  return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+  return dtype.kind == "f" or dtype.name == "bfloat16"  # ml_dtypes' bfloat16, named so that inference needs no JAX
 
 
 def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str, np.ndarray]:

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from rnr_jax import embeddings, passage_filter, retrieval
+from rnr_jax import embeddings, onnx_export, passage_filter, retrieval
 from rnr_jax import tokenization as tk
-from rnr_jax.bundle import write_bundle
+from rnr_jax.bundle import flatten_params, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import DenseIndex
 from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, encode_passages, write_passages
+from rnr_jax.runtime import GRAPH_FILE
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
 
@@ -76,8 +77,10 @@ def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: S
 
 def write_system_bundle(out: str, data: PreparedData, spec: SystemSpec, params: Params, index: DenseIndex,
                         records: Sequence[np.ndarray], pids: np.ndarray, settings: InferenceSettings, *,
-                        weights_dtype: str = "float16", overwrite: bool = False) -> dict[str, Any]:
-  """Writes the bundle of a system (weights, index, token-ID corpus of ``pids``, tokenizer); returns the manifest."""
+                        weights_dtype: str = "float16", overwrite: bool = False, onnx: bool = True
+                        ) -> dict[str, Any]:
+  """Writes the bundle of a system (weights, index, token-ID corpus of ``pids``, tokenizer, and with ``onnx`` for a
+  unified BERT student the ONNX graph :mod:`rnr_jax.runtime` serves it with); returns the manifest."""
   check_tokenizer(spec, data)
   corpus = data.token_corpus()
   parent = os.path.dirname(os.path.abspath(out))
@@ -87,17 +90,24 @@ def write_system_bundle(out: str, data: PreparedData, spec: SystemSpec, params: 
     write_passages(corpus_dir, records, pids, corpus.meta["vocab_size"], corpus.meta.get("tokenizer"))
     tokenizer_files = [os.path.join(data.tokenizer_path, f) for f in TOKENIZER_FILES
                        if os.path.isfile(os.path.join(data.tokenizer_path, f))]
-    return write_bundle(out, params=jax.device_get(params), model_config=spec.to_json(), index=index,
-                        token_corpus_dir=corpus_dir, tokenizer_dir_or_files=tokenizer_files,
-                        weights_dtype=weights_dtype, inference_config=settings.to_json(), overwrite=overwrite)
+    params = jax.device_get(params)
+    extra = {}
+    if onnx and onnx_export.supported(spec.to_json()):
+      extra[GRAPH_FILE] = os.path.join(tmp, GRAPH_FILE)
+      # Only the graph: the runtime supplies the bundle's own weights to it.
+      onnx_export.save(extra[GRAPH_FILE], spec.to_json(), flatten_params(params))
+    return write_bundle(out, params=params, model_config=spec.to_json(), index=index, token_corpus_dir=corpus_dir,
+                        tokenizer_dir_or_files=tokenizer_files, extra_files=extra, weights_dtype=weights_dtype,
+                        inference_config=settings.to_json(), overwrite=overwrite)
 
 
 def export(*, out: str, prepared: str, spec: SystemSpec, params: Params, mesh: jax.sharding.Mesh,
            settings: InferenceSettings, subset: str | None = None, embeddings_dir: str | None = None,
            index_kind: str = "int8", weights_dtype: str = "float16", batch_size: int = 64,
            recall_split: str | None = None, recall_questions: int = 1000, overwrite: bool = False,
-           vectors: np.ndarray | None = None) -> dict[str, Any]:
-  """Builds the index and writes the bundle of a system over a prepared corpus; returns a summary."""
+           vectors: np.ndarray | None = None, onnx: bool = True) -> dict[str, Any]:
+  """Builds the index and writes the bundle of a system over a prepared corpus (``onnx``: with the graph of a unified
+  BERT student); returns a summary."""
   start = time.perf_counter()
   data = PreparedData.load(prepared)
   check_tokenizer(spec, data)
@@ -106,7 +116,7 @@ def export(*, out: str, prepared: str, spec: SystemSpec, params: Params, mesh: j
                       batch_size=batch_size, recall_split=recall_split, recall_questions=recall_questions,
                       vectors=vectors)
   manifest = write_system_bundle(out, data, spec, params, index, records, pids, settings,
-                                 weights_dtype=weights_dtype, overwrite=overwrite)
+                                 weights_dtype=weights_dtype, overwrite=overwrite, onnx=onnx)
   return {"bundle": os.path.abspath(out), "passages": len(pids), "unified": spec.unified,
           "index": index.build_report, "footprint": manifest["footprint"],
           "seconds": round(time.perf_counter() - start, 2)}

@@ -2,7 +2,8 @@
 
 Kinds: ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes, a scale per dimension (the paper's
 INT8 index, §2.3); ``"int8_row"`` int8 codes, a scale per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic
-hashing, sub-linear for large corpora. Kernels: :mod:`rnr_jax.index_search`.
+hashing, sub-linear for large corpora. Without ScaNN, the ScaNN kinds load and search in numpy (``"ah"`` by brute force
+over its reordering data). Kernels: :mod:`rnr_jax.index_search`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from rnr_jax.index_search import (ah_settings, build_scann, exact_search, merge_topk, recall_at_k, row_settings,
-                                  scann_search, scann_vectors, sort_topk)
+from rnr_jax.index_search import (NumpySearcher, ah_settings, build_scann, exact_search, merge_topk, recall_at_k,
+                                  row_settings, scann_search, scann_vectors, sort_topk)
 from rnr_jax.io import BadFileError, atomic_dir, atomic_write_json, check_file, read_json, relative_files, sha256_file
 from rnr_jax.quantize import dequantize_rows, quantize_rows
 
@@ -282,6 +283,8 @@ class DenseIndex:
       return self._vectors
     if self.kind == "int8_row":
       return dequantize_rows(*self._codes)
+    if isinstance(self._searcher, NumpySearcher):
+      return self._searcher.vectors
     with tempfile.TemporaryDirectory(prefix="rnr_index_") as tmp:
       self._searcher.serialize(tmp, relative_path=True)
       return scann_vectors(tmp)
@@ -377,9 +380,7 @@ def _load_npy(path: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
 
 
 def _load_scann(scann_dir: str, n: int, dim: int):
-  """Loads a serialized ScaNN searcher after checking its array files."""
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
-
+  """Loads a serialized ScaNN searcher after checking its array files (a :class:`NumpySearcher` without ScaNN)."""
   assets = os.path.join(scann_dir, "scann_assets.pbtxt")
   if not os.path.isfile(assets):
     raise IndexFileError(assets, "missing")
@@ -395,6 +396,10 @@ def _load_scann(scann_dir: str, n: int, dim: int):
       raise IndexFileError(path, f"shape {list(shape)}, expected {list(want_shape)}")
     if want_dtype is not None and dtype != np.dtype(want_dtype):
       raise IndexFileError(path, f"dtype {dtype}, expected {np.dtype(want_dtype)}")
+  try:
+    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return NumpySearcher(scann_vectors(scann_dir))
   try:
     searcher = scann_ops_pybind.load_searcher(scann_dir, assets_backcompat_shim=False)
   except (RuntimeError, ValueError) as e:

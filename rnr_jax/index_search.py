@@ -1,4 +1,5 @@
-"""Search kernels behind :class:`rnr_jax.index.DenseIndex`: exact float32 top-k, recall, and ScaNN searchers."""
+"""Search kernels behind :class:`rnr_jax.index.DenseIndex`: exact float32 top-k, recall, and ScaNN searchers, with
+:class:`NumpySearcher` in their place where ScaNN is not installed."""
 
 from __future__ import annotations
 
@@ -81,13 +82,51 @@ def row_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
   return settings
 
 
+class NumpySearcher:
+  """ScaNN's brute-force INT8 search in numpy, for machines without ScaNN: ``vectors`` are the dequantized int8 codes
+  (``codes / m``), so scores equal ScaNN's up to float rounding; with ``reorder`` rows, the best ``pre_reorder_k``
+  are rescored exactly over them. An ``"ah"`` index falls back to brute force over its reordering data."""
+
+  def __init__(self, vectors: np.ndarray, reorder: np.ndarray | None = None):
+    self.vectors, self.reorder = vectors, reorder
+
+  @classmethod
+  def quantized(cls, vectors: np.ndarray, reorder: bool) -> NumpySearcher:
+    """Per-dimension codes as ScaNN makes them: ``round(x * m)``, ``m_j = 127 / max_i |x_ij|`` (1 for a zero column)."""
+    peak = np.abs(vectors).max(axis=0)
+    m = np.where(peak > 0, 127.0 / np.where(peak > 0, peak, 1.0), 1.0).astype(np.float32)
+    codes = np.clip(np.rint(vectors * m), -127, 127)
+    return cls((codes / m).astype(np.float32), vectors if reorder else None)
+
+  def size(self) -> int:
+    return len(self.vectors)
+
+  def search_batched(self, queries: np.ndarray, k: int, pre_reorder_k: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    if self.reorder is None:
+      return exact_search(self.vectors, queries, k)
+    rows = exact_search(self.vectors, queries, min(max(k, pre_reorder_k or k), len(self.vectors)))[0]
+    return sort_topk(rows, np.einsum("qd,qkd->qk", queries, self.reorder[rows]), k)
+
+  def search_batched_parallel(self, queries: np.ndarray, k: int, pre_reorder_k: int | None = None,
+                              batch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    return self.search_batched(queries, k, pre_reorder_k)  # numpy's BLAS is already multithreaded
+
+  def serialize(self, directory: str, relative_path: bool = True) -> None:
+    raise RuntimeError("saving an 'int8' or 'ah' index needs ScaNN: pip install scann")
+
+
 def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
-  """A dot-product ScaNN searcher over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``.
+  """A dot-product ScaNN searcher over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``
+  (a :class:`NumpySearcher` without ScaNN).
 
   ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized) reorders
   the ``reorder_k`` best int8 candidates in float32.
   """
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
+  try:
+    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return NumpySearcher(vectors) if kind == "ah" else NumpySearcher.quantized(vectors, kind == "int8_row")
 
   builder = scann_ops_pybind.builder(vectors, 10, "dot_product")
   if kind == "int8":
