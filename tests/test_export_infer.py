@@ -26,6 +26,7 @@ from rnr_jax.data import PreparedData
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
 from rnr_jax.qa_system import Answer, Prediction, QASystem, RetrievedPassage, encode_passages
+from rnr_jax.runtime import GRAPH_FILE, INPUTS, OnnxStudent
 from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.mesh import data_mesh
@@ -157,6 +158,26 @@ def test_fp16_weights_give_nearly_the_same_logits(bundle, workdir):
       scale = float(np.abs(a).max())
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-2 * scale)
       assert not np.array_equal(np.asarray(a), np.asarray(b))  # the values really went through float16
+
+
+def test_export_ships_the_onnx_graph_that_serves_the_student(bundle):
+  """The bundle carries the student's graph (checked by the manifest, kilobytes: the weights are the bundle's own),
+  and ONNX Runtime on it embeds questions and reads passages as the JAX system does."""
+  path = bundle[0]
+  manifest = json.load(open(os.path.join(path, "manifest.json"), encoding="utf-8"))
+  graph = {e["unpacked_path"]: e for e in manifest["files"]}[f"extra/{GRAPH_FILE}"]
+  assert graph["raw_bytes"] < 100_000
+  system = QASystem.from_bundle(path)
+  student = OnnxStudent.from_bundle(load_bundle(path))
+  questions = ["which word follows zebra near lion", "what is next to the river"]
+  r = system.spec.retriever
+  batch = system.tokenizer.questions(questions, r.question_len, r.buckets).as_dict()
+  np.testing.assert_allclose(student.embed(batch), system.embed_questions(questions), atol=1e-5)
+  pids = system.index.ids[:4]
+  reader = system.tokenizer.reader_from_records(questions[0], [system.store[p] for p in pids],
+                                                system.spec.reader.reader_len, system.spec.reader.buckets).as_dict()
+  want = np.asarray(system.spec.read_fn()(system.params, {k: reader[k] for k in INPUTS}))
+  np.testing.assert_allclose(student.read(reader), want, atol=1e-4 * float(np.abs(want).max()))
 
 
 def test_evaluate_cli_last_line_is_json(bundle, workdir, tmp_path):
