@@ -20,7 +20,6 @@ from rnr_jax.io import PathLike, atomic_write_bytes
 from rnr_jax.runtime import INPUTS
 
 OPSET = 17
-_TANH_GELU = ("gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh")
 
 
 class _Graph:
@@ -56,13 +55,9 @@ class _Graph:
     if name in ("gelu", "gelu_python"):  # the Div-Erf-Add-Mul-Mul form that ONNX Runtime fuses into one Gelu
       erf = self.op("Erf", self.op("Div", x, f32(math.sqrt(2.0))))
       return self.op("Mul", self.op("Mul", x, self.op("Add", erf, f32(1.0))), f32(0.5))
-    if name in _TANH_GELU:
-      inner = self.op("Add", x, self.op("Mul", self.op("Pow", x, f32(3.0)), f32(0.044715)))
-      tanh = self.op("Tanh", self.op("Mul", inner, f32(math.sqrt(2.0 / math.pi))))
-      return self.op("Mul", self.op("Mul", x, self.op("Add", tanh, f32(1.0))), f32(0.5))
     if name == "relu":
       return self.op("Relu", x)
-    raise ValueError(f"hidden_act {name!r} has no ONNX form here (gelu, tanh gelus, relu)")
+    raise ValueError(f"hidden_act {name!r} has no ONNX form here (gelu, relu)")
 
 
 def _initializer(key: str, value: Any, external: bool) -> TensorProto:

@@ -12,6 +12,7 @@ import pytest
 
 from rnr_jax import onnx_export, qa_model
 from rnr_jax.bundle import flatten_params, load_bundle, stored_values, write_bundle
+from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.index import DenseIndex
 from rnr_jax.index_search import NumpySearcher
 from rnr_jax.runtime import GRAPH_FILE, INPUTS, OnnxStudent
@@ -127,22 +128,6 @@ def test_scann_saved_index_loads_and_searches_without_scann(tmp_path, monkeypatc
     index.save(tmp_path / "again")
 
 
-def test_bm25_without_scipy_gives_the_same_ranking(monkeypatch):
-  import bm25s  # pylint: disable=import-outside-toplevel
-  from rnr_jax.data.bm25 import BM25Index  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  words = [f"w{i}" for i in range(300)]
-  texts = [" ".join(rng.choice(words, 40)) for _ in range(400)]
-  queries = [" ".join(rng.choice(words, 5)) for _ in range(30)]
-  want = BM25Index.build(["t"] * 400, texts, stemmer="none").search(queries, 10)
-  monkeypatch.setattr(bm25s, "SCIPY_AVAILABLE", False)  # what bm25s decides at import where scipy is absent
-  index = BM25Index.build(["t"] * 400, texts, stemmer="none")
-  assert index.retriever.csc_backend == "numpy"
-  got = index.search(queries, 10)
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
-
-
 _NO_JAX = """
 import sys
 BLOCKED = {"jax", "jaxlib", "flax", "optax", "orbax", "scipy", "scann", "ml_dtypes", "tensorstore", "torch", "onnx"}
@@ -161,13 +146,19 @@ batch = {k: want[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 np.testing.assert_allclose(student.read(batch), want["read"], atol=1e-4)
 ids, _ = bundle.index.search(student.embed(batch), 5)
 np.testing.assert_array_equal(ids, want["ids"])
+from rnr_jax.data.bm25 import BM25Index
+texts = [" ".join(f"w{(i * 7 + j * 13) % 97}" for j in range(30)) for i in range(200)]
+bm25 = BM25Index.build(["t"] * 200, texts, stemmer="none").search(["w3 w5 w40", "w11 w12"], 10)
+np.testing.assert_array_equal(bm25[0], want["bm25_ids"])
+np.testing.assert_allclose(bm25[1], want["bm25_scores"], rtol=1e-6)
 print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 """
 
 
 def test_bundle_serves_in_a_process_without_jax(tmp_path):
   """An int8-weights bundle with an int8_row index and the graph: loaded, read and searched where JAX, Flax, scipy,
-  ScaNN, ml_dtypes and onnx cannot be imported, with the answers of the JAX model on the stored weights."""
+  ScaNN, ml_dtypes and onnx cannot be imported, with the answers of the JAX model on the stored weights and ScaNN's
+  search; BM25 ranks there as here."""
   spec = _system(TINY_BERT, "mean", True)
   params = jax.device_get(qa_model.init_params(spec.reader.build(), jax.random.key(2)))
   batch = random_batch(length=12)
@@ -180,7 +171,10 @@ def test_bundle_serves_in_a_process_without_jax(tmp_path):
   stored = stored_values(params, "int8")  # the int8 weights as the bundle loads them
   embedding, logits = _jax_outputs(spec, stored, batch)
   ids = load_bundle(tmp_path / "bundle").index.search(embedding, 5)[0]
-  np.savez(tmp_path / "want.npz", read=logits, ids=ids, **{k: batch[k] for k in INPUTS})
+  texts = [" ".join(f"w{(i * 7 + j * 13) % 97}" for j in range(30)) for i in range(200)]
+  bm25_ids, bm25_scores = BM25Index.build(["t"] * 200, texts, stemmer="none").search(["w3 w5 w40", "w11 w12"], 10)
+  np.savez(tmp_path / "want.npz", read=logits, ids=ids, bm25_ids=bm25_ids, bm25_scores=bm25_scores,
+           **{k: batch[k] for k in INPUTS})
   proc = subprocess.run([sys.executable, "-c", _NO_JAX, str(tmp_path / "bundle"), str(tmp_path / "want.npz")],
                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                         env={**os.environ, "PYTHONPATH": ROOT})
