@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.seed = 0
   # PRNG of dropout and init: "threefry2x32" (JAX default) or "rbg" (XLA RngBitGenerator; faster on CPU).
   c.train.rng_impl = "threefry2x32"
+  c.train.tensorboard = True  # event files in W/tensorboard (`tensorboard --logdir W`)
+  c.train.wandb = ""  # a Weights & Biases project to log to as well (needs `pip install wandb`); "" = none
+  c.train.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in W/profile (view with xprof)
   return c
 
 

@@ -26,7 +26,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from rnr_jax import deploy, embeddings, exports, passage_filter, retrieval
 from rnr_jax import reader_data as rd
@@ -40,6 +39,7 @@ from rnr_jax.io import atomic_write_json, atomic_write_text
 from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
+from train import define_flags, setup
 from train import distill as distill_stage
 from train import filter as filter_stage
 from train import finetune as finetune_stage
@@ -506,6 +506,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  setup()
   start = time.perf_counter()
   records = run_pipeline(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, until=FLAGS.until, redo=FLAGS.redo,
                          results_md=FLAGS.results_md)
@@ -515,7 +516,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", "configs/mini.py", "Pipeline config file.", lock_config=True)
+  define_flags("configs/mini.py", "Pipeline")
   flags.DEFINE_string("workdir", None, "Pipeline directory: every stage's outputs, the bundle and the report.")
   flags.DEFINE_string("data_dir", None, "Our jsonl files (corpus.jsonl, *_train.jsonl, *_dev.jsonl); default: the "
                       "config's data_dir (RNR_DATA or ../shared/data).")

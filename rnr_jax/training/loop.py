@@ -1,12 +1,13 @@
 """The one training loop every stage runs, and the resumable batch iterator.
 
-A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`, which reads the
-``mesh`` and ``train`` config sections and runs: abstract shapes, shardings, jitted init (parameters born sharded),
-jitted step, resume, then the steps with logs, evaluations (and the best export) and checkpoints.
+A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`: abstract
+shapes, shardings, jitted init (parameters born sharded), jitted step, resume, then the steps with logs, evaluations
+(and the best export), checkpoints and, for ``train.profile_steps``, a profiler trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,27 +17,29 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from rnr_jax.data.prepared import PreparedData, prepare
-from rnr_jax.io import atomic_write_json
 from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import mesh as mesh_lib
-from rnr_jax.training.metrics_log import MetricsLogger, append_eval
+from rnr_jax.training.metrics_log import MetricsLogger, write_text
 from rnr_jax.training.step import Step, TrainState, jit_train_step
 
 PyTree = Any
 LocalBatch = dict[str, np.ndarray]
 Evaluator = Callable[[PyTree, int], Mapping[str, float]]  # (params, step) -> named metrics
+BestExport = Any  # .offer(step, params, metrics) -> whether they are the best so far (rnr_jax.exports.BestExport)
 
 
 def start_run(config: Any, workdir: str) -> str:
-  """A stage's first call: joins the other hosts (when configured), creates ``workdir`` and records the config."""
+  """A stage's first call: joins the other hosts (when configured), creates ``workdir`` (local, or a bucket's
+  ``gs://...``) and records the config."""
   mesh_lib.maybe_initialize_distributed(config.mesh)
-  workdir = os.path.abspath(workdir)
+  workdir = workdir if "://" in workdir else os.path.abspath(workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_text(os.path.join(workdir, "config.json"), json.dumps(json.loads(config.to_json_best_effort()), indent=2))
   return workdir
 
 
@@ -60,16 +63,9 @@ def check_vocabulary(vocab_size: int, tokenizer: Any, data: PreparedData) -> Non
 
 class ResumableIterator(Protocol):
   """Yields process-local batches; ``state()`` / ``restore()`` save and set its position."""
-
   def __next__(self) -> LocalBatch: ...
   def state(self) -> dict[str, Any]: ...
   def restore(self, state: Mapping[str, Any]) -> None: ...
-
-
-class BestExport(Protocol):
-  """Exports the parameters of the best evaluation (:class:`rnr_jax.exports.BestExport`)."""
-
-  def offer(self, step: int, params: PyTree, metrics: Mapping[str, float]) -> bool: ...
 
 
 class EpochIterator:
@@ -83,21 +79,16 @@ class EpochIterator:
   def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,
                seed: int, shuffle: bool = True, process_index: int | None = None,
                process_count: int | None = None):
-    self._fetch = fetch
-    self._num_examples = num_examples
+    self._fetch, self._num_examples, self._shuffle = fetch, num_examples, shuffle
     self._process_index = jax.process_index() if process_index is None else process_index
     self._process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self._process_count:
       raise ValueError(f"global batch {global_batch_size} not divisible by {self._process_count} processes")
-    self._global_batch_size = global_batch_size
-    self._local_batch_size = global_batch_size // self._process_count
+    self._global_batch_size, self._local_batch_size = global_batch_size, global_batch_size // self._process_count
     self.batches_per_epoch = num_examples // global_batch_size
     if self.batches_per_epoch == 0:
       raise ValueError(f"{num_examples} examples are fewer than one batch of {global_batch_size}")
-    self._shuffle = shuffle
-    self._seed = seed
-    self._epoch = 0
-    self._index = 0
+    self._seed, self._epoch, self._index = seed, 0, 0
     self._order = self._epoch_order()
 
   @classmethod
@@ -111,9 +102,8 @@ class EpochIterator:
                **kwargs)
 
   def _epoch_order(self) -> np.ndarray:
-    if not self._shuffle:
-      return np.arange(self._num_examples)
-    return np.random.default_rng(self._seed + self._epoch).permutation(self._num_examples)
+    rng = np.random.default_rng(self._seed + self._epoch)
+    return rng.permutation(self._num_examples) if self._shuffle else np.arange(self._num_examples)
 
   def __iter__(self) -> EpochIterator:
     return self
@@ -137,11 +127,8 @@ class EpochIterator:
 
 
 def make_key(train_cfg: Any) -> jax.Array:
-  """The run's base key: ``train.seed`` with the PRNG ``train.rng_impl``.
-
-  ``"rbg"`` draws dropout masks with XLA's RngBitGenerator, several times faster on CPU than the default
-  ``"threefry2x32"``, whose bits are computed op by op; checkpoints record the implementation.
-  """
+  """The run's base key: ``train.seed`` with the PRNG ``train.rng_impl`` (``"rbg"``: XLA's RngBitGenerator, faster
+  on CPU than the default ``"threefry2x32"``, computed op by op); checkpoints record the implementation."""
   return jax.random.key(int(train_cfg.seed), impl=train_cfg.get("rng_impl") or None)
 
 
@@ -149,22 +136,15 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
                data: ResumableIterator, evaluator: Evaluator | None = None, best: BestExport | None = None,
                init_checkpoint: str | None = None, load_pretrained: Callable[[PyTree], PyTree] | None = None
                ) -> TrainState:
-  """Trains ``config.train.num_steps`` steps, resuming from ``workdir`` if it has checkpoints.
+  """Trains ``config.train.num_steps`` steps (``mesh`` and ``train`` sections), resuming from ``workdir`` if it has
+  checkpoints; ``workdir`` gets ``checkpoints/``, ``metrics.jsonl``, ``eval.jsonl``, ``tensorboard/``, ``profile/``.
 
-  Args:
-    config: has ``mesh`` and ``train`` sections.
-    workdir: ``<workdir>/checkpoints``, ``<workdir>/metrics.jsonl``, ``<workdir>/eval.jsonl``.
-    init_fn: ``rng -> params`` (float32 master weights).
-    step: the stage's update and initial state (:func:`rnr_jax.training.step.adamw_step` or its own).
-    data: process-local batches with ``state()`` / ``restore()``.
-    evaluator: ``(params, step) -> metrics``, every ``train.eval_every`` steps and after the last.
-    best: offered every evaluation; exports the best parameters.
-    init_checkpoint, load_pretrained: initial parameters of a fresh run (resume order of
-      :func:`rnr_jax.training.checkpoint.restore_or_initialize`).
+  ``init_fn(rng)`` gives float32 master weights; ``step`` is the stage's update and initial state; ``data`` yields
+  process-local batches; ``evaluator(params, step)`` runs every ``train.eval_every`` steps and after the last, its
+  metrics offered to ``best``; ``init_checkpoint`` and ``load_pretrained`` give a fresh run's parameters (resume
+  order of :func:`rnr_jax.training.checkpoint.restore_or_initialize`).
   """
-  train_cfg = config.train
-  total_steps = int(train_cfg.num_steps)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  train_cfg, total_steps, mesh = config.train, int(config.train.num_steps), mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.
   init_rng, base_rng = jax.random.split(make_key(train_cfg))  # init and step keys never collide
@@ -188,33 +168,40 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   logging.info("Starting at step %d from %s; mesh %s; %d parameters.", start_step, start.source, dict(mesh.shape),
                sum(x.size for x in jax.tree.leaves(abstract_state.params)))
 
-  logger = MetricsLogger(workdir, total_steps=total_steps, batch_size=int(train_cfg.batch_size),
-                         start_step=start_step)
+  logger = MetricsLogger(workdir, config, start_step=start_step)
+  profile = tuple(train_cfg.get("profile_steps") or ())  # (first, last): a jax.profiler trace of those steps
+  tracing = contextlib.ExitStack()
   try:
     for step_num in range(start_step + 1, total_steps + 1):
+      tic = time.perf_counter()
       batch = mesh_lib.make_global_batch(next(data), mesh)  # each process contributes its rows
+      logger.data_seconds += time.perf_counter() - tic
+      if profile and step_num == profile[0]:
+        tracing.enter_context(jax.profiler.trace(os.path.join(workdir, "profile")))
       state, metrics = train_step(state, batch, rng)
+      if profile and step_num == profile[-1]:
+        jax.block_until_ready(state)  # the trace ends after this step's device work
+        tracing.close()
       last = step_num == total_steps
       save = last or checkpointer.should_save(step_num)
       # Metrics are fetched only when logged; a checkpoint step always checks the loss first.
       if save or step_num == start_step + 1 or step_num % train_cfg.log_every == 0:
         logger.log_train(step_num, metrics)
       if evaluator is not None and (last or step_num % train_cfg.eval_every == 0):
-        logger.log_eval(step_num, evaluate(evaluator, best, state.params, step_num, workdir))
+        logger.log_eval(step_num, *evaluate(evaluator, best, state.params, step_num))
       if save:
         checkpointer.save(step_num, state, rng, data.state())
+        logger.flush()
   finally:
+    tracing.close()
     checkpointer.close()  # waits for the last asynchronous save
     logger.close()
   return state
 
 
-def evaluate(evaluator: Evaluator, best: BestExport | None, params: PyTree, step: int, workdir: str
-             ) -> dict[str, float]:
-  """Runs ``evaluator``, offers the result to ``best`` and appends it to ``<workdir>/eval.jsonl``."""
+def evaluate(evaluator: Evaluator, best: BestExport | None, params: PyTree, step: int) -> tuple[dict[str, float], bool]:
+  """``evaluator``'s metrics (its time as ``eval_s``), offered to ``best``, and whether they are the best so far."""
   start = time.perf_counter()
-  metrics = dict(evaluator(params, step))
+  metrics = {**evaluator(params, step)}
   metrics["eval_s"] = time.perf_counter() - start
-  is_best = best.offer(step, params, metrics) if best is not None else False
-  append_eval(os.path.join(workdir, "eval.jsonl"), step, {**metrics, "best": is_best})
-  return metrics
+  return metrics, bool(best.offer(step, params, metrics)) if best is not None else False

@@ -1,123 +1,162 @@
-"""Training logs: a line (or a progress bar on a terminal) and ``metrics.jsonl``, from process 0; a non-finite loss
-stops the run before the loop can checkpoint the bad state."""
+"""Training metrics from process 0: a log line (loss, examples/s, input vs compute time, ETA), ``metrics.jsonl``,
+TensorBoard event files and, when asked, Weights & Biases, with the run's hyperparameters. A non-finite loss stops
+the run before its state can be checkpointed. Paths go through ``etils.epath``: a workdir may be ``gs://...``."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import tqdm
 from absl import logging
+from etils import epath
 
 from rnr_jax.io import atomic_write_text
 
 
-def _format(metrics: Mapping[str, float]) -> str:
-  return " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+def write_text(path: epath.PathLike, text: str) -> None:
+  """Replaces a file: atomically on a local disk (temporary sibling, rename); a bucket's upload is atomic itself."""
+  if "://" not in os.fspath(path):
+    return atomic_write_text(path, text)
+  epath.Path(path).write_text(text)
+
+
+def hparams_of(config: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
+  """A config's fields as ``{"optim.lr": 2e-5, ...}``; values other than bool, number and string as strings."""
+  flat = {}
+  for key, value in (config.to_dict() if hasattr(config, "to_dict") else config).items():
+    flat.update(hparams_of(value, f"{prefix}{key}.") if isinstance(value, Mapping) else
+                {prefix + key: value if isinstance(value, (bool, int, float, str)) else str(value)})
+  return flat
+
+
+class JsonlWriter:
+  """``{"step": s, ...}`` lines, the file rewritten whole on every write (a bucket has no append); a resumed run first
+  drops the lines of steps after its checkpoint, so the file never shows a step twice."""
+
+  def __init__(self, path: str, start_step: int):
+    self.path, lines = path, epath.Path(path).read_text().splitlines(True) if epath.Path(path).exists() else []
+    self._lines = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._lines.append(json.dumps({"step": step, **scalars}) + "\n")
+    write_text(self.path, "".join(self._lines))
+
+  write_hparams = flush = close = lambda *_: None  # config.json holds the hyperparameters
+
+
+class TensorBoardWriter:
+  """Event files in ``logdir`` by tensorboard's own writer (no TensorFlow; buckets through fsspec)."""
+
+  def __init__(self, logdir: str, start_step: int):
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=import-outside-toplevel
+    self._pb, self._summary, self._writer = event_pb2, summary_pb2.Summary, EventFileWriter(logdir)
+    self.flush, self.close = self._writer.flush, self._writer.close
+    # A reader drops the points of steps >= this marker's from earlier files: a resumed run shows each step once.
+    self._add(start_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+
+  def _add(self, step: int, **fields: Any) -> None:
+    self._writer.add_event(self._pb.Event(wall_time=time.time(), step=step, **fields))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._add(step, summary=self._summary(value=[self._summary.Value(tag=k, simple_value=v)
+                                                 for k, v in scalars.items()]))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=import-outside-toplevel
+    self._add(0, summary=summary_v2.hparams_pb(hparams))
+
+
+class WandbWriter:
+  """A Weights & Biases run of ``project``, one per workdir (a resumed run continues it)."""
+
+  def __init__(self, project: str, workdir: str):
+    import wandb  # pylint: disable=import-outside-toplevel
+    self._run = wandb.init(project=project, name=os.path.basename(workdir.rstrip("/")), resume="allow",
+                           id=hashlib.sha256(workdir.encode()).hexdigest()[:16])
+    self.flush, self.close = lambda: None, self._run.finish
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._run.log(dict(scalars), step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._run.config.update(hparams, allow_val_change=True)
 
 
 class MetricsLogger:
-  """Logs every few steps: loss, lr, grad norm, examples/s, ETA (plus any other metric).
+  """Logs a step's metrics to ``metrics.jsonl`` (evaluations under ``eval/``, and to ``eval.jsonl``), TensorBoard
+  (``train.tensorboard``), W&B (project ``train.wandb``) and a log line, from process 0. Timings per step of a log
+  window, evaluations left out: ``data_s`` getting the batch (host input, which the loop adds to
+  :attr:`data_seconds`), ``compute_s`` the rest (dispatch, waiting for the devices), ``examples_per_s``; the first
+  window after a (re)start includes compilation: ``first_steps_s`` instead."""
 
-  The JSONL file has one object per log step: ``{"step": s, "loss": ..., ...}``; evaluation metrics are prefixed
-  ``eval/``. A resumed run first drops the lines of steps after its checkpoint, so the file never shows a step twice.
-  """
+  def __init__(self, workdir: str, config: Any, *, start_step: int = 0):
+    train_cfg = config.train
+    self._total_steps, self._batch_size = int(train_cfg.num_steps), int(train_cfg.batch_size)
+    self._last_step, self._last_time, self._last_finite_step = start_step, time.monotonic(), start_step
+    self._first_log, self.data_seconds, self._eval_seconds = True, 0.0, 0.0
+    self.writers, self._evals = [], None
+    if jax.process_index() == 0:
+      self._evals = JsonlWriter(os.path.join(workdir, "eval.jsonl"), start_step)
+      self.writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step))
+      if train_cfg.get("tensorboard", True):
+        self.writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"), start_step))
+      if train_cfg.get("wandb"):
+        self.writers.append(WandbWriter(train_cfg.wandb, workdir))
+      for writer in self.writers if start_step == 0 else ():
+        writer.write_hparams(hparams_of(config))
 
-  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, start_step: int = 0,
-               filename: str = "metrics.jsonl"):
-    self.path = os.path.join(workdir, filename)
-    self._total_steps = total_steps
-    self._batch_size = batch_size
-    self._is_writer = jax.process_index() == 0
-    self._last_step = start_step
-    self._last_time = time.monotonic()
-    self._first_log = True
-    self._last_finite_step = start_step
-    self._bar = None
-    if self._is_writer:
-      self._drop_lines_after(start_step)
-      if sys.stdout.isatty():
-        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                              file=sys.stdout, dynamic_ncols=True)
-
-  def _drop_lines_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(self.path, "".join(lines))
-
-  def _write(self, step: int, metrics: Mapping[str, float], line: str) -> None:
-    if not self._is_writer:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
-      f.flush()
-    if self._bar is not None:
-      self._bar.write(line)
-    else:
+  def _write(self, step: int, values: Mapping[str, float], line: str) -> None:
+    for writer in self.writers:
+      writer.write_scalars(step, values)
+    if self.writers:
       logging.info("%s", line)
 
   def log_train(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-    """Fetches the step's metrics, checks the loss, logs them; returns the host values.
-
-    Raises:
-      FloatingPointError: the loss (or the parameter norm, i.e. the state just
-        computed) is NaN or infinite. Nothing of this step is saved.
-    """
+    """Fetches the step's metrics, checks the loss, logs them; returns the host values. Raises FloatingPointError
+    when the loss (or the parameter norm: the state just computed) is NaN or infinite; nothing of the step is saved."""
     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
     bad = [k for k in ("loss", "param_norm") if k in values and not math.isfinite(values[k])]
     if bad:
       raise FloatingPointError(
-          f"Non-finite {' and '.join(bad)} ({', '.join(f'{k}={values[k]}' for k in bad)}) at "
-          f"step {step} (last finite at step {self._last_finite_step}); stopping without "
-          "saving this state, the last checkpoint is kept.")
-    self._last_finite_step = step
-
-    now = time.monotonic()
-    seconds, steps = now - self._last_time, step - self._last_step
-    self._last_step, self._last_time = step, now
-    line = f"step {step}/{self._total_steps}"
+          f"Non-finite {' and '.join(bad)} ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step} (last finite "
+          f"at step {self._last_finite_step}); stopping without saving this state, the last checkpoint is kept.")
+    self._last_finite_step, now, steps = step, time.monotonic(), max(step - self._last_step, 1)
+    seconds = now - self._last_time - self._eval_seconds
+    line = f"step {step}/{self._total_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
     if self._first_log:
-      # The first window after a (re)start includes compilation: no throughput.
-      values["first_steps_s"] = seconds
-      self._first_log = False
-      line += f" | {_format(values)}"
+      values["first_steps_s"], self._first_log = seconds, False
+      line += f" | first steps with compilation {seconds:.1f} s"
     else:
-      values["examples_per_s"] = steps * self._batch_size / max(seconds, 1e-9)
-      eta = datetime.timedelta(seconds=round((self._total_steps - step) * seconds / max(steps, 1)))
-      line += f" | {_format(values)} | ETA {eta}"
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+      step_s, data_s = seconds / steps, self.data_seconds / steps
+      values.update(examples_per_s=self._batch_size / max(step_s, 1e-9), data_s=data_s, compute_s=step_s - data_s)
+      line += (f" | {values['examples_per_s']:.4g} examples/s; a step: {1e3 * data_s:.0f} ms input, "
+               f"{1e3 * (step_s - data_s):.0f} ms compute | ETA "
+               f"{datetime.timedelta(seconds=round((self._total_steps - step) * step_s))}")
+    self._last_step, self._last_time, self.data_seconds, self._eval_seconds = step, now, 0.0, 0.0
     self._write(step, values, line)
     return values
 
-  def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Logs evaluation metrics (host or device scalars) under ``eval/``."""
-    values = {f"eval/{k}": float(v) for k, v in jax.device_get(dict(metrics)).items()}
-    self._write(step, values, f"eval step {step} | {_format(values)}")
+  def log_eval(self, step: int, metrics: Mapping[str, Any], best: bool = False) -> dict[str, float]:
+    """Logs evaluation metrics (host scalars) and whether they are the best so far."""
+    if self._evals is not None:
+      self._evals.write_scalars(step, {**metrics, "best": best})
+    values = {f"eval/{k}": float(v) for k, v in metrics.items()}
+    self._eval_seconds += values.get("eval/eval_s", 0.0)  # not training time
+    self._write(step, values, f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items()))
     return values
 
+  def flush(self) -> None:
+    for writer in self.writers:
+      writer.flush()
+
   def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
-def append_eval(path: str, step: int, record: Mapping[str, Any]) -> None:
-  """Adds a line to an ``eval.jsonl``, first dropping lines of this or later steps (left by a resumed run)."""
-  if jax.process_index() != 0:
-    return
-  lines = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-  lines.append(json.dumps({"step": step, **record}) + "\n")
-  atomic_write_text(path, "".join(lines))
+    for writer in self.writers:
+      writer.close()
