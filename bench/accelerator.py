@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -243,8 +244,25 @@ def table(result: dict[str, Any]) -> str:
   return report.markdown_table(
       ["work", "examples / step", "examples/s", "model TFLOP / step", "TFLOP/s per device", "MFU (datasheet)",
        "of measured matmul peak"],
-      [[r["work"], f"{r['examples']} {r['unit']}", f"{r['examples_per_s']:.1f}", f"{r['tflop_per_step']:.3g}",
-        f"{r['tflops_per_device']:.3g}", pct(r["mfu"]), pct(r["of_measured_peak"])] for r in result["rows"]])
+      [[r["work"], f"{r['examples']} {r['unit'] if r['examples'] > 1 else r['unit'][:-1]}",
+        f"{r['examples_per_s']:.3g}", f"{r['tflop_per_step']:.3g}", f"{r['tflops_per_device']:.3g}", pct(r["mfu"]),
+        pct(r["of_measured_peak"])] for r in result["rows"]])
+
+
+def record(result: dict[str, Any], command: str) -> None:
+  """Writes the table and its conditions into docs/speed.md."""
+  s, peak = Shapes(**result["shapes"]), result["datasheet_peak"]
+  peak_text = "n/a" if peak is None else f"{peak / 1e12:.4g} TFLOP/s"
+  encoder = ENCODERS[s.encoder]
+  note = (f"Device: {result['devices']} x {result['device']} ({result['backend']}); encoder {s.encoder} "
+          f"({encoder['num_hidden_layers']} layers, hidden {encoder['hidden_size']}), {s.dtype} compute, float32 "
+          f"master weights; questions {s.question_len} tokens, passages {s.passage_len}, reader rows {s.reader_len}, "
+          f"m = {s.m}; global batches: retriever {s.retriever_batch} questions (+ a positive and a hard negative "
+          f"each), the others {s.batch} x m reader rows, corpus encoding {s.encode_batch} passages; mean of "
+          f"{s.steps} steps after one warm-up step. Measured matmul peak {result['measured_peak'] / 1e12:.3g} TFLOP/s "
+          f"per device ({s.matmul}^3, {s.dtype}); datasheet peak {peak_text}. jax {result['jax']}; load average "
+          f"before the run {' '.join(f'{x:.2f}' for x in result['load_before'])}.")
+  report.record("speed", TITLE, table(result), textwrap.fill(note, 120), command)
 
 
 def main() -> None:
@@ -267,18 +285,9 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
   if args.record:
-    s = shapes
-    peak = "n/a" if result["datasheet_peak"] is None else f"{result['datasheet_peak'] / 1e12:.4g} TFLOP/s"
-    note = (f"Device: {result['devices']} x {result['device']} ({result['backend']}); encoder {s.encoder} "
-            f"({ENCODERS[s.encoder]['num_hidden_layers']} layers, hidden {ENCODERS[s.encoder]['hidden_size']}), "
-            f"{s.dtype} compute, float32 master weights; questions {s.question_len} tokens, passages "
-            f"{s.passage_len}, reader rows {s.reader_len}, m = {s.m}; global batches: retriever {s.retriever_batch} "
-            f"questions (+ a positive and a hard negative each), the others {s.batch} questions x m rows, corpus "
-            f"encoding {s.encode_batch} passages; mean of {s.steps} steps after one warm-up step. Measured matmul "
-            f"peak {result['measured_peak'] / 1e12:.3g} TFLOP/s per device ({s.matmul}^3, {s.dtype}); datasheet peak "
-            f"{peak}. "
-            f"jax {jax.__version__}; load average before the run {' '.join(f'{x:.2f}' for x in load)}.")
-    report.record("speed", TITLE, text, note)
+    options = [f"--{k} {v}" for k, v in (("preset", args.preset), ("encoder", args.encoder), ("dtype", args.dtype),
+                                          ("steps", args.steps)) if v is not None]
+    record(result, " ".join(["python -m bench.accelerator", *options, "--record"]))
 
 
 if __name__ == "__main__":

@@ -127,8 +127,8 @@ class EpochIterator:
 
 
 def make_key(train_cfg: Any) -> jax.Array:
-  """The run's base key: ``train.seed`` with the PRNG ``train.rng_impl`` (``"rbg"``: XLA's RngBitGenerator, faster
-  on CPU than the default ``"threefry2x32"``, computed op by op); checkpoints record the implementation."""
+  """The run's base key: ``train.seed`` with the PRNG ``train.rng_impl`` (``"rbg"``: one XLA RngBitGenerator op per
+  draw, the default ``"threefry2x32"`` a chain of ops; docs/speed.md times both); checkpoints record it."""
   return jax.random.key(int(train_cfg.seed), impl=train_cfg.get("rng_impl") or None)
 
 
