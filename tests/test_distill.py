@@ -312,7 +312,8 @@ def _system(data) -> SystemSpec:
 
 def _pool_config(candidates: str = "") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(train_splits=("toy_train",), max_train_questions=0, candidates=candidates,
-                                        retriever="", k1=6, encode_batch_size=8))
+                                        retriever="", k1=6, encode_batch_size=8,
+                                        positives="gold_article"))
 
 
 def _examples_of(batch, it, system, tokenizer):

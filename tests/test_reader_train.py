@@ -145,11 +145,16 @@ def test_ranked_candidates_file(toy_prepared, tmp_path):
   path = tmp_path / "ranked.npz"
   rd.save_ranked(path, {"toy_dev": reversed_rank})
   np.testing.assert_array_equal(rd.ranked_pids(data, "toy_dev", str(path)), reversed_rank)
-  split = rd.load_reader_split(data, "toy_dev", tok, str(path), num_negatives=2)
+  split = rd.load_reader_split(data, "toy_dev", tok, str(path), num_negatives=2, positives="any")
+  gold_only = rd.load_reader_split(data, "toy_dev", tok, str(path), num_negatives=2)  # positives="gold_article"
   for q in range(NUM_DEV):
     assert split.positives[q][0] == data.questions("toy_dev")[q].gold_pid  # gold first
     assert len(split.negatives[q]) == 2 and rd.NO_PASSAGE not in split.negatives[q]
     assert split.negatives[q].tolist() == [p for p in reversed_rank[q] if p not in split.positives[q] and p >= 0][:2]
+    # Gold-article positives drop the other answer-holding passages; they never become negatives.
+    gold = np.asarray(data.candidates("toy_dev").gold[q])
+    assert gold_only.positives[q].tolist() == (gold.tolist() or split.positives[q].tolist())
+    np.testing.assert_array_equal(gold_only.negatives[q], split.negatives[q])
   with pytest.raises(KeyError, match="no ranking for split 'toy_train'"):
     rd.ranked_pids(data, "toy_train", str(path))
   rd.save_ranked(path, {"toy_dev": reversed_rank[:3]})
