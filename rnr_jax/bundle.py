@@ -1,11 +1,8 @@
-"""The deployable bundle: weights, index, token-ID corpus and tokenizer in one verified directory (paper §2.3, A.4).
-
-:func:`write_bundle` stores each file compressed (:mod:`rnr_jax.bundle_files`) with a manifest of sizes and sha256;
-:func:`load_bundle` verifies every byte, unpacks once into a cache and loads the components; :func:`update_bundle`
-replaces some. The weights are a safetensors file keyed by '/'-joined pytree paths, floating leaves stored as
-:data:`WEIGHTS_DTYPES` says, loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k`` has
-float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit).
-"""
+"""The deployable bundle (paper §2.3, A.4): weights, index, token-ID corpus and tokenizer, each file compressed
+(:mod:`rnr_jax.bundle_files`) with a manifest of sizes and sha256; :func:`load_bundle` verifies every byte and unpacks
+once into a cache. The weights are a safetensors file keyed by '/'-joined pytree paths, floats stored as
+:data:`WEIGHTS_DTYPES` says and loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k``
+has float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,12 +20,9 @@ from safetensors import numpy as st_numpy
 from rnr_jax.bundle_files import (COMPRESSIONS, BundleError, Source, check_policy, check_stored, copy_stored, parallel,
                                   store, unpack)
 from rnr_jax.index import DenseIndex, IndexFileError
-from rnr_jax.io import PathLike, atomic_dir, atomic_write_json, read_json, relative_files, sha256_file, user_cache_dir
+from rnr_jax.io import (PathLike, atomic_dir, atomic_write_json, dir_lock, read_json, relative_files, repair_dir,
+                        scratch_dir, sha256_file, user_cache_dir)
 from rnr_jax.quantize import dequantize_columns, dequantize_rows, quantize_columns, quantize_rows
-
-# The public API; BundleError comes from rnr_jax.bundle_files.
-__all__ = ["WEIGHTS_DTYPES", "Bundle", "BundleError", "flatten_params", "footprint", "format_footprint",
-           "load_bundle", "stored_values", "unflatten_params", "update_bundle", "write_bundle"]
 
 FORMAT = "rnr_jax.bundle"
 VERSION = 1
@@ -229,9 +222,8 @@ def _config_source(staging: str, model_config: Mapping[str, Any], inference_conf
                    weights_dtype: str, index: DenseIndex | Mapping[str, Any]) -> Source:
   """``config.json``, stored uncompressed so that ``cat`` shows it."""
   index_info = index if isinstance(index, Mapping) else {"kind": index.kind, "dim": index.dim, "size": len(index)}
-  config = {"model": dict(model_config), "inference": dict(inference_config or {}),
-            "weights": {"file": PARAMS_FILE, "stored_dtype": weights_dtype, "compute_dtype": "float32"},
-            "index": dict(index_info)}
+  config = {"model": dict(model_config), "inference": dict(inference_config or {}), "index": dict(index_info),
+            "weights": {"file": PARAMS_FILE, "stored_dtype": weights_dtype, "compute_dtype": "float32"}}
   path = os.path.join(staging, CONFIG_FILE)
   with open(path, "w", encoding="utf-8") as f:
     f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -275,8 +267,8 @@ def _write(out_dir: PathLike, sources: Sequence[Source], carried: Sequence[Mappi
     entries.sort(key=lambda e: e["path"])
     manifest = {"format": FORMAT, "version": VERSION,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "compression": dict(policy), "weights_dtype": weights_dtype,
-                "files": entries, "footprint": footprint(entries)}
+                "compression": dict(policy), "weights_dtype": weights_dtype, "files": entries,
+                "footprint": footprint(entries)}
     atomic_write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
   return manifest
 
@@ -287,23 +279,18 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
                  extra_files: Mapping[str, PathLike] | None = None,
                  compression: Mapping[str, str] | None = None, weights_dtype: str = "float16",
                  inference_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Writes a bundle directory atomically (a temporary sibling renamed into place); returns the manifest.
-
-  Files, compressed ones with a ``.bz2`` / ``.xz`` suffix: ``manifest.json`` (policy, footprint, and per file its paths,
-  component, compression, bytes and sha256 stored and raw), ``config.json``, ``model/params.safetensors``,
-  ``index/``, ``corpus/``, ``tokenizer/``, ``extra/<name>``. ``compression`` (``{"binary": method, "text":
-  method}``) overrides bzip2 -9 / lzma -9. ``overwrite`` replaces a bundle, never a non-empty other directory.
-  """
+  """Writes a bundle directory atomically (:func:`rnr_jax.io.atomic_dir`); returns the manifest. Files (compressed:
+  ``.bz2`` / ``.xz``): ``manifest.json``, ``config.json``, ``model/params.safetensors``, ``index/``, ``corpus/``,
+  ``tokenizer/``, ``extra/<name>``. ``compression`` (``{"binary": method, "text": method}``) overrides bzip2 -9 /
+  lzma -9. ``overwrite`` replaces a bundle, never a non-empty other directory."""
   policy = check_policy(compression)
   path = os.fspath(out_dir)
-  if os.path.lexists(path):
-    if not overwrite:
-      raise FileExistsError(f"{path}: exists (pass overwrite=True to replace the bundle)")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
-      raise FileExistsError(f"{path}: exists and is not a bundle; refusing to replace it")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=parent) as staging:
+  with dir_lock(path), scratch_dir(path) as staging:
+    if os.path.lexists(path):
+      if not overwrite:
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace the bundle)")
+      if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        raise FileExistsError(f"{path}: exists and is not a bundle; refusing to replace it")
     sources = _component_sources(staging, params, weights_dtype, index, token_corpus_dir, tokenizer_dir_or_files,
                                  extra_files)[0]
     sources.append(_config_source(staging, model_config, inference_config, weights_dtype, index))
@@ -316,21 +303,17 @@ def update_bundle(bundle_dir: PathLike, *, params: Mapping[str, Any] | None = No
                   tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None = None,
                   extra_files: Mapping[str, PathLike] | None = None, compression: Mapping[str, str] | None = None,
                   weights_dtype: str | None = None) -> dict[str, Any]:
-  """Rewrites the given components of a bundle, and its manifest and config, atomically; returns the manifest.
-
-  Components not given are carried over byte for byte (checked against their sha256 while copied); ``extra_files``
-  replaces the whole ``extra/`` set. ``weights_dtype`` and ``compression`` (for rewritten files) default to the
-  bundle's. The new bundle replaces the old directory, including any ``.cache`` in it.
-  """
+  """Rewrites the given components of a bundle, and its manifest and config, atomically; returns the manifest. Others
+  are carried over byte for byte (sha256 checked); ``extra_files`` replaces all of ``extra/``; ``weights_dtype`` and
+  ``compression`` default to the bundle's. The new bundle replaces the old directory, with any ``.cache`` in it."""
   bundle_dir = os.fspath(bundle_dir)
-  manifest = _read_manifest(bundle_dir)[0]
-  policy = check_policy({**manifest["compression"], **(compression or {})})
-  weights_dtype = weights_dtype or manifest["weights_dtype"]
-  config = read_json(os.path.join(bundle_dir, CONFIG_FILE), error=BundleError)
-  if params is None and weights_dtype != manifest["weights_dtype"]:
-    raise ValueError("changing weights_dtype needs the params to store")
-  parent = os.path.dirname(os.path.abspath(bundle_dir))
-  with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=parent) as staging:
+  with dir_lock(bundle_dir), scratch_dir(bundle_dir) as staging:
+    manifest = _read_manifest(bundle_dir)[0]
+    policy = check_policy({**manifest["compression"], **(compression or {})})
+    weights_dtype = weights_dtype or manifest["weights_dtype"]
+    config = read_json(os.path.join(bundle_dir, CONFIG_FILE), error=BundleError)
+    if params is None and weights_dtype != manifest["weights_dtype"]:
+      raise ValueError("changing weights_dtype needs the params to store")
     sources, replaced = _component_sources(staging, params, weights_dtype, index, token_corpus_dir,
                                            tokenizer_dir_or_files, extra_files)
     sources.append(_config_source(staging, config["model"] if model_config is None else model_config,
@@ -363,29 +346,22 @@ def _read_manifest(bundle_dir: str) -> tuple[dict[str, Any], str]:
 
 def _cache_valid(cache: str, manifest_sha: str, entries: Sequence[Mapping[str, Any]], verify: bool) -> bool:
   try:
-    with open(os.path.join(cache, CACHE_RECORD), encoding="utf-8") as f:
-      record = json.load(f)
-  except (OSError, ValueError):
-    return False
-  if record.get("manifest_sha256") != manifest_sha:
-    return False
-  try:
+    if read_json(os.path.join(cache, CACHE_RECORD))["manifest_sha256"] != manifest_sha:
+      return False
     for e in entries:
       check_stored(os.path.join(cache, e["unpacked_path"]), e, verify, key="raw_")
-  except BundleError:
+  except (ValueError, KeyError, TypeError):  # BundleError and BadFileError are ValueErrors.
     return False
   return True
 
 
 def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify: bool = True,
                 param_dtype: Any = np.float32) -> Bundle:
-  """Verifies a bundle, unpacks it into the cache if needed, and loads every component.
-
-  Files go to ``<cache_dir>/<manifest sha256[:16]>`` (default cache_dir ``<bundle>/.cache`` if writable, else
-  ``$XDG_CACHE_HOME/rnr_jax``), reused while they match the manifest (sizes, and sha256 when ``verify``, which also
-  checks every stored file). ``param_dtype`` None keeps the stored float16. Raises BundleError naming a file.
-  """
+  """Verifies a bundle, unpacks it into ``<cache_dir>/<manifest sha256[:16]>`` (default ``<bundle>/.cache`` if
+  writable, else ``$XDG_CACHE_HOME/rnr_jax``; reused while it matches the manifest: sizes, sha256 if ``verify``) and
+  loads every component (``param_dtype`` None keeps the stored float16). Raises BundleError naming a file."""
   bundle_dir = os.fspath(bundle_dir)
+  repair_dir(bundle_dir)
   manifest, manifest_sha = _read_manifest(bundle_dir)
   entries = manifest["files"]
   parallel(lambda e: check_stored(os.path.join(bundle_dir, e["path"]), e, verify), entries)
@@ -397,19 +373,24 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
       cache_dir = os.path.join(bundle_dir, ".cache") if os.access(bundle_dir, os.W_OK) else user_cache_dir()
     root = os.path.join(os.fspath(cache_dir), manifest_sha[:16])
     if not _cache_valid(root, manifest_sha, entries, verify):
-      with atomic_dir(root) as tmp:
-        unpacked = sum(parallel(lambda e: unpack(e, bundle_dir, tmp), entries))
-        atomic_write_json(os.path.join(tmp, CACHE_RECORD),
-                          {"bundle": os.path.abspath(bundle_dir), "manifest_sha256": manifest_sha})
+      with dir_lock(root):  # Another process may be unpacking the same bundle: wait for it, then reuse its files.
+        if not _cache_valid(root, manifest_sha, entries, verify):
+          with atomic_dir(root) as tmp:
+            unpacked = sum(parallel(lambda e: unpack(e, bundle_dir, tmp), entries))
+            atomic_write_json(os.path.join(tmp, CACHE_RECORD),
+                              {"bundle": os.path.abspath(bundle_dir), "manifest_sha256": manifest_sha})
 
   def component_dir(prefix: str) -> str | None:
     return os.path.join(root, prefix) if any(e["unpacked_path"].startswith(prefix + "/") for e in entries) else None
 
-  config = read_json(os.path.join(root, CONFIG_FILE), error=BundleError)
-  params = read_params(os.path.join(root, PARAMS_FILE), param_dtype)
   try:
+    config = read_json(os.path.join(root, CONFIG_FILE), error=BundleError)
+    params = read_params(os.path.join(root, PARAMS_FILE), param_dtype)
     index = DenseIndex.load(os.path.join(root, INDEX_DIR), verify=False)  # Hashes checked above.
-  except IndexFileError as e:
+  except (BundleError, IndexFileError) as e:
+    rel = os.path.relpath(e.path, root).replace(os.sep, "/")
+    if not rel.startswith("..") and rel not in {x["unpacked_path"] for x in entries}:
+      raise BundleError(os.path.join(bundle_dir, MANIFEST_FILE), f"has no entry for {rel} (lost?)") from e
     raise BundleError(e.path, str(e).removeprefix(f"{e.path}: ")) from e
   extra = {e["unpacked_path"].removeprefix(EXTRA_DIR + "/"): os.path.join(root, e["unpacked_path"])
            for e in entries if e["unpacked_path"].startswith(EXTRA_DIR + "/")}

@@ -8,7 +8,6 @@ the default :class:`~rnr_jax.qa_system.InferenceSettings` by :func:`rnr_jax.bund
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from rnr_jax import tokenization as tk
 from rnr_jax.bundle import flatten_params, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import DenseIndex
+from rnr_jax.io import dir_lock, scratch_dir
 from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, encode_passages, write_passages
 from rnr_jax.runtime import GRAPH_FILE
 from rnr_jax.specs import SystemSpec
@@ -83,9 +83,7 @@ def write_system_bundle(out: str, data: PreparedData, spec: SystemSpec, params: 
   unified BERT student the ONNX graph :mod:`rnr_jax.runtime` serves it with); returns the manifest."""
   check_tokenizer(spec, data)
   corpus = data.token_corpus()
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as tmp:
+  with dir_lock(out), scratch_dir(out) as tmp:  # a killed export's scratch is removed by the next writer of out
     corpus_dir = os.path.join(tmp, "corpus")
     write_passages(corpus_dir, records, pids, corpus.meta["vocab_size"], corpus.meta.get("tokenizer"))
     tokenizer_files = [os.path.join(data.tokenizer_path, f) for f in TOKENIZER_FILES

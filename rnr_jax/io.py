@@ -1,16 +1,19 @@
-"""File helpers: atomic writes, hashing, and checks of files against recorded sizes and hashes.
-
-Writes go to a temporary sibling, fsynced, then renamed over the target (atomic on POSIX within one filesystem).
-"""
+"""File helpers: durable atomic writes of files and directories (built in a temporary sibling, fsynced, renamed or
+swapped into place under the directory's lock, so that a kill at any instant leaves the old or the new one), hashing
+and checks of files against recorded sizes and hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -33,14 +36,94 @@ def _umask() -> int:
   return mask
 
 
-def _fsync_dir(path: PathLike) -> None:
-  """Makes a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
-  with contextlib.suppress(OSError):
+def _fsync(path: PathLike, strict: bool = False) -> None:
+  """Flushes a file (``strict``: errors raised) or, making renames in it durable, a directory (best effort)."""
+  with contextlib.suppress(*(() if strict else (OSError,))):
     fd = os.open(path, os.O_RDONLY)
     try:
       os.fsync(fd)
     finally:
       os.close(fd)
+
+
+try:  # Linux's renameat2(RENAME_EXCHANGE) swaps two paths in one atomic step.
+  _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (OSError, AttributeError):
+  _renameat2 = None
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps paths ``a`` and ``b`` atomically; False where the system or filesystem cannot (nothing changed then)."""
+  return _renameat2 is not None and _renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0
+
+
+def _aside(path: str) -> str:
+  """Where a swap by two renames keeps the old copy of ``path`` between them."""
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+
+
+def _repair(path: str) -> None:
+  """Puts back the old copy a swap killed between its renames left aside, then removes what killed writers left."""
+  parent, name = os.path.split(path)
+  if os.path.isdir(_aside(path)) and not os.path.lexists(path):
+    os.rename(_aside(path), path)  # Roll back: the writer died before it could report success.
+    _fsync(parent)
+  # .<name>.old, and .<name>.<8 random characters>.tmp: with no dot in them, a sibling <name>.x's never match.
+  pattern = re.compile(re.escape(f".{name}.") + r"([a-z0-9_]{8}\.tmp|old)")
+  for leftover in [os.path.join(parent, e) for e in os.listdir(parent) if pattern.fullmatch(e)]:
+    shutil.rmtree(leftover, ignore_errors=True)
+
+
+_held = threading.local()  # .locks: {path: fd} of the directory locks this thread holds
+
+
+@contextlib.contextmanager
+def dir_lock(path: PathLike) -> Iterator[None]:
+  """Holds the lock of directory ``path``, waiting for another process's: a ``flock`` on ``.<name>.lock`` beside it
+  (reentrant in a thread). The kernel drops a killed holder's lock; the next holder first repairs ``path``
+  (:func:`_repair`). Writers hold it; read-modify-write edits hold it from reading to writing."""
+  path = os.path.abspath(os.fspath(path))
+  locks = vars(_held).setdefault("locks", {})
+  if path in locks:
+    yield
+    return
+  parent, name = os.path.split(path)
+  lock_path = os.path.join(parent, f".{name}.lock")
+  os.makedirs(parent, exist_ok=True)
+  while True:  # The last holder removes the lock file: a lock taken on a file removed meanwhile is no lock.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      with contextlib.suppress(FileNotFoundError):
+        if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+          break
+    except BaseException:
+      os.close(fd)
+      raise
+    os.close(fd)
+  locks[path] = fd
+  try:
+    _repair(path)
+    yield
+  finally:
+    del locks[path]
+    with contextlib.suppress(OSError):
+      os.remove(lock_path)
+    os.close(fd)  # Releases the flock.
+
+
+def repair_dir(path: PathLike) -> None:
+  """Restores ``path`` now if a swap killed between its two renames left it missing (else does nothing)."""
+  if not os.path.lexists(path) and os.path.isdir(_aside(os.path.abspath(os.fspath(path)))):
+    with dir_lock(path):
+      pass
+
+
+def scratch_dir(path: PathLike) -> tempfile.TemporaryDirectory:
+  """A temporary sibling for work towards writing ``path`` under ``dir_lock(path)`` (cleaned up after a kill)."""
+  parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+  return tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=parent)
 
 
 @contextlib.contextmanager
@@ -60,7 +143,7 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
-  _fsync_dir(parent)
+  _fsync(parent)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -80,34 +163,35 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[str]:
-  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds (and is removed if not).
-
-  An existing ``path`` is renamed aside first, so readers see the old directory, the new one or, for an instant, none,
-  never a partial one.
-  """
+  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds (and is removed if not), under
+  :func:`dir_lock`: every file is fsynced, then the directories are exchanged in one atomic step (Linux ``renameat2``),
+  else by two renames whose gap the next lock holder or :func:`repair_dir` rolls back."""
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; use the usual directory mode.
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = None
-  if os.path.lexists(path):
-    old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=parent)
-    os.replace(path, os.path.join(old, name))
-  os.replace(tmp, path)
-  _fsync_dir(parent)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+  with dir_lock(path):
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+      os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; use the usual directory mode.
+      yield tmp
+      for root, _, files in os.walk(tmp, topdown=False):  # Files, then folders deepest first, reach the disk.
+        for f in files:
+          _fsync(os.path.join(root, f), strict=True)
+        _fsync(root)
+      if not os.path.lexists(path):
+        os.rename(tmp, path)
+      elif not _exchange(tmp, path):
+        os.rename(path, _aside(path))
+        os.rename(tmp, path)  # Killed before this: the next lock holder puts the old one back.
+      _fsync(parent)
+    finally:  # After an exchange tmp holds the old directory, after two renames .<name>.old does.
+      shutil.rmtree(tmp, ignore_errors=True)
+      if os.path.lexists(path):
+        shutil.rmtree(_aside(path), ignore_errors=True)
 
 
 def relative_files(directory: PathLike) -> list[tuple[str, str]]:
-  """``(path relative to directory with '/' separators, full path)`` of every file below ``directory``, sorted by folder
-  then name (a folder's own files before its subfolders')."""
+  """``(path relative to directory with '/' separators, full path)`` of every file below ``directory``, folder by
+  folder (a folder's own files, sorted, before its subfolders')."""
   out = []
   for root, dirs, names in os.walk(directory):
     dirs.sort()

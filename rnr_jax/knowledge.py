@@ -1,21 +1,20 @@
-"""Knowledge edits: add, remove or replace passages of a QA system without retraining.
-
-Edits change a live :class:`~rnr_jax.qa_system.QASystem`'s index and passage store at once; :func:`save_edits` writes
-them into its bundle (model, tokenizer and config carried over byte for byte); ``python -m infer.edit`` does both.
-"""
+"""Knowledge edits: add, remove or replace passages of a QA system without retraining. Edits change a live
+:class:`~rnr_jax.qa_system.QASystem`'s index and passage store at once; :func:`save_edits` writes them into its bundle
+(model, tokenizer and config carried over byte for byte); ``python -m infer.edit`` does both, holding the bundle's
+:func:`~rnr_jax.io.dir_lock` from loading to saving, so that concurrent edits apply one after another."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from rnr_jax.bundle import update_bundle
+from rnr_jax.io import dir_lock, scratch_dir
 from rnr_jax.qa_system import QASystem
 
 
@@ -27,13 +26,15 @@ class Passage:
   text: str
   id: int | None = None
 
+  def __post_init__(self):  # No coercion: a float or boolean id, a null title are mistakes.
+    if not isinstance(self.title, str) or not isinstance(self.text, str) or not self.text.strip() or not (
+        self.id is None or (isinstance(self.id, int | np.integer) and not isinstance(self.id, bool) and self.id >= 0)):
+      raise ValueError(f"a passage needs a string title, a non-empty text and an integer id >= 0 or None: {self!r}")
+
 
 def _put(system: QASystem, passages: Sequence[Passage], ids: np.ndarray,
          update_index: Callable[[np.ndarray, np.ndarray], Any]) -> None:
   """Encodes passages with the system's own encoder, so vectors share the index's space, and stores them under ids."""
-  for p in passages:
-    if not isinstance(p.title, str) or not isinstance(p.text, str) or not p.text.strip():
-      raise ValueError(f"a passage needs a string title and a non-empty text, got {p!r}")
   records = system.tokenizer.passage_token_ids([p.title for p in passages], [p.text for p in passages])
   update_index(system.embed_passages(records), ids)
   system.store.put(ids.tolist(), records, [(p.title, p.text) for p in passages])
@@ -81,20 +82,8 @@ def replace_passages(system: QASystem, passages: Sequence[Passage]) -> None:
 
 def save_edits(system: QASystem, bundle_dir: str | os.PathLike) -> dict[str, Any]:
   """Writes the system's index and passages into ``bundle_dir`` (the bundle it came from); returns the manifest."""
-  with tempfile.TemporaryDirectory(prefix=".knowledge-edit-", dir=os.path.dirname(os.path.abspath(bundle_dir))) as tmp:
+  with dir_lock(bundle_dir), scratch_dir(bundle_dir) as tmp:
     corpus_dir = os.path.join(tmp, "corpus")
     system.store.write(corpus_dir)
     return update_bundle(bundle_dir, index=system.index, token_corpus_dir=corpus_dir)
 
-
-def edit_bundle(bundle_dir: str | os.PathLike, *, add: Sequence[Passage] = (), remove: Sequence[int] = (),
-                replace: Sequence[Passage] = (), cache_dir: str | None = None) -> dict[str, Any]:
-  """Loads a bundle, removes, replaces and adds passages (in that order), and saves it; returns
-  ``{"added": ids, "removed": ids, "replaced": ids, "passages": count, "manifest": ...}``."""
-  system = QASystem.from_bundle(bundle_dir, cache_dir=cache_dir)
-  remove_passages(system, remove)
-  replace_passages(system, replace)
-  added = add_passages(system, add)
-  manifest = save_edits(system, bundle_dir)
-  return {"added": added.tolist(), "removed": [int(i) for i in remove], "replaced": [int(p.id) for p in replace],
-          "passages": len(system.index), "manifest": manifest}
