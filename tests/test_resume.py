@@ -91,8 +91,7 @@ class PoisonAt:
 
 
 def toy_data(config, num=160):
-  return loop.EpochIterator.from_arrays(toy_model.regression_data(num), config.train.batch_size,
-                                        seed=config.train.seed)
+  return toy_model.array_batches(toy_model.regression_data(num), config.train.batch_size, seed=config.train.seed)
 
 
 @pytest.mark.parametrize("log_every,detected_at", [(1, 7), (100, 10)])
@@ -254,20 +253,20 @@ def test_resume_order_own_checkpoint_then_init_checkpoint_then_pretrained(tmp_pa
 
 def test_epoch_iterator_resume_replays_batches():
   arrays = {"x": np.arange(50)}
-  it = loop.EpochIterator.from_arrays(arrays, 8, seed=3)  # 6 batches per epoch, 2 dropped
+  it = toy_model.array_batches(arrays, 8, seed=3)  # 6 batches per epoch, 2 dropped
   first = [next(it)["x"] for _ in range(4)]
   saved = it.state()
   rest = [next(it)["x"] for _ in range(10)]  # crosses into epochs 1 and 2
-  again = loop.EpochIterator.from_arrays(arrays, 8, seed=3)
+  again = toy_model.array_batches(arrays, 8, seed=3)
   again.restore(saved)
   for a, b in zip(rest, [next(again)["x"] for _ in range(10)]):
     np.testing.assert_array_equal(a, b)
   assert len(np.unique(np.concatenate(first + rest[:2]))) == 48  # one epoch: no repeats
   assert not np.array_equal(np.concatenate(rest[2:8]), np.concatenate(first + rest[:2]))
   # Two processes split each global batch in halves.
-  halves = [loop.EpochIterator.from_arrays(arrays, 8, seed=3, process_index=p, process_count=2)
+  halves = [toy_model.array_batches(arrays, 8, seed=3, process_index=p, process_count=2)
             for p in range(2)]
-  fresh = loop.EpochIterator.from_arrays(arrays, 8, seed=3)
+  fresh = toy_model.array_batches(arrays, 8, seed=3)
   for _ in range(7):
     np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), next(fresh)["x"])
 

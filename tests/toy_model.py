@@ -7,6 +7,7 @@ import numpy as np
 from flax import linen as nn
 
 from rnr_jax.training import losses
+from rnr_jax.training.loop import EpochIterator
 
 VOCAB, SEQ, OUT = 32, 6, 3
 
@@ -64,6 +65,14 @@ def regression_data(num: int, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   return {"tokens": rng.integers(0, VOCAB, (num, SEQ)).astype(np.int32),
           "target": rng.normal(size=(num, OUT)).astype(np.float32)}
+
+
+def array_batches(arrays: dict[str, np.ndarray], global_batch_size: int, *, seed: int, **kwargs) -> EpochIterator:
+  """A resumable :class:`EpochIterator` over in-memory arrays sharing their leading dimension."""
+  num = {len(v) for v in arrays.values()}
+  assert len(num) == 1, "arrays differ in length"
+  return EpochIterator(lambda idx: {k: v[idx] for k, v in arrays.items()}, num.pop(), global_batch_size, seed=seed,
+                       **kwargs)
 
 
 class BagEncoder(nn.Module):

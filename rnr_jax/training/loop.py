@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
@@ -26,10 +26,12 @@ from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training.metrics_log import MetricsLogger, write_text
 from rnr_jax.training.step import Step, TrainState, jit_train_step
 
+if TYPE_CHECKING:
+  from rnr_jax.exports import BestExport
+
 PyTree = Any
 LocalBatch = dict[str, np.ndarray]
 Evaluator = Callable[[PyTree, int], Mapping[str, float]]  # (params, step) -> named metrics
-BestExport = Any  # .offer(step, params, metrics) -> whether they are the best so far (rnr_jax.exports.BestExport)
 
 
 def start_run(config: Any, workdir: str) -> str:
@@ -69,12 +71,9 @@ class ResumableIterator(Protocol):
 
 
 class EpochIterator:
-  """Deterministic, resumable batches over an indexable dataset.
-
-  Epoch ``e`` visits the examples in the order ``default_rng(seed + e).permutation(num_examples)``, cut into global
-  batches (an epoch's last partial batch is dropped). Process ``p`` of ``P`` gets rows ``[p * G/P, (p + 1) * G/P)`` of
-  each global batch. The position ``{seed, epoch, index}`` replays the same batches after a restart.
-  """
+  """Deterministic, resumable batches: epoch ``e`` visits the examples in the order ``default_rng(seed +
+  e).permutation(num_examples)``, cut into global batches (the last partial one dropped); process ``p`` of ``P`` gets
+  rows ``[p * G/P, (p + 1) * G/P)`` of each. The position ``{seed, epoch, index}`` replays them after a restart."""
 
   def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,
                seed: int, shuffle: bool = True, process_index: int | None = None,
@@ -90,16 +89,6 @@ class EpochIterator:
       raise ValueError(f"{num_examples} examples are fewer than one batch of {global_batch_size}")
     self._seed, self._epoch, self._index = seed, 0, 0
     self._order = self._epoch_order()
-
-  @classmethod
-  def from_arrays(cls, arrays: Mapping[str, np.ndarray], global_batch_size: int, *, seed: int,
-                  **kwargs: Any) -> EpochIterator:
-    """Batches of in-memory arrays sharing their leading dimension."""
-    sizes = {len(v) for v in arrays.values()}
-    if len(sizes) != 1:
-      raise ValueError(f"arrays differ in length: { {k: len(v) for k, v in arrays.items()} }")
-    return cls(lambda idx: {k: v[idx] for k, v in arrays.items()}, sizes.pop(), global_batch_size, seed=seed,
-               **kwargs)
 
   def _epoch_order(self) -> np.ndarray:
     rng = np.random.default_rng(self._seed + self._epoch)
@@ -158,9 +147,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.ckpt_every),
                                        max_to_keep=int(train_cfg.keep_ckpts), async_save=bool(train_cfg.async_ckpt))
   start = ckpt_lib.restore_or_initialize(
-      checkpointer, mesh_lib.with_shardings(abstract_state, shardings), rng=base_rng,
-      init_params=lambda: init_params(init_rng), create_state=create_state, init_checkpoint=init_checkpoint,
-      load_pretrained=load_pretrained)
+      checkpointer, mesh_lib.with_shardings(abstract_state, shardings), rng=base_rng, create_state=create_state,
+      init_params=lambda: init_params(init_rng), init_checkpoint=init_checkpoint, load_pretrained=load_pretrained)
   state, rng = start.state, jax.device_put(start.rng, mesh_lib.replicated(mesh))
   if start.data_state is not None:
     data.restore(start.data_state)
