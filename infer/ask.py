@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from infer import run
 from infer.common import enable_compilation_cache
-from rnr_jax.bundle import BundleError
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
@@ -28,13 +28,16 @@ BOLD, RESET = "\033[1m", "\033[0m"
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so entry modules import together)."""
   flags.DEFINE_string("bundle", None, "Bundle directory (python -m infer.export).")
-  flags.DEFINE_integer("top_k", None, "Passages retrieved (default: the bundle's).")
-  flags.DEFINE_integer("read_passages", None, "Passages read, m' (default: the bundle's).")
+  flags.DEFINE_integer("top_k", None, "Passages retrieved (default: the bundle's).", lower_bound=1)
+  flags.DEFINE_integer("read_passages", None, "Passages read, m' (default: the bundle's).", lower_bound=1)
   flags.DEFINE_enum("rule", None, list(RULES), "Answer rule (default: the bundle's).")
-  flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
-  flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the bundle's).")
-  flags.DEFINE_integer("n_best", 3, "Answers shown per question.")
-  flags.DEFINE_float("no_answer_threshold", 0.0, "Say there is no answer below this probability.")
+  flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).", lower_bound=0,
+                     upper_bound=1)
+  flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the bundle's).",
+                     lower_bound=0)
+  flags.DEFINE_integer("n_best", 3, "Answers shown per question.", lower_bound=1)
+  flags.DEFINE_float("no_answer_threshold", 0.0, "Say there is no answer below this probability.", lower_bound=0,
+                     upper_bound=1)
   flags.DEFINE_bool("json", False, "Print one JSON object per question.")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
   flags.mark_flag_as_required("bundle")
@@ -65,10 +68,10 @@ def main(argv: Sequence[str]) -> None:
   if not questions or any(not q.strip() for q in questions):
     raise app.UsageError("give one or more non-empty questions, e.g. python -m infer.ask --bundle B \"question\"")
   enable_compilation_cache()
-  try:
-    system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
-  except (BundleError, OSError) as e:
-    sys.exit(f"infer.ask: error: {e}")
+  system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
+  top_k, read = FLAGS.top_k or system.settings.top_k, FLAGS.read_passages or system.settings.read_passages
+  if read > top_k:
+    raise app.UsageError(f"--read_passages={read}: more than the {top_k} passages retrieved (--top_k)")
   predictions = system.answer(questions, top_k=FLAGS.top_k, read_passages=FLAGS.read_passages, rule=FLAGS.rule,
                               passage_score_weight=FLAGS.passage_score_weight, lexical_weight=FLAGS.lexical_weight,
                               n_best=FLAGS.n_best, no_answer_threshold=FLAGS.no_answer_threshold)
@@ -81,4 +84,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run(main, "infer.ask")

@@ -26,6 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from infer import check_output, run
 from infer.common import enable_compilation_cache
 from rnr_jax import embeddings, exports, qa_model
 from rnr_jax.data import PreparedData
@@ -47,13 +48,14 @@ def define_flags() -> None:
                                   "initial encoder (model.init, e.g. the untrained MiniLM) is used.")
   flags.DEFINE_string("prepared", None, "Prepared dataset directory (default: <workdir>/prepared).")
   flags.DEFINE_string("out", None, "Output directory of the embeddings.")
-  flags.DEFINE_integer("batch_size", 64, "Passages per encoding batch (a multiple of the device count).")
-  flags.DEFINE_integer("chunk_size", 4096, "Passages per saved chunk (the unit of resumption).")
+  flags.DEFINE_integer("batch_size", 64, "Passages per encoding batch (a multiple of the device count).",
+                       lower_bound=1)
+  flags.DEFINE_integer("chunk_size", 4096, "Passages per saved chunk (the unit of resumption).", lower_bound=1)
   flags.DEFINE_list("eval_splits", [], "Prepared splits whose top-k answer accuracy to report.")
-  flags.DEFINE_integer("max_eval_questions", 0, "First N questions of each eval split; 0 = all.")
+  flags.DEFINE_integer("max_eval_questions", 0, "First N questions of each eval split; 0 = all.", lower_bound=0)
   flags.DEFINE_float("lexical_weight", 0.0, "With --eval_splits and > 0: also the accuracy of dense + weight x "
                      "BM25 (the prepared data's index, rnr_jax.lexical.fuse over both top 100s), in "
-                     "<out>/eval_lexical.json.")
+                     "<out>/eval_lexical.json.", lower_bound=0)
   flags.mark_flag_as_required("out")
 
 
@@ -94,8 +96,16 @@ def main(argv: Sequence[str]) -> None:
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
   if not prepared:
     raise app.UsageError("pass --prepared (or --workdir with a <workdir>/prepared)")
+  check_output(FLAGS.out, "out", directory=True)
   mesh = mesh_lib.data_mesh()
-  tokenizer_fingerprint = PreparedData.load(prepared).manifest["settings"]["tokenizer"]
+  if FLAGS.batch_size % len(mesh.devices.flat):
+    raise app.UsageError(f"--batch_size={FLAGS.batch_size}: not a multiple of the {len(mesh.devices.flat)} devices")
+  manifest = PreparedData.load(prepared).manifest
+  unknown = [s for s in FLAGS.eval_splits if s not in manifest["splits"]]
+  if unknown:
+    raise app.UsageError(f"--eval_splits: no split {unknown[0]!r} in {prepared} "
+                         f"(it has {', '.join(manifest['splits'])})")
+  tokenizer_fingerprint = manifest["settings"]["tokenizer"]
   spec, params, fingerprint = resolve_model(FLAGS.workdir, FLAGS.model_dir, FLAGS.config, tokenizer_fingerprint, mesh)
   info = embeddings.encode_prepared(out=FLAGS.out, prepared=prepared, spec=spec, params=params,
                                     fingerprint=fingerprint, mesh=mesh, batch_size=FLAGS.batch_size,
@@ -108,4 +118,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run(main, "infer.encode")

@@ -26,13 +26,12 @@ from typing import Any
 
 from absl import app, flags
 
-from infer import formats
+from infer import check_output, formats, run
 from infer.common import enable_compilation_cache, local_mesh
-from rnr_jax.bundle import BundleError
-from rnr_jax.data.readers import DataFormatError, Question, read_questions
+from rnr_jax.data.readers import Question, read_questions
 from rnr_jax.evaluation import evaluate_system
 from rnr_jax.io import atomic_write_text
-from rnr_jax.metrics import exact_match
+from rnr_jax.metrics import exact_match, normalize_answer
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
@@ -42,20 +41,22 @@ def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so entry modules import together)."""
   flags.DEFINE_string("bundle", None, "Bundle directory (python -m infer.export).")
   flags.DEFINE_string("questions", None, "Question file: our jsonl or NQ-open jsonl.")
-  flags.DEFINE_integer("limit", 0, "First N questions; 0 = all.")
-  flags.DEFINE_integer("top_k", None, "Passages retrieved per question (default: the bundle's).")
+  flags.DEFINE_integer("limit", None, "First N questions (default: all).", lower_bound=1)
+  flags.DEFINE_integer("top_k", None, "Passages retrieved per question (default: the bundle's).", lower_bound=1)
   flags.DEFINE_enum("rule", None, list(RULES), "Answer rule (default: the bundle's).")
-  flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).")
+  flags.DEFINE_float("passage_score_weight", None, "λ of the weighted rule (default: the bundle's).", lower_bound=0,
+                     upper_bound=1)
   flags.DEFINE_float("lexical_weight", None, "BM25 fusion weight of retrieval, 0 = dense only (default: the "
-                     "bundle's; see rnr_jax.lexical).")
-  flags.DEFINE_integer("batch_size", 64, "Questions per prediction call.")
-  flags.DEFINE_integer("max_read", 0, "Read at most this many of the top_k passages (m' above it skipped); 0 = all.")
+                     "bundle's; see rnr_jax.lexical).", lower_bound=0)
+  flags.DEFINE_integer("batch_size", 64, "Questions per prediction call.", lower_bound=1)
+  flags.DEFINE_integer("max_read", 0, "Read at most this many of the top_k passages (m' above it skipped); 0 = all.",
+                       lower_bound=0)
   flags.DEFINE_string("out", None, "Write per-question predictions to this jsonl file.")
-  flags.DEFINE_integer("n_best", 1, "Answers per question in --out.")
+  flags.DEFINE_integer("n_best", 1, "Answers per question in --out.", lower_bound=1)
   flags.DEFINE_string("retrieval_out", None, "Write the retrieved passages as DPR retrieval JSON to this file.")
   flags.DEFINE_string("trec_out", None, "Write the retrieved passages as a TREC run to this file (qrels: FILE.qrels).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
-  flags.DEFINE_integer("devices", 0, "Local devices the batches are split over (0: all).")
+  flags.DEFINE_integer("devices", 0, "Local devices the batches are split over (0: all).", lower_bound=0)
   flags.mark_flags_as_required(["bundle", "questions"])
 
 
@@ -86,12 +87,17 @@ def write_retrieval(questions: Sequence[Question], predictions: Sequence[Predict
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for flag in ("out", "retrieval_out", "trec_out"):
+    check_output(FLAGS[flag].value, flag)
+  questions = list(read_questions(FLAGS.questions))[:FLAGS.limit]
+  if not questions:
+    raise app.UsageError(f"--questions={FLAGS.questions}: no questions")
+  empty = sum(not normalize_answer(a) for q in questions for a in q.answers)
+  if empty:
+    print(f"infer.evaluate: warning: {empty} gold answers are empty after normalisation; EM and F1 ignore them",
+          file=sys.stderr)
   enable_compilation_cache()
-  try:
-    questions = list(read_questions(FLAGS.questions))[:FLAGS.limit or None]
-    system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir, mesh=local_mesh(FLAGS.devices))
-  except (BundleError, DataFormatError, FileNotFoundError) as e:
-    sys.exit(f"infer.evaluate: error: {e}")
+  system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir, mesh=local_mesh(FLAGS.devices))
   s = system.settings
   rule = FLAGS.rule or s.rule
   weight = s.passage_score_weight if FLAGS.passage_score_weight is None else FLAGS.passage_score_weight
@@ -113,4 +119,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run(main, "infer.evaluate")

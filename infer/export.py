@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import save_file
 
+from infer import check_output, run
 from infer.common import enable_compilation_cache
 from rnr_jax import deploy, exports
 from rnr_jax.bundle import WEIGHTS_DTYPES, format_footprint
@@ -58,18 +59,21 @@ def define_flags() -> None:
   flags.DEFINE_enum("index_kind", "int8", list(KINDS), "Index kind (int8 = the paper's INT8 index).")
   flags.DEFINE_enum("weights_dtype", "float16", list(WEIGHTS_DTYPES), "Stored weight values (float16+int8-embeddings: "
                     "the word-embedding table as per-row int8; int8: every matrix as int8, per row or output unit).")
-  flags.DEFINE_integer("passage_len", 256, "Unified model without a system spec: passage tokens when encoding.")
-  flags.DEFINE_integer("passage_token_type", 1, "Unified model without a system spec: passage token type.")
+  flags.DEFINE_integer("passage_len", 256, "Unified model without a system spec: passage tokens when encoding.",
+                       lower_bound=4)  # [CLS] title [SEP] text [SEP] with a word of text
+  flags.DEFINE_integer("passage_token_type", 1, "Unified model without a system spec: passage token type.",
+                       lower_bound=0, upper_bound=1)
   flags.DEFINE_bool("normalize", False, "Unified model without a system spec: L2-normalise retrieval vectors.")
-  flags.DEFINE_integer("batch_size", 64, "Passages per encoding batch.")
+  flags.DEFINE_integer("batch_size", 64, "Passages per encoding batch.", lower_bound=1)
   flags.DEFINE_string("recall_split", None, "Prepared split whose questions measure the index recall.")
-  flags.DEFINE_integer("recall_questions", 1000, "Questions of --recall_split used for the recall.")
-  flags.DEFINE_integer("top_k", 20, "Default passages retrieved per question.")
-  flags.DEFINE_integer("read_passages", 10, "Default passages read per question (m').")
+  flags.DEFINE_integer("recall_questions", 1000, "Questions of --recall_split used for the recall.", lower_bound=1)
+  flags.DEFINE_integer("top_k", 20, "Default passages retrieved per question.", lower_bound=1)
+  flags.DEFINE_integer("read_passages", 10, "Default passages read per question (m').", lower_bound=1)
   flags.DEFINE_enum("rule", "dpr", list(RULES), "Default answer rule (appendix A.3).")
-  flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.")
+  flags.DEFINE_float("passage_score_weight", 0.8, "Default λ of the weighted rule.", lower_bound=0, upper_bound=1)
   flags.DEFINE_float("lexical_weight", 0.0, "Default BM25 fusion weight of retrieval (0 = dense only; BM25 is built "
-                     "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).")
+                     "from the shipped passages at load, no bundle bytes; choose it with bench.hybrid_sweep).",
+                     lower_bound=0)
   flags.DEFINE_bool("onnx", True, "Write the ONNX graph a unified BERT student is served with without JAX "
                     "(rnr_jax.runtime), extra/student.onnx: kilobytes, the weights are the bundle's own.")
 
@@ -95,6 +99,14 @@ def main(argv: Sequence[str]) -> None:
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
   if not model_dir or not (prepared or not FLAGS.out) or not (FLAGS.out or FLAGS.hf_out):
     raise app.UsageError("pass --out and/or --hf_out, and --workdir, or --model and --prepared")
+  for flag, path in (("model", model_dir), ("prepared", prepared), ("retriever", FLAGS.retriever),
+                     ("subset", FLAGS.subset), ("embeddings", FLAGS.embeddings)):
+    if path and not os.path.exists(path):
+      raise app.UsageError(f"--{flag}={path}: no such file or directory")
+  if FLAGS.out and os.path.lexists(FLAGS.out) and not FLAGS.overwrite:
+    raise app.UsageError(f"--out={FLAGS.out}: exists (pass --overwrite to replace the bundle)")
+  check_output(FLAGS.out, "out", directory=True)
+  check_output(FLAGS.hf_out, "hf_out", directory=True)
   enable_compilation_cache()
   mesh = mesh_lib.data_mesh()
   spec, params = exports.load_system(model_dir, FLAGS.retriever, mesh, passage_len=FLAGS.passage_len,
@@ -121,4 +133,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run(main, "infer.export")

@@ -27,9 +27,10 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, answers: Iterable[str]) -> float:
-  """1.0 if the normalised prediction equals some normalised answer, else 0.0."""
+  """1.0 if the normalised prediction equals some normalised answer, else 0.0. An answer empty after normalisation
+  ("", "the") is ignored: it would match an empty prediction or a lone article."""
   pred = normalize_answer(prediction)
-  return max((float(pred == normalize_answer(a)) for a in answers), default=0.0)
+  return max((float(pred == g) for g in map(normalize_answer, answers) if g), default=0.0)
 
 
 def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
@@ -44,9 +45,9 @@ def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
 
 
 def f1_score(prediction: str, answers: Iterable[str]) -> float:
-  """Best token-level F1 between the normalised prediction and any answer."""
+  """Best token-level F1 between the normalised prediction and any answer (empty ones ignored, as by EM)."""
   pred = normalize_answer(prediction).split()
-  return max((_token_f1(pred, normalize_answer(a).split()) for a in answers), default=0.0)
+  return max((_token_f1(pred, g.split()) for g in map(normalize_answer, answers) if g), default=0.0)
 
 
 # DPR's SimpleTokenizer: runs of letters/numbers/marks, or any single character that is neither a separator (Z) nor
@@ -91,8 +92,7 @@ class AnswerMatcher:
     return self._cache[pid]
 
   def has_answer(self, answers: Iterable[str], pid: int) -> bool:
-    passage = self._passage(int(pid))
-    return any(p in passage for p in answer_patterns(answers))
+    return bool(self.flags(answers, [int(pid)])[0])
 
   def flags(self, answers: Iterable[str], pids: Iterable[int] | np.ndarray) -> np.ndarray:
     """``has_answer`` of each passage in ``pids`` (any shape) as a bool array."""

@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rnr_jax.bundle import (BundleError, flatten_params, format_footprint, load_bundle, stored_values,
+from infer.export import format_footprint
+from rnr_jax.bundle import (BundleError, flatten_params, load_bundle, stored_values,
                             unflatten_params, update_bundle, write_bundle)
 from rnr_jax.index import DenseIndex
 

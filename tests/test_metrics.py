@@ -22,6 +22,9 @@ def test_exact_match():
   assert M.exact_match("apples", ["apple"]) == 0.0
   assert M.exact_match("Paris", ["London", "paris."]) == 1.0  # max over answers
   assert M.exact_match("Paris", []) == 0.0
+  for prediction in ("", "the", "a"):  # an empty gold answer is ignored, not matched by an empty prediction
+    assert M.exact_match(prediction, [""]) == M.exact_match(prediction, ["the", "Paris"]) == 0.0
+    assert M.f1_score(prediction, [""]) == 0.0
 
 
 def test_f1():
@@ -30,7 +33,7 @@ def test_f1():
   assert M.f1_score("the cat sat", ["dog", "cat sat on mat", "a cat sat"]) == 1.0
   assert M.f1_score("red red blue", ["red blue green"]) == pytest.approx(2 / 3)  # counts are clipped
   assert M.f1_score("nothing", ["something else"]) == 0.0
-  assert M.f1_score("the", ["a"]) == 1.0  # both normalise to empty
+  assert M.f1_score("the", ["a"]) == 0.0  # an answer empty after normalisation matches nothing
   assert M.f1_score("", ["cat"]) == 0.0
 
 
