@@ -48,6 +48,13 @@ def check_dir(path: str | None, flag: str) -> None:
     raise app.UsageError(f"--{flag}={path}: {'not a directory' if os.path.exists(path) else 'no such directory'}")
 
 
+def check_bundle(bundle: str) -> None:
+  """:func:`check_dir` for a ``--bundle`` that names a local directory rather than a Hub model id (the test of
+  :meth:`rnr_jax.qa_system.QASystem.from_pretrained`)."""
+  if os.path.isabs(bundle) or bundle.startswith((".", "~")) or os.path.exists(bundle):
+    check_dir(os.path.expanduser(bundle), "bundle")
+
+
 def check_output(path: str | None, flag: str, directory: bool = False) -> None:
   """Fails at once, naming ``flag``, unless a file (or ``directory``) can be written at ``path``: outputs are
   written after the work, as a temporary sibling renamed into place."""

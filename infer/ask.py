@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from infer import run
+from infer import check_bundle, run
 from infer.common import enable_compilation_cache
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
@@ -67,6 +67,7 @@ def main(argv: Sequence[str]) -> None:
   questions = list(argv[1:])
   if not questions or any(not q.strip() for q in questions):
     raise app.UsageError("give one or more non-empty questions, e.g. python -m infer.ask --bundle B \"question\"")
+  check_bundle(FLAGS.bundle)
   enable_compilation_cache()
   system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
   top_k, read = FLAGS.top_k or system.settings.top_k, FLAGS.read_passages or system.settings.read_passages

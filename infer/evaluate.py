@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import app, flags
 
-from infer import check_output, formats, run
+from infer import check_bundle, check_output, formats, run
 from infer.common import enable_compilation_cache, local_mesh
 from rnr_jax.data.readers import Question, read_questions
 from rnr_jax.evaluation import evaluate_system
@@ -87,6 +87,7 @@ def write_retrieval(questions: Sequence[Question], predictions: Sequence[Predict
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  check_bundle(FLAGS.bundle)
   for flag in ("out", "retrieval_out", "trec_out"):
     check_output(FLAGS[flag].value, flag)
   questions = list(read_questions(FLAGS.questions))[:FLAGS.limit]

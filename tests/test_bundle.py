@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from infer.export import format_footprint
+from rnr_jax.bundle import format_footprint
 from rnr_jax.bundle import (BundleError, flatten_params, load_bundle, stored_values,
                             unflatten_params, update_bundle, write_bundle)
 from rnr_jax.index import DenseIndex
