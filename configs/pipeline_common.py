@@ -14,17 +14,19 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = name
   c.seed = 0
-  # "jsonl": our jsonl files in data_dir (--data_dir / RNR_DATA); "tfds_squad": SQuAD v1.1 from TensorFlow Datasets
-  # as an open-domain setting (its contexts as the corpus; set dev_splits=("squad_dev",) and the stages' train
-  # splits to ("squad_train",)), read from tfds.data_dir (or downloaded with tfds.download=True when online).
-  c.source = "jsonl"
+  # The data, as train.prepare takes it: corpus specs and "NAME=SPEC" question splits (files in any format
+  # train.sources recognises, or tfds:NAME/SPLIT read from tfds.data_dir, downloaded with tfds.download=True when
+  # online); both empty: our jsonl files in data_dir (--data_dir / RNR_DATA). SQuAD from TFDS as an open-domain
+  # setting: corpus ("tfds:squad/train", "tfds:squad/validation") and the same specs as squad_train / squad_dev.
+  c.corpus = ()
+  c.questions = ()
   c.data_dir = os.environ.get("RNR_DATA", "../shared/data")
   c.tfds = ml_collections.ConfigDict({"data_dir": "", "download": False, "limit": 0})
   # A slice of the data (smoke runs): the first N questions of each split, their gold documents and this many
   # random distractor documents. 0 = the whole data.
   c.slice = ml_collections.ConfigDict({"questions": 0, "distractors": 0})
   c.prepare = ml_collections.ConfigDict({"words_per_passage": 100, "bm25_topk": 100, "hard_negatives": 30,
-                                         "max_train_questions": 0, "compress": ("bz2", "lzma")})
+                                         "max_train_questions": 0, "compress": ("bz2", "lzma"), "skip_bad": False})
   c.dev_splits = ("nq_dev", "squadshifts_dev")
   # The student's topology: "paper" trains a shared encoder for retrieval alone (stage student_retriever, §2.2.2)
   # and distils the reader into it; "from_teacher_reader" starts distillation from the teacher reader (its encoder,

@@ -14,9 +14,8 @@ from test_retriever import write_toy_data
 from configs.pipeline_common import stage
 from rnr_jax import exports
 from rnr_jax.config import load_config
-from train.sources import write_slice, write_tfds_squad
 from rnr_jax.qa_system import QASystem
-from train import pipeline
+from train import pipeline, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,24 +159,11 @@ def test_slice_keeps_gold_documents(tmp_path):
   (source / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
   questions = [{"id": f"q{i}", "question": f"q {i}", "answers": ["a"], "gold_pid": 3 * i} for i in range(10)]
   (source / "nq_dev.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-  out = write_slice(str(source), str(tmp_path / "slice"), questions=4, distractors=5)
-  with open(os.path.join(out, "corpus.jsonl"), encoding="utf-8") as f:
+  inputs = sources.build(*sources.data_dir_specs(str(source)))
+  corpus, specs = sources.write_slice(*inputs, str(tmp_path / "slice"), num_questions=4, distractors=5)
+  with open(corpus[0], encoding="utf-8") as f:
     ids = [json.loads(line)["id"] for line in f]
-  with open(os.path.join(out, "nq_dev.jsonl"), encoding="utf-8") as f:
+  with open(specs["nq_dev"], encoding="utf-8") as f:
     kept = [json.loads(line) for line in f]
   assert [q["id"] for q in kept] == ["q0", "q1", "q2", "q3"]
   assert {0, 3, 6, 9} <= set(ids) and len(ids) == 4 + 5 and len(set(ids)) == len(ids)
-
-
-def test_tfds_squad_source_writes_open_domain_jsonl(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-    out = write_tfds_squad(str(tmp_path / "squad"), str(tmp_path / "tfds"))
-  with open(os.path.join(out, "corpus.jsonl"), encoding="utf-8") as f:
-    docs = [json.loads(line) for line in f]
-  ids = [d["id"] for d in docs]
-  assert ids == list(range(len(ids))) and all(d["text"] for d in docs)
-  for name in ("squad_train.jsonl", "squad_dev.jsonl"):
-    with open(os.path.join(out, name), encoding="utf-8") as f:
-      questions = [json.loads(line) for line in f]
-    assert len(questions) == 5 and all(q["gold_pid"] in ids and q["answers"] and q["question"] for q in questions)

@@ -1,5 +1,6 @@
 """Training candidates, samplers and ``python -m train.prepare`` end to end on a tiny data directory."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -10,9 +11,11 @@ import pytest
 
 from rnr_jax.data import examples as E
 from rnr_jax.data import prepared as PD
+from rnr_jax.data import readers as R
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.passages import split_documents
 from rnr_jax.data.readers import DataFormatError, Document, Question
+from train import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,6 +149,12 @@ def test_bm25_save_load(tmp_path):
 # ---- prepare -------------------------------------------------------------------------
 
 
+def _prepare(data_dir, out, settings, **kwargs):
+  """prepare() of a data directory of our jsonl files, as ``train.prepare --data_dir`` runs it."""
+  corpus, questions = sources.build(*sources.data_dir_specs(str(data_dir)))
+  return PD.prepare(corpus, questions, str(out), settings, **kwargs)
+
+
 def _run_cli(*args):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-m", "train.prepare", *args], cwd=ROOT, env=env, capture_output=True,
@@ -167,7 +176,7 @@ def test_prepare_cli_end_to_end(data_dir, vocab_dir, tmp_path):
   data = PD.PreparedData.load(out)
   assert data.splits == ["tiny_dev", "tiny_train"]
   assert data.manifest["counts"] == {"documents": 8, "passages": 9, "tokens": data.manifest["counts"]["tokens"],
-                                     "skipped_bad_documents": 0}
+                                     "skipped_bad_documents": 0, "empty_documents": 0}
   assert len(data.passages) == data.num_passages == len(data.token_corpus()) == 9
   assert data.questions("tiny_train") == TRAIN and data.questions("tiny_dev") == DEV
   cands = data.candidates("tiny_train")
@@ -195,18 +204,18 @@ def test_prepare_rebuilds_when_inputs_change(data_dir, vocab_dir, tmp_path):
   settings = PD.PrepareSettings(tokenizer=vocab_dir, hard_negatives=2, bm25_topk=5, compress=(),
                                 max_train_questions=2)
   quiet = lambda s: None  # noqa: E731
-  first = PD.prepare(str(data_dir), str(out), settings, echo=quiet)
+  first = _prepare(data_dir, out, settings, echo=quiet)
   assert first.built and first.manifest["splits"]["tiny_train"]["questions"] == 2
   assert first.manifest["splits"]["tiny_dev"]["questions"] == 2  # the limit is for *_train only
-  assert not PD.prepare(str(data_dir), str(out), settings, echo=quiet).built
+  assert not _prepare(data_dir, out, settings, echo=quiet).built
   changed = PD.PrepareSettings(**{**settings.__dict__, "hard_negatives": 1})
-  assert PD.prepare(str(data_dir), str(out), changed, echo=quiet).built
+  assert _prepare(data_dir, out, changed, echo=quiet).built
   with open(data_dir / "tiny_dev.jsonl", "a", encoding="utf-8") as f:
     f.write(json.dumps({"id": "d3", "question": "where is the Seine", "answers": ["France"], "gold_pid": 4}) + "\n")
-  again = PD.prepare(str(data_dir), str(out), changed, echo=quiet)
+  again = _prepare(data_dir, out, changed, echo=quiet)
   assert again.built and again.manifest["splits"]["tiny_dev"]["questions"] == 3
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".p.")]  # no temporary directories left
-  assert PD.prepare(str(data_dir), str(out), changed, force=True, echo=quiet).built
+  assert _prepare(data_dir, out, changed, force=True, echo=quiet).built
 
 
 def test_prepare_bad_records(data_dir, vocab_dir, tmp_path):
@@ -216,9 +225,9 @@ def test_prepare_bad_records(data_dir, vocab_dir, tmp_path):
   settings = PD.PrepareSettings(tokenizer=vocab_dir, bm25_topk=5, compress=())
   out = tmp_path / "p"
   with pytest.raises(DataFormatError, match="tiny_train.jsonl:4: field 'gold_pid' 99 is not a document id"):
-    PD.prepare(str(data_dir), str(out), settings, echo=lambda s: None)
+    _prepare(data_dir, out, settings, echo=lambda s: None)
   assert not out.exists()  # nothing half-built under the final name
-  result = PD.prepare(str(data_dir), str(out), PD.PrepareSettings(**{**settings.__dict__, "skip_bad": True}),
+  result = _prepare(data_dir, out, PD.PrepareSettings(**{**settings.__dict__, "skip_bad": True}),
                       echo=lambda s: None)
   assert result.manifest["splits"]["tiny_train"]["skipped_bad"] == 2
   assert result.manifest["splits"]["tiny_train"]["questions"] == 3
@@ -232,4 +241,157 @@ def test_prepared_data_errors(tmp_path):
   with pytest.raises(PD.PreparedDataError, match="incomplete"):
     PD.PreparedData.load(tmp_path / "half")
   with pytest.raises(FileNotFoundError, match="no corpus.jsonl"):
-    PD.prepare(str(tmp_path), str(tmp_path / "out"))
+    _prepare(tmp_path, tmp_path / "out", PD.PrepareSettings())
+
+
+# ---- other data formats and bad data --------------------------------------------------
+
+
+def _passages_as_dpr(tmp_path):
+  """The toy corpus's passages as DPR's psgs_w100.tsv (gzip) and as our corpus jsonl, one document per passage."""
+  table = split_documents(DOCS)
+  rows = [(pid + 1, table.titles[pid], table.texts[pid]) for pid in range(len(table))]
+  tsv = tmp_path / "psgs_w100.tsv.gz"
+  with gzip.open(tsv, "wt", encoding="utf-8") as f:
+    f.write("id\ttext\ttitle\n" + "".join(f"{i}\t{text}\t{title}\n" for i, title, text in rows))
+  ours = tmp_path / "corpus.jsonl"
+  _write_jsonl(ours, [{"id": i, "title": title, "text": text} for i, title, text in rows])
+  return str(tsv), str(ours)
+
+
+def test_prepare_cli_reads_dpr_and_nq_open_formats_like_our_jsonl(vocab_dir, tmp_path):
+  """The same passages as DPR tsv.gz, and the same questions as NQ-open jsonl and DPR qa.csv (given as
+  ``--questions A=x B=y``), give the same BM25 candidates and accuracy as our jsonl files."""
+  tsv, ours = _passages_as_dpr(tmp_path)
+  nq_open, qa_csv, our_train, our_dev = (tmp_path / n for n in ("train.jsonl", "dev.qa.csv", "t.jsonl", "d.jsonl"))
+  _write_jsonl(nq_open, [{"question": q.question, "answer": list(q.answers)} for q in TRAIN])
+  qa_csv.write_text("".join(f"{q.question}\t{list(q.answers)!r}\n" for q in DEV), encoding="utf-8")
+  _write_jsonl(our_train, [dict(q.to_json(), gold_pid=None) for q in TRAIN])
+  _write_jsonl(our_dev, [dict(q.to_json(), gold_pid=None) for q in DEV])
+  common = ["--tokenizer", vocab_dir, "--compress", "", "--bm25_topk", "5"]
+  dpr = json.loads(_run_cli("--corpus", tsv, "--questions", f"tiny_train={nq_open}", f"tiny_dev={qa_csv}",
+                            "--out", str(tmp_path / "dpr"), *common).strip().splitlines()[-1])
+  jsonl = json.loads(_run_cli("--corpus", ours, "--questions", f"tiny_train={our_train}", "--questions",
+                              f"tiny_dev={our_dev}", "--out", str(tmp_path / "ours"), *common).strip().splitlines()[-1])
+  assert dpr.pop("prepare_s") and jsonl.pop("prepare_s")
+  assert dpr == jsonl and dpr["passages"] == 9 and dpr["tiny_dev"]["questions"] == 2
+  a, b = PD.PreparedData.load(tmp_path / "dpr"), PD.PreparedData.load(tmp_path / "ours")
+  for split in ("tiny_train", "tiny_dev"):
+    np.testing.assert_array_equal(a.candidates(split).bm25_pids, b.candidates(split).bm25_pids)
+    assert [q.answers for q in a.questions(split)] == [q.answers for q in b.questions(split)]
+
+
+def test_dpr_retriever_json_contexts_are_used_as_given(vocab_dir, tmp_path):
+  tsv, _ = _passages_as_dpr(tmp_path)
+  ctx = lambda pid: {"title": "x", "text": "y", "passage_id": str(pid)}  # noqa: E731
+  examples = [{"question": "what is the capital of France", "answers": ["Paris"], "positive_ctxs": [ctx(1), ctx(99)],
+               "negative_ctxs": [], "hard_negative_ctxs": [ctx(3), ctx(8)]},
+              {"question": "what is the capital of Germany", "answers": ["Berlin"], "positive_ctxs": [ctx(2)]}]
+  (tmp_path / "nq-train.json").write_text(json.dumps(examples), encoding="utf-8")
+  corpus, questions = sources.build([tsv], {"nq_train": str(tmp_path / "nq-train.json")})
+  result = PD.prepare(corpus, questions, str(tmp_path / "p"), PD.PrepareSettings(tokenizer=vocab_dir, compress=()),
+                      echo=lambda s: None)
+  info = result.manifest["splits"]["nq_train"]
+  assert info["given_documents_missing"] == 1  # passage 99 is not in the corpus
+  cands = PD.PreparedData.load(tmp_path / "p").candidates("nq_train")
+  # DPR id i is passage i - 1 here: positives start with the given ones, the hard negatives are exactly the given.
+  assert cands.gold[0].tolist() == [0] and cands.positives[0][0] == 0 and cands.hard_negatives[0].tolist() == [2, 7]
+  assert cands.gold[1].tolist() == [1] and len(cands.hard_negatives[1]) > 0  # none given: BM25's
+
+
+def test_squad_json_as_corpus_and_questions_links_gold(vocab_dir, tmp_path):
+  squad = {"version": "1.1", "data": [{"title": "Rome", "paragraphs": [
+      {"context": "Rome is the capital city of Italy.", "qas": [
+          {"id": "s1", "question": "what is the capital of Italy", "answers": [{"text": "Rome", "answer_start": 0}]}]},
+      {"context": "The Tiber flows through Rome.", "qas": [
+          {"id": "s2", "question": "which river flows through Rome", "answers": [{"text": "Tiber",
+                                                                                  "answer_start": 4}]}]}]}]}
+  path = tmp_path / "squad.json"
+  path.write_text(json.dumps(squad), encoding="utf-8")
+  corpus, questions = sources.build([str(path)], {"squad_dev": str(path)})
+  PD.prepare(corpus, questions, str(tmp_path / "p"), PD.PrepareSettings(tokenizer=vocab_dir, compress=()),
+             echo=lambda s: None)
+  data = PD.PreparedData.load(tmp_path / "p")
+  assert [q.gold_pid for q in data.questions("squad_dev")] == [0, 1]
+  assert data.candidates("squad_dev").gold[1].tolist() == [1]
+  # Without the file among the corpus specs the questions have no gold document.
+  _, alone = sources.build([str(path)], {})
+  only_questions = sources.Sources().questions(str(path))
+  assert not alone and [q.gold_pid for q in only_questions.read(False, R.ReadStats())] == [None, None]
+
+
+def test_tfds_specs_through_sources(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    corpus, questions = sources.build(["tfds:squad/train"], {"squad_train": "tfds:squad/train",
+                                                             "nq_dev": "tfds:natural_questions_open/validation"},
+                                      sources.TfdsOptions(str(tmp_path)))
+    docs = list(corpus[0].read(False, R.ReadStats()))
+    squad = list(questions["squad_train"].read(False, R.ReadStats()))
+    nq = list(questions["nq_dev"].read(False, R.ReadStats()))
+  ids = {d.id for d in docs}
+  assert ids == set(range(len(docs))) and len(squad) == 4 and all(q.gold_pid in ids for q in squad)
+  assert len(nq) == 4 and all(q.gold_pid is None and q.answers for q in nq)
+
+
+def test_detect_format(tmp_path):
+  files = {"c.jsonl": '{"id": 1, "title": "t", "text": "x"}\n', "d.json": '[{"question": "q"}]',
+           "s.json": '{"version": "1",\n "data": []}', "q.qa.csv": "who\t['a']\n", "p.txt": "id\ttext\ttitle\n",
+           "n.txt": "who\t['a']\n"}
+  expected = {"c.jsonl": "jsonl", "d.json": "dpr_json", "s.json": "squad", "q.qa.csv": "dpr_qa_csv",
+              "p.txt": "dpr_tsv", "n.txt": "dpr_qa_csv"}
+  for name, text in files.items():
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    assert sources.detect_format(str(tmp_path / name)) == expected[name], name
+  assert sources.detect_format("tfds:trivia_qa/train") == "tfds"
+  (tmp_path / "x.bin").write_bytes(b"\x00\x01")
+  with pytest.raises(ValueError, match="unrecognised data format"):
+    sources.detect_format(str(tmp_path / "x.bin"))
+  with pytest.raises(ValueError, match="holds questions, not a corpus"):
+    sources.Sources().corpus(str(tmp_path / "q.qa.csv"))
+  with pytest.raises(ValueError, match="NAME ending in _train or _dev"):
+    sources.parse_questions(["nq_test=x.jsonl"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": %d, "title": "T", "text": "big"}' % 2**70, r"corpus.jsonl:3: field 'id' must be in \[0, 2\*\*63\)"),
+    ('{"id": 70, "title": "T", "text": "bad \\ud800 surrogate"}', "corpus.jsonl:3: field 'text' holds a lone surrogate"),
+    (b'{"id": 70, "title": "T", "text": "caf\xe9"}', "corpus.jsonl:3: invalid UTF-8"),
+    ('{"id": 1, "title": "Again", "text": "duplicate"}', "corpus.jsonl:3: field 'id' duplicate document id 1"),
+])
+def test_prepare_names_bad_documents_and_skips_them(data_dir, vocab_dir, tmp_path, line, message):
+  rows = (data_dir / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+  rows.insert(2, (line if isinstance(line, bytes) else line.encode()) + b"\n")
+  (data_dir / "corpus.jsonl").write_bytes(b"".join(rows))
+  settings = PD.PrepareSettings(tokenizer=vocab_dir, compress=(), bm25_topk=5)
+  with pytest.raises(DataFormatError, match=message):
+    _prepare(data_dir, tmp_path / "p", settings, echo=lambda s: None)
+  skipped = _prepare(data_dir, tmp_path / "p", PD.PrepareSettings(**{**settings.__dict__, "skip_bad": True}),
+                     echo=lambda s: None).manifest["counts"]
+  assert skipped["skipped_bad_documents"] == 1 and skipped["documents"] == len(DOCS)
+
+
+def test_prepare_non_utf8_tsv_byte_names_line_and_field(vocab_dir, tmp_path):
+  path = tmp_path / "psgs.tsv"
+  path.write_bytes(b"id\ttext\ttitle\n1\tParis is in France\tParis\n2\tcaf\xe9 au lait\tCafe\n")
+  with pytest.raises(DataFormatError, match="psgs.tsv:3: field 'text' holds a byte 0xe9 that is not UTF-8"):
+    list(R.read_dpr_tsv(path))
+  assert [d.id for d in R.read_dpr_tsv(path, skip_bad=True)] == [1]
+
+
+def test_prepare_counts_empty_documents_duplicate_questions_and_empty_answers(data_dir, vocab_dir, tmp_path):
+  with open(data_dir / "corpus.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": 50, "title": " ", "text": ""}) + "\n")
+  with open(data_dir / "tiny_dev.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": "d3", "question": "what?", "answers": [""], "gold_pid": 2}) + "\n")
+    f.write(json.dumps({"id": "d4", "question": "where is Rome", "answers": ["", "Italy"], "gold_pid": 2}) + "\n")
+    f.write(json.dumps({"id": "d1", "question": "again", "answers": ["x"]}) + "\n")
+  settings = PD.PrepareSettings(tokenizer=vocab_dir, compress=(), bm25_topk=5)
+  with pytest.raises(DataFormatError, match="tiny_dev.jsonl:5: field 'id' duplicate question id 'd1'"):
+    _prepare(data_dir, tmp_path / "p", settings, echo=lambda s: None)
+  m = _prepare(data_dir, tmp_path / "p", PD.PrepareSettings(**{**settings.__dict__, "skip_bad": True}),
+               echo=lambda s: None).manifest
+  assert m["counts"]["empty_documents"] == 1 and m["counts"]["documents"] == len(DOCS)
+  dev = m["splits"]["tiny_dev"]
+  assert (dev["questions"], dev["no_answer"], dev["skipped_bad"]) == (3, 1, 1)
+  assert PD.PreparedData.load(tmp_path / "p").questions("tiny_dev")[-1].answers == ("Italy",)

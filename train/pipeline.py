@@ -2,6 +2,8 @@ r"""The whole method in one command: data -> teacher system -> filter -> student
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
   python -m train.pipeline --config configs/smoke.py --workdir W          # minutes: tiny models, a data slice
+  python -m train.pipeline --config configs/paper.py --workdir W --corpus psgs_w100.tsv \
+      --questions nq_train=biencoder-nq-train.json nq_dev=nq-dev.qa.csv      # any data train.prepare reads
 
 Each stage (:data:`STAGES`) calls a stage trainer with its stage config from the pipeline config plus the wiring below
 (the teacher retriever's candidates feed the reader, the filter and J_read; the filter's subset is the student's
@@ -46,7 +48,7 @@ from train import finetune as finetune_stage
 from train import reader as reader_stage
 from train import report as report_lib
 from train import retriever as retriever_stage
-from train.sources import write_slice, write_tfds_squad
+from train import sources
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +62,15 @@ class Pipeline:
   """Runs the stages of a pipeline config in a work directory (module docstring)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, data_dir: str | None = None,
-               results_md: str | None = None):
+               corpus: Sequence[str] = (), questions: Sequence[str] = (), results_md: str | None = None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.data_dir = os.path.abspath(data_dir or config.data_dir)
+    # --corpus / --questions, else the config's; both empty: the data directory's jsonl files.
+    corpus, questions = (corpus, questions) if corpus else (tuple(config.corpus), tuple(config.questions))
+    if questions and not corpus:
+      raise ValueError("questions given without a corpus")
+    self.inputs = (list(corpus), sources.parse_questions(questions))
     self.results_md = results_md
     self.prepared = self.path("prepared")
     self.dev_splits = tuple(config.dev_splits)
@@ -251,22 +258,22 @@ class Pipeline:
 def prepare_data(p: Pipeline) -> dict[str, Any]:
   """DPR passages, token-ID corpus, BM25 candidates (``W/prepared``; a data slice with ``slice.*``)."""
   c = p.config
-  data_dir = p.data_dir
-  if c.source == "tfds_squad":
-    data_dir = write_tfds_squad(p.path("data_tfds"), c.tfds.data_dir or None, download=bool(c.tfds.download),
-                                limit=int(c.tfds.limit) or None)
-  elif c.source != "jsonl":
-    raise ValueError(f"source must be 'jsonl' or 'tfds_squad', got {c.source!r}")
+  corpus, questions = p.inputs
+  if not corpus:
+    corpus, questions = sources.data_dir_specs(p.data_dir)
+  tfds = sources.TfdsOptions(c.tfds.data_dir or None, bool(c.tfds.download), int(c.tfds.limit) or None)
+  inputs = sources.build(corpus, questions, tfds)
   if int(c.slice.questions):
-    data_dir = write_slice(data_dir, p.path("data_slice"), int(c.slice.questions), int(c.slice.distractors),
-                           seed=int(c.seed))
+    corpus, questions = sources.write_slice(*inputs, p.path("data_slice"), int(c.slice.questions),
+                                            int(c.slice.distractors), seed=int(c.seed))
+    inputs = sources.build(corpus, questions)
   settings = PrepareSettings(words_per_passage=int(c.prepare.words_per_passage), bm25_topk=int(c.prepare.bm25_topk),
                              hard_negatives=int(c.prepare.hard_negatives),
                              max_train_questions=int(c.prepare.max_train_questions) or None,
-                             compress=tuple(c.prepare.compress))
-  m = prepare(data_dir, p.prepared, settings, echo=logging.info).manifest
-  return {"data_dir": data_dir, "counts": m["counts"], "bytes_per_passage": m["bytes_per_passage"],
-          "bm25": {s: m["splits"][s]["metrics"] for s in p.dev_splits}}
+                             compress=tuple(c.prepare.compress), skip_bad=bool(c.prepare.skip_bad))
+  m = prepare(*inputs, p.prepared, settings, echo=logging.info).manifest
+  return {"corpus": list(corpus), "questions": dict(questions), "counts": m["counts"],
+          "bytes_per_passage": m["bytes_per_passage"], "bm25": {s: m["splits"][s]["metrics"] for s in p.dev_splits}}
 
 
 def teacher_retriever(p: Pipeline) -> dict[str, Any]:
@@ -496,19 +503,21 @@ def last_best(path: str) -> dict[str, Any] | None:
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *, data_dir: str | None = None,
-                 until: str | None = None, redo: Sequence[str] = (), results_md: str | None = None
-                 ) -> dict[str, Any]:
+                 corpus: Sequence[str] = (), questions: Sequence[str] = (), until: str | None = None,
+                 redo: Sequence[str] = (), results_md: str | None = None) -> dict[str, Any]:
   """Runs (or continues) the pipeline of ``config`` in ``workdir``; returns ``{stage: record}``."""
-  return Pipeline(config, workdir, data_dir=data_dir, results_md=results_md).run(until=until, redo=redo)
+  return Pipeline(config, workdir, data_dir=data_dir, corpus=corpus, questions=questions,
+                  results_md=results_md).run(until=until, redo=redo)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bad := [a for a in argv[1:] if "=" not in a]:  # NAME=SPEC items after "--questions A=x" are arguments
+    raise app.UsageError(f"unexpected arguments: {bad}")
   logging.set_verbosity(logging.INFO)
   setup()
   start = time.perf_counter()
-  records = run_pipeline(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, until=FLAGS.until, redo=FLAGS.redo,
+  records = run_pipeline(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, corpus=FLAGS.corpus,
+                         questions=FLAGS.questions + list(argv[1:]), until=FLAGS.until, redo=FLAGS.redo,
                          results_md=FLAGS.results_md)
   print(json.dumps({"workdir": os.path.abspath(FLAGS.workdir), "wall_s": round(time.perf_counter() - start, 1),
                     "stage_seconds": {s: r["seconds"] for s, r in records.items()},
@@ -519,7 +528,9 @@ if __name__ == "__main__":
   define_flags("configs/mini.py", "Pipeline")
   flags.DEFINE_string("workdir", None, "Pipeline directory: every stage's outputs, the bundle and the report.")
   flags.DEFINE_string("data_dir", None, "Our jsonl files (corpus.jsonl, *_train.jsonl, *_dev.jsonl); default: the "
-                      "config's data_dir (RNR_DATA or ../shared/data).")
+                      "config's data_dir (RNR_DATA or ../shared/data). Unused with --corpus.")
+  flags.DEFINE_multi_string("corpus", [], "Corpus specs, as train.prepare takes them (default: the config's).")
+  flags.DEFINE_multi_string("questions", [], "NAME=SPEC question splits, as train.prepare takes them.")
   flags.DEFINE_string("until", None, "Stop after this stage.")
   flags.DEFINE_list("redo", [], "Stages to run again from scratch, their outputs deleted first (later stages are "
                     "not redone).")

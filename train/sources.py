@@ -1,59 +1,203 @@
-"""Data directories the pipeline prepares from besides a user's own files: a slice (smoke runs), SQuAD from TFDS."""
+"""Inputs of ``train.prepare`` and the pipeline: data files recognised by content and extension, TFDS datasets, a
+data directory of our jsonl files, and slices of any of them (smoke and CI runs).
+
+Corpus specs: our corpus jsonl, DPR ``psgs_w100.tsv`` (gzip too), a SQuAD json (its paragraphs) or
+``tfds:squad/SPLIT`` (its contexts). Question specs: our question jsonl, NQ-open jsonl, DPR retriever json, DPR
+``*.qa.csv``, a SQuAD json, or ``tfds:NAME/SPLIT`` for natural_questions_open, trivia_qa and squad. SQuAD questions
+get their paragraph as gold document when the same file (or TFDS split) is also a corpus spec.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from rnr_jax.io import atomic_write_text
+from rnr_jax.data import readers as R
+from rnr_jax.data.prepared import Source
+from rnr_jax.io import atomic_write_text, sha256_file
+
+CORPUS_FORMATS = ("jsonl", "dpr_tsv", "squad", "tfds")
+QUESTION_FORMATS = ("jsonl", "dpr_json", "dpr_qa_csv", "squad", "tfds")
 
 
-def _write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+@dataclasses.dataclass
+class TfdsOptions:
+  """Where TFDS datasets are prepared (None: TFDS's default), whether tfds may download, and a cap on examples."""
+
+  data_dir: str | None = None
+  download: bool = False
+  limit: int | None = None
 
 
-def write_slice(data_dir: str, out: str, questions: int, distractors: int, seed: int = 0) -> str:
-  """A small data directory: the first ``questions`` of each split, their gold documents and random distractors."""
+def detect_format(spec: str) -> str:
+  """The format of a spec: ``tfds``, ``jsonl`` (ours or NQ-open), ``dpr_tsv``, ``dpr_json``, ``dpr_qa_csv`` or
+  ``squad``, from its first bytes (gunzipped) and its extension."""
+  if spec.startswith("tfds:"):
+    return "tfds"
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"{spec}: no such file")
+  name = spec.lower().removesuffix(".gz")
+  with R.open_data(spec, text=True, encoding="utf-8-sig") as f:
+    head = f.read(1 << 16)
+  first_line = head.split("\n", 1)[0].rstrip("\r")
+  stripped = head.lstrip()
+  if name.endswith(".tsv") or {"id", "text", "title"} <= set(first_line.split("\t")):
+    return "dpr_tsv"
+  if name.endswith(".csv"):
+    return "dpr_qa_csv"
+  if stripped.startswith("["):
+    return "dpr_json"
+  if stripped.startswith("{"):
+    try:
+      first = json.loads(stripped.split("\n", 1)[0])
+    except json.JSONDecodeError:
+      return "squad"  # a document over several lines
+    return "squad" if "data" in first else "jsonl"  # a record per line, or a SQuAD document on one line
+  if "\t" in first_line:
+    return "dpr_qa_csv"
+  raise ValueError(f"{spec}: unrecognised data format; expected our jsonl, NQ-open jsonl, DPR psgs_w100.tsv, DPR "
+                   "retriever json, DPR *.qa.csv, SQuAD json (gzip allowed) or tfds:NAME/SPLIT")
+
+
+def _tfds_name(spec: str) -> tuple[str, str]:
+  name, _, split = spec.removeprefix("tfds:").rpartition("/")
+  if not name or not split:
+    raise ValueError(f"{spec}: expected tfds:NAME/SPLIT, e.g. tfds:natural_questions_open/train")
+  return name, split
+
+
+class Sources:
+  """Builds :class:`Source` objects from specs; one instance per prepare, since SQuAD specs used as corpus and as
+  questions share the document numbering it records."""
+
+  def __init__(self, tfds: TfdsOptions | None = None):
+    self.tfds = tfds or TfdsOptions()
+    self._first_ids: dict[str, int] = {}  # SQuAD corpus spec -> id of its first paragraph
+    self._next_id = 0
+
+  def corpus(self, spec: str) -> Source:
+    fmt = detect_format(spec)
+    if fmt not in CORPUS_FORMATS:
+      raise ValueError(f"{spec}: a {fmt} file holds questions, not a corpus; corpus formats: our corpus jsonl, DPR "
+                       "psgs_w100.tsv, SQuAD json, tfds:squad/SPLIT")
+    if fmt == "jsonl":
+      return Source.file(spec, R.read_corpus)
+    if fmt == "dpr_tsv":
+      return Source.file(spec, R.read_dpr_tsv)
+    self._first_ids[spec] = -1  # known when read: after the corpus specs before it
+
+    def squad_documents(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Document]:
+      self._first_ids[spec] = first = self._next_id
+      docs = (p.document for p in R.read_squad(spec, first_doc_id=first, skip_bad=skip_bad, stats=stats)) \
+          if fmt == "squad" else iter(self._tfds_squad(spec, first, skip_bad, stats)[0])
+      for doc in docs:
+        self._next_id = doc.id + 1
+        yield doc
+
+    return self._source(spec, squad_documents)
+
+  def questions(self, spec: str) -> Source:
+    fmt = detect_format(spec)
+    if fmt not in QUESTION_FORMATS:
+      raise ValueError(f"{spec}: a {fmt} file is a corpus, not questions")
+    readers = {"jsonl": R.read_questions, "dpr_json": R.read_dpr_questions, "dpr_qa_csv": R.read_dpr_qa_csv}
+    if fmt in readers:
+      return Source.file(spec, readers[fmt])
+
+    def squad_questions(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Question]:
+      first = self._first_ids.get(spec)
+      if fmt == "squad":
+        for p in R.read_squad(spec, first_doc_id=first or 0, skip_bad=skip_bad, stats=stats):
+          yield from (q if first is not None else dataclasses.replace(q, gold_pid=None) for q in p.questions)
+      elif _tfds_name(spec)[0].split("/")[0] == "squad":
+        yield from self._tfds_squad(spec, first or 0, skip_bad, stats, linked=first is not None)[1]
+      else:
+        from train import tfds_sources  # pylint: disable=import-outside-toplevel  (tfds is heavy)
+
+        name, split = _tfds_name(spec)
+        yield from tfds_sources.tfds_questions(name, split, data_dir=self.tfds.data_dir, download=self.tfds.download,
+                                               limit=self.tfds.limit, skip_bad=skip_bad, stats=stats)
+
+    return self._source(spec, squad_questions)
+
+  def _source(self, spec: str, read: Any) -> Source:
+    identity = {"tfds_data_dir": self.tfds.data_dir, "limit": self.tfds.limit} if spec.startswith("tfds:") else {
+        "sha256": sha256_file(spec), "size": os.path.getsize(spec)}
+    return Source(spec, read, identity)
+
+  def _tfds_squad(self, spec: str, first: int, skip_bad: bool, stats: R.ReadStats, linked: bool = True
+                  ) -> tuple[list[R.Document], list[R.Question]]:
+    from train import tfds_sources  # pylint: disable=import-outside-toplevel  (tfds is heavy)
+
+    name, split = _tfds_name(spec)
+    docs, questions = tfds_sources.squad_open_domain(
+        split, data_dir=self.tfds.data_dir, download=self.tfds.download, first_doc_id=first, limit=self.tfds.limit,
+        skip_bad=skip_bad, stats=stats, **({"config": name} if "/" in name else {}))
+    return docs, questions if linked else [dataclasses.replace(q, gold_pid=None) for q in questions]
+
+
+def parse_questions(items: Sequence[str]) -> dict[str, str]:
+  """``["NAME=SPEC", ...]`` as ``{name: spec}``: a name ending in ``_train`` is a training split, ``_dev`` a dev one."""
+  out: dict[str, str] = {}
+  for item in items:
+    name, sep, spec = item.partition("=")
+    if not sep or not spec or not name.endswith(("_train", "_dev")):
+      raise ValueError(f"{item!r}: expected NAME=SPEC with a NAME ending in _train or _dev, e.g. nq_dev=dev.jsonl")
+    if name in out:
+      raise ValueError(f"question split {name!r} given twice")
+    out[name] = spec
+  return out
+
+
+def data_dir_specs(data_dir: str) -> tuple[list[str], dict[str, str]]:
+  """The specs of a data directory of our jsonl files: ``corpus.jsonl`` and ``*_train.jsonl`` / ``*_dev.jsonl``."""
+  corpus = os.path.join(data_dir, "corpus.jsonl")
+  if not os.path.isfile(corpus):
+    raise FileNotFoundError(f"{data_dir}: no corpus.jsonl (is --data_dir / RNR_DATA the shared data directory?)")
+  paths = sorted(p for pattern in ("*_train.jsonl", "*_dev.jsonl") for p in glob.glob(os.path.join(data_dir, pattern)))
+  return [corpus], {os.path.basename(p)[:-len(".jsonl")]: p for p in paths}
+
+
+def build(corpus: Sequence[str], questions: Mapping[str, str], tfds: TfdsOptions | None = None
+          ) -> tuple[list[Source], dict[str, Source]]:
+  """:class:`Source` objects of corpus and question specs."""
+  s = Sources(tfds)
+  return [s.corpus(c) for c in corpus], {name: s.questions(spec) for name, spec in questions.items()}
+
+
+def _write_jsonl(path: str, rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> None:
+  atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_slice(corpus: Sequence[Source], questions: Mapping[str, Source], out: str, num_questions: int,
+                distractors: int, seed: int = 0) -> tuple[list[str], dict[str, str]]:
+  """A small data directory of our jsonl files: the first ``num_questions`` of each split, their gold and given
+  documents, and ``distractors`` other documents drawn uniformly (reservoir sampling, one pass over the corpus)."""
   rng = np.random.default_rng(seed)
   os.makedirs(out, exist_ok=True)
-  splits = {}
-  for name in sorted(os.listdir(data_dir)):
-    if name.endswith(("_train.jsonl", "_dev.jsonl")):
-      with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-        rows = []
-        for line in f:
-          if line.strip():
-            rows.append(json.loads(line))
-          if len(rows) == questions:
-            break
-      splits[name] = rows
-  gold = {r.get("gold_pid") for rows in splits.values() for r in rows} - {None}
-  with open(os.path.join(data_dir, "corpus.jsonl"), encoding="utf-8") as f:
-    docs = [json.loads(line) for line in f if line.strip()]
-  others = [d for d in docs if d["id"] not in gold]
-  picked = set(rng.choice(len(others), size=min(distractors, len(others)), replace=False).tolist())
-  corpus = [d for d in docs if d["id"] in gold] + [d for i, d in enumerate(others) if i in picked]
-  _write_jsonl(os.path.join(out, "corpus.jsonl"), corpus)
-  for name, rows in splits.items():
-    _write_jsonl(os.path.join(out, name), rows)
-  return out
-
-
-def write_tfds_squad(out: str, tfds_dir: str | None, *, download: bool = False, limit: int | None = None) -> str:
-  """SQuAD v1.1 from TFDS as data directory ``out``: contexts as the corpus, each question's as its gold_pid."""
-  from rnr_jax.data import tfds_sources  # pylint: disable=import-outside-toplevel  (tfds is heavy)
-
-  train_docs, train_questions = tfds_sources.squad_open_domain("train", data_dir=tfds_dir, download=download,
-                                                                limit=limit)
-  dev_docs, dev_questions = tfds_sources.squad_open_domain("validation", data_dir=tfds_dir, download=download,
-                                                            first_doc_id=len(train_docs), limit=limit)
-  os.makedirs(out, exist_ok=True)
-  _write_jsonl(os.path.join(out, "corpus.jsonl"), map(dataclasses.asdict, [*train_docs, *dev_docs]))
-  _write_jsonl(os.path.join(out, "squad_train.jsonl"), (q.to_json() for q in train_questions))
-  _write_jsonl(os.path.join(out, "squad_dev.jsonl"), (q.to_json() for q in dev_questions))
-  return out
+  kept = {name: [q for _, q in zip(range(num_questions), s.read(False, R.ReadStats()))] for name, s in
+          questions.items()}
+  wanted = {d for qs in kept.values() for q in qs for d in (q.gold_pid, *q.positive_docs, *q.negative_docs)}
+  gold, pool = [], []
+  seen = 0
+  for source in corpus:
+    for doc in source.read(False, R.ReadStats()):
+      if doc.id in wanted:
+        gold.append(doc)
+        continue
+      seen += 1
+      if len(pool) < distractors:
+        pool.append(doc)
+      elif (j := int(rng.integers(seen))) < distractors:
+        pool[j] = doc
+  _write_jsonl(os.path.join(out, "corpus.jsonl"),
+               [{"id": d.id, "title": d.title, "text": d.text, "source": d.source} for d in gold + pool])
+  for name, qs in kept.items():
+    _write_jsonl(os.path.join(out, f"{name}.jsonl"), [q.to_json() for q in qs])
+  return [os.path.join(out, "corpus.jsonl")], {name: os.path.join(out, f"{name}.jsonl") for name in kept}

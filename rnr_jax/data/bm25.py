@@ -6,10 +6,14 @@ English stemmer. The stemmer is saved with the index, so queries are tokenised l
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import bm25s
 import numpy as np
@@ -34,14 +38,62 @@ def resolve_stemmer(stemmer: str | None) -> str | None:
   return None if stemmer in ("", "none") else stemmer
 
 
-def _stem_fn(stemmer: str | None) -> Callable[[list[str]], list[str]] | None:
+def _stemmer(stemmer: str | None) -> Any:
+  """PyStemmer's stemmer of language ``stemmer`` (None: none), as bm25s' tokenizers take it."""
   if stemmer is None:
     return None
   try:
     import Stemmer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"BM25 stemmer {stemmer!r} needs PyStemmer: pip install PyStemmer") from e
-  return Stemmer.Stemmer(stemmer).stemWords
+  return Stemmer.Stemmer(stemmer)
+
+
+class BM25Builder:
+  """Builds a :class:`BM25Index` from passages given chunk by chunk: each chunk is tokenised at once (one growing
+  vocabulary) and its token ids go to files in ``workdir``, so the corpus is never held in memory as token lists."""
+
+  def __init__(self, workdir: str, *, stemmer: str | None = "auto", k1: float = 1.5, b: float = 0.75):
+    self.stemmer = resolve_stemmer(stemmer)
+    self._tokenizer = bm25s.tokenization.Tokenizer(stopwords=STOPWORDS, stemmer=_stemmer(self.stemmer))
+    self._k1, self._b, self._workdir = k1, b, workdir
+    self._ids = open(os.path.join(workdir, "bm25_ids.raw"), "wb")  # pylint: disable=consider-using-with
+    self._offsets = array.array("q", [0])
+
+  def add(self, titles: Sequence[str], texts: Sequence[str]) -> None:
+    """Tokenises the next passages (``title + " " + text``)."""
+    docs = self._tokenizer.tokenize([f"{t} {x}" for t, x in zip(titles, texts, strict=True)], update_vocab=True,
+                                    return_as="ids", show_progress=False)
+    np.fromiter(itertools.chain.from_iterable(docs), np.int32).tofile(self._ids)
+    self._offsets.frombytes((np.cumsum([len(d) for d in docs]) + self._offsets[-1]).astype(np.int64).tobytes())
+
+  def build(self) -> "BM25Index":
+    self._ids.close()
+    if len(self._offsets) == 1:
+      raise ValueError("cannot build a BM25 index over no passages")
+    ids = np.memmap(self._ids.name, np.int32, "r") if self._offsets[-1] else np.zeros(0, np.int32)
+    # scipy's CSC construction needs about half the memory of bm25s' numpy one.
+    retriever = bm25s.BM25(k1=self._k1, b=self._b, csc_backend="scipy")
+    retriever.index(bm25s.tokenization.Tokenized(_RaggedIds(ids, np.frombuffer(self._offsets, np.int64)),
+                                                 self._tokenizer.get_vocab_dict()), show_progress=False)
+    return BM25Index(retriever, self.stemmer)
+
+
+class _RaggedIds:
+  """Each passage's token ids as a list, read back from the files one block at a time (bm25s iterates them thrice)."""
+
+  def __init__(self, values: np.ndarray, offsets: np.ndarray):
+    self._values, self._offsets = values, offsets
+
+  def __len__(self) -> int:
+    return len(self._offsets) - 1
+
+  def __iter__(self) -> Iterator[list[int]]:
+    for first in range(0, len(self), 1 << 16):
+      ends = self._offsets[first:first + (1 << 16) + 1]
+      flat = np.asarray(self._values[ends[0]:ends[-1]]).tolist()
+      bounds = (ends - ends[0]).tolist()
+      yield from (flat[a:z] for a, z in zip(bounds[:-1], bounds[1:]))
 
 
 class BM25Index:
@@ -50,7 +102,7 @@ class BM25Index:
   def __init__(self, retriever: bm25s.BM25, stemmer: str | None):
     self.retriever = retriever
     self.stemmer = stemmer
-    self._stem = _stem_fn(stemmer)
+    self._stem = _stemmer(stemmer)
 
   @property
   def num_passages(self) -> int:
@@ -62,17 +114,13 @@ class BM25Index:
   @classmethod
   def build(cls, titles: Sequence[str], texts: Sequence[str], *, stemmer: str | None = "auto", k1: float = 1.5,
             b: float = 0.75) -> "BM25Index":
-    """Indexes passages (``title + " " + text``); ``stemmer`` as in :func:`resolve_stemmer`."""
+    """Indexes passages (``title + " " + text``) in memory; ``stemmer`` as in :func:`resolve_stemmer`."""
     if len(titles) != len(texts):
       raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
-    if not texts:
-      raise ValueError("cannot build a BM25 index over no passages")
-    stemmer = resolve_stemmer(stemmer)
-    tokens = bm25s.tokenize([f"{t} {x}" for t, x in zip(titles, texts)], stopwords=STOPWORDS,
-                            stemmer=_stem_fn(stemmer), show_progress=False)
-    retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(tokens, show_progress=False)
-    return cls(retriever, stemmer)
+    with tempfile.TemporaryDirectory(prefix="rnr_bm25_") as tmp:
+      builder = BM25Builder(tmp, stemmer=stemmer, k1=k1, b=b)
+      builder.add(titles, texts)
+      return builder.build()
 
   def search(self, queries: Sequence[str], k: int, *, n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(pids int32[n, k], scores float32[n, k])``: each query's top-``k`` passages (``k`` capped), best first."""

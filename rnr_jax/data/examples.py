@@ -33,6 +33,7 @@ class SplitCandidates:
   gold: RaggedArray
   positives: RaggedArray
   hard_negatives: RaggedArray
+  given_missing: int = 0  # given documents (positive_docs, negative_docs) not in the corpus
 
   ARRAYS = ("bm25_pids", "bm25_scores", "bm25_has_answer")
   RAGGED = ("gold", "positives", "hard_negatives")
@@ -62,20 +63,36 @@ class SplitCandidates:
 def build_candidates(questions: Sequence[Question], table: PassageTable, index: BM25Index, matcher: AnswerMatcher,
                      *, k: int = DEFAULT_BM25_TOPK, num_hard_negatives: int = DEFAULT_HARD_NEGATIVES,
                      n_threads: int | None = None) -> SplitCandidates:
-  """BM25-retrieves every question at once and derives its training passages; ``index``, ``matcher`` cover ``table``."""
+  """BM25-retrieves every question at once and derives its training passages; ``index``, ``matcher`` cover ``table``.
+
+  A question's given documents (``positive_docs``, ``negative_docs``: DPR's contexts) are used as given: their
+  passages join ``gold`` and replace the BM25 hard negatives; those missing from the corpus are counted."""
   if len(index) != len(table):
     raise ValueError(f"the BM25 index has {len(index)} passages, the passage table {len(table)}")
   pids, scores = index.search([q.question for q in questions], k, n_threads=n_threads)
   flags = np.zeros(pids.shape, bool)
   gold, positives, negatives = [], [], []
+  missing = 0
+
+  def passages(docs: Sequence[int]) -> list[int]:
+    nonlocal missing
+    out = []
+    for d in docs:
+      try:
+        out += table.passages_of(d)
+      except KeyError:
+        missing += 1
+    return out
+
   for i, q in enumerate(questions):
     flags[i] = matcher.flags(q.answers, pids[i])
-    g = gold_passages(table, q, matcher)
+    g = list(dict.fromkeys(gold_passages(table, q, matcher) + passages(q.positive_docs)))
     gold.append(g)
     positives.append(list(dict.fromkeys(g + pids[i][flags[i]].tolist())))  # gold first, then rank order, no repeats
-    negatives.append(pids[i][~flags[i]][:num_hard_negatives])
+    given = passages(q.negative_docs)
+    negatives.append(given[:num_hard_negatives] if given else pids[i][~flags[i]][:num_hard_negatives])
   ragged = [RaggedArray.from_sequences(lists, np.int32) for lists in (gold, positives, negatives)]
-  return SplitCandidates(pids, scores, flags, *ragged)
+  return SplitCandidates(pids, scores, flags, *ragged, given_missing=missing)
 
 
 def sample_retriever_passages(positives: np.ndarray, hard_negatives: np.ndarray, num_hard_negatives: int,

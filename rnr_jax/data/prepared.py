@@ -1,46 +1,68 @@
 """The prepared dataset directory: built once by ``python -m train.prepare``, read by every later stage.
 
-Layout: ``manifest.json`` (written last: the inputs' sha256, settings, counts, metrics), ``passages.jsonl`` (pid = line
-index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/`` forms, ``bm25/``, and for each question file
-``<split>.jsonl`` a ``splits/<split>/`` with ``questions.jsonl`` and the :class:`SplitCandidates` arrays.
+Layout: ``manifest.json`` (written last: the inputs' identities, settings, counts, metrics), the passage table
+(``passages.jsonl`` with its column arrays, pid = line index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/``
+forms, ``bm25/``, and per question split a ``splits/<split>/`` with ``questions.jsonl`` and the
+:class:`SplitCandidates` arrays. Inputs are :class:`Source` streams, so a corpus of any size is prepared in bounded
+memory: passages, token ids and BM25 token ids are written as documents arrive.
 """
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import datetime
-import glob
 import hashlib
 import itertools
 import json
+import logging
+import lzma
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from rnr_jax.data.bm25 import BM25Index, resolve_stemmer
+from rnr_jax.data.bm25 import BM25Builder, BM25Index, resolve_stemmer
 from rnr_jax.data.examples import DEFAULT_BM25_TOPK, DEFAULT_HARD_NEGATIVES, SplitCandidates, build_candidates
-from rnr_jax.data.passages import DEFAULT_WORDS_PER_PASSAGE, PassageTable, split_documents
-from rnr_jax.data.readers import Question, ReadStats, read_corpus, read_questions
-from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, compress_bytes, data_bytes
+from rnr_jax.data.passages import DEFAULT_WORDS_PER_PASSAGE, PassageTable, PassageWriter
+from rnr_jax.data.readers import DataFormatError, Document, Question, ReadStats, read_questions
+from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, data_bytes
 from rnr_jax.io import atomic_dir, atomic_write_json, sha256_file
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_accuracy
 
+logger = logging.getLogger(__name__)
+
 FORMAT = "rnr_jax.prepared"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
-CORPUS_FILE = "corpus.jsonl"
 PASSAGES_FILE = PassageTable.FILE
 TOKEN_CORPUS_DIR = "token_corpus"
 BM25_DIR = "bm25"
 SPLITS_DIR = "splits"
 QUESTIONS_FILE = "questions.jsonl"
+CHUNK = 8192  # passages tokenised at once
 
 
 class PreparedDataError(RuntimeError):
   """A prepared directory is missing, incomplete or of another version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """An input of :func:`prepare`: ``spec`` names it (a path, or ``tfds:name/split``), ``read(skip_bad, stats)`` streams
+  its documents or questions, and ``identity`` (a file's sha256 and size, a dataset's version) marks a change."""
+
+  spec: str
+  read: Callable[[bool, ReadStats], Iterator[Any]]
+  identity: Mapping[str, Any]
+
+  @classmethod
+  def file(cls, path: str, read: Callable[..., Iterator[Any]]) -> Source:
+    """The file at ``path`` read by ``read(path, skip_bad=..., stats=...)``."""
+    return cls(path, lambda skip_bad, stats: read(path, skip_bad=skip_bad, stats=stats),
+               {"sha256": sha256_file(path), "size": os.path.getsize(path)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,28 +117,100 @@ def _read_manifest(path: str) -> dict[str, Any] | None:
     return None
 
 
-def _write_token_corpus(tmp: str, table: PassageTable, tokenizer: Any, tokenizer_path: str,
-                        methods: Sequence[str]) -> tuple[TokenCorpus, dict[str, float]]:
-  """Writes the token-ID corpus and its compressed forms; returns it with their bytes per passage and the text's."""
-  corpus_dir = os.path.join(tmp, TOKEN_CORPUS_DIR)
-  corpus = TokenCorpus.write(corpus_dir, tokenizer.passage_token_ids(table.titles, table.texts),
-                             tokenizer.vocab_size, tokenizer=tokenizer_path)
-  n = len(table)
-  text = "".join(f"{a}\t{b}\n" for a, b in zip(table.titles, table.texts)).encode()
-  sizes = {"token_ids": round(data_bytes(corpus_dir) / n, 2), "text_utf8": round(len(text) / n, 2)}
-  for method in methods:
-    sizes[f"token_ids_{method}"] = round(data_bytes(compress(corpus_dir, method)) / n, 2)
-    sizes[f"text_utf8_{method}"] = round(len(compress_bytes(text, method)) / n, 2)
-  return corpus, sizes
+class _Corpus:
+  """The documents of the corpus sources, checked (ids unique, not empty) and cut into passages as they stream."""
+
+  def __init__(self, sources: Sequence[Source], skip_bad: bool):
+    self.sources, self.skip_bad = sources, skip_bad
+    self.doc_ids: set[int] = set()
+    self.stats = ReadStats()
+    self.empty = 0
+
+  def documents(self) -> Iterator[Document]:
+    for source in self.sources:
+      for doc in source.read(self.skip_bad, self.stats):
+        problem = None
+        if doc.id in self.doc_ids:
+          problem = f"duplicate document id {doc.id} (an earlier document has it)"
+        elif not doc.title.strip() and not doc.text.strip():
+          self.empty += 1  # would be a passage of nothing: counted and left out
+          continue
+        if problem:
+          error = DataFormatError(source.spec, doc.line, problem, field="id")
+          if not self.skip_bad:
+            raise error
+          self.stats.skip(error)
+          continue
+        self.doc_ids.add(doc.id)
+        yield doc
+    if self.empty:
+      logger.warning("left out %d document(s) with an empty title and text", self.empty)
+
+  def passage_chunks(self, writer: PassageWriter) -> Iterator[tuple[list[str], list[str]]]:
+    """``(titles, texts)`` of up to :data:`CHUNK` passages at a time, each written to ``writer`` first."""
+    titles: list[str] = []
+    texts: list[str] = []
+    for doc in self.documents():
+      pieces = writer.add_document(doc)
+      titles += [doc.title] * len(pieces)
+      texts += pieces
+      if len(texts) >= CHUNK:
+        yield titles, texts
+        titles, texts = [], []
+    if texts:
+      yield titles, texts
 
 
-def _prepare_split(split_dir: str, path: str, table: PassageTable, index: BM25Index, matcher: AnswerMatcher,
+class _TextSizes:
+  """UTF-8 bytes of the passages' ``title TAB text`` lines, plain and compressed (streamed)."""
+
+  def __init__(self, methods: Sequence[str]):
+    self.raw = 0
+    self._compressors = {m: bz2.BZ2Compressor(9) if m == "bz2" else lzma.LZMACompressor(preset=9) for m in methods}
+    self.compressed = dict.fromkeys(methods, 0)
+
+  def add(self, titles: Sequence[str], texts: Sequence[str]) -> None:
+    data = "".join(f"{a}\t{b}\n" for a, b in zip(titles, texts)).encode()
+    self.raw += len(data)
+    for m, c in self._compressors.items():
+      self.compressed[m] += len(c.compress(data))
+
+  def per_passage(self, n: int) -> dict[str, float]:
+    sizes = {"text_utf8": round(self.raw / n, 2)}
+    for m, c in self._compressors.items():
+      sizes[f"text_utf8_{m}"] = round((self.compressed[m] + len(c.flush())) / n, 2)
+    return sizes
+
+
+def _split_questions(source: Source, doc_ids: set[int], skip_bad: bool, stats: ReadStats, limit: int | None
+                     ) -> list[Question]:
+  """The questions of a split, checked: ids unique, ``gold_pid`` a document of the corpus."""
+  seen: set[str] = set()
+
+  def checked() -> Iterator[Question]:
+    for q in source.read(skip_bad, stats):
+      if q.id in seen:
+        error = DataFormatError(source.spec, q.line, f"duplicate question id {q.id!r}", field="id")
+      elif q.gold_pid is not None and q.gold_pid not in doc_ids:
+        error = DataFormatError(source.spec, q.line, f"{q.gold_pid} is not a document id of the corpus",
+                                field="gold_pid")
+      else:
+        seen.add(q.id)
+        yield q
+        continue
+      if not skip_bad:
+        raise error
+      stats.skip(error)
+
+  return list(itertools.islice(checked(), limit))
+
+
+def _prepare_split(split_dir: str, source: Source, table: PassageTable, index: BM25Index, matcher: AnswerMatcher,
                    doc_ids: set[int], settings: PrepareSettings, limit: int | None,
                    n_threads: int | None) -> dict[str, Any]:
   """Builds and saves one split's questions and candidates; returns its manifest entry."""
   stats = ReadStats()
-  questions = list(itertools.islice(read_questions(path, doc_ids=doc_ids, skip_bad=settings.skip_bad, stats=stats),
-                                    limit))
+  questions = _split_questions(source, doc_ids, settings.skip_bad, stats, limit)
   cands = build_candidates(questions, table, index, matcher, k=settings.bm25_topk,
                            num_hard_negatives=settings.hard_negatives, n_threads=n_threads)
   os.makedirs(split_dir)
@@ -129,32 +223,31 @@ def _prepare_split(split_dir: str, path: str, table: PassageTable, index: BM25In
   metrics.update({f"bm25_gold_recall@{k}": round(v, 4) for k, v in recall.items()})
   pos_len = cands.positives.lengths()
   return {
-      "questions": len(questions), "skipped_bad": stats.skipped,
+      "spec": source.spec, "questions": len(questions), "skipped_bad": stats.skipped, "no_answer": stats.excluded,
       "with_gold": int((cands.gold.lengths() > 0).sum()), "with_positive": int((pos_len > 0).sum()),
       "trainable": len(cands.trainable()), "mean_positives": round(float(pos_len.mean()), 3) if len(pos_len) else 0.0,
-      "bm25_depth": int(cands.bm25_pids.shape[1]), "metrics": metrics,
+      "given_documents_missing": cands.given_missing, "bm25_depth": int(cands.bm25_pids.shape[1]),
+      "metrics": metrics,
   }
 
 
-def prepare(data_dir: str, out: str, settings: PrepareSettings = PrepareSettings(), *, n_threads: int | None = None,
-            force: bool = False, echo: Callable[[str], None] = print) -> PrepareResult:
-  """Builds ``out`` (replaced atomically) from ``corpus.jsonl`` and the question files of ``data_dir`` if outdated."""
+def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
+            settings: PrepareSettings = PrepareSettings(), *, n_threads: int | None = None, force: bool = False,
+            echo: Callable[[str], None] = print) -> PrepareResult:
+  """Builds ``out`` (replaced atomically) from the corpus and question sources (``{split name: source}``; a name
+  ending in ``_train`` is a training split) unless it is up to date."""
   from rnr_jax.tokenization import Tokenizer, default_tokenizer_path  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
-  data_dir = os.fspath(data_dir)
   out = os.path.abspath(os.fspath(out))
-  corpus_path = os.path.join(data_dir, CORPUS_FILE)
-  if not os.path.isfile(corpus_path):
-    raise FileNotFoundError(f"{data_dir}: no {CORPUS_FILE} (is --data_dir / RNR_DATA the shared data directory?)")
-  paths = [p for pattern in ("*_train.jsonl", "*_dev.jsonl") for p in glob.glob(os.path.join(data_dir, pattern))]
-  splits = {os.path.basename(p)[:-len(".jsonl")]: p for p in sorted(paths)}
+  if not corpus:
+    raise ValueError("no corpus source given")
   tokenizer_path = os.path.abspath(os.fspath(settings.tokenizer or default_tokenizer_path()))
   config = dataclasses.asdict(settings)
   config.update(tokenizer=_tokenizer_fingerprint(tokenizer_path), stemmer=resolve_stemmer(settings.stemmer),
-                compress=list(settings.compress), splits=sorted(splits))
-  sources = {os.path.basename(p): {"sha256": sha256_file(p), "size": os.path.getsize(p)}
-             for p in [corpus_path, *splits.values()]}
+                compress=list(settings.compress), splits=sorted(questions))
+  sources = {"corpus": [{"spec": s.spec, **s.identity} for s in corpus],
+             "questions": {name: {"spec": s.spec, **s.identity} for name, s in sorted(questions.items())}}
 
   old = _read_manifest(out)
   if (not force and old is not None and old.get("format") == FORMAT and old.get("version") == VERSION
@@ -170,40 +263,54 @@ def prepare(data_dir: str, out: str, settings: PrepareSettings = PrepareSettings
 
   with atomic_dir(out) as tmp:
     t = time.perf_counter()
-    corpus_stats = ReadStats()
-    docs = list(read_corpus(corpus_path, skip_bad=settings.skip_bad, stats=corpus_stats))
-    if not docs:
-      raise ValueError(f"{corpus_path}: no documents")
-    table = split_documents(docs, settings.words_per_passage)
-    table.write_jsonl(os.path.join(tmp, PASSAGES_FILE))
-    echo(f"{len(docs)} documents -> {len(table)} passages of <= {settings.words_per_passage} words")
-    t = lap("passages", t)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+    docs = _Corpus(corpus, settings.skip_bad)
+    bm25 = BM25Builder(tmp, stemmer=config["stemmer"], k1=settings.bm25_k1, b=settings.bm25_b)
+    text = _TextSizes(settings.compress)
+    with PassageWriter(os.path.join(tmp, PASSAGES_FILE), settings.words_per_passage) as writer:
 
-    token_corpus, sizes = _write_token_corpus(tmp, table, Tokenizer.from_pretrained(tokenizer_path),
-                                              tokenizer_path, settings.compress)
-    t = lap("token_corpus", t)
+      def records() -> Iterator[np.ndarray]:
+        for titles, texts in docs.passage_chunks(writer):
+          bm25.add(titles, texts)
+          text.add(titles, texts)
+          yield from tokenizer.passage_token_ids(titles, texts)
 
-    index = BM25Index.build(table.titles, table.texts, stemmer=config["stemmer"], k1=settings.bm25_k1,
-                            b=settings.bm25_b)
+      token_corpus = TokenCorpus.write(os.path.join(tmp, TOKEN_CORPUS_DIR), records(), tokenizer.vocab_size,
+                                       tokenizer=tokenizer_path)
+    n = len(token_corpus)
+    if not n:
+      raise ValueError(f"{', '.join(s.spec for s in corpus)}: no documents")
+    echo(f"{len(docs.doc_ids)} documents -> {n} passages of <= {settings.words_per_passage} words")
+    t = lap("passages_and_tokens", t)
+
+    index = bm25.build()
     index.save(os.path.join(tmp, BM25_DIR))
-    echo(f"BM25 index over {len(index)} passages (stemmer: {index.stemmer})")
+    os.remove(os.path.join(tmp, "bm25_ids.raw"))
+    del index
+    echo(f"BM25 index over {n} passages (stemmer: {bm25.stemmer})")
     t = lap("bm25_index", t)
 
+    corpus_dir = os.path.join(tmp, TOKEN_CORPUS_DIR)
+    sizes = {"token_ids": round(data_bytes(corpus_dir) / n, 2), **text.per_passage(n)}
+    for method in settings.compress:
+      sizes[f"token_ids_{method}"] = round(data_bytes(compress(corpus_dir, method)) / n, 2)
+    t = lap("compress", t)
+
+    table = PassageTable.open(os.path.join(tmp, PASSAGES_FILE))
+    index = BM25Index.load(os.path.join(tmp, BM25_DIR), mmap=True)
     matcher = table.matcher()
-    doc_ids = {d.id for d in docs}
     split_info: dict[str, Any] = {}
-    for name, path in splits.items():
+    for name, source in sorted(questions.items()):
       limit = settings.max_train_questions if name.endswith("_train") else None
-      split_info[name] = _prepare_split(os.path.join(tmp, SPLITS_DIR, name), path, table, index, matcher, doc_ids,
-                                        settings, limit, n_threads)
+      split_info[name] = _prepare_split(os.path.join(tmp, SPLITS_DIR, name), source, table, index, matcher,
+                                        docs.doc_ids, settings, limit, n_threads)
       t = lap(f"split_{name}", t)
 
     manifest = {
         "format": FORMAT, "version": VERSION, "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "data_dir": os.path.abspath(data_dir), "tokenizer_path": tokenizer_path,
-        "settings": config, "sources": sources,
-        "counts": {"documents": len(docs), "passages": len(table), "tokens": int(len(token_corpus.tokens)),
-                   "skipped_bad_documents": corpus_stats.skipped},
+        "tokenizer_path": tokenizer_path, "settings": config, "sources": sources,
+        "counts": {"documents": len(docs.doc_ids), "passages": n, "tokens": int(len(token_corpus.tokens)),
+                   "skipped_bad_documents": docs.stats.skipped, "empty_documents": docs.empty},
         "bytes_per_passage": sizes, "splits": split_info, "timings_s": timings,
     }
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -240,11 +347,11 @@ class PreparedData:
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
       raise PreparedDataError(f"{path}: no prepared dataset here; build it with "
-                              f"`python -m train.prepare --data_dir DATA --out {path}`")
+                              f"`python -m train.prepare --corpus CORPUS --questions NAME=FILE --out {path}`")
     manifest = _read_manifest(path)
     if manifest is None:
-      raise PreparedDataError(f"{path}: incomplete prepared dataset (no readable {MANIFEST}); "
-                              f"rebuild it with `python -m train.prepare --out {path}`")
+      raise PreparedDataError(f"{path}: incomplete prepared dataset (no readable {MANIFEST}); rebuild it with "
+                              "python -m train.prepare")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
       raise PreparedDataError(f"{path}: prepared format {manifest.get('format')!r} version "
                               f"{manifest.get('version')!r}, this code reads {FORMAT!r} version {VERSION}; rebuild it")
@@ -263,7 +370,7 @@ class PreparedData:
 
   @property
   def passages(self) -> PassageTable:
-    return self._cached("passages", lambda: PassageTable.read_jsonl(os.path.join(self.path, PASSAGES_FILE)))
+    return self._cached("passages", lambda: PassageTable.open(os.path.join(self.path, PASSAGES_FILE)))
 
   @property
   def num_passages(self) -> int:

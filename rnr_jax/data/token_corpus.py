@@ -7,12 +7,14 @@ bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one.
 
 from __future__ import annotations
 
+import array
 import bz2
+import itertools
 import json
 import lzma
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -134,13 +136,21 @@ class TokenCorpus:
   @classmethod
   def write(cls, path: PathLike, records: Iterable[Sequence[int] | np.ndarray], vocab_size: int, *,
             tokenizer: str | None = None) -> "TokenCorpus":
-    """Writes the records (in pid order) as corpus directory ``path``, replaced atomically, and loads it."""
-    ragged = RaggedArray.from_sequences(records, token_dtype(vocab_size))
+    """Writes the records (in pid order, streamed) as corpus directory ``path``, replaced atomically, and loads it."""
+    dtype = token_dtype(vocab_size)
     with atomic_dir(path) as tmp:
-      np.save(os.path.join(tmp, TOKENS_FILE), ragged.values, allow_pickle=False)
-      np.save(os.path.join(tmp, OFFSETS_FILE), ragged.offsets, allow_pickle=False)
-      meta = {"format": FORMAT, "version": VERSION, "dtype": ragged.values.dtype.name, "vocab_size": int(vocab_size),
-              "num_records": len(ragged), "num_tokens": int(len(ragged.values)), "tokenizer": tokenizer,
+      offsets = array.array("q", [0])
+      with open(os.path.join(tmp, TOKENS_FILE + ".raw"), "wb") as f:
+        for batch in _batched(records, 1 << 16):
+          values = np.concatenate([np.asarray(r, np.int64) for r in batch])
+          if values.size and not 0 <= values.min() <= values.max() < vocab_size:
+            raise ValueError(f"token ids in [{values.min()}, {values.max()}] outside the vocabulary of {vocab_size}")
+          values.astype(dtype).tofile(f)
+          offsets.frombytes((np.cumsum([len(r) for r in batch]) + offsets[-1]).astype(np.int64).tobytes())
+      _raw_to_npy(os.path.join(tmp, TOKENS_FILE), dtype, offsets[-1])
+      np.save(os.path.join(tmp, OFFSETS_FILE), np.frombuffer(offsets, np.int64), allow_pickle=False)
+      meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": int(vocab_size),
+              "num_records": len(offsets) - 1, "num_tokens": int(offsets[-1]), "tokenizer": tokenizer,
               "sha256": {f: sha256_file(os.path.join(tmp, f)) for f in (TOKENS_FILE, OFFSETS_FILE)}}
       atomic_write_json(os.path.join(tmp, META_FILE), meta)
     return cls.load(path)
@@ -159,6 +169,21 @@ class TokenCorpus:
       raise ValueError(f"{path}: arrays do not match {META_FILE} ({len(ragged)} records of {ragged.values.dtype}, "
                        f"expected {meta['num_records']} of {meta['dtype']})")
     return cls(ragged, meta, tokenizer, path)
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+  it = iter(items)
+  while batch := list(itertools.islice(it, n)):
+    yield batch
+
+
+def _raw_to_npy(path: str, dtype: np.dtype, length: int) -> None:
+  """Turns ``<path>.raw`` (the values of a 1-D array, written as they came) into the ``.npy`` file ``path``."""
+  with open(path, "wb") as out, open(path + ".raw", "rb") as src:
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                               "shape": (int(length),)})
+    shutil.copyfileobj(src, out, CHUNK_BYTES)
+  os.remove(path + ".raw")
 
 
 def read_meta(path: PathLike) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rnr_jax.data.readers import DataFormatError, Document, Question, ReadStats, read_records
+from rnr_jax.data.readers import DataFormatError, Document, ExcludedRecord, Question, ReadStats, read_records
 
 DEFAULT_CONFIGS = {"natural_questions_open": "natural_questions_open", "squad": "squad/v1.1",
                    "trivia_qa": "trivia_qa/unfiltered.nocontext"}
@@ -93,7 +93,7 @@ def tfds_questions(name: str, split: str, *, data_dir: str | os.PathLike | None 
       ans = ex["answer"]
       answers, qid = _answers(ans["value"], ans["aliases"]), _text(ex["question_id"])
     if not answers:
-      raise DataFormatError(origin, i + 1, "has no non-empty answer", field="answer")
+      raise ExcludedRecord(origin, i + 1, "has no non-empty answer: question left out", field="answer")
     return Question(id=qid, question=text, answers=answers)
 
   yield from read_records(origin, _makers(question, source, limit), skip_bad, stats)
@@ -112,7 +112,7 @@ def squad_open_domain(split: str, *, data_dir: str | os.PathLike | None = None, 
     text = _question_text(ex, origin, i)
     answers = _answers(ex["answers"]["text"])
     if not answers:
-      raise DataFormatError(origin, i + 1, "has no non-empty answer", field="answers")
+      raise ExcludedRecord(origin, i + 1, "has no non-empty answer: question left out", field="answers")
     question = Question(id=_text(ex["id"]), question=text, answers=answers)
     return _text(ex["title"]).replace("_", " "), _text(ex["context"]), question
 
