@@ -13,6 +13,11 @@ Writes ``EMB/embeddings.npy`` and ``EMB/embeddings.json`` (:mod:`rnr_jax.embeddi
 started again skips the finished chunks; a finished output of the same model and corpus is kept. With ``--eval_splits``,
 those splits' top-k answer accuracy over the whole corpus is printed and written to ``EMB/eval.json``
 (``--lexical_weight W``: also dense + W x BM25, ``EMB/eval_lexical.json``).
+
+Several hosts share the work by contiguous shards, each with its own devices, then one joins them:
+
+  python -m infer.encode --model_dir M --prepared P --out EMB --shard 0/2      # on host 0 (1/2 on host 1)
+  python -m infer.encode --out EMB --merge                                      # the file an unsharded run writes
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Passages per encoding batch (a multiple of the device count).",
                        lower_bound=1)
   flags.DEFINE_integer("chunk_size", 4096, "Passages per saved chunk (the unit of resumption).", lower_bound=1)
+  flags.DEFINE_string("shard", "0/1", "i/n: encode only the i-th of n contiguous parts of the corpus, into "
+                      "<out>/shards/i-of-n (one host each; --merge joins them).")
+  flags.DEFINE_bool("merge", False, "Join the finished shards under --out into <out>/embeddings.npy and stop.")
   flags.DEFINE_list("eval_splits", [], "Prepared splits whose top-k answer accuracy to report.")
   flags.DEFINE_integer("max_eval_questions", 0, "First N questions of each eval split; 0 = all.", lower_bound=0)
   flags.DEFINE_float("lexical_weight", 0.0, "With --eval_splits and > 0: also the accuracy of dense + weight x "
@@ -89,9 +97,26 @@ def resolve_model(workdir: str | None, model_dir: str | None, config: Any, token
   return spec, params, fingerprint
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+  """``"i/n"`` as ``(i, n)``, with ``0 <= i < n``."""
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise app.UsageError(f"--shard must be i/n, e.g. 0/2, got {text!r}") from None
+  if not 0 <= i < n:
+    raise app.UsageError(f"--shard {text}: need 0 <= i < n")
+  return i, n
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.merge:
+    print(json.dumps({k: v for k, v in embeddings.merge_shards(FLAGS.out).items() if k != "spec"}))
+    return
+  shard = parse_shard(FLAGS.shard)
+  if shard[1] > 1 and FLAGS.eval_splits:
+    raise app.UsageError("--eval_splits needs the whole corpus: pass it to an unsharded run")
   enable_compilation_cache()
   prepared = FLAGS.prepared or (os.path.join(FLAGS.workdir, "prepared") if FLAGS.workdir else None)
   if not prepared:
@@ -111,7 +136,7 @@ def main(argv: Sequence[str]) -> None:
                                     fingerprint=fingerprint, mesh=mesh, batch_size=FLAGS.batch_size,
                                     chunk_size=FLAGS.chunk_size,
                                     eval_splits=FLAGS.eval_splits, max_eval_questions=FLAGS.max_eval_questions,
-                                    lexical_weight=FLAGS.lexical_weight)
+                                    lexical_weight=FLAGS.lexical_weight, shard=shard)
   summary = ("dim", "pooling", "passages_per_s", "wall_s", "eval", "eval_lexical", "eval_s")
   print(json.dumps({k: info[k] for k in summary if k in info}))
 

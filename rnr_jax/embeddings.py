@@ -8,6 +8,7 @@ encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rnr_jax import exports, lexical, retrieval
@@ -36,6 +38,28 @@ VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
 META_FILE = "embeddings.json"
 CHUNKS_DIR = "chunks"
+SHARDS_DIR = "shards"
+_RUN_FIELDS = ("shard", "rows", "num_passages", "wall_s", "passages_per_s", "chunks_reused", "devices")
+
+
+class _Rows:
+  """Records ``rows`` of a corpus, indexed from 0."""
+
+  def __init__(self, corpus: Sequence[np.ndarray], rows: range):
+    self._corpus, self._rows = corpus, rows
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self._corpus[self._rows[i]]
+
+
+class _Discard:
+  """Takes row assignments and keeps nothing."""
+
+  def __setitem__(self, index: Any, value: Any) -> None:
+    pass
 
 
 def retrieval_spec(spec: RetrieverSpec | SystemSpec) -> RetrieverSpec:
@@ -57,10 +81,66 @@ def save(out_dir: str, vectors: np.ndarray, info: Mapping[str, Any]) -> None:
   if os.path.exists(os.path.join(out_dir, META_FILE)):
     os.remove(os.path.join(out_dir, META_FILE))  # the meta goes last: a half-written pair is never taken as valid
   save_npy(os.path.join(out_dir, EMBEDDINGS_FILE), np.asarray(vectors, np.float32))
+  _finish(out_dir, vectors.shape, info)
+
+
+def _finish(out_dir: str, shape: tuple[int, ...], info: Mapping[str, Any]) -> None:
   atomic_write_json(os.path.join(out_dir, META_FILE), {
-      "format": FORMAT, "version": VERSION, "num_passages": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
-      **info})
+      "format": FORMAT, "version": VERSION, "num_passages": int(shape[0]), "dim": int(shape[1]), **info})
   shutil.rmtree(os.path.join(out_dir, CHUNKS_DIR), ignore_errors=True)
+
+
+def _open_output(out_dir: str, shape: tuple[int, int]) -> np.ndarray:
+  """A new ``embeddings.npy`` of ``shape`` as a writable memory map (an old ``embeddings.json`` removed first)."""
+  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(os.path.join(out_dir, META_FILE)):
+    os.remove(os.path.join(out_dir, META_FILE))
+  return np.lib.format.open_memmap(os.path.join(out_dir, EMBEDDINGS_FILE), "w+", np.float32, shape)
+
+
+def shard_dir(out: str, shard: int, num_shards: int) -> str:
+  return os.path.join(out, SHARDS_DIR, f"{shard}-of-{num_shards}")
+
+
+def shard_rows(num_passages: int, shard: int, num_shards: int) -> range:
+  """The contiguous passage ids of shard ``shard`` of ``num_shards``."""
+  if not 0 <= shard < num_shards:
+    raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+  return range(shard * num_passages // num_shards, (shard + 1) * num_passages // num_shards)
+
+
+def merge_shards(out: str) -> dict[str, Any]:
+  """Joins the shards ``encode_prepared(shard=(i, n))`` wrote under ``out`` into ``out``'s embeddings, the file an
+  unsharded encoding writes, and deletes them; returns the info written."""
+  found = sorted(glob.glob(os.path.join(out, SHARDS_DIR, "*-of-*")))
+  if not found:
+    raise FileNotFoundError(f"{out}: no shards in {os.path.join(out, SHARDS_DIR)}")
+  num = int(found[0].rsplit("-of-", 1)[1])
+  parts = []
+  for i in range(num):
+    try:
+      parts.append(load(shard_dir(out, i, num)))
+    except FileNotFoundError:
+      raise FileNotFoundError(f"{out}: shard {i} of {num} is missing or unfinished") from None
+  common = {k: v for k, v in parts[0][1].items() if k not in _RUN_FIELDS}
+  for i, (_, info) in enumerate(parts):
+    if {k: v for k, v in info.items() if k not in _RUN_FIELDS} != common:
+      raise ValueError(f"{shard_dir(out, i, num)}: encoded by another model or corpus than shard 0")
+    if info["rows"][0] != (parts[i - 1][1]["rows"][1] if i else 0):
+      raise ValueError(f"{shard_dir(out, i, num)}: rows {info['rows']} do not follow the previous shard's")
+  total = parts[-1][1]["rows"][1]
+  merged = _open_output(out, (total, common["dim"]))
+  for vectors, info in parts:
+    for first in range(0, len(vectors), 1 << 16):  # block by block: shards may be larger than memory
+      block = vectors[first:first + (1 << 16)]
+      merged[info["rows"][0] + first:info["rows"][0] + first + len(block)] = block
+  merged.flush()
+  info = {**{k: v for k, v in common.items() if k not in ("num_passages", "format", "version")}, "shards": num,
+          "wall_s": round(sum(p[1]["wall_s"] for p in parts), 2),
+          "passages_per_s": round(sum(p[1]["passages_per_s"] for p in parts), 2)}
+  _finish(out, merged.shape, info)
+  shutil.rmtree(os.path.join(out, SHARDS_DIR))
+  return {**info, "dim": common["dim"], "num_passages": total}
 
 
 def load(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
@@ -94,12 +174,14 @@ def reuse(path: str, spec: SystemSpec, params: Params, num_passages: int) -> np.
 
 def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec, params: Params, fingerprint: str,
                     mesh: Mesh, batch_size: int, chunk_size: int = 4096, eval_splits: Sequence[str] = (),
-                    max_eval_questions: int = 0, lexical_weight: float = 0.0) -> dict[str, Any]:
+                    max_eval_questions: int = 0, lexical_weight: float = 0.0,
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
   """Encodes the corpus of ``prepared`` into ``out`` (resuming, or reusing finished embeddings of the same model);
-  returns the info written.
+  returns the info written. The vectors go to a memory-mapped file chunk by chunk, so memory stays bounded.
 
-  With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}`` of exact search; with
-  ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25.
+  ``shard=(i, n)`` encodes only the i-th of n contiguous parts into ``out/shards/i-of-n`` (one host each);
+  :func:`merge_shards` joins them. With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}`` of
+  exact search; with ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25.
   """
   if lexical_weight < 0:
     raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
@@ -108,26 +190,36 @@ def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec
   corpus = data.token_corpus()
   r = retrieval_spec(spec)
   key = key_of(spec, fingerprint, corpus.meta["sha256"])
+  rows = shard_rows(len(corpus), *shard)
+  target = out if shard[1] == 1 else shard_dir(out, *shard)
   q_fn, p_fn = spec.embed_fns()
   try:
-    vectors, info = load(out)
-    if any(info.get(k) != v for k, v in key.items()):
-      raise ValueError(f"{out} holds embeddings of another model or corpus; choose another output directory")
-    logging.info("%s: embeddings up to date.", out)
+    vectors, info = load(target)
+    if any(info.get(k) != v for k, v in key.items()) or info.get("rows", [0, len(corpus)]) != [rows.start, rows.stop]:
+      raise ValueError(f"{target} holds embeddings of another model or corpus; choose another output directory")
+    logging.info("%s: embeddings up to date.", target)
   except FileNotFoundError:
     start = time.perf_counter()
+    writer = jax.process_index() == 0
+    # Other processes encode their rows of every batch and discard what comes back; they read the file afterwards.
+    sink = _open_output(target, (len(rows), spec.dim)) if writer else _Discard()
     result = retrieval.encode_corpus(
-        retrieval.BatchEncoder(p_fn, mesh, batch_size), params, tokenizer, corpus, max_len=r.passage_len,
-        buckets=r.buckets, token_type=r.passage_token_type, chunk_dir=os.path.join(out, CHUNKS_DIR),
-        chunk_size=chunk_size, key=key, progress=True)
-    vectors = result.vectors
+        retrieval.BatchEncoder(p_fn, mesh, batch_size), params, tokenizer, _Rows(corpus, rows),
+        max_len=r.passage_len, buckets=r.buckets, token_type=r.passage_token_type,
+        chunk_dir=os.path.join(target, CHUNKS_DIR), chunk_size=chunk_size, key={**key, "rows": [rows.start, rows.stop]},
+        progress=True, out=sink)
     info = {**key, "dim": spec.dim, "spec": spec.to_json(), "prepared": data.path, "devices": jax.device_count(),
             "passages_per_s": round(result.passages_per_s, 2), "chunks_reused": result.chunks_reused,
             "wall_s": round(time.perf_counter() - start, 2)}
-    if jax.process_index() == 0:
-      save(out, vectors, info)
-    logging.info("Wrote %s: %d x %d embeddings, %.1f passages/s.", out, *vectors.shape, result.passages_per_s)
-  if eval_splits:
+    if shard[1] > 1:
+      info.update(shard=list(shard), rows=[rows.start, rows.stop])
+    if writer:
+      sink.flush()
+      _finish(target, sink.shape, info)
+    multihost_utils.sync_global_devices("rnr_jax.embeddings.encode_prepared")
+    vectors, info = load(target)
+    logging.info("Wrote %s: %d x %d embeddings, %.1f passages/s.", target, *vectors.shape, result.passages_per_s)
+  if eval_splits and shard[1] == 1:
     start = time.perf_counter()
     q_encoder = retrieval.BatchEncoder(q_fn, mesh, batch_size)
     results, hybrid = {}, {}

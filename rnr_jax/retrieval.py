@@ -130,8 +130,11 @@ class CorpusEmbeddings(NamedTuple):
 def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
                   *, max_len: int, buckets: Sequence[int], token_type: int = 1, chunk_dir: str | None = None,
                   chunk_size: int = 4096, key: Mapping[str, Any] | None = None,
-                  progress: bool = False) -> CorpusEmbeddings:
+                  progress: bool = False, out: np.ndarray | None = None) -> CorpusEmbeddings:
   """Embeds every passage record (``title [SEP] text`` ids; row i of the result is record i).
+
+  ``out`` (e.g. a memory-mapped ``[N, d]`` file) receives the vectors chunk by chunk and is returned, so a corpus of
+  any size is encoded in the memory of one chunk.
 
   Records are encoded in chunks of ``chunk_size``, each batched by length bucket. With ``chunk_dir`` every finished
   chunk is saved there and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a
@@ -150,6 +153,13 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
 
     bar = tqdm(total=n, desc="encode passages", unit="passage", dynamic_ncols=True, smoothing=0.1)
   parts, reused, encoded, seconds = [], 0, 0, 0.0
+
+  def keep(start: int, vectors: np.ndarray) -> None:
+    if out is None:
+      parts.append(vectors)
+    else:
+      out[start:start + len(vectors)] = vectors
+
   for c, start in enumerate(range(0, n, chunk_size)):
     stop = min(start + chunk_size, n)
     path = None if chunk_dir is None else os.path.join(chunk_dir, f"{c:05d}.npy")
@@ -157,7 +167,7 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
       vectors = np.load(path)
       if len(vectors) != stop - start:
         raise ValueError(f"{path} holds {len(vectors)} rows, expected {stop - start}; delete {chunk_dir}")
-      parts.append(vectors)
+      keep(start, vectors)
       reused += 1
       if bar is not None:
         bar.update(stop - start)
@@ -174,12 +184,12 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
       bar.set_postfix(passages_per_s=f"{encoded / seconds:.1f}", refresh=False)
     if path is not None and jax.process_index() == 0:
       save_npy(path, vectors)
-    parts.append(vectors)
+    keep(start, vectors)
   if bar is not None:
     bar.close()
   rate = encoded / seconds if seconds else 0.0
   logging.info("Encoded %d passages (%.1f/s), reused %d finished chunks.", encoded, rate, reused)
-  return CorpusEmbeddings(np.concatenate(parts), reused, rate)
+  return CorpusEmbeddings(np.concatenate(parts) if out is None else out, reused, rate)
 
 
 def _check_chunk_key(chunk_dir: str, key: Mapping[str, Any]) -> None:

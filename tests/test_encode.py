@@ -15,6 +15,7 @@ from rnr_jax import embeddings, exports, qa_model, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data.prepared import PrepareSettings, prepare
+from train.sources import data_dir_sources
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.data import PreparedData
 from rnr_jax.specs import RetrieverSpec
@@ -125,7 +126,7 @@ def toy_prepared(tmp_path_factory):
   data = tmp_path_factory.mktemp("toy_data")
   write_toy_data(str(data))
   prepared = str(tmp_path_factory.mktemp("toy") / "prepared")
-  prepare(str(data), prepared, PrepareSettings(compress=()), echo=lambda s: None)
+  prepare(*data_dir_sources(str(data)), prepared, PrepareSettings(compress=()), echo=lambda s: None)
   return prepared
 
 
@@ -184,3 +185,39 @@ def test_encode_cli_writes_embeddings_for_the_index(toy_prepared, tmp_path):
                                      mesh=mesh, batch_size=16, chunk_size=20)
   assert again["model_fingerprint"] == fingerprint
   assert os.path.getmtime(os.path.join(out, embeddings.EMBEDDINGS_FILE)) == mtime
+
+
+def test_sharded_encode_merged_equals_unsharded_bitwise(toy_prepared, tmp_path):
+  """Two hosts' contiguous shards (``infer.encode --shard 0/2``, ``1/2``), joined by ``--merge``, give the very file
+  an unsharded encoding writes; chunk boundaries differ between the runs, so the bytes do not depend on them."""
+  config = load_config(os.path.join(ROOT, "configs/retriever.py:tiny"))
+  mesh = data_mesh()
+  spec, params, fingerprint = encode_cli.resolve_model(None, None, config, "", mesh)
+  kwargs = dict(prepared=toy_prepared, spec=spec, params=params, fingerprint=fingerprint, mesh=mesh, batch_size=16)
+  whole = str(tmp_path / "whole")
+  embeddings.encode_prepared(out=whole, chunk_size=7, **kwargs)
+  sharded = str(tmp_path / "sharded")
+  for i in range(2):
+    rows = embeddings.shard_rows(NUM_DOCS, i, 2)
+    info = embeddings.encode_prepared(out=sharded, shard=(i, 2), chunk_size=5, **kwargs)
+    assert info["rows"] == [rows.start, rows.stop] and len(rows) >= NUM_DOCS // 2
+  assert not os.path.exists(os.path.join(sharded, embeddings.EMBEDDINGS_FILE))
+  proc = subprocess.run([sys.executable, "-m", "infer.encode", "--out", sharded, "--merge"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a, info_a = embeddings.load(whole)
+  b, info_b = embeddings.load(sharded)
+  assert a.shape == (NUM_DOCS, 16) and a.tobytes() == b.tobytes()
+  for key in ("model_fingerprint", "corpus_sha256", "dim", "num_passages", "pooling", "passage_len"):
+    assert info_a[key] == info_b[key]
+  assert info_b["shards"] == 2 and not os.path.exists(os.path.join(sharded, embeddings.SHARDS_DIR))
+  # A shard of another model is refused at merge time, and so is a missing shard.
+  embeddings.encode_prepared(out=str(tmp_path / "mixed"), shard=(0, 2), **kwargs)
+  other = qa_model.init_params(spec.build(), jax.random.key(1))
+  embeddings.encode_prepared(out=str(tmp_path / "mixed"), shard=(1, 2), **{**kwargs, "params": other,
+                                                                           "fingerprint": "other"})
+  with pytest.raises(ValueError, match="another model or corpus than shard 0"):
+    embeddings.merge_shards(str(tmp_path / "mixed"))
+  with pytest.raises(FileNotFoundError, match="shard 1 of 2 is missing"):
+    embeddings.encode_prepared(out=str(tmp_path / "half"), shard=(0, 2), **kwargs)
+    embeddings.merge_shards(str(tmp_path / "half"))

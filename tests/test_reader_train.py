@@ -21,6 +21,7 @@ from rnr_jax import reader_data as rd
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData, TokenCorpus
 from rnr_jax.data.prepared import PrepareSettings, prepare
+from train.sources import data_dir_sources
 from rnr_jax.evaluation import ReaderEvaluator
 from rnr_jax.metrics import exact_match
 from rnr_jax.tokenization import Tokenizer
@@ -69,8 +70,8 @@ def build_toy_prepared(root) -> str:
   os.makedirs(data)
   write_toy_data(data)
   out = os.path.join(root, "prepared")
-  prepare(data, out, PrepareSettings(compress=(), bm25_topk=20, hard_negatives=DISTRACTORS, stemmer="none"),
-          echo=lambda s: None)
+  prepare(*data_dir_sources(data), out,
+          PrepareSettings(compress=(), bm25_topk=20, hard_negatives=DISTRACTORS, stemmer="none"), echo=lambda s: None)
   return out
 
 

@@ -23,6 +23,7 @@ from rnr_jax import tokenization as tk
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
+from train.sources import data_dir_sources
 from rnr_jax.specs import RetrieverSpec
 from rnr_jax.training import mesh as mesh_lib
 from train import retriever as trainer
@@ -55,7 +56,7 @@ def prepared_dir(tmp_path_factory):
   data = tmp_path_factory.mktemp("toy_data")
   write_toy_data(str(data))
   out = str(tmp_path_factory.mktemp("toy") / "prepared")
-  prepare(str(data), out, PrepareSettings(compress=()), echo=lambda s: None)
+  prepare(*data_dir_sources(str(data)), out, PrepareSettings(compress=()), echo=lambda s: None)
   return out
 
 

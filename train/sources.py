@@ -171,6 +171,11 @@ def build(corpus: Sequence[str], questions: Mapping[str, str], tfds: TfdsOptions
   return [s.corpus(c) for c in corpus], {name: s.questions(spec) for name, spec in questions.items()}
 
 
+def data_dir_sources(data_dir: str) -> tuple[list[Source], dict[str, Source]]:
+  """The sources of a data directory of our jsonl files (:func:`data_dir_specs`)."""
+  return build(*data_dir_specs(data_dir))
+
+
 def _write_jsonl(path: str, rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> None:
   atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
