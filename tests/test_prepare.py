@@ -15,7 +15,7 @@ from rnr_jax.data import readers as R
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.passages import split_documents
 from rnr_jax.data.readers import DataFormatError, Document, Question
-from train import sources
+from train import formats, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -355,9 +355,9 @@ def test_detect_format(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     ('{"id": %d, "title": "T", "text": "big"}' % 2**70, r"corpus.jsonl:3: field 'id' must be in \[0, 2\*\*63\)"),
-    ('{"id": 70, "title": "T", "text": "bad \\ud800 surrogate"}', "corpus.jsonl:3: field 'text' holds a lone surrogate"),
+    ('{"id": 70, "title": "T", "text": "a \\ud800 b"}', "corpus.jsonl:3: field 'text' holds a lone surrogate"),
     (b'{"id": 70, "title": "T", "text": "caf\xe9"}', "corpus.jsonl:3: invalid UTF-8"),
-    ('{"id": 1, "title": "Again", "text": "duplicate"}', "corpus.jsonl:3: field 'id' duplicate document id 1"),
+    ('{"id": 1, "title": "Again", "text": "twice"}', "corpus.jsonl:3: field 'id' is a duplicate: an earlier document"),
 ])
 def test_prepare_names_bad_documents_and_skips_them(data_dir, vocab_dir, tmp_path, line, message):
   rows = (data_dir / "corpus.jsonl").read_bytes().splitlines(keepends=True)
@@ -375,8 +375,8 @@ def test_prepare_non_utf8_tsv_byte_names_line_and_field(vocab_dir, tmp_path):
   path = tmp_path / "psgs.tsv"
   path.write_bytes(b"id\ttext\ttitle\n1\tParis is in France\tParis\n2\tcaf\xe9 au lait\tCafe\n")
   with pytest.raises(DataFormatError, match="psgs.tsv:3: field 'text' holds a byte 0xe9 that is not UTF-8"):
-    list(R.read_dpr_tsv(path))
-  assert [d.id for d in R.read_dpr_tsv(path, skip_bad=True)] == [1]
+    list(formats.read_dpr_tsv(path))
+  assert [d.id for d in formats.read_dpr_tsv(path, skip_bad=True)] == [1]
 
 
 def test_prepare_counts_empty_documents_duplicate_questions_and_empty_answers(data_dir, vocab_dir, tmp_path):
@@ -387,7 +387,7 @@ def test_prepare_counts_empty_documents_duplicate_questions_and_empty_answers(da
     f.write(json.dumps({"id": "d4", "question": "where is Rome", "answers": ["", "Italy"], "gold_pid": 2}) + "\n")
     f.write(json.dumps({"id": "d1", "question": "again", "answers": ["x"]}) + "\n")
   settings = PD.PrepareSettings(tokenizer=vocab_dir, compress=(), bm25_topk=5)
-  with pytest.raises(DataFormatError, match="tiny_dev.jsonl:5: field 'id' duplicate question id 'd1'"):
+  with pytest.raises(DataFormatError, match="tiny_dev.jsonl:5: field 'id' is a duplicate: an earlier question has"):
     _prepare(data_dir, tmp_path / "p", settings, echo=lambda s: None)
   m = _prepare(data_dir, tmp_path / "p", PD.PrepareSettings(**{**settings.__dict__, "skip_bad": True}),
                echo=lambda s: None).manifest

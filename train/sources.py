@@ -21,6 +21,7 @@ import numpy as np
 from rnr_jax.data import readers as R
 from rnr_jax.data.prepared import Source
 from rnr_jax.io import atomic_write_text, sha256_file
+from train import formats
 
 CORPUS_FORMATS = ("jsonl", "dpr_tsv", "squad", "tfds")
 QUESTION_FORMATS = ("jsonl", "dpr_json", "dpr_qa_csv", "squad", "tfds")
@@ -74,7 +75,7 @@ def _tfds_name(spec: str) -> tuple[str, str]:
 
 class Sources:
   """Builds :class:`Source` objects from specs; one instance per prepare, since SQuAD specs used as corpus and as
-  questions share the document numbering it records."""
+  questions share the document numbering it records (SQuAD paragraphs are numbered from 0 across its corpus specs)."""
 
   def __init__(self, tfds: TfdsOptions | None = None):
     self.tfds = tfds or TfdsOptions()
@@ -89,31 +90,31 @@ class Sources:
     if fmt == "jsonl":
       return Source.file(spec, R.read_corpus)
     if fmt == "dpr_tsv":
-      return Source.file(spec, R.read_dpr_tsv)
-    self._first_ids[spec] = -1  # known when read: after the corpus specs before it
+      return Source.file(spec, formats.read_dpr_tsv)
 
     def squad_documents(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Document]:
-      self._first_ids[spec] = first = self._next_id
-      docs = (p.document for p in R.read_squad(spec, first_doc_id=first, skip_bad=skip_bad, stats=stats)) \
-          if fmt == "squad" else iter(self._tfds_squad(spec, first, skip_bad, stats)[0])
-      for doc in docs:
-        self._next_id = doc.id + 1
-        yield doc
+      if fmt == "squad":
+        return (p.document for p in formats.read_squad(spec, first_doc_id=first, skip_bad=skip_bad, stats=stats))
+      return iter(self._tfds_squad(spec, first, skip_bad, stats)[0])
 
+    # Numbered now, after the SQuAD corpora before it, so that its questions link to it whatever is read first.
+    self._first_ids[spec] = first = self._next_id
+    self._next_id += sum(1 for _ in squad_documents(True, R.ReadStats()))
     return self._source(spec, squad_documents)
 
   def questions(self, spec: str) -> Source:
     fmt = detect_format(spec)
     if fmt not in QUESTION_FORMATS:
       raise ValueError(f"{spec}: a {fmt} file is a corpus, not questions")
-    readers = {"jsonl": R.read_questions, "dpr_json": R.read_dpr_questions, "dpr_qa_csv": R.read_dpr_qa_csv}
+    readers = {"jsonl": R.read_questions, "dpr_json": formats.read_dpr_questions,
+               "dpr_qa_csv": formats.read_dpr_qa_csv}
     if fmt in readers:
       return Source.file(spec, readers[fmt])
 
     def squad_questions(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Question]:
       first = self._first_ids.get(spec)
       if fmt == "squad":
-        for p in R.read_squad(spec, first_doc_id=first or 0, skip_bad=skip_bad, stats=stats):
+        for p in formats.read_squad(spec, first_doc_id=first or 0, skip_bad=skip_bad, stats=stats):
           yield from (q if first is not None else dataclasses.replace(q, gold_pid=None) for q in p.questions)
       elif _tfds_name(spec)[0].split("/")[0] == "squad":
         yield from self._tfds_squad(spec, first or 0, skip_bad, stats, linked=first is not None)[1]

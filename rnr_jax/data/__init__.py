@@ -5,16 +5,13 @@ from rnr_jax.data.examples import (SplitCandidates, build_candidates, sample_rea
                                    sample_retriever_passages)
 from rnr_jax.data.passages import Passage, PassageTable, gold_passages, split_documents, split_words
 from rnr_jax.data.prepared import PreparedData, PreparedDataError, PrepareSettings, Source, prepare
-from rnr_jax.data.readers import (DataFormatError, Document, DprContext, DprExample, ExcludedRecord, Question,
-                                  ReadStats, SquadParagraph, read_corpus, read_dpr_biencoder, read_dpr_qa_csv,
-                                  read_dpr_questions, read_dpr_tsv, read_nq_open, read_questions, read_squad)
+from rnr_jax.data.readers import (DataFormatError, Document, ExcludedRecord, Question, ReadStats, read_corpus,
+                                  read_questions)
 from rnr_jax.data.token_corpus import RaggedArray, TokenCorpus, compress
 
 __all__ = [
-    "BM25Index", "DataFormatError", "Document", "DprContext", "DprExample", "ExcludedRecord", "Passage",
-    "PassageTable", "PrepareSettings", "PreparedData", "PreparedDataError", "Question", "RaggedArray", "ReadStats",
-    "Source", "SplitCandidates", "SquadParagraph", "TokenCorpus", "build_candidates", "compress", "gold_passages",
-    "prepare", "read_corpus", "read_dpr_biencoder", "read_dpr_qa_csv", "read_dpr_questions", "read_dpr_tsv",
-    "read_nq_open", "read_questions", "read_squad",
+    "BM25Index", "DataFormatError", "Document", "ExcludedRecord", "Passage", "PassageTable", "PrepareSettings",
+    "PreparedData", "PreparedDataError", "Question", "RaggedArray", "ReadStats", "Source", "SplitCandidates",
+    "TokenCorpus", "build_candidates", "compress", "gold_passages", "prepare", "read_corpus", "read_questions",
     "sample_reader_passages", "sample_retriever_passages", "split_documents", "split_words",
 ]

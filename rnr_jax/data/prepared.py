@@ -129,20 +129,17 @@ class _Corpus:
   def documents(self) -> Iterator[Document]:
     for source in self.sources:
       for doc in source.read(self.skip_bad, self.stats):
-        problem = None
-        if doc.id in self.doc_ids:
-          problem = f"duplicate document id {doc.id} (an earlier document has it)"
-        elif not doc.title.strip() and not doc.text.strip():
-          self.empty += 1  # would be a passage of nothing: counted and left out
-          continue
-        if problem:
-          error = DataFormatError(source.spec, doc.line, problem, field="id")
+        if not doc.title.strip() and not doc.text.strip():
+          self.empty += 1  # it would be a passage of nothing
+        elif doc.id in self.doc_ids:
+          error = DataFormatError(source.spec, doc.line, f"is a duplicate: an earlier document has id {doc.id}",
+                                  field="id")
           if not self.skip_bad:
             raise error
           self.stats.skip(error)
-          continue
-        self.doc_ids.add(doc.id)
-        yield doc
+        else:
+          self.doc_ids.add(doc.id)
+          yield doc
     if self.empty:
       logger.warning("left out %d document(s) with an empty title and text", self.empty)
 
@@ -190,7 +187,8 @@ def _split_questions(source: Source, doc_ids: set[int], skip_bad: bool, stats: R
   def checked() -> Iterator[Question]:
     for q in source.read(skip_bad, stats):
       if q.id in seen:
-        error = DataFormatError(source.spec, q.line, f"duplicate question id {q.id!r}", field="id")
+        error = DataFormatError(source.spec, q.line, f"is a duplicate: an earlier question has id {q.id!r}",
+                                field="id")
       elif q.gold_pid is not None and q.gold_pid not in doc_ids:
         error = DataFormatError(source.spec, q.line, f"{q.gold_pid} is not a document id of the corpus",
                                 field="gold_pid")

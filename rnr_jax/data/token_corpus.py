@@ -217,13 +217,6 @@ def compress(path: PathLike, method: str = "bz2", out: PathLike | None = None, *
   return out
 
 
-def compress_bytes(data: bytes, method: str, level: int = 9) -> bytes:
-  """``data`` compressed like :func:`compress` does files (for size comparisons)."""
-  if method not in COMPRESSORS:
-    raise ValueError(f"unknown compression {method!r}; choose from {sorted(COMPRESSORS)}")
-  return COMPRESSORS[method].compress(data, **{LEVEL_ARG[method]: level})
-
-
 def _decompressed(path: str, meta: dict[str, Any], cache_dir: PathLike | None) -> str:
   """The plain corpus of compressed ``path`` in the cache, decompressed and verified once."""
   method = meta["compression"]
