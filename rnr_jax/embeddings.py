@@ -26,7 +26,6 @@ from jax.sharding import Mesh
 from rnr_jax import exports, lexical, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS
 from rnr_jax.reader_data import NO_PASSAGE
@@ -77,10 +76,9 @@ def key_of(spec: RetrieverSpec | SystemSpec, fingerprint: str, corpus_sha256: st
 
 def save(out_dir: str, vectors: np.ndarray, info: Mapping[str, Any]) -> None:
   """Writes ``embeddings.npy`` then ``embeddings.json`` (``info`` plus format, count and dim); drops ``chunks/``."""
-  os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(os.path.join(out_dir, META_FILE)):
-    os.remove(os.path.join(out_dir, META_FILE))  # the meta goes last: a half-written pair is never taken as valid
-  save_npy(os.path.join(out_dir, EMBEDDINGS_FILE), np.asarray(vectors, np.float32))
+  out = _open_output(out_dir, vectors.shape)
+  out[:] = vectors
+  out.flush()
   _finish(out_dir, vectors.shape, info)
 
 
@@ -94,7 +92,7 @@ def _open_output(out_dir: str, shape: tuple[int, int]) -> np.ndarray:
   """A new ``embeddings.npy`` of ``shape`` as a writable memory map (an old ``embeddings.json`` removed first)."""
   os.makedirs(out_dir, exist_ok=True)
   if os.path.exists(os.path.join(out_dir, META_FILE)):
-    os.remove(os.path.join(out_dir, META_FILE))
+    os.remove(os.path.join(out_dir, META_FILE))  # the meta goes last: a half-written pair is never taken as valid
   return np.lib.format.open_memmap(os.path.join(out_dir, EMBEDDINGS_FILE), "w+", np.float32, shape)
 
 
@@ -104,8 +102,6 @@ def shard_dir(out: str, shard: int, num_shards: int) -> str:
 
 def shard_rows(num_passages: int, shard: int, num_shards: int) -> range:
   """The contiguous passage ids of shard ``shard`` of ``num_shards``."""
-  if not 0 <= shard < num_shards:
-    raise ValueError(f"shard {shard} is not in [0, {num_shards})")
   return range(shard * num_passages // num_shards, (shard + 1) * num_passages // num_shards)
 
 
@@ -126,8 +122,6 @@ def merge_shards(out: str) -> dict[str, Any]:
   for i, (_, info) in enumerate(parts):
     if {k: v for k, v in info.items() if k not in _RUN_FIELDS} != common:
       raise ValueError(f"{shard_dir(out, i, num)}: encoded by another model or corpus than shard 0")
-    if info["rows"][0] != (parts[i - 1][1]["rows"][1] if i else 0):
-      raise ValueError(f"{shard_dir(out, i, num)}: rows {info['rows']} do not follow the previous shard's")
   total = parts[-1][1]["rows"][1]
   merged = _open_output(out, (total, common["dim"]))
   for vectors, info in parts:
@@ -135,12 +129,11 @@ def merge_shards(out: str) -> dict[str, Any]:
       block = vectors[first:first + (1 << 16)]
       merged[info["rows"][0] + first:info["rows"][0] + first + len(block)] = block
   merged.flush()
-  info = {**{k: v for k, v in common.items() if k not in ("num_passages", "format", "version")}, "shards": num,
-          "wall_s": round(sum(p[1]["wall_s"] for p in parts), 2),
+  info = {**common, "shards": num, "wall_s": round(sum(p[1]["wall_s"] for p in parts), 2),
           "passages_per_s": round(sum(p[1]["passages_per_s"] for p in parts), 2)}
   _finish(out, merged.shape, info)
   shutil.rmtree(os.path.join(out, SHARDS_DIR))
-  return {**info, "dim": common["dim"], "num_passages": total}
+  return {**info, "num_passages": total}
 
 
 def load(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:

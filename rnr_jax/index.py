@@ -69,6 +69,27 @@ def _as_ids(ids: Any, n: int, what: str) -> np.ndarray:
   return arr
 
 
+def _quantize_blocked(x: np.ndarray, block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`quantize_rows` a block of rows at a time, so its float32 temporaries stay small for any corpus."""
+  codes, scales = np.empty(x.shape, np.int8), np.empty(len(x), np.float32)
+  for first in range(0, len(x), block):
+    codes[first:first + block], scales[first:first + block] = quantize_rows(x[first:first + block])
+  return codes, scales
+
+
+class _Dequantized:
+  """int8 rows read as float32 on indexing: exact search and sampling over them make no float32 copy of them all."""
+
+  def __init__(self, codes: np.ndarray, scales: np.ndarray):
+    self.parts = codes, scales
+
+  def __len__(self) -> int:
+    return len(self.parts[0])
+
+  def __getitem__(self, rows: Any) -> np.ndarray:
+    return dequantize_rows(self.parts[0][rows], self.parts[1][rows])
+
+
 def _sample_rows(x: np.ndarray, num: int, seed: int) -> np.ndarray:
   """``min(num, len(x))`` distinct rows of ``x``, in order, drawn with ``seed``."""
   return x[np.sort(np.random.default_rng(seed).choice(len(x), min(num, len(x)), replace=False))]
@@ -131,14 +152,16 @@ class DenseIndex:
     index.build_report["eval_source"] = source
     return index
 
-  def _build_main(self, vectors: np.ndarray, ids: np.ndarray, eval_queries: np.ndarray | None, reference: str) -> None:
-    """(Re)builds the main rows from ``vectors`` and clears pending edits."""
+  def _build_main(self, vectors: Any, ids: np.ndarray, eval_queries: np.ndarray | None, reference: str) -> None:
+    """(Re)builds the main rows from ``vectors`` (``int8_row``: or :class:`_Dequantized` codes) and clears pending
+    edits."""
     start = time.perf_counter()
+    self._searcher = None  # the old one's memory goes before the new one's arrives
     if self.kind == "exact":
       self._vectors = vectors
     elif self.kind == "int8_row":
       self.settings = row_settings(self.options)
-      self._codes = quantize_rows(vectors)
+      self._codes = vectors.parts if isinstance(vectors, _Dequantized) else _quantize_blocked(vectors)
       self._searcher = build_scann(dequantize_rows(*self._codes), self.kind, self.settings)
     else:
       self.settings = ah_settings(vectors, self.options) if self.kind == "ah" else {}
@@ -269,7 +292,11 @@ class DenseIndex:
     if len(self) == 0:
       raise ValueError("cannot compact an empty index: every passage was removed")
     keep = ~self._removed
-    vectors = np.concatenate([self._main_vectors()[keep], self._delta_vectors])
+    if self.kind == "int8_row":  # the kept rows keep their codes: no float32 copy of the index is made
+      added = _quantize_blocked(self._delta_vectors)
+      vectors = _Dequantized(*(np.concatenate([a[keep], b]) for a, b in zip(self._codes, added)))
+    else:
+      vectors = np.concatenate([self._main_vectors()[keep], self._delta_vectors])
     ids = np.concatenate([self._ids[keep], self._delta_ids])
     eval_queries = _sample_rows(vectors, num_eval_queries, seed) if num_eval_queries > 0 else None
     self._build_main(vectors, ids, eval_queries,

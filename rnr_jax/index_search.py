@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-_SCORE_BLOCK_ELEMS = 1 << 25  # float32 score entries per exact-search block (128 MiB).
+_SCORE_BLOCK_ELEMS = 1 << 25  # float32 score entries per exact-search tile (128 MiB).
+_PASSAGE_BLOCK = 1 << 17  # rows per exact-search tile: smaller corpora are scored whole
 
 
 def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None) -> float:
@@ -27,20 +28,34 @@ def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
                  excluded_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first, in blocks of queries;
-  ``excluded_rows`` score ``-inf``, and a ``-inf`` slot holds row ``-1``."""
+  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first; ``excluded_rows``
+  score ``-inf``, and a ``-inf`` slot holds row ``-1``.
+
+  Scores are computed in tiles of a block of queries by a block of at most ``_PASSAGE_BLOCK`` rows, each tile's
+  top-k merged into the running one: the rows are read once per query block, so the cost is linear in the corpus
+  (one block of queries over every row would shrink to one query, and re-read the corpus per query, at 21M rows).
+  """
   n, q = len(vectors), len(queries)
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, {n}]")
   rows = np.empty((q, k), np.int64)
   scores = np.empty((q, k), np.float32)
-  block = max(1, _SCORE_BLOCK_ELEMS // n)
+  rows_per_tile = min(n, max(_PASSAGE_BLOCK, k))
+  block = max(1, _SCORE_BLOCK_ELEMS // rows_per_tile)
+  excluded_rows = np.zeros(0, np.int64) if excluded_rows is None else np.asarray(excluded_rows)
   for start in range(0, q, block):
-    s = queries[start:start + block] @ vectors.T
-    if excluded_rows is not None and len(excluded_rows):
-      s[:, excluded_rows] = -np.inf
-    top = np.argpartition(s, n - k, axis=1)[:, n - k:] if k < n else np.broadcast_to(np.arange(n), s.shape)
-    rows[start:start + block], scores[start:start + block] = sort_topk(top, np.take_along_axis(s, top, axis=1), k)
+    best_rows = best_scores = None
+    for first in range(0, n, rows_per_tile):
+      s = queries[start:start + block] @ np.asarray(vectors[first:first + rows_per_tile]).T
+      s[:, excluded_rows[(excluded_rows >= first) & (excluded_rows < first + s.shape[1])] - first] = -np.inf
+      kk = min(k, s.shape[1])
+      top = np.argpartition(s, s.shape[1] - kk, axis=1)[:, s.shape[1] - kk:]
+      tile_rows, tile_scores = top + first, np.take_along_axis(s, top, axis=1)
+      if best_rows is not None:
+        tile_rows = np.concatenate([best_rows, tile_rows], 1)
+        tile_scores = np.concatenate([best_scores, tile_scores], 1)
+      best_rows, best_scores = sort_topk(tile_rows, tile_scores, k)
+    rows[start:start + block], scores[start:start + block] = best_rows, best_scores
   rows[np.isneginf(scores)] = -1
   return rows, scores
 

@@ -133,8 +133,8 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
                   progress: bool = False, out: np.ndarray | None = None) -> CorpusEmbeddings:
   """Embeds every passage record (``title [SEP] text`` ids; row i of the result is record i).
 
-  ``out`` (e.g. a memory-mapped ``[N, d]`` file) receives the vectors chunk by chunk and is returned, so a corpus of
-  any size is encoded in the memory of one chunk.
+  The vectors go chunk by chunk into ``out`` (e.g. a memory-mapped ``[N, d]`` file, so a corpus of any size is
+  encoded in the memory of one chunk), which is returned; by default a new array.
 
   Records are encoded in chunks of ``chunk_size``, each batched by length bucket. With ``chunk_dir`` every finished
   chunk is saved there and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a
@@ -152,13 +152,13 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
     bar = tqdm(total=n, desc="encode passages", unit="passage", dynamic_ncols=True, smoothing=0.1)
-  parts, reused, encoded, seconds = [], 0, 0, 0.0
+  reused, encoded, seconds = 0, 0, 0.0
 
   def keep(start: int, vectors: np.ndarray) -> None:
+    nonlocal out
     if out is None:
-      parts.append(vectors)
-    else:
-      out[start:start + len(vectors)] = vectors
+      out = np.empty((n, *vectors.shape[1:]), np.float32)
+    out[start:start + len(vectors)] = vectors
 
   for c, start in enumerate(range(0, n, chunk_size)):
     stop = min(start + chunk_size, n)
@@ -189,7 +189,7 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
     bar.close()
   rate = encoded / seconds if seconds else 0.0
   logging.info("Encoded %d passages (%.1f/s), reused %d finished chunks.", encoded, rate, reused)
-  return CorpusEmbeddings(np.concatenate(parts) if out is None else out, reused, rate)
+  return CorpusEmbeddings(out, reused, rate)
 
 
 def _check_chunk_key(chunk_dir: str, key: Mapping[str, Any]) -> None:

@@ -61,6 +61,21 @@ def test_exact_equals_numpy_brute_force(mixture, monkeypatch):
   assert ids.dtype == np.int64 and scores.dtype == np.float32
 
 
+def test_exact_search_tiles_the_corpus(mixture, monkeypatch):
+  """Query blocks times row blocks (the last one partial), each tile's top-k merged: brute force's answer, and a
+  removed row in any tile never comes back."""
+  x, q = mixture
+  monkeypatch.setattr(index_search, "_PASSAGE_BLOCK", 3_000)
+  monkeypatch.setattr(index_search, "_SCORE_BLOCK_ELEMS", 3_000 * 9)  # 9 queries per block
+  want_ids, want_scores = _brute_force(x, q[:50], 20)
+  rows, scores = exact_search(x, q[:50], 20)
+  np.testing.assert_array_equal(rows, want_ids)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+  removed = np.unique(want_ids[:, 0])
+  rows, _ = exact_search(x, q[:50], 20, excluded_rows=removed)
+  assert not np.isin(rows, removed).any() and (rows >= 0).all()
+
+
 def test_int8_recall_on_clustered_embeddings(int8_index, mixture):
   x, q = mixture
   ids_map = np.arange(len(x)) * 3 + 7
@@ -246,6 +261,22 @@ def test_int8_compaction_keeps_codes(tmp_path):
   after = np.load(tmp_path / "b/scann/int8_dataset.npy")
   np.testing.assert_array_equal(np.delete(before, 17, axis=0), after)
   np.testing.assert_array_equal(np.load(tmp_path / "b/ids.npy"), np.delete(np.arange(4000), 17))
+
+
+def test_int8_row_compaction_keeps_the_codes_of_kept_rows(tmp_path):
+  """Compaction carries the kept rows' codes over and quantizes only the added rows (no float32 round trip)."""
+  x = _mixture(3000, 2)[0]
+  index = DenseIndex.build(x, "int8_row", num_eval_queries=0)
+  index.save(tmp_path / "a")
+  index.remove([5, 2999])
+  index.add(x[:2] * 2, [5000, 5001])
+  index.compact(num_eval_queries=50)
+  index.save(tmp_path / "b")
+  keep = np.setdiff1d(np.arange(3000), [5, 2999])
+  before, after = np.load(tmp_path / "a/codes.npy"), np.load(tmp_path / "b/codes.npy")
+  np.testing.assert_array_equal(after[:len(keep)], before[keep])
+  np.testing.assert_array_equal(after[len(keep):], quantize_rows(x[:2] * 2)[0])
+  assert np.load(tmp_path / "b/ids.npy")[-2:].tolist() == [5000, 5001] and index.build_report["recall@10"] > 0.9
 
 
 def test_errors(mixture):
