@@ -22,8 +22,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   literals where possible, else kept as strings.
   """
   arg = None
-  if ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
+  if ".py:" in path:  # the argument may itself hold paths: "configs/paper.py:mobilebert=/weights/mobilebert"
+    path, arg = path.split(".py:", 1)
+    path += ".py"
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"_rnr_config_{abs(hash(path))}", path)
