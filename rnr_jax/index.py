@@ -305,11 +305,9 @@ class DenseIndex:
                                         if eval_queries is not None else "none")
 
   def _main_vectors(self) -> np.ndarray:
-    """float32 ``[n_main, d]`` vectors of the main rows (dequantized for ScaNN kinds)."""
+    """float32 ``[n_main, d]`` vectors of the main rows (dequantized for ScaNN kinds but ``int8_row``)."""
     if self.kind == "exact":
       return self._vectors
-    if self.kind == "int8_row":
-      return dequantize_rows(*self._codes)
     if isinstance(self._searcher, NumpySearcher):
       return self._searcher.vectors
     with tempfile.TemporaryDirectory(prefix="rnr_index_") as tmp:

@@ -51,12 +51,13 @@ def _stemmer(stemmer: str | None) -> Any:
 
 class BM25Builder:
   """Builds a :class:`BM25Index` from passages given chunk by chunk: each chunk is tokenised at once (one growing
-  vocabulary) and its token ids go to files in ``workdir``, so the corpus is never held in memory as token lists."""
+  vocabulary) and its token ids go to a file in ``workdir`` (deleted once built), so the corpus is never held in
+  memory as token lists."""
 
   def __init__(self, workdir: str, *, stemmer: str | None = "auto", k1: float = 1.5, b: float = 0.75):
     self.stemmer = resolve_stemmer(stemmer)
     self._tokenizer = bm25s.tokenization.Tokenizer(stopwords=STOPWORDS, stemmer=_stemmer(self.stemmer))
-    self._k1, self._b, self._workdir = k1, b, workdir
+    self._k1, self._b = k1, b
     self._ids = open(os.path.join(workdir, "bm25_ids.raw"), "wb")  # pylint: disable=consider-using-with
     self._offsets = array.array("q", [0])
 
@@ -76,6 +77,7 @@ class BM25Builder:
     retriever = bm25s.BM25(k1=self._k1, b=self._b, csc_backend="scipy")
     retriever.index(bm25s.tokenization.Tokenized(_RaggedIds(ids, np.frombuffer(self._offsets, np.int64)),
                                                  self._tokenizer.get_vocab_dict()), show_progress=False)
+    os.remove(self._ids.name)
     return BM25Index(retriever, self.stemmer)
 
 

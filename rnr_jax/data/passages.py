@@ -9,7 +9,6 @@ map, so a table of any size costs a few bytes of memory per passage.
 from __future__ import annotations
 
 import array
-import dataclasses
 import json
 import mmap
 import os
@@ -23,17 +22,6 @@ from rnr_jax.metrics import AnswerMatcher
 
 DEFAULT_WORDS_PER_PASSAGE = 100
 COLUMNS = {"offsets": "q", "doc_ids": "q", "chunks": "i"}  # passages.<column>.npy, as array typecodes
-
-
-@dataclasses.dataclass(frozen=True)
-class Passage:
-  """One passage: ``pid`` (row in the passage table), its document and its chunk index in the document."""
-
-  pid: int
-  doc_id: int
-  chunk: int
-  title: str
-  text: str
 
 
 def split_words(text: str, words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE) -> list[str]:
@@ -80,10 +68,6 @@ class PassageTable:
   def __len__(self) -> int:
     return len(self.texts)
 
-  def __getitem__(self, pid: int) -> Passage:
-    pid = int(pid)
-    return Passage(pid, int(self.doc_ids[pid]), int(self.chunks[pid]), self.titles[pid], self.texts[pid])
-
   def passages_of(self, doc_id: int) -> range:
     """The pids of document ``doc_id`` (consecutive); KeyError if it has none."""
     if self._runs is None:
@@ -115,7 +99,13 @@ class PassageTable:
   def open(cls, path: str | os.PathLike) -> PassageTable:
     """The table written to ``path`` by :class:`PassageWriter`: columns memory-mapped, titles and texts lazy."""
     path = os.fspath(path)
-    cols = {c: np.load(f"{path[:-len('.jsonl')]}.{c}.npy", mmap_mode="r") for c in COLUMNS}
+    try:
+      cols = {c: np.load(f"{path[:-len('.jsonl')]}.{c}.npy", mmap_mode="r") for c in COLUMNS}
+    except FileNotFoundError:  # a table written without its column files: one pass over the lines
+      with open(path, "rb") as f:
+        lines = [(len(line), json.loads(line)) for line in f]
+      cols = {"offsets": np.cumsum([0] + [n for n, _ in lines]), "doc_ids": [r["doc_id"] for _, r in lines],
+              "chunks": [r["chunk"] for _, r in lines]}
     return cls(cols["doc_ids"], cols["chunks"], _JsonlColumn(path, cols["offsets"], "title"),
                _JsonlColumn(path, cols["offsets"], "text"))
 
@@ -160,13 +150,10 @@ class PassageWriter:
 
 
 def split_documents(docs: Iterable[Document], words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE) -> PassageTable:
-  """The passages of ``docs`` in order, in memory (document ids must be unique)."""
+  """The passages of ``docs`` in order, in memory (document ids must be unique: :meth:`PassageTable.passages_of`
+  checks)."""
   doc_ids, chunks, titles, texts = [], [], [], []
-  seen = set()
   for doc in docs:
-    if doc.id in seen:
-      raise ValueError(f"duplicate document id {doc.id}")
-    seen.add(doc.id)
     pieces = split_words(doc.text, words_per_passage)
     doc_ids += [doc.id] * len(pieces)
     chunks += range(len(pieces))

@@ -35,7 +35,7 @@ from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_a
 logger = logging.getLogger(__name__)
 
 FORMAT = "rnr_jax.prepared"
-VERSION = 2
+VERSION = 1  # directories without the passage table's column files still read
 MANIFEST = "manifest.json"
 PASSAGES_FILE = PassageTable.FILE
 TOKEN_CORPUS_DIR = "token_corpus"
@@ -57,12 +57,6 @@ class Source:
   spec: str
   read: Callable[[bool, ReadStats], Iterator[Any]]
   identity: Mapping[str, Any]
-
-  @classmethod
-  def file(cls, path: str, read: Callable[..., Iterator[Any]]) -> Source:
-    """The file at ``path`` read by ``read(path, skip_bad=..., stats=...)``."""
-    return cls(path, lambda skip_bad, stats: read(path, skip_bad=skip_bad, stats=stats),
-               {"sha256": sha256_file(path), "size": os.path.getsize(path)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +126,8 @@ class _Corpus:
         if not doc.title.strip() and not doc.text.strip():
           self.empty += 1  # it would be a passage of nothing
         elif doc.id in self.doc_ids:
-          error = DataFormatError(source.spec, doc.line, f"is a duplicate: an earlier document has id {doc.id}",
-                                  field="id")
-          if not self.skip_bad:
-            raise error
-          self.stats.skip(error)
+          _reject(DataFormatError(source.spec, doc.line, f"is a duplicate: an earlier document has id {doc.id}",
+                                  field="id"), self.skip_bad, self.stats)
         else:
           self.doc_ids.add(doc.id)
           yield doc
@@ -162,21 +153,26 @@ class _TextSizes:
   """UTF-8 bytes of the passages' ``title TAB text`` lines, plain and compressed (streamed)."""
 
   def __init__(self, methods: Sequence[str]):
-    self.raw = 0
     self._compressors = {m: bz2.BZ2Compressor(9) if m == "bz2" else lzma.LZMACompressor(preset=9) for m in methods}
-    self.compressed = dict.fromkeys(methods, 0)
+    self._bytes = dict.fromkeys(["", *methods], 0)
 
   def add(self, titles: Sequence[str], texts: Sequence[str]) -> None:
     data = "".join(f"{a}\t{b}\n" for a, b in zip(titles, texts)).encode()
-    self.raw += len(data)
+    self._bytes[""] += len(data)
     for m, c in self._compressors.items():
-      self.compressed[m] += len(c.compress(data))
+      self._bytes[m] += len(c.compress(data))
 
   def per_passage(self, n: int) -> dict[str, float]:
-    sizes = {"text_utf8": round(self.raw / n, 2)}
     for m, c in self._compressors.items():
-      sizes[f"text_utf8_{m}"] = round((self.compressed[m] + len(c.flush())) / n, 2)
-    return sizes
+      self._bytes[m] += len(c.flush())
+    return {"text_utf8" + (m and "_" + m): round(v / n, 2) for m, v in self._bytes.items()}
+
+
+def _reject(error: DataFormatError, skip_bad: bool, stats: ReadStats) -> None:
+  """Raises ``error``, or with ``skip_bad`` counts it."""
+  if not skip_bad:
+    raise error
+  stats.skip(error)
 
 
 def _split_questions(source: Source, doc_ids: set[int], skip_bad: bool, stats: ReadStats, limit: int | None
@@ -187,18 +183,14 @@ def _split_questions(source: Source, doc_ids: set[int], skip_bad: bool, stats: R
   def checked() -> Iterator[Question]:
     for q in source.read(skip_bad, stats):
       if q.id in seen:
-        error = DataFormatError(source.spec, q.line, f"is a duplicate: an earlier question has id {q.id!r}",
-                                field="id")
+        _reject(DataFormatError(source.spec, q.line, f"is a duplicate: an earlier question has id {q.id!r}",
+                                field="id"), skip_bad, stats)
       elif q.gold_pid is not None and q.gold_pid not in doc_ids:
-        error = DataFormatError(source.spec, q.line, f"{q.gold_pid} is not a document id of the corpus",
-                                field="gold_pid")
+        _reject(DataFormatError(source.spec, q.line, f"{q.gold_pid} is not a document id of the corpus",
+                                field="gold_pid"), skip_bad, stats)
       else:
         seen.add(q.id)
         yield q
-        continue
-      if not skip_bad:
-        raise error
-      stats.skip(error)
 
   return list(itertools.islice(checked(), limit))
 
@@ -283,8 +275,7 @@ def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
 
     index = bm25.build()
     index.save(os.path.join(tmp, BM25_DIR))
-    os.remove(os.path.join(tmp, "bm25_ids.raw"))
-    del index
+    del index  # searched below memory-mapped
     echo(f"BM25 index over {n} passages (stemmer: {bm25.stemmer})")
     t = lap("bm25_index", t)
 
@@ -314,16 +305,6 @@ def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
     timings["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
   return PrepareResult(out, manifest, built=True)
-
-
-def summary_line(manifest: dict[str, Any]) -> dict[str, Any]:
-  """The one-line JSON summary: passage count and BM25 accuracy of each dev split."""
-  line: dict[str, Any] = {"passages": manifest["counts"]["passages"]}
-  for name, info in manifest["splits"].items():
-    if name.endswith("_dev"):
-      acc = {f"bm25_top{k}_answer_acc": info["metrics"][f"bm25_top{k}_answer_acc"] for k in DEFAULT_KS}
-      line[name] = {"questions": info["questions"], **acc}
-  return {**line, "bytes_per_passage": manifest["bytes_per_passage"], "prepare_s": manifest["timings_s"]["total"]}
 
 
 class PreparedData:
@@ -382,7 +363,7 @@ class PreparedData:
     return corpus
 
   def bm25(self) -> BM25Index:
-    return self._cached("bm25", lambda: BM25Index.load(os.path.join(self.path, BM25_DIR)))
+    return self._cached("bm25", lambda: BM25Index.load(os.path.join(self.path, BM25_DIR), mmap=True))
 
   def matcher(self) -> AnswerMatcher:
     """DPR ``has_answer`` over the passages, one shared cache of passage tokens."""

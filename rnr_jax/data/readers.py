@@ -114,7 +114,7 @@ def read_records(path: PathLike, makers: Iterable[Callable[[], T]], skip_bad: bo
 
 def open_data(path: PathLike, text: bool = False, encoding: str = "utf-8") -> IO[Any]:
   """``path`` for reading, gunzipped when it starts with gzip's magic bytes. Text mode maps bytes that are not UTF-8
-  to lone surrogates, so that :func:`check_text` reports them at their record's line instead of the decoder failing."""
+  to lone surrogates, so that :func:`text_problem` reports them at their record's line instead of the decoder failing."""
   with open(path, "rb") as f:
     gz = f.read(2) == b"\x1f\x8b"
   raw = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 - returned to the caller

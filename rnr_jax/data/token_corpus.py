@@ -14,7 +14,7 @@ import json
 import lzma
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -140,8 +140,9 @@ class TokenCorpus:
     dtype = token_dtype(vocab_size)
     with atomic_dir(path) as tmp:
       offsets = array.array("q", [0])
+      records = iter(records)
       with open(os.path.join(tmp, TOKENS_FILE + ".raw"), "wb") as f:
-        for batch in _batched(records, 1 << 16):
+        while batch := list(itertools.islice(records, 1 << 16)):
           values = np.concatenate([np.asarray(r, np.int64) for r in batch])
           if values.size and not 0 <= values.min() <= values.max() < vocab_size:
             raise ValueError(f"token ids in [{values.min()}, {values.max()}] outside the vocabulary of {vocab_size}")
@@ -169,12 +170,6 @@ class TokenCorpus:
       raise ValueError(f"{path}: arrays do not match {META_FILE} ({len(ragged)} records of {ragged.values.dtype}, "
                        f"expected {meta['num_records']} of {meta['dtype']})")
     return cls(ragged, meta, tokenizer, path)
-
-
-def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-  it = iter(items)
-  while batch := list(itertools.islice(it, n)):
-    yield batch
 
 
 def _raw_to_npy(path: str, dtype: np.dtype, length: int) -> None:
