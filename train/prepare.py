@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from absl import app, flags, logging
 
-from rnr_jax.data.prepared import PrepareSettings, prepare, summary_line
+from rnr_jax.data.prepared import PrepareSettings, prepare
+from rnr_jax.metrics import DEFAULT_KS
 from train import sources
 
 FLAGS = flags.FLAGS
@@ -58,6 +60,16 @@ def input_specs(corpus: list[str], questions: list[str], data_dir: str | None) -
   if not data_dir:
     raise app.UsageError("pass --corpus and --questions, or --data_dir (or set RNR_DATA)")
   return sources.data_dir_specs(data_dir)
+
+
+def summary_line(manifest: dict[str, Any]) -> dict[str, Any]:
+  """The one-line JSON summary: passage count and BM25 accuracy of each dev split."""
+  line: dict[str, Any] = {"passages": manifest["counts"]["passages"]}
+  for name, info in manifest["splits"].items():
+    if name.endswith("_dev"):
+      acc = {f"bm25_top{k}_answer_acc": info["metrics"][f"bm25_top{k}_answer_acc"] for k in DEFAULT_KS}
+      line[name] = {"questions": info["questions"], **acc}
+  return {**line, "bytes_per_passage": manifest["bytes_per_passage"], "prepare_s": manifest["timings_s"]["total"]}
 
 
 def _print_summary(manifest: dict) -> None:

@@ -36,6 +36,12 @@ class TfdsOptions:
   limit: int | None = None
 
 
+def file_source(path: str, read: Any) -> Source:
+  """The file at ``path`` read by ``read(path, skip_bad=..., stats=...)``."""
+  return Source(path, lambda skip_bad, stats: read(path, skip_bad=skip_bad, stats=stats),
+                {"sha256": sha256_file(path), "size": os.path.getsize(path)})
+
+
 def detect_format(spec: str) -> str:
   """The format of a spec: ``tfds``, ``jsonl`` (ours or NQ-open), ``dpr_tsv``, ``dpr_json``, ``dpr_qa_csv`` or
   ``squad``, from its first bytes (gunzipped) and its extension."""
@@ -88,9 +94,9 @@ class Sources:
       raise ValueError(f"{spec}: a {fmt} file holds questions, not a corpus; corpus formats: our corpus jsonl, DPR "
                        "psgs_w100.tsv, SQuAD json, tfds:squad/SPLIT")
     if fmt == "jsonl":
-      return Source.file(spec, R.read_corpus)
+      return file_source(spec, R.read_corpus)
     if fmt == "dpr_tsv":
-      return Source.file(spec, formats.read_dpr_tsv)
+      return file_source(spec, formats.read_dpr_tsv)
 
     def squad_documents(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Document]:
       if fmt == "squad":
@@ -109,7 +115,7 @@ class Sources:
     readers = {"jsonl": R.read_questions, "dpr_json": formats.read_dpr_questions,
                "dpr_qa_csv": formats.read_dpr_qa_csv}
     if fmt in readers:
-      return Source.file(spec, readers[fmt])
+      return file_source(spec, readers[fmt])
 
     def squad_questions(skip_bad: bool, stats: R.ReadStats) -> Iterator[R.Question]:
       first = self._first_ids.get(spec)
