@@ -73,12 +73,20 @@ class BM25Builder:
     if len(self._offsets) == 1:
       raise ValueError("cannot build a BM25 index over no passages")
     ids = np.memmap(self._ids.name, np.int32, "r") if self._offsets[-1] else np.zeros(0, np.int32)
-    # scipy's CSC construction needs about half the memory of bm25s' numpy one.
-    retriever = bm25s.BM25(k1=self._k1, b=self._b, csc_backend="scipy")
+    # scipy's CSC construction needs about half the memory of bm25s' numpy one; a runtime install has no scipy.
+    retriever = bm25s.BM25(k1=self._k1, b=self._b, csc_backend="scipy" if _has_scipy() else "numpy")
     retriever.index(bm25s.tokenization.Tokenized(_RaggedIds(ids, np.frombuffer(self._offsets, np.int64)),
                                                  self._tokenizer.get_vocab_dict()), show_progress=False)
     os.remove(self._ids.name)
     return BM25Index(retriever, self.stemmer)
+
+
+def _has_scipy() -> bool:
+  try:
+    import scipy.sparse  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
 
 
 class _RaggedIds:
