@@ -93,8 +93,7 @@ def test_round_trip(binary, text, params, index, embeddings, resources, tmp_path
     assert os.path.getsize(out / e["path"]) == e["bytes"]
     assert _sha(out / e["path"]) == e["sha256"]
   by_path = {e["unpacked_path"]: e for e in manifest["files"]}
-  assert by_path["model/params.safetensors"]["compression"] == binary
-  assert by_path["index/scann/int8_dataset.npy"]["compression"] == binary
+  assert by_path["corpus/offsets.npy"]["compression"] == binary
   assert by_path["tokenizer/vocab.txt"]["compression"] == text
   assert by_path["corpus/shards/titles.txt.bz2"]["compression"] == "none"  # Already compressed.
   assert by_path["config.json"]["compression"] == "none"
@@ -137,7 +136,7 @@ def test_compression_shrinks_and_footprint(params, index, resources, tmp_path):
   assert [r["component"] for r in packed["footprint"]] == ["model", "index", "corpus", "other", "total"]
   assert rows["total"]["stored_bytes"] == sum(e["bytes"] for e in packed["files"])
   assert rows["total"]["raw_bytes"] == sum(e["raw_bytes"] for e in packed["files"])
-  assert rows["model"]["stored_bytes"] < rows["model"]["raw_bytes"]
+  assert rows["corpus"]["stored_bytes"] < rows["corpus"]["raw_bytes"]
   plain_rows = {r["component"]: r for r in plain["footprint"]}
   assert plain_rows["total"]["stored_bytes"] == plain_rows["total"]["raw_bytes"] == rows["total"]["raw_bytes"]
   # float16 values: the weights file is about half of float32.
@@ -195,15 +194,15 @@ def test_cache_is_reused(params, index, resources, tmp_path):
   assert second.unpacked_files == 0 and second.unpacked_dir == first.unpacked_dir
   assert mtimes == {p: os.stat(os.path.join(r, p)).st_mtime_ns
                     for r, _, ns in os.walk(second.unpacked_dir) for p in ns}
-  # A damaged cache is detected (sha256 of cached files) and rebuilt.
-  cached = os.path.join(first.unpacked_dir, "corpus", "tokens.npy")
+  # A damaged cache is detected (sha256 of cached files) and rebuilt (offsets.npy compresses: the cache has a copy).
+  cached = os.path.join(first.unpacked_dir, "corpus", "offsets.npy")
   with open(cached, "r+b") as f:
     f.seek(200)
     f.write(b"\xff\xff")
   third = load_bundle(out)
   assert third.unpacked_files > 0
-  assert open(os.path.join(third.corpus_dir, "tokens.npy"), "rb").read() == \
-      open(os.path.join(resources["corpus"], "tokens.npy"), "rb").read()
+  assert open(os.path.join(third.corpus_dir, "offsets.npy"), "rb").read() == \
+      open(os.path.join(resources["corpus"], "offsets.npy"), "rb").read()
   # An explicit cache directory.
   other = load_bundle(out, cache_dir=tmp_path / "elsewhere")
   assert other.unpacked_dir.startswith(str(tmp_path / "elsewhere")) and other.unpacked_files > 0
@@ -265,16 +264,27 @@ def test_flatten_round_trip(params):
     flatten_params({"a/b": np.zeros(1)})
 
 
-def test_incompressible_files_are_stored_plain(params, index, tmp_path):
-  noise = tmp_path / "noise.bin"
-  noise.write_bytes(np.random.default_rng(3).bytes(4096))
+def test_files_compression_barely_shrinks_are_stored_plain_and_linked(params, index, tmp_path):
+  """Random bytes, and random bytes with 5% zeros (bzip2 saves about 5%), are stored as they are and hard-linked into
+  the unpack cache, so they take their bytes once on disk; with 40% zeros they are compressed."""
+  rng = np.random.default_rng(3)
+  files = {"noise.bin": rng.bytes(40_000), "five.bin": rng.bytes(38_000) + bytes(2_000),
+           "forty.bin": rng.bytes(24_000) + bytes(16_000)}
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
   manifest = write_bundle(tmp_path / "bundle", params=params, model_config={}, index=index, token_corpus_dir=None,
-                          tokenizer_dir_or_files=[str(noise)], extra_files=None)
-  entry = next(e for e in manifest["files"] if e["unpacked_path"] == "tokenizer/noise.bin")
-  assert entry["compression"] == "none" and entry["path"] == "tokenizer/noise.bin"
-  assert entry["bytes"] == entry["raw_bytes"] == 4096
+                          tokenizer_dir_or_files=[str(tmp_path / n) for n in files], extra_files=None)
+  entries = {e["unpacked_path"].removeprefix("tokenizer/"): e for e in manifest["files"]}
+  for name in ("noise.bin", "five.bin"):
+    assert entries[name]["compression"] == "none" and entries[name]["path"] == f"tokenizer/{name}"
+    assert entries[name]["bytes"] == entries[name]["raw_bytes"] == 40_000
+  assert entries["forty.bin"]["compression"] == "bz2" and entries["forty.bin"]["bytes"] < 30_000
   b = load_bundle(tmp_path / "bundle")
-  assert open(os.path.join(b.tokenizer_dir, "noise.bin"), "rb").read() == noise.read_bytes()
+  assert b.unpacked_dir != str(tmp_path / "bundle")  # compressed files were unpacked into a cache
+  for name, data in files.items():
+    assert open(os.path.join(b.tokenizer_dir, name), "rb").read() == data
+  for name in ("noise.bin", "five.bin"):
+    assert os.path.samefile(os.path.join(b.tokenizer_dir, name), tmp_path / "bundle" / "tokenizer" / name)
   assert b.corpus_dir is None and b.extra_files == {}
 
 
