@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnr_jax import qa_model, reader
+from rnr_jax import qa_model
+from rnr_jax.reader import NEG_INF
 from rnr_jax.training import losses
 from rnr_jax.training.step import LossFn
 
@@ -84,22 +85,49 @@ def read_outputs(model: qa_model.RetrieverReader, params: Params, batch: Batch, 
   return start.reshape(shape), end.reshape(shape), rank.reshape(num_q, m), valid.reshape(shape)
 
 
+def masked_log_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  return jax.nn.log_softmax(jnp.where(mask, logits.astype(jnp.float32), NEG_INF), axis=-1)
+
+
+def span_mml_loss(start_logits: jax.Array, end_logits: jax.Array, valid: jax.Array,
+                  starts: jax.Array, ends: jax.Array, span_mask: jax.Array) -> jax.Array:
+  """Per-row ``-log sum_{gold spans} P_start(s) P_end(e)``, 0 without a gold span."""
+  lp = (jnp.take_along_axis(masked_log_softmax(start_logits, valid), starts, -1)
+        + jnp.take_along_axis(masked_log_softmax(end_logits, valid), ends, -1))
+  return jnp.where(span_mask.any(-1), -jax.nn.logsumexp(jnp.where(span_mask, lp, NEG_INF), axis=-1), 0.0)
+
+
+def read_loss(start_logits: jax.Array, end_logits: jax.Array, rank_logits: jax.Array,
+              valid: jax.Array, starts: jax.Array, ends: jax.Array, span_mask: jax.Array,
+              passage_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """DPR's reader loss (paper §2.2.3, footnote 6): mean ranking CE of the positive (first) passage + the marginal NLL
+  of all its gold spans, of ``B`` questions x ``m`` passages, and its parts; ``[B, m, L]`` logits and ``valid``,
+  ``[B, m]`` rank logits and ``passage_mask`` (real passages), ``[B, S]`` positive spans."""
+  if passage_mask is None:
+    passage_mask = jnp.ones(rank_logits.shape, bool)
+  rank_loss = -masked_log_softmax(rank_logits, passage_mask)[:, 0]
+  span_loss = span_mml_loss(start_logits[:, 0], end_logits[:, 0], valid[:, 0], starts, ends, span_mask)
+  loss = jnp.mean(rank_loss + span_loss)
+  return loss, {"rank_loss": rank_loss.mean(), "span_loss": span_loss.mean(),
+                "rank_acc": positive_top1(rank_logits, passage_mask)}
+
+
 def reader_loss(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """DPR's reader loss on the batch's span targets (:func:`rnr_jax.reader.reader_loss`)."""
+  """:func:`read_loss` on the batch's span targets."""
   start, end, rank, valid = read_outputs(model, params, batch, rng)
-  loss, aux = reader.reader_loss(start, end, rank, valid, batch["span_starts"], batch["span_ends"],
-                                 batch["span_mask"], batch["passage_mask"])
+  loss, aux = read_loss(start, end, rank, valid, batch["span_starts"], batch["span_ends"], batch["span_mask"],
+                        batch["passage_mask"])
   return loss, {**aux, "read_loss": loss}
 
 
 def positive_top1(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.argmax(jnp.where(passage_mask, scores, reader.NEG_INF), -1) == 0)
+  return jnp.mean(jnp.argmax(jnp.where(passage_mask, scores, NEG_INF), -1) == 0)
 
 
 def retrieval_nll(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
   """Mean NLL of the positive (index 0) among each question's real passages (``scores [B, m]``)."""
-  return -jnp.mean(reader.masked_log_softmax(scores, passage_mask)[:, 0])
+  return -jnp.mean(masked_log_softmax(scores, passage_mask)[:, 0])
 
 
 def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.Array, passage_mask: jax.Array,

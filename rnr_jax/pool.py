@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rnr_jax import embeddings, exports, passage_filter, retrieval
+from rnr_jax import embeddings, exports, passage_filter
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
@@ -206,7 +206,7 @@ class UnifiedBatches(EpochIterator):
     r = self._system.retriever
     q = self._tokenizer.questions([self._pool.question(int(i))[0] for i in idx], r.question_len, r.buckets)
     records = [self._corpus[p] if p != rd.NO_PASSAGE else np.zeros(0, np.int32) for p in pids.reshape(-1).tolist()]
-    p = retrieval.passage_batch(self._tokenizer, records, r.passage_len, r.buckets, r.passage_token_type)
+    p = self._tokenizer.passages_from_records(records, r.passage_len, r.buckets, r.passage_token_type)
     batch.update({f"q_{k}": v for k, v in q.as_dict().items()})
     batch.update({f"p_{k}": v for k, v in p.as_dict().items()})
     if self._teacher_cache is not None:

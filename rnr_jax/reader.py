@@ -1,16 +1,13 @@
-"""Reading: answer-span targets, reader losses and answer decoding.
+"""Reading in numpy: answer-span targets, text masks and whole-word spans.
 
 As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one ranking
-logit. Training (paper §2.2.3, footnote 6): ranking cross-entropy of the positive (first) passage plus the marginal
-log-likelihood of all its gold spans. Decoding (paper appendix A.3): :mod:`rnr_jax.answers`.
+logit. Its loss (paper §2.2.3): :func:`rnr_jax.distill.read_loss`; answers (appendix A.3): :mod:`rnr_jax.answers`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -49,32 +46,6 @@ def text_mask(length: int, text_start: np.ndarray, text_end: np.ndarray) -> np.n
   """``[rows, length]`` bool mask of passage-text positions (where answers may be)."""
   pos = np.arange(length)[None, :]
   return (pos >= np.asarray(text_start)[:, None]) & (pos < np.asarray(text_end)[:, None])
-
-
-def masked_log_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-  return jax.nn.log_softmax(jnp.where(mask, logits.astype(jnp.float32), NEG_INF), axis=-1)
-
-
-def span_mml_loss(start_logits: jax.Array, end_logits: jax.Array, valid: jax.Array,
-                  starts: jax.Array, ends: jax.Array, span_mask: jax.Array) -> jax.Array:
-  """Per-row ``-log sum_{gold spans} P_start(s) P_end(e)``, 0 without a gold span."""
-  lp = (jnp.take_along_axis(masked_log_softmax(start_logits, valid), starts, -1)
-        + jnp.take_along_axis(masked_log_softmax(end_logits, valid), ends, -1))
-  return jnp.where(span_mask.any(-1), -jax.nn.logsumexp(jnp.where(span_mask, lp, NEG_INF), axis=-1), 0.0)
-
-
-def reader_loss(start_logits: jax.Array, end_logits: jax.Array, rank_logits: jax.Array,
-                valid: jax.Array, starts: jax.Array, ends: jax.Array, span_mask: jax.Array,
-                passage_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean ranking CE + span MML of ``B`` questions x ``m`` passages (the positive first), and its parts; ``[B, m, L]``
-  logits and ``valid``, ``[B, m]`` rank logits and ``passage_mask`` (real passages), ``[B, S]`` positive spans."""
-  if passage_mask is None:
-    passage_mask = jnp.ones(rank_logits.shape, bool)
-  rank_loss = -masked_log_softmax(rank_logits, passage_mask)[:, 0]
-  span_loss = span_mml_loss(start_logits[:, 0], end_logits[:, 0], valid[:, 0], starts, ends, span_mask)
-  loss = jnp.mean(rank_loss + span_loss)
-  rank_acc = jnp.mean(jnp.argmax(jnp.where(passage_mask, rank_logits, NEG_INF), -1) == 0)
-  return loss, {"rank_loss": rank_loss.mean(), "span_loss": span_loss.mean(), "rank_acc": rank_acc}
 
 
 def extend_to_words(input_ids: np.ndarray, start: int, end: int, text_start: int, text_end: int,

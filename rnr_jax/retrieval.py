@@ -31,13 +31,6 @@ CHUNK_KEY = "key.json"
 # ---- batched, sharded encoding -------------------------------------------------------
 
 
-def passage_batch(tokenizer: tk.Tokenizer, records: Sequence[np.ndarray], max_len: int, buckets: Sequence[int],
-                  token_type: int) -> tk.EncodedBatch:
-  """Passage inputs from token-ID records with token type ``token_type`` on every real token."""
-  b = tokenizer.passages_from_records(records, max_len, buckets)
-  return tk.EncodedBatch(b.input_ids, b.attention_mask, (b.attention_mask > 0).astype(np.int32) * token_type)
-
-
 def pad_rows(batch: tk.EncodedBatch, rows: int) -> tk.EncodedBatch:
   """Pads a batch with empty rows up to ``rows`` (fixed batch shapes under jit)."""
   n = batch.input_ids.shape[0]
@@ -175,7 +168,7 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
     t = time.perf_counter()
     chunk = [np.asarray(records[i]) for i in range(start, stop)]
     lengths = [min(len(r) + 2, max_len) for r in chunk]
-    batches = ((idx, passage_batch(tokenizer, [chunk[i] for i in idx], max_len, buckets, token_type))
+    batches = ((idx, tokenizer.passages_from_records([chunk[i] for i in idx], max_len, buckets, token_type))
                for idx in tk.bucketed_batches(lengths, encoder.batch_size, buckets))
     vectors = encoder(params, batches, len(chunk), on_batch=None if bar is None else bar.update)
     seconds += time.perf_counter() - t

@@ -1,23 +1,22 @@
 """What rebuilds a trained model and feeds it: the retriever, reader and QA-system specs.
 
 A spec is saved as JSON beside exported parameters and in a bundle's ``config.json``, so a model is served with the
-input settings it was trained with.
+input settings it was trained with. Specs import JAX and Flax only to build or run a model, so a bundle's spec loads
+without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-
-from rnr_jax import qa_model
-from rnr_jax.models import EncoderConfig, config_from_hf_dict
+if TYPE_CHECKING:
+  from rnr_jax import qa_model
+  from rnr_jax.models import EncoderConfig
 
 Params = Any
-EmbedFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
+EmbedFn = Callable[[Params, dict[str, Any]], Any]  # (params, batch of jax arrays) -> jax array
 
 
 def _from_json(cls, d: Mapping[str, Any]):
@@ -50,7 +49,7 @@ class RetrieverSpec:
       raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
     if self.passage_token_type not in (0, 1):
       raise ValueError(f"passage_token_type must be 0 or 1, got {self.passage_token_type}")
-    width = self.encoder_config().hidden_size
+    width = int(self.encoder["hidden_size"])
     if not 0 <= self.retrieval_dim <= width:
       raise ValueError(f"retrieval_dim must be in [0, {width}] (0 = full width), got {self.retrieval_dim}")
     object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
@@ -70,29 +69,33 @@ class RetrieverSpec:
   to_json = _to_json
 
   def encoder_config(self) -> EncoderConfig:
+    from rnr_jax.models import config_from_hf_dict  # pylint: disable=import-outside-toplevel
     return config_from_hf_dict(self.encoder)
 
   @property
   def dim(self) -> int:
     """Width of the retrieval vectors."""
-    return self.retrieval_dim or self.encoder_config().hidden_size
+    return self.retrieval_dim or int(self.encoder["hidden_size"])
 
   def build(self) -> qa_model.Retriever:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from rnr_jax import qa_model  # pylint: disable=import-outside-toplevel
     return qa_model.Retriever(self.encoder_config(), shared=self.shared, pooling=self.pooling,
                               retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
 
-  def finish(self, vectors: jax.Array) -> jax.Array:
+  def finish(self, vectors: Any) -> Any:
     """The model's retrieval vectors as scored: L2-normalised if ``normalize``."""
-    return qa_model.l2_normalize(vectors) if self.normalize else vectors
+    from rnr_jax.qa_model import l2_normalize  # pylint: disable=import-outside-toplevel
+    return l2_normalize(vectors) if self.normalize else vectors
 
   def embed_fns(self) -> tuple[EmbedFn, EmbedFn]:
     """``(question_fn, passage_fn)``: ``(params, batch) -> [B, dim]`` without dropout (not jitted)."""
     model = self.build()
 
-    def questions(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    def questions(params: Params, batch: dict[str, Any]) -> Any:
       return self.finish(model.apply({"params": params}, batch, method="embed_questions"))
 
-    def passages(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    def passages(params: Params, batch: dict[str, Any]) -> Any:
       return self.finish(model.apply({"params": params}, batch, method="embed_passages"))
 
     return questions, passages
@@ -125,6 +128,9 @@ class ReaderSpec:
   to_json = _to_json
 
   def build(self) -> qa_model.RetrieverReader:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from rnr_jax import qa_model  # pylint: disable=import-outside-toplevel
+    from rnr_jax.models import config_from_hf_dict  # pylint: disable=import-outside-toplevel
     return qa_model.RetrieverReader(config_from_hf_dict(self.encoder), pooling=self.pooling,
                                     retrieval_dim=self.retrieval_dim, dtype=jnp.dtype(self.dtype))
 
@@ -132,7 +138,9 @@ class ReaderSpec:
 def read_fn(model: qa_model.RetrieverReader, select: Callable[[Params], Params] = lambda p: p) -> EmbedFn:
   """``(params, batch) -> [rows, 2L + 1]``: start logits, end logits and rank logit of each row, in one array so a batch
   runner gathers it."""
-  def read(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  def read(params: Params, batch: dict[str, Any]) -> Any:
     start, end, rank = model.apply({"params": select(params)}, batch, method="read")
     return jnp.concatenate([start, end, rank[:, None]], axis=1)
   return read
@@ -197,7 +205,7 @@ class SystemSpec:
               lambda params, batch: passages(params["retriever"], batch))
     model = self.reader.build()
 
-    def embed_fn(params: Params, batch: dict[str, jax.Array]) -> jax.Array:
+    def embed_fn(params: Params, batch: dict[str, Any]) -> Any:
       return self.retriever.finish(model.apply({"params": params}, batch, method="embed"))
 
     return embed_fn, embed_fn

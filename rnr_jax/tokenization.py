@@ -59,12 +59,10 @@ class EncodedBatch:
 
 @dataclasses.dataclass(frozen=True)
 class ReaderBatch(EncodedBatch):
-  """Reader inputs; row i's passage text is tokens ``[text_start[i], text_end[i])``, ``offsets[i, t]`` the character
-  range of text token t in it (``(-1, -1)`` elsewhere; None for token-ID passages)."""
+  """Reader inputs; row i's passage text is tokens ``[text_start[i], text_end[i])``."""
 
   text_start: np.ndarray
   text_end: np.ndarray
-  offsets: np.ndarray | None
 
 
 class Tokenizer:
@@ -85,7 +83,7 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, path: str | None = None) -> "Tokenizer":
-    """Loads ``tokenizer.json`` or ``vocab.txt`` of a HF directory (None: all-MiniLM-L6-v2's), else a hub id."""
+    """Loads ``tokenizer.json`` or ``vocab.txt`` of a HF directory (None: all-MiniLM-L6-v2's), else a Hub id's."""
     path = path or default_tokenizer_path()
     if os.path.isdir(path):
       tj = os.path.join(path, "tokenizer.json")
@@ -96,13 +94,11 @@ class Tokenizer:
         wp = tokenizers.BertWordPieceTokenizer(vocab, lowercase=_do_lower_case(path))
         return cls(wp._tokenizer, path)  # pylint: disable=protected-access
       raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this directory")
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     try:
-      hf = AutoTokenizer.from_pretrained(path)
+      return cls(tokenizers.Tokenizer.from_pretrained(path), path)
     except Exception as e:  # noqa: BLE001 - re-raised with context
       raise OSError(f"could not load tokenizer {path!r}: not a local directory, and the Hugging Face hub "
                     f"could not provide it ({type(e).__name__}: {e}). Offline, pass a local model directory.") from e
-    return cls(hf.backend_tokenizer, path)
 
   def save(self, out_dir: str) -> None:
     """Writes ``tokenizer.json`` into ``out_dir`` (padding/truncation off)."""
@@ -160,43 +156,23 @@ class Tokenizer:
     seqs = [self._wrap(x, max_len) for x in self.encode_texts(questions)]
     return self._pad(seqs, [np.zeros(len(s), np.int32) for s in seqs], max_len, buckets)
 
-  def passages(self, titles: Sequence[str], texts: Sequence[str], max_len: int = 256,
-               buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedBatch:
-    """Passage inputs ``[CLS] title [SEP] text [SEP]``, token type 1."""
-    return self.passages_from_records(self.passage_token_ids(titles, texts), max_len, buckets)
-
   def passages_from_records(self, records: Sequence[np.ndarray], max_len: int = 256,
-                            buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> EncodedBatch:
-    """Passage inputs from token-ID corpus records, token type 1."""
+                            buckets: Sequence[int] | None = DEFAULT_BUCKETS, token_type: int = 1) -> EncodedBatch:
+    """Passage inputs from token-ID corpus records, ``token_type`` on every real token."""
     seqs = [self._wrap(np.asarray(r, np.int32), max_len) for r in records]
-    return self._pad(seqs, [np.ones(len(s), np.int32) for s in seqs], max_len, buckets)
-
-  def reader(self, question: str | np.ndarray, titles: Sequence[str], texts: Sequence[str], max_len: int = 350,
-             buckets: Sequence[int] | None = DEFAULT_BUCKETS, question_max_len: int = 64) -> ReaderBatch:
-    """Reader inputs for one question and several passages, with char offsets."""
-    q_ids = self._question_ids(question, question_max_len)
-    pairs = list(zip(self.encode_texts(titles), self.encode_texts_with_offsets(texts)))
-    records = [np.concatenate([t_ids, [self.sep_id], x_ids]).astype(np.int32) for t_ids, (x_ids, _) in pairs]
-    return self._reader_batch(q_ids, records, max_len, buckets, [offs for _, (_, offs) in pairs])
+    return self._pad(seqs, [np.full(len(s), token_type, np.int32) for s in seqs], max_len, buckets)
 
   def reader_from_records(self, question: str | np.ndarray, records: Sequence[np.ndarray], max_len: int = 350,
                           buckets: Sequence[int] | None = DEFAULT_BUCKETS, question_max_len: int = 64) -> ReaderBatch:
-    """Reader inputs from token-ID corpus records (no character offsets)."""
-    q_ids = self._question_ids(question, question_max_len)
-    return self._reader_batch(q_ids, [np.asarray(r, np.int32) for r in records], max_len, buckets, None)
-
-  def _question_ids(self, question: str | np.ndarray, question_max_len: int) -> np.ndarray:
+    """Reader inputs for one question (text or ids) and token-ID corpus records."""
     if isinstance(question, str):
       if not question.strip():
         raise ValueError("question is empty")
       question = self.encode_texts([question])[0]
-    return np.asarray(question, np.int32)[: max(question_max_len - 2, 1)]
-
-  def _reader_batch(self, q_ids: np.ndarray, records: list[np.ndarray], max_len: int,
-                    buckets: Sequence[int] | None, offsets: list[np.ndarray] | None) -> ReaderBatch:
+    q_ids = np.asarray(question, np.int32)[: max(question_max_len - 2, 1)]
     head = np.concatenate([[self.cls_id], q_ids, [self.sep_id]]).astype(np.int32)
     seqs, types, starts, ends = [], [], [], []
-    for rec in records:
+    for rec in map(np.asarray, records):
       body = rec[: max(max_len - len(head) - 1, 0)]
       sep = np.flatnonzero(body == self.sep_id)
       title_len = int(sep[0]) + 1 if sep.size else 0
@@ -205,11 +181,8 @@ class Tokenizer:
       starts.append(len(head) + title_len)
       ends.append(len(head) + len(body))
     enc = self._pad(seqs, types, max_len, buckets)
-    offs = None if offsets is None else np.full(enc.input_ids.shape + (2,), -1, np.int32)
-    for i, o in enumerate(offsets or ()):
-      offs[i, starts[i] : ends[i]] = o[: ends[i] - starts[i]]
     return ReaderBatch(enc.input_ids, enc.attention_mask, enc.token_type_ids,
-                       np.asarray(starts, np.int32), np.asarray(ends, np.int32), offs)
+                       np.asarray(starts, np.int32), np.asarray(ends, np.int32))
 
 
 def _do_lower_case(path: str) -> bool:

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import finetune as finetune_config
-from rnr_jax import exports, iterative, qa_model, reader
+from rnr_jax import distill, exports, iterative, qa_model
 from rnr_jax.config import load_config
 from rnr_jax.training import optim
 from rnr_jax.training.step import TrainState
@@ -56,7 +56,7 @@ def reference_step(model, params, opt_state, batch, tx, temperature):
     length = batch["input_ids"].shape[1]
     pos = np.arange(length)[None, :]
     valid = ((pos >= batch["text_start"][:, None]) & (pos < batch["text_end"][:, None])).reshape(num_q, m, length)
-    return reader.reader_loss(start.reshape(num_q, m, length), end.reshape(num_q, m, length), rank.reshape(num_q, m),
+    return distill.read_loss(start.reshape(num_q, m, length), end.reshape(num_q, m, length), rank.reshape(num_q, m),
                               valid, batch["span_starts"], batch["span_ends"], batch["span_mask"],
                               batch["passage_mask"])[0]
 

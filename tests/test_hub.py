@@ -31,8 +31,9 @@ def test_hf_export_loads_in_transformers_and_reads_as_we_do(workdir, tmp_path): 
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tokenizer("who wrote it")["input_ids"] == [101, *Tokenizer.from_pretrained(str(out)).encode_texts(
       ["who wrote it"])[0].tolist(), 102]
-  batch = Tokenizer.from_pretrained(str(out)).reader("which word follows zebra", ["lion notes", "owl"],
-                                                       ["stone zebra kiwi", "a river"], max_len=48, buckets=None)
+  tokenizer = Tokenizer.from_pretrained(str(out))
+  batch = tokenizer.reader_from_records("which word follows zebra", tokenizer.passage_token_ids(
+      ["lion notes", "owl"], ["stone zebra kiwi", "a river"]), max_len=48, buckets=None)
   ours = np.asarray(spec.read_fn()(params, {k: batch.as_dict()[k] for k in ("input_ids", "attention_mask",
                                                                             "token_type_ids")}))
   with torch.no_grad():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnr_jax import answers, reader
+from rnr_jax import answers, distill, reader
 
 
 def test_find_answer_spans_all_occurrences_inside_text_only():
@@ -25,13 +25,13 @@ def test_span_mml_loss_matches_brute_force():
   starts = np.array([[4, 6, 0], [5, 0, 0]])
   ends = np.array([[5, 8, 0], [5, 0, 0]])
   mask = np.array([[True, True, False], [True, False, False]])
-  got = reader.span_mml_loss(jnp.asarray(s), jnp.asarray(e), valid, starts, ends, mask)
+  got = distill.span_mml_loss(jnp.asarray(s), jnp.asarray(e), valid, starts, ends, mask)
   for r in range(2):
     ps = np.exp(s[r, 3:11]) / np.exp(s[r, 3:11]).sum()
     pe = np.exp(e[r, 3:11]) / np.exp(e[r, 3:11]).sum()
     total = sum(ps[a - 3] * pe[b - 3] for a, b, m in zip(starts[r], ends[r], mask[r]) if m)
     np.testing.assert_allclose(got[r], -np.log(total), rtol=1e-5)
-  none = reader.span_mml_loss(jnp.asarray(s), jnp.asarray(e), valid, starts, ends, np.zeros_like(mask))
+  none = distill.span_mml_loss(jnp.asarray(s), jnp.asarray(e), valid, starts, ends, np.zeros_like(mask))
   np.testing.assert_array_equal(np.asarray(none), 0.0)
 
 
@@ -41,7 +41,7 @@ def test_reader_loss_ranking_part_is_cross_entropy_of_positive():
   rank = rng.normal(size=(b, m))
   zeros = np.zeros((b, m, length))
   valid = np.ones((b, m, length), bool)
-  loss, parts = reader.reader_loss(zeros, zeros, rank, valid, np.zeros((b, 1), int), np.zeros((b, 1), int),
+  loss, parts = distill.read_loss(zeros, zeros, rank, valid, np.zeros((b, 1), int), np.zeros((b, 1), int),
                                    np.zeros((b, 1), bool))
   ref = np.mean([-(rank[i, 0] - np.log(np.exp(rank[i]).sum())) for i in range(b)])
   np.testing.assert_allclose(loss, ref, rtol=1e-5)

@@ -43,7 +43,7 @@ def test_question_layout_matches_transformers(tok, hf_tok):
 
 
 def test_passage_layout_matches_transformers_pair(tok, hf_tok):
-  batch = tok.passages(TITLES, TEXTS, max_len=256)
+  batch = tok.passages_from_records(tok.passage_token_ids(TITLES, TEXTS), max_len=256)
   for i, (t, x) in enumerate(zip(TITLES, TEXTS)):
     ref = hf_tok(t, x)["input_ids"]
     n = int(batch.attention_mask[i].sum())
@@ -52,42 +52,34 @@ def test_passage_layout_matches_transformers_pair(tok, hf_tok):
 
 
 def test_truncation_keeps_final_sep(tok):
-  batch = tok.passages(TITLES, [" ".join(["word"] * 400)] * 3, max_len=32, buckets=None)
+  batch = tok.passages_from_records(tok.passage_token_ids(TITLES, [" ".join(["word"] * 400)] * 3), 32, None)
   assert batch.input_ids.shape == (3, 32)
   assert (batch.input_ids[:, -1] == tok.sep_id).all()
   assert (batch.input_ids[:, 0] == tok.cls_id).all()
 
 
-def test_reader_layout_and_offsets_map_back_to_text(tok, hf_tok):
-  batch = tok.reader(QUESTIONS[0], TITLES, TEXTS, max_len=128)
+def test_reader_layout_matches_transformers_pair(tok, hf_tok):
+  batch = tok.reader_from_records(QUESTIONS[0], tok.passage_token_ids(TITLES, TEXTS), max_len=128)
   for i, (t, x) in enumerate(zip(TITLES, TEXTS)):
     ref = hf_tok(QUESTIONS[0], t + " [SEP] " + x)["input_ids"]
     n = int(batch.attention_mask[i].sum())
     assert batch.input_ids[i, :n].tolist() == ref
     s, e = batch.text_start[i], batch.text_end[i]
-    # Every text token maps to a character span whose own tokenization is that token.
-    for pos in range(s, e):
-      a, b = batch.offsets[i, pos]
-      piece = x[a:b]
-      ids = tok.encode_texts([piece])[0].tolist()
-      tid = int(batch.input_ids[i, pos])
-      assert ids[0] == tid or hf_tok.convert_ids_to_tokens(tid).startswith("##")
-    # A multi-token span maps back to the original substring.
-    a, b = batch.offsets[i, s, 0], batch.offsets[i, e - 2, 1]
-    assert tok.decode(batch.input_ids[i, s : e - 1]).replace(" ", "") == (
-        hf_tok.decode(hf_tok(x[a:b], add_special_tokens=False)["input_ids"]).replace(" ", ""))
-    assert (batch.offsets[i, :s] == -1).all() and (batch.offsets[i, e:] == -1).all()
+    assert batch.input_ids[i, s:e].tolist() == tok.encode_texts([x])[0].tolist()
     assert (batch.token_type_ids[i, : s - len(tok.encode_texts([t])[0]) - 1] == 0).all()
     assert (batch.token_type_ids[i, s:n] == 1).all()
+  by_ids = tok.reader_from_records(tok.encode_texts(QUESTIONS[:1])[0], tok.passage_token_ids(TITLES, TEXTS), 128)
+  np.testing.assert_array_equal(by_ids.input_ids, batch.input_ids)  # a question as text or as its ids
 
 
-def test_reader_from_records_equals_reader_from_text(tok):
-  a = tok.reader(QUESTIONS[1], TITLES, TEXTS, max_len=96)
-  b = tok.reader_from_records(QUESTIONS[1], tok.passage_token_ids(TITLES, TEXTS), max_len=96)
-  np.testing.assert_array_equal(a.input_ids, b.input_ids)
-  np.testing.assert_array_equal(a.token_type_ids, b.token_type_ids)
-  np.testing.assert_array_equal(a.text_start, b.text_start)
-  assert b.offsets is None
+def test_offsets_map_tokens_back_to_text(tok, hf_tok):
+  for x in TEXTS:
+    ids, offsets = tok.encode_texts_with_offsets([x])[0]
+    for tid, (a, b) in zip(ids.tolist(), offsets.tolist()):  # each token's characters tokenize to that token
+      assert tok.encode_texts([x[a:b]])[0].tolist()[0] == tid or hf_tok.convert_ids_to_tokens(tid).startswith("##")
+    a, b = offsets[0, 0], offsets[-2, 1]  # a multi-token span maps back to the original substring
+    assert tok.decode(ids[:-1]).replace(" ", "") == hf_tok.decode(
+        hf_tok(x[a:b], add_special_tokens=False)["input_ids"]).replace(" ", "")
 
 
 def test_record_round_trip_decodes_text(tok):
@@ -101,7 +93,7 @@ def test_empty_question_rejected(tok):
   with pytest.raises(ValueError, match="question 1"):
     tok.questions(["ok?", "   "])
   with pytest.raises(ValueError, match="empty"):
-    tok.reader("", TITLES, TEXTS)
+    tok.reader_from_records("", tok.passage_token_ids(TITLES, TEXTS))
 
 
 def test_bucketed_batches_cover_every_index_once():

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rnr_jax import embeddings, exports, qa_model, retrieval
+from rnr_jax import embeddings, exports, qa_model
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData, sample_retriever_passages
 from rnr_jax.evaluation import RetrievalEvaluator
@@ -80,8 +80,8 @@ class RetrieverBatches(loop.EpochIterator):
       pids += [pos, *negs.tolist()]
     spec = self._spec
     q = self._tokenizer.questions([self._questions[i] for i in idx], spec.question_len, spec.buckets)
-    p = retrieval.passage_batch(self._tokenizer, [self._corpus[pid] for pid in pids], spec.passage_len,
-                                spec.buckets, spec.passage_token_type)
+    p = self._tokenizer.passages_from_records([self._corpus[pid] for pid in pids], spec.passage_len, spec.buckets,
+                                              spec.passage_token_type)
     return {**{f"q_{k}": v for k, v in q.as_dict().items()}, **{f"p_{k}": v for k, v in p.as_dict().items()}}
 
 
