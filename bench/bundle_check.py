@@ -29,8 +29,8 @@ from bench import report
 from rnr_jax import exports
 from rnr_jax.bundle import stored_values
 from rnr_jax.data.readers import read_questions
-from rnr_jax.evaluation import evaluate_system
-from rnr_jax.qa_system import QASystem
+from rnr_jax.qa_system import QASystem, evaluate_system
+from rnr_jax.retrieval import JaxEngine
 from rnr_jax.training import mesh as mesh_lib
 
 
@@ -50,7 +50,7 @@ def main() -> None:
 
   questions = list(read_questions(args.questions))[:args.limit or None]
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  bundled = QASystem.from_bundle(args.bundle, mesh=mesh)
+  bundled = QASystem.from_bundle(args.bundle, engine="jax", mesh=mesh)
   s = bundled.settings
   spec, params32 = exports.load_system(args.model, None, mesh)
   params32 = jax.device_get(params32)
@@ -58,7 +58,7 @@ def main() -> None:
   params16 = stored_values(params32, weights_dtype)  # what the bundle stores, rounded in memory
 
   def in_memory(params):
-    return QASystem(spec, params, bundled.index, bundled.store, bundled.tokenizer, settings=s, mesh=mesh)
+    return QASystem(spec, JaxEngine(spec, params, mesh), bundled.index, bundled.store, bundled.tokenizer, settings=s)
 
   runs = {}
   stored = f"in-memory {weights_dtype}"

@@ -25,10 +25,9 @@ import numpy as np
 
 from bench import report
 from rnr_jax.data.readers import read_questions
-from rnr_jax.evaluation import evaluate_system
 from rnr_jax.lexical import fuse
 from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
-from rnr_jax.qa_system import RULES, QASystem
+from rnr_jax.qa_system import RULES, QASystem, evaluate_system
 
 EVAL_TOP_K = 5  # passages retrieved per question in the --eval runs
 

@@ -1,7 +1,7 @@
 r"""Asks a bundle one or more questions from the command line.
 
   python -m infer.ask --bundle B "who wrote the iliad" ["another question" ...] [--top_k K --read_passages M
-                      --n_best N --no_answer_threshold P --json]
+                      --n_best N --no_answer_threshold P --json --engine auto|jax|onnx]
 
 Prints, per question, the n-best answers with their probabilities, each with the title and id of its passage and the
 passage with the answer highlighted (ANSI bold on a terminal, ``**...**`` otherwise), then the retrieved titles;
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from infer import check_bundle, run
-from infer.common import enable_compilation_cache
+from infer.common import define_engine_flag, enable_compilation_cache
 from rnr_jax.qa_system import RULES, Prediction, QASystem
 
 FLAGS = flags.FLAGS
@@ -40,6 +40,7 @@ def define_flags() -> None:
                      upper_bound=1)
   flags.DEFINE_bool("json", False, "Print one JSON object per question.")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
+  define_engine_flag()
   flags.mark_flag_as_required("bundle")
 
 
@@ -68,8 +69,8 @@ def main(argv: Sequence[str]) -> None:
   if not questions or any(not q.strip() for q in questions):
     raise app.UsageError("give one or more non-empty questions, e.g. python -m infer.ask --bundle B \"question\"")
   check_bundle(FLAGS.bundle)
-  enable_compilation_cache()
-  system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
+  enable_compilation_cache(FLAGS.engine)
+  system = QASystem.from_pretrained(FLAGS.bundle, engine=FLAGS.engine, cache_dir=FLAGS.cache_dir)
   top_k, read = FLAGS.top_k or system.settings.top_k, FLAGS.read_passages or system.settings.read_passages
   if read > top_k:
     raise app.UsageError(f"--read_passages={read}: more than the {top_k} passages retrieved (--top_k)")

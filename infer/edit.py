@@ -7,9 +7,9 @@ r"""Edits the passages of a bundle without retraining (:mod:`rnr_jax.knowledge`)
   python -m infer.edit --bundle B replace --passages changed.jsonl  # {"id", "title", "text"} per line
 
 New passages are encoded with the bundle's own model, the index and the token-ID corpus are updated and the bundle is
-rewritten with a new manifest (model, tokenizer and configuration carried over). The bundle is locked from loading to
-saving, so a second edit waits for the first and applies on top of it. Prints one JSON line: the ids added, removed and
-replaced, and the new passage count.
+rewritten with a new manifest (model, tokenizer and configuration carried over); ``--engine`` chooses what encodes. The
+bundle is locked from loading to saving, so a second edit waits for the first and applies on top of it. Prints one JSON
+line: the ids added, removed and replaced, and the new passage count.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from absl import app, flags
 
 from infer import check_dir, run
-from infer.common import enable_compilation_cache
+from infer.common import define_engine_flag, enable_compilation_cache
 from rnr_jax.io import dir_lock
 from rnr_jax.knowledge import Passage, add_passages, remove_passages, replace_passages, save_edits
 from rnr_jax.qa_system import QASystem
@@ -41,6 +41,7 @@ def define_flags() -> None:
                              lower_bound=0, upper_bound=MAX_ID)
   flags.DEFINE_string("passages", None, "add / replace: a jsonl file of passages {\"title\", \"text\"[, \"id\"]}.")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
+  define_engine_flag()
   flags.mark_flag_as_required("bundle")
 
 
@@ -113,7 +114,7 @@ def edit(command: str, passages: Sequence[Passage], ids: Sequence[int], line_of:
     return f"{FLAGS.passages}:{line_of[pid]}: field 'id'" if line_of.get(pid) else f"--id={pid}"
 
   with dir_lock(FLAGS.bundle):
-    system = QASystem.from_bundle(FLAGS.bundle, cache_dir=FLAGS.cache_dir)
+    system = QASystem.from_bundle(FLAGS.bundle, engine=FLAGS.engine, cache_dir=FLAGS.cache_dir)
     for pid in ids:
       if command == "add" and pid in system.store:
         raise app.UsageError(f"{where(pid)}: passage {pid} is already in use (replace it instead)")
@@ -143,7 +144,7 @@ def main(argv: Sequence[str]) -> None:
   else:
     passages, line_of = passages_from_flags(command)
   ids = FLAGS.id if command == "remove" else [p.id for p in passages if p.id is not None]
-  enable_compilation_cache()
+  enable_compilation_cache(FLAGS.engine)
   print(json.dumps(edit(command, passages, ids, line_of)))
 
 

@@ -2,7 +2,7 @@ r"""End-to-end evaluation of a bundle on a question file (paper appendix A.3).
 
   python -m infer.evaluate --bundle B --questions Q.jsonl [--limit N --top_k K --rule dpr|weighted|fused
                            --passage_score_weight λ --lexical_weight W --out PRED.jsonl --n_best N
-                           --retrieval_out RETRIEVAL.json --trec_out RUN.trec]
+                           --retrieval_out RETRIEVAL.json --trec_out RUN.trec --engine auto|jax|onnx]
 
 Questions are in our jsonl format (``answers``) or NQ-open (``answer``). Each question's top-k passages are retrieved
 once and read once; answers are chosen from the first m' passages for each m' in {1, 10, 20, ...} up to ``top_k`` (and
@@ -27,12 +27,11 @@ from typing import Any
 from absl import app, flags
 
 from infer import check_bundle, check_output, formats, run
-from infer.common import enable_compilation_cache, local_mesh
+from infer.common import define_engine_flag, enable_compilation_cache, local_mesh
 from rnr_jax.data.readers import Question, read_questions
-from rnr_jax.evaluation import evaluate_system
 from rnr_jax.io import atomic_write_text
 from rnr_jax.metrics import exact_match, normalize_answer
-from rnr_jax.qa_system import RULES, Prediction, QASystem
+from rnr_jax.qa_system import RULES, Prediction, QASystem, evaluate_system
 
 FLAGS = flags.FLAGS
 
@@ -56,7 +55,9 @@ def define_flags() -> None:
   flags.DEFINE_string("retrieval_out", None, "Write the retrieved passages as DPR retrieval JSON to this file.")
   flags.DEFINE_string("trec_out", None, "Write the retrieved passages as a TREC run to this file (qrels: FILE.qrels).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
-  flags.DEFINE_integer("devices", 0, "Local devices the batches are split over (0: all).", lower_bound=0)
+  flags.DEFINE_integer("devices", 0, "Local devices the batches are split over (0: all; the JAX engine).",
+                       lower_bound=0)
+  define_engine_flag()
   flags.mark_flags_as_required(["bundle", "questions"])
 
 
@@ -97,8 +98,9 @@ def main(argv: Sequence[str]) -> None:
   if empty:
     print(f"infer.evaluate: warning: {empty} gold answers are empty after normalisation; EM and F1 ignore them",
           file=sys.stderr)
-  enable_compilation_cache()
-  system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir, mesh=local_mesh(FLAGS.devices))
+  enable_compilation_cache(FLAGS.engine)
+  system = QASystem.from_pretrained(FLAGS.bundle, engine=FLAGS.engine, cache_dir=FLAGS.cache_dir,
+                                    mesh=local_mesh(FLAGS.devices, FLAGS.engine))
   s = system.settings
   rule = FLAGS.rule or s.rule
   weight = s.passage_score_weight if FLAGS.passage_score_weight is None else FLAGS.passage_score_weight

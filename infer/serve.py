@@ -1,7 +1,7 @@
 r"""Serves a QA system over HTTP: a JSON API (FastAPI, OpenAPI schema at ``/openapi.json``, docs at ``/docs``) and a
 demo page at ``/``, on uvicorn.
 
-  python -m infer.serve --bundle B [--host 127.0.0.1 --port 8080 --cors_origins URL,... --devices N]
+  python -m infer.serve --bundle B [--host 127.0.0.1 --port 8080 --cors_origins URL,... --devices N --engine E]
   RNR_API_KEY=secret python -m infer.serve --bundle B     # enables the knowledge-edit endpoint
 
 Endpoints: ``POST /api/ask`` (one ``question`` or a batch of ``questions``, with per-request ``top_k``, ``rule``,
@@ -11,8 +11,8 @@ passages, optionally saved into the bundle; needs the ``X-API-Key`` header), ``G
 /api/config``. Requests run on one worker thread: concurrent questions are micro-batched into shared reads, and an edit
 runs between batches, so it is atomic and the next request sees it; an edit of the bundle by another process
 (``python -m infer.edit``) is loaded beside the running system and swapped in (``--watch_s``). Every input shape is
-compiled before the port opens (:func:`infer.common.compile_shapes`); JAX's persistent compilation cache makes
-restarts fast.
+compiled before the port opens on the JAX engine (:func:`infer.common.compile_shapes`); JAX's persistent compilation
+cache makes restarts fast.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
-from infer.common import compile_shapes, enable_compilation_cache, local_mesh
+from infer.common import compile_shapes, define_engine_flag, enable_compilation_cache, local_mesh
 from rnr_jax import knowledge
 from rnr_jax.bundle import BundleError
 from rnr_jax.qa_system import RULES, QASystem
@@ -62,7 +62,7 @@ def define_flags() -> None:
   flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
   flags.DEFINE_integer("port", 8080, "Port to listen on (0: any free port).")
   flags.DEFINE_list("cors_origins", [], "Origins allowed to call the API from a browser ('*': any); none by default.")
-  flags.DEFINE_integer("devices", 0, "Local devices each batch is split over (0: all).")
+  flags.DEFINE_integer("devices", 0, "Local devices each batch is split over (0: all; the JAX engine).")
   flags.DEFINE_integer("max_batch", 16, "Most questions answered in one batch.")
   flags.DEFINE_float("max_wait_ms", 5.0, "How long a batch waits for more questions.")
   flags.DEFINE_integer("max_question_chars", 500, "Longest question accepted, in characters.")
@@ -71,6 +71,7 @@ def define_flags() -> None:
   flags.DEFINE_list("examples", list(EXAMPLES), "Example questions on the demo page.")
   flags.DEFINE_float("watch_s", 2.0, "How often to look for edits of the bundle by other processes (0: never).")
   flags.DEFINE_string("cache_dir", None, "Where to unpack the bundle (default: <bundle>/.cache).")
+  define_engine_flag()
   flags.mark_flag_as_required("bundle")
 
 
@@ -326,7 +327,7 @@ def watch_bundle(worker: Worker, bundle_dir: str, interval_s: float, stop: threa
       if stamp in (0, worker.bundle_stamp):
         continue
       try:
-        new = QASystem.from_bundle(bundle_dir, mesh=worker.system.mesh)
+        new = QASystem.from_bundle(bundle_dir, engine=worker.system.engine.name, mesh=worker.system.mesh)
       except Exception:  # noqa: BLE001 - a half-written or broken bundle: keep serving, try again later
         logging.exception("reloading %s failed; still serving the system loaded before", bundle_dir)
         continue
@@ -436,7 +437,8 @@ def make_app(system: QASystem, *, limits: Limits | None = None, max_batch: int =
 
   @api.get("/api/health", summary="Liveness and counters")
   async def health() -> dict[str, Any]:
-    return {"status": "ok", "passages": len(worker.system.index), "devices": int(system.mesh.devices.size),
+    return {"status": "ok", "passages": len(worker.system.index), "engine": system.engine.name,
+            "devices": int(system.mesh.devices.size) if system.mesh is not None else 1,
             "batches": worker.batches, "questions": worker.questions, "uptime_s": round(time.time() - started, 1)}
 
   @api.get("/api/config", summary="Defaults, limits and example questions (for the demo page)")
@@ -469,9 +471,10 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   sock = bind(FLAGS.host, FLAGS.port)  # before the minutes of loading, so a taken port fails at once
-  enable_compilation_cache()
+  enable_compilation_cache(FLAGS.engine)
   try:
-    system = QASystem.from_pretrained(FLAGS.bundle, cache_dir=FLAGS.cache_dir, mesh=local_mesh(FLAGS.devices))
+    system = QASystem.from_pretrained(FLAGS.bundle, engine=FLAGS.engine, cache_dir=FLAGS.cache_dir,
+                                      mesh=local_mesh(FLAGS.devices, FLAGS.engine))
   except (BundleError, OSError, ValueError) as e:
     sys.exit(f"infer.serve: error: {e}")
   api_key = os.environ.get(API_KEY_ENV) or None

@@ -22,7 +22,7 @@ from rnr_jax.bundle import flatten_params, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import dir_lock, scratch_dir
-from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, encode_passages, write_passages
+from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, write_passages
 from rnr_jax.runtime import GRAPH_FILE
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
@@ -63,7 +63,7 @@ def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: S
   elif embeddings_dir:
     vectors = np.asarray(embeddings.reuse(embeddings_dir, spec, params, data.num_passages)[pids], np.float32)
   else:
-    vectors = encode_passages(spec, params, tokenizer, records, mesh, batch_size=batch_size, progress=True)
+    vectors = retrieval.encode_passages(spec, params, tokenizer, records, mesh, batch_size=batch_size, progress=True)
   eval_queries = None
   if recall_split:
     encoder = retrieval.BatchEncoder(spec.embed_fns()[0], mesh, mesh_lib.data_parallelism(mesh) * 8)

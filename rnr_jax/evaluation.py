@@ -1,28 +1,25 @@
-"""Evaluators: each built from its stage config, each ``(params, step) -> {name: value}``; and a QA system's EM.
+"""Evaluators: each built from its stage config, each ``(params, step) -> {name: value}``.
 
 * :class:`RetrievalEvaluator`: top-k answer accuracy of a retriever over the whole (or filtered) corpus.
 * :class:`ReaderEvaluator`: a reader's exact match with the gold passage given and over retrieved passages.
 * :class:`FilterEvaluator`: the passage filter's hit ratio.
 * :class:`OpenEvaluator`: a unified student end to end, with a fresh index of its own retrieval.
-* :func:`evaluate_system`: a :class:`~rnr_jax.qa_system.QASystem` (a trained system or a bundle) end to end.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from rnr_jax import embeddings, passage_filter, reader, retrieval
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData, Question
-from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy, exact_match, f1_score
+from rnr_jax.metrics import answer_top_k_accuracy, exact_match
 from rnr_jax.specs import ReaderSpec, RetrieverSpec, SystemSpec, read_fn
 
 Params = Any
@@ -201,59 +198,3 @@ class OpenEvaluator:
     ems = [metrics[f"em_open@{n}"] for n in self._counts]
     metrics["em_open"], metrics["em_open_mean"] = max(ems), float(np.mean(ems))
     return metrics
-
-
-# ---- a QA system end to end -------------------------------------------------------------
-
-
-def read_counts(top_k: int, max_read: int = 0) -> list[int]:
-  """The m' of appendix A.3 up to ``top_k``: 1, 10, 20, ..., and ``top_k`` itself; none above ``max_read`` (> 0)."""
-  counts = sorted({1, *range(10, top_k + 1, 10), top_k})
-  return [n for n in counts if n <= max_read] if max_read > 0 else counts
-
-
-def evaluate_system(system: Any, questions: Sequence[Question], *, top_k: int, rule: str,
-                    passage_score_weight: float, batch_size: int = 64, progress: bool = True, max_read: int = 0,
-                    lexical_weight: float | None = None, n_best: int = 1) -> tuple[dict[str, Any], list[Any]]:
-  """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3).
-
-  Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m' of
-  :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
-  ``best_read_passages``, ``em_at`` / ``f1_at`` per m', ``top_k_accuracy`` of retrieval (DPR ``has_answer`` on the
-  passage text), ``questions_per_s`` and the settings. ``max_read`` > 0 reads at most that many passages (reading
-  dominates the time); ``lexical_weight`` None takes the system's setting; ``n_best``: answers per prediction.
-  """
-  if not questions:
-    raise ValueError("no questions to evaluate")
-  if max_read < 0:
-    raise ValueError(f"max_read must be >= 0, got {max_read}")
-  top_k = min(top_k, len(system.index))
-  lexical_weight = system.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
-  counts = read_counts(top_k, max_read)
-  predictions: dict[int, list[Any]] = {n: [] for n in counts}
-  ranked = []
-  start = time.perf_counter()
-  with tqdm(total=len(questions), desc="evaluate", unit="question", disable=not progress, file=sys.stderr) as bar:
-    for i in range(0, len(questions), batch_size):
-      chunk = questions[i:i + batch_size]
-      results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
-                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight, n_best=n_best)
-      for n in counts:
-        predictions[n] += results.predictions[n]
-      ranked.append(results.passage_ids)
-      bar.update(len(chunk))
-  seconds = time.perf_counter() - start
-  answers = [q.answers for q in questions]
-  em_at = {n: float(np.mean([exact_match(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
-  f1_at = {n: float(np.mean([f1_score(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
-  best = max(counts, key=lambda n: (em_at[n], -n))  # EM at the best m', as the paper; ties: fewer
-  matcher = AnswerMatcher(lambda pid: system.passage(pid)[1] if pid >= 0 else "")  # -1: an empty index slot
-  ks = sorted({k for k in DEFAULT_KS if k < top_k} | {top_k})
-  accuracy = answer_top_k_accuracy(np.concatenate(ranked), answers, matcher, ks)
-  summary = {"n": len(questions), "em": em_at[best], "f1": f1_at[best], "best_read_passages": best,
-             "em_at": {str(n): v for n, v in em_at.items()}, "f1_at": {str(n): v for n, v in f1_at.items()},
-             "top_k_accuracy": {f"top{k}": v for k, v in accuracy.items()},
-             "questions_per_s": round(len(questions) / seconds, 3), "seconds": round(seconds, 3),
-             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight,
-             "lexical_weight": lexical_weight}
-  return summary, predictions[best]

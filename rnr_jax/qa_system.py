@@ -1,45 +1,54 @@
 """The in-memory QA system: encode questions, search the index, read the top passages, answer.
 
 One :class:`QASystem` serves a freshly trained model (:meth:`~QASystem.from_parts`) and a deployed bundle
-(:meth:`~QASystem.from_bundle`) alike. A bundle ships token ids only (paper §2.3), so its texts are decoded from them.
+(:meth:`~QASystem.from_bundle`) alike, its model run by an engine: JAX (:class:`rnr_jax.retrieval.JaxEngine`) or ONNX
+Runtime (:class:`rnr_jax.runtime.OnnxStudent`), imported only when chosen, so this module needs neither JAX nor Flax.
+A bundle ships token ids only (paper §2.3), so its texts are decoded from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
-from rnr_jax import answers, lexical, reader, retrieval
+from rnr_jax import answers, lexical, reader
 from rnr_jax import tokenization as tk
 from rnr_jax.bundle import BundleError, load_bundle
+from rnr_jax.data.readers import Question
 from rnr_jax.data.token_corpus import TokenCorpus, save_npy
 from rnr_jax.index import DenseIndex
 from rnr_jax.lexical import LexicalIndex
-from rnr_jax.models import Params
+from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy, exact_match, f1_score
 from rnr_jax.specs import ReaderSpec, SystemSpec
-from rnr_jax.training import mesh as mesh_lib
+
+if TYPE_CHECKING:
+  from rnr_jax.retrieval import JaxEngine
+  from rnr_jax.runtime import OnnxStudent
 
 RULES = ("dpr", "weighted", "fused")
+ENGINES = ("auto", "jax", "onnx")
 PASSAGE_IDS_FILE = "passage_ids.npy"  # In a token-ID corpus directory: int64 [n], the passage id of each row.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
-                    mesh: Mesh, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-  """float32 ``[len(records), dim]`` passage vectors of token-ID records (``params`` placed on ``mesh``)."""
-  parallel = mesh_lib.data_parallelism(mesh)
-  encoder = retrieval.BatchEncoder(spec.embed_fns()[1], mesh, -(-batch_size // parallel) * parallel)
-  r = spec.retriever
-  return retrieval.encode_corpus(encoder, params, tokenizer, records, max_len=r.passage_len, buckets=r.buckets,
-                                 token_type=r.passage_token_type, progress=progress).vectors
+def resolve_engine(engine: str) -> str:
+  """``"jax"`` or ``"onnx"``: ``"auto"`` is JAX where JAX and Flax import, else ONNX Runtime."""
+  if engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+  if engine != "auto":
+    return engine
+  try:
+    import flax, jax  # noqa: F401,E401  # pylint: disable=import-outside-toplevel,unused-import,multiple-imports
+  except ImportError:
+    return "onnx"
+  return "jax"
 
 
 class PassageStore:
@@ -257,30 +266,22 @@ def _power_of_two(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
-@functools.lru_cache(maxsize=8)
-def _runners(spec_json: str, mesh: Mesh) -> tuple[retrieval.BatchEncoder, retrieval.BatchEncoder]:
-  """The jitted question encoder and reader of a spec, cached so reloaded systems reuse the compilations."""
-  spec = SystemSpec.from_json(json.loads(spec_json))
-  parallel = mesh_lib.data_parallelism(mesh)
-  return (retrieval.BatchEncoder(spec.embed_fns()[0], mesh, parallel),
-          retrieval.BatchEncoder(spec.read_fn(), mesh, parallel))
-
-
 class QASystem:
-  """Retrieve-and-read question answering over a passage index (``params`` replicated on ``mesh``, by default every
-  local device). Not thread-safe: one caller at a time (the server runs requests and edits on one thread)."""
+  """Retrieve-and-read question answering over a passage index, its model run by ``engine`` (``embed``: retrieval
+  vectors, ``read``: span and rank logits, of batches run padded to ``rows``). Not thread-safe: one caller at a time
+  (the server runs requests and edits on one thread)."""
 
-  def __init__(self, spec: SystemSpec, params: Params, index: DenseIndex, store: PassageStore,
+  def __init__(self, spec: SystemSpec, engine: JaxEngine | OnnxStudent, index: DenseIndex, store: PassageStore,
                tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,
-               passage_texts: Callable[[int], tuple[str, str]] | None = None, mesh: Mesh | None = None):
+               passage_texts: Callable[[int], tuple[str, str]] | None = None):
     if index.dim != spec.dim:
       raise ValueError(f"the index holds {index.dim}-dim vectors, the model retrieves with {spec.dim}")
     missing = ~np.isin(index.ids, store.ids)
     if missing.any():
       raise ValueError(f"indexed passages missing from the corpus: {index.ids[missing][:10].tolist()}")
     self.spec = spec
-    self.mesh = mesh if mesh is not None else mesh_lib.data_mesh(jax.local_devices())
-    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self.engine = engine
+    self.mesh = getattr(engine, "mesh", None)  # the JAX engine's devices
     self.index = index
     self.store = store
     self.tokenizer = tokenizer
@@ -291,29 +292,30 @@ class QASystem:
     self._detokenize = answers.Detokenizer(tokenizer.vocab(), (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id))
     self._views: dict[int, tuple[str, str, np.ndarray]] = {}
     self._views_version = store.version
-    # The jitted runners; infer.common.compile_shapes compiles every shape they meet.
-    self.question_runner, self.read_runner = _runners(json.dumps(spec.to_json(), sort_keys=True), self.mesh)
-    parallel = mesh_lib.data_parallelism(self.mesh)
     # Reader rows run in chunks of at most this many, padded to a power of two, so few shapes compile.
-    self.read_rows = max(_power_of_two(self.settings.read_batch * self.settings.read_passages, 1 << 30), parallel)
+    self.read_rows = max(_power_of_two(self.settings.read_batch * self.settings.read_passages, 1 << 30),
+                         engine.parallel)
 
   @classmethod
-  def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Params, index: DenseIndex,
+  def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Any, index: DenseIndex,
                  token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
                  passage_texts: Callable[[int], tuple[str, str]] | None = None,
-                 settings: InferenceSettings | None = None, mesh: Mesh | None = None) -> QASystem:
-    """A system from in-memory parts; a reader ``spec`` makes a unified retriever-reader. ``passage_ids``: the ids
-    of the corpus rows (default: row numbers); ``passage_texts(pid)``: ``(title, text)`` to cut answers from (None:
-    detokenize the token ids); ``mesh``: a one-axis ``("data",)`` mesh."""
+                 settings: InferenceSettings | None = None, mesh: Any = None) -> QASystem:
+    """A system from in-memory parts on the JAX engine; a reader ``spec`` makes a unified retriever-reader.
+    ``passage_ids``: the ids of the corpus rows (default: row numbers); ``passage_texts(pid)``: ``(title, text)`` to
+    cut answers from (None: detokenize the token ids); ``mesh``: a one-axis ``("data",)`` mesh."""
+    from rnr_jax.retrieval import JaxEngine  # pylint: disable=import-outside-toplevel
     if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
-    return cls(spec, params, index, PassageStore(token_corpus, passage_ids), tokenizer, settings=settings,
-               passage_texts=passage_texts, mesh=mesh)
+    return cls(spec, JaxEngine(spec, params, mesh), index, PassageStore(token_corpus, passage_ids), tokenizer,
+               settings=settings, passage_texts=passage_texts)
 
   @classmethod
-  def from_bundle(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, cache_dir: str | None = None,
-                  verify: bool = True) -> QASystem:
-    """The system of a bundle written by ``python -m infer.export``; ``BundleError`` names a bad file."""
+  def from_bundle(cls, path: str | os.PathLike, *, engine: str = "auto", mesh: Any = None,
+                  cache_dir: str | None = None, verify: bool = True) -> QASystem:
+    """The system of a bundle written by ``python -m infer.export``, on ``engine`` (:func:`resolve_engine`; ``mesh``:
+    the JAX engine's devices); ``BundleError`` names a bad file."""
+    engine = resolve_engine(engine)
     bundle = load_bundle(path, cache_dir=cache_dir, verify=verify)
     for part, directory in (("corpus", bundle.corpus_dir), ("tokenizer", bundle.tokenizer_dir)):
       if directory is None:
@@ -329,8 +331,14 @@ class QASystem:
     except (OSError, ValueError) as e:
       raise BundleError(bundle.corpus_dir, f"not a readable token-ID corpus ({e})") from e
     tokenizer = tk.Tokenizer.from_pretrained(bundle.tokenizer_dir)
+    if engine == "onnx":
+      from rnr_jax.runtime import OnnxStudent  # pylint: disable=import-outside-toplevel
+      model, bundle.params = OnnxStudent.from_bundle(bundle), None  # ONNX Runtime keeps its own copy of the weights
+    else:
+      from rnr_jax.retrieval import JaxEngine  # pylint: disable=import-outside-toplevel
+      model = JaxEngine(spec, bundle.params, mesh)
     try:
-      return cls(spec, bundle.params, bundle.index, store, tokenizer, settings=settings, mesh=mesh)
+      return cls(spec, model, bundle.index, store, tokenizer, settings=settings)
     except ValueError as e:
       raise BundleError(path, f"inconsistent components: {e}") from e
 
@@ -345,19 +353,25 @@ class QASystem:
     return cls.from_bundle(snapshot_download(str(bundle), revision=revision, endpoint=endpoint, token=token), **kwargs)
 
   def embed_questions(self, questions: Sequence[str]) -> np.ndarray:
-    """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed jitted batches."""
-    questions = tk.check_questions(questions)
-    r, limit = self.spec.retriever, self.settings.question_batch
-    out = np.zeros((len(questions), self.spec.dim), np.float32)
+    """float32 ``[Q, dim]`` question vectors, encoded in length-bucketed batches."""
+    questions, r = tk.check_questions(questions), self.spec.retriever
     lengths = [min(len(ids) + 2, r.question_len) for ids in self.tokenizer.encode_texts(questions)]
-    for idx in tk.bucketed_batches(lengths, limit, r.buckets):
-      batch = self.tokenizer.questions([questions[i] for i in idx], r.question_len, r.buckets)
-      out[idx] = self.question_runner.run(self.params, batch, _power_of_two(len(idx), limit))
-    return out
+    return self._embed(lengths, lambda idx: self.tokenizer.questions([questions[i] for i in idx], r.question_len,
+                                                                      r.buckets), self.settings.question_batch)
 
-  def embed_passages(self, records: Sequence[np.ndarray], *, progress: bool = False) -> np.ndarray:
-    """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records."""
-    return encode_passages(self.spec, self.params, self.tokenizer, records, self.mesh, progress=progress)
+  def embed_passages(self, records: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 ``[n, dim]`` vectors of ``title [SEP] text`` token-ID records (knowledge edits)."""
+    r, tok = self.spec.retriever, self.tokenizer
+    return self._embed([min(len(x) + 2, r.passage_len) for x in records], lambda idx: tok.passages_from_records(
+        [records[i] for i in idx], r.passage_len, r.buckets, r.passage_token_type), 64, passages=True)
+
+  def _embed(self, lengths: Sequence[int], make_batch: Callable[[np.ndarray], tk.EncodedBatch], limit: int,
+             passages: bool = False) -> np.ndarray:
+    out = np.zeros((len(lengths), self.spec.dim), np.float32)
+    for idx in tk.bucketed_batches(lengths, limit, self.spec.retriever.buckets):
+      # Passages (a few per edit) always pad to ``limit`` rows: one compiled shape per length, not one per count.
+      out[idx] = self.engine.embed(make_batch(idx), limit if passages else _power_of_two(len(idx), limit), passages)
+    return out
 
   def search(self, questions: Sequence[str], top_k: int, *, lexical_weight: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +453,7 @@ class QASystem:
       mask, types = np.zeros_like(ids), np.zeros_like(ids)
       for i, (_, row, row_types, _, _) in enumerate(chunk):
         ids[i, :len(row)], mask[i, :len(row)], types[i, :len(row)] = row, 1, row_types
-      logits = self.read_runner.run(self.params, tk.EncodedBatch(ids, mask, types), _power_of_two(len(chunk), 1 << 30))
+      logits = self.engine.read(tk.EncodedBatch(ids, mask, types), _power_of_two(len(chunk), 1 << 30))
       for i, (q, row, _, text_start, text_end) in enumerate(chunk):
         n = len(row)
         per_question[q].append((row, text_start, text_end, logits[i, :n], logits[i, length:length + n],
@@ -496,3 +510,57 @@ class QASystem:
     reading = self.read(questions, top_k=top_k, read_passages=max(counts), lexical_weight=lexical_weight)
     return Results(reading.passage_ids, reading.passage_scores,
                    {n: [self.choose(reading, q, n, **choice) for q in range(len(reading.questions))] for n in counts})
+
+
+def read_counts(top_k: int, max_read: int = 0) -> list[int]:
+  """The m' of appendix A.3 up to ``top_k``: 1, 10, 20, ..., and ``top_k`` itself; none above ``max_read`` (> 0)."""
+  counts = sorted({1, *range(10, top_k + 1, 10), top_k})
+  return [n for n in counts if n <= max_read] if max_read > 0 else counts
+
+
+def evaluate_system(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str,
+                    passage_score_weight: float, batch_size: int = 64, progress: bool = True, max_read: int = 0,
+                    lexical_weight: float | None = None, n_best: int = 1) -> tuple[dict[str, Any], list[Prediction]]:
+  """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3).
+
+  Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m' of
+  :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
+  ``best_read_passages``, ``em_at`` / ``f1_at`` per m', ``top_k_accuracy`` of retrieval (DPR ``has_answer`` on the
+  passage text), ``questions_per_s``, the settings and the engine's name. ``max_read`` > 0 reads at most that many
+  passages (reading dominates the time); ``lexical_weight`` None takes the system's setting; ``n_best``: answers per
+  prediction.
+  """
+  if not questions:
+    raise ValueError("no questions to evaluate")
+  if max_read < 0:
+    raise ValueError(f"max_read must be >= 0, got {max_read}")
+  top_k = min(top_k, len(system.index))
+  lexical_weight = system.settings.lexical_weight if lexical_weight is None else float(lexical_weight)
+  counts = read_counts(top_k, max_read)
+  predictions: dict[int, list[Prediction]] = {n: [] for n in counts}
+  ranked = []
+  start = time.perf_counter()
+  with tqdm(total=len(questions), desc="evaluate", unit="question", disable=not progress, file=sys.stderr) as bar:
+    for i in range(0, len(questions), batch_size):
+      chunk = questions[i:i + batch_size]
+      results = system.predict([q.question for q in chunk], top_k=top_k, read_counts=counts, rule=rule,
+                               passage_score_weight=passage_score_weight, lexical_weight=lexical_weight, n_best=n_best)
+      for n in counts:
+        predictions[n] += results.predictions[n]
+      ranked.append(results.passage_ids)
+      bar.update(len(chunk))
+  seconds = time.perf_counter() - start
+  answers = [q.answers for q in questions]
+  em_at = {n: float(np.mean([exact_match(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
+  f1_at = {n: float(np.mean([f1_score(p.answer, a) for p, a in zip(predictions[n], answers)])) for n in counts}
+  best = max(counts, key=lambda n: (em_at[n], -n))  # EM at the best m', as the paper; ties: fewer
+  matcher = AnswerMatcher(lambda pid: system.passage(pid)[1] if pid >= 0 else "")  # -1: an empty index slot
+  ks = sorted({k for k in DEFAULT_KS if k < top_k} | {top_k})
+  accuracy = answer_top_k_accuracy(np.concatenate(ranked), answers, matcher, ks)
+  summary = {"n": len(questions), "em": em_at[best], "f1": f1_at[best], "best_read_passages": best,
+             "em_at": {str(n): v for n, v in em_at.items()}, "f1_at": {str(n): v for n, v in f1_at.items()},
+             "top_k_accuracy": {f"top{k}": v for k, v in accuracy.items()},
+             "questions_per_s": round(len(questions) / seconds, 3), "seconds": round(seconds, 3),
+             "top_k": top_k, "rule": rule, "passage_score_weight": passage_score_weight,
+             "lexical_weight": lexical_weight, "engine": system.engine.name}
+  return summary, predictions[best]

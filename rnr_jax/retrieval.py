@@ -1,7 +1,9 @@
-"""Dense retrieval: batched sharded encoding (resumable in chunks), exact search and its evaluation."""
+"""Dense retrieval: batched sharded encoding (resumable in chunks), the JAX inference engine, exact search and its
+evaluation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -12,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rnr_jax import lexical
 from rnr_jax import tokenization as tk
@@ -21,7 +23,7 @@ from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.index_search import exact_search
 from rnr_jax.io import atomic_write_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
-from rnr_jax.specs import EmbedFn
+from rnr_jax.specs import EmbedFn, SystemSpec
 from rnr_jax.training import mesh as mesh_lib
 
 Params = Any
@@ -200,6 +202,44 @@ def _check_chunk_key(chunk_dir: str, key: Mapping[str, Any]) -> None:
     os.makedirs(chunk_dir, exist_ok=True)
     atomic_write_json(path, key)
   multihost_utils.sync_global_devices("rnr_jax.retrieval.chunk_key")
+
+
+def encode_passages(spec: SystemSpec, params: Params, tokenizer: tk.Tokenizer, records: Sequence[np.ndarray],
+                    mesh: Mesh, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+  """float32 ``[len(records), dim]`` passage vectors of a system's token-ID records (``params`` placed on ``mesh``)."""
+  parallel = mesh_lib.data_parallelism(mesh)
+  encoder = BatchEncoder(spec.embed_fns()[1], mesh, -(-batch_size // parallel) * parallel)
+  r = spec.retriever
+  return encode_corpus(encoder, params, tokenizer, records, max_len=r.passage_len, buckets=r.buckets,
+                       token_type=r.passage_token_type, progress=progress).vectors
+
+
+@functools.lru_cache(maxsize=8)
+def _runners(spec_json: str, mesh: Mesh) -> tuple[BatchEncoder, ...]:
+  """The jitted question encoder, passage encoder and reader of a system, cached so reloaded systems reuse them."""
+  spec, parallel = SystemSpec.from_json(json.loads(spec_json)), mesh_lib.data_parallelism(mesh)
+  return tuple(BatchEncoder(fn, mesh, parallel) for fn in (*spec.embed_fns(), spec.read_fn()))
+
+
+class JaxEngine:
+  """A system's model jitted on a mesh (default: every local device), parameters replicated: the JAX engine of
+  :class:`~rnr_jax.qa_system.QASystem`. Batches run padded to ``rows`` (``infer.common.compile_shapes`` compiles each
+  shape the system meets)."""
+
+  name = "jax"
+
+  def __init__(self, spec: SystemSpec, params: Params, mesh: Mesh | None = None):
+    self.mesh = mesh if mesh is not None else mesh_lib.data_mesh(jax.local_devices())
+    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self.parallel = mesh_lib.data_parallelism(self.mesh)
+    self.question_runner, self.passage_runner, self.read_runner = _runners(json.dumps(spec.to_json(), sort_keys=True),
+                                                                           self.mesh)
+
+  def embed(self, batch: tk.EncodedBatch, rows: int, passages: bool = False) -> np.ndarray:
+    return (self.passage_runner if passages else self.question_runner).run(self.params, batch, rows)
+
+  def read(self, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
+    return self.read_runner.run(self.params, batch, rows)
 
 
 # ---- search and evaluation -----------------------------------------------------------

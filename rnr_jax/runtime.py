@@ -1,8 +1,8 @@
 """The unified student on ONNX Runtime: embedding and reading without JAX, Flax or XLA.
 
 :class:`OnnxStudent` runs the graph of :mod:`rnr_jax.onnx_export` (a bundle's ``extra/student.onnx``) with the
-float32 parameters supplied as its external initializers, and answers as ``SystemSpec.embed_fns`` and ``read_fn`` do.
-Imports numpy, onnxruntime and the bundle loader only.
+float32 parameters supplied as its external initializers, and answers as ``SystemSpec.embed_fns`` and ``read_fn`` do:
+the ONNX Runtime engine of :class:`~rnr_jax.qa_system.QASystem`. Imports numpy, onnxruntime and the bundle loader only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnr_jax.bundle import Bundle, BundleError, flatten_params
+from rnr_jax.tokenization import EncodedBatch
 
 GRAPH_FILE = "student.onnx"  # name among a bundle's extra files
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # int64 [batch, length]
@@ -39,7 +40,11 @@ def load_graph(graph: bytes | str | os.PathLike, params: Mapping[str, np.ndarray
 
 
 class OnnxStudent:
-  """A unified student's ``embed`` and ``read`` on ONNX Runtime; batches of any size and length."""
+  """A unified student's ``embed`` and ``read`` on ONNX Runtime; batches (mappings or ``EncodedBatch``) of any size and
+  length, run as they come (``rows``, the JAX engine's padded batch size, is ignored)."""
+
+  name = "onnx"
+  parallel = 1
 
   def __init__(self, runner: ort.InferenceSession):
     names = tuple(o.name for o in runner.get_outputs())
@@ -56,17 +61,19 @@ class OnnxStudent:
   def from_bundle(cls, bundle: Bundle, threads: int = 0) -> OnnxStudent:
     """The student of a loaded bundle: its graph with its weights (int8 and float16 dequantized to float32)."""
     if GRAPH_FILE not in bundle.extra_files:
-      raise BundleError(bundle.root, f"has no extra/{GRAPH_FILE} (python -m infer.export writes it)")
+      raise BundleError(bundle.root, f"has no extra/{GRAPH_FILE}, the graph the ONNX Runtime engine runs: re-export it "
+                        "with `python -m infer.export` (a unified BERT student), or use the JAX engine (--engine=jax)")
     return cls.load(bundle.extra_files[GRAPH_FILE], flatten_params(bundle.params), threads)
 
-  def _run(self, names: list[str], batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+  def _run(self, names: list[str], batch: Mapping[str, np.ndarray] | EncodedBatch) -> list[np.ndarray]:
+    batch = batch if isinstance(batch, Mapping) else batch.as_dict()
     return self.runner.run(names, {k: np.asarray(batch[k], np.int64) for k in INPUTS})
 
-  def embed(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """float32 ``[B, dim]`` retrieval vectors (normalised if the spec says so)."""
+  def embed(self, batch: Mapping[str, np.ndarray] | EncodedBatch, rows: int = 0, passages: bool = False) -> np.ndarray:
+    """float32 ``[B, dim]`` retrieval vectors (normalised if the spec says so) of questions or passages alike."""
     return self._run(["embedding"], batch)[0]
 
-  def read(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  def read(self, batch: Mapping[str, np.ndarray] | EncodedBatch, rows: int = 0) -> np.ndarray:
     """float32 ``[B, 2L + 1]``: start logits, end logits and rank logit of each row, as ``specs.read_fn``."""
     start, end, rank = self._run(list(OUTPUTS[1:]), batch)
     return np.concatenate([start, end, rank[:, None]], axis=1)

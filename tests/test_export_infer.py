@@ -18,14 +18,15 @@ import pytest
 
 from infer import ask
 from infer import encode as encode_cli
-from rnr_jax import embeddings, evaluation, exports, passage_filter, qa_model
+from rnr_jax import embeddings, exports, passage_filter, qa_model
 from rnr_jax import reader_data as rd
-from rnr_jax.bundle import BundleError, load_bundle
+from rnr_jax.bundle import BundleError, load_bundle, update_bundle
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.readers import read_questions
 from rnr_jax.metrics import exact_match
-from rnr_jax.qa_system import Answer, Prediction, QASystem, RetrievedPassage, encode_passages
+from rnr_jax.qa_system import Answer, Prediction, QASystem, RetrievedPassage, evaluate_system, read_counts
+from rnr_jax.retrieval import encode_passages
 from rnr_jax.runtime import GRAPH_FILE, INPUTS, OnnxStudent
 from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
@@ -176,8 +177,63 @@ def test_export_ships_the_onnx_graph_that_serves_the_student(bundle):
   pids = system.index.ids[:4]
   reader = system.tokenizer.reader_from_records(questions[0], [system.store[p] for p in pids],
                                                 system.spec.reader.reader_len, system.spec.reader.buckets).as_dict()
-  want = np.asarray(system.spec.read_fn()(system.params, {k: reader[k] for k in INPUTS}))
+  want = np.asarray(system.spec.read_fn()(system.engine.params, {k: reader[k] for k in INPUTS}))
   np.testing.assert_allclose(student.read(reader), want, atol=1e-4 * float(np.abs(want).max()))
+
+
+# Runs a module as ``python -m`` does, where the training stack cannot be imported (a runtime-only install).
+_WITHOUT_JAX = """
+import runpy, sys
+BLOCKED = {"jax", "jaxlib", "flax", "optax", "orbax", "scipy", "scann", "ml_dtypes", "tensorstore", "torch", "onnx",
+           "transformers", "ml_collections"}
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in BLOCKED:
+      raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_runtime_engine_answers_as_jax_in_a_process_without_jax(bundle, workdir):
+  """ONNX Runtime gives the JAX engine's answers, passages and probabilities; ``infer.evaluate`` and ``infer.ask`` run
+  on it (chosen automatically) where JAX, Flax, scipy, ScaNN and onnx cannot be imported, with the same results."""
+  questions = list(read_questions(workdir / "data" / "toy_dev.jsonl"))
+  texts = [q.question for q in questions]
+  on_jax, on_onnx = QASystem.from_bundle(bundle[0], engine="jax"), QASystem.from_bundle(bundle[0], engine="onnx")
+  assert (on_jax.engine.name, on_onnx.engine.name, on_onnx.mesh) == ("jax", "onnx", None)
+  for rule in ("dpr", "fused"):
+    for a, b in zip(on_jax.answer(texts, n_best=3, rule=rule), on_onnx.answer(texts, n_best=3, rule=rule)):
+      assert [x.text for x in a.answers] == [x.text for x in b.answers]
+      assert [p.id for p in a.passages] == [p.id for p in b.passages]
+      np.testing.assert_allclose([x.probability for x in a.answers], [x.probability for x in b.answers], atol=1e-4)
+  np.testing.assert_allclose(on_onnx.embed_passages([on_jax.store[p] for p in on_jax.index.ids[:5]]),
+                             on_jax.embed_passages([on_jax.store[p] for p in on_jax.index.ids[:5]]), atol=1e-5)
+
+  run = lambda *args: subprocess.run([sys.executable, "-c", _WITHOUT_JAX, *args], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=300, check=False)
+  proc = run("infer.evaluate", f"--bundle={bundle[0]}", f"--questions={workdir / 'data' / 'toy_dev.jsonl'}",
+             "--limit=6", "--rule=dpr")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  want, _ = evaluate_system(on_jax, questions[:6], top_k=8, rule="dpr", passage_score_weight=0.8, progress=False)
+  assert summary["engine"] == "onnx" and want["engine"] == "jax"
+  assert (summary["em_at"], summary["top_k_accuracy"]) == (want["em_at"], want["top_k_accuracy"])
+  proc = run("infer.ask", f"--bundle={bundle[0]}", "--json", "--n_best=2", texts[0])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout)["answer"] == on_jax.answer(texts[:1])[0].answer
+
+
+def test_runtime_engine_needs_the_bundles_graph(bundle, tmp_path):
+  plain = tmp_path / "plain"
+  shutil.copytree(bundle[0], plain, ignore=shutil.ignore_patterns(".cache"))
+  update_bundle(plain, extra_files={})  # a bundle written without its ONNX graph
+  with pytest.raises(BundleError, match=r"no extra/student.onnx.*re-export it with `python -m infer.export`"):
+    QASystem.from_bundle(plain, engine="onnx")
+  assert QASystem.from_bundle(plain).engine.name == "jax"  # auto: JAX is installed here
+  with pytest.raises(ValueError, match="engine must be one of"):
+    QASystem.from_bundle(plain, engine="torch")
 
 
 def test_evaluate_cli_last_line_is_json(bundle, workdir, tmp_path):
@@ -201,14 +257,13 @@ def test_evaluate_cli_last_line_is_json(bundle, workdir, tmp_path):
   assert [r["correct"] for r in rows] == [bool(exact_match(r["prediction"], r["answers"])) for r in rows]
   assert np.mean([r["correct"] for r in rows]) == summary["em"]  # the lines hold the best m' predictions
   assert "evaluate" in proc.stderr  # the progress bar
-  assert evaluation.read_counts(8) == [1, 8] and evaluation.read_counts(25) == [1, 10, 20, 25]
-  assert evaluation.read_counts(25, max_read=10) == [1, 10] and evaluation.read_counts(25, max_read=1) == [1]
+  assert read_counts(8) == [1, 8] and read_counts(25) == [1, 10, 20, 25]
+  assert read_counts(25, max_read=10) == [1, 10] and read_counts(25, max_read=1) == [1]
 
   # Reading only the top passage: the same m'=1 answers, the top-k accuracy of all 8 retrieved.
   system = QASystem.from_bundle(bundle[0])
-  one, _ = evaluation.evaluate_system(system, questions[:6], top_k=8, rule="weighted",
-                                      passage_score_weight=system.settings.passage_score_weight, progress=False,
-                                      max_read=1)
+  one, _ = evaluate_system(system, questions[:6], top_k=8, rule="weighted",
+                           passage_score_weight=system.settings.passage_score_weight, progress=False, max_read=1)
   assert set(one["em_at"]) == {"1"} and one["em"] == summary["em_at"]["1"] and one["best_read_passages"] == 1
   assert one["top_k_accuracy"] == summary["top_k_accuracy"]
 

@@ -8,7 +8,8 @@ import pytest
 from rnr_jax import knowledge, lexical, qa_model
 from rnr_jax.data import TokenCorpus
 from rnr_jax.index import DenseIndex
-from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem
+from rnr_jax.retrieval import encode_passages
 from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.mesh import data_mesh

@@ -22,7 +22,8 @@ from rnr_jax import exports, qa_model
 from rnr_jax.config import load_config
 from rnr_jax.data import TokenCorpus
 from rnr_jax.index import DenseIndex
-from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem
+from rnr_jax.retrieval import JaxEngine, encode_passages
 from rnr_jax.specs import ReaderSpec, SystemSpec
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training.mesh import data_mesh
@@ -61,8 +62,8 @@ def _questions(n, offset=0):
 
 def test_ask_returns_ranked_answers_with_their_passages(client, system):
   assert system.mesh.devices.size == len(jax.local_devices()) == 8  # batches are split over every local device
-  one = QASystem(system.spec, system.params, system.index, system.store, system.tokenizer, settings=system.settings,
-                 mesh=data_mesh(jax.devices()[:1]))
+  one = QASystem(system.spec, JaxEngine(system.spec, system.engine.params, data_mesh(jax.devices()[:1])),
+                 system.index, system.store, system.tokenizer, settings=system.settings)
   for a, b in zip(one.answer(_questions(5), n_best=3), system.answer(_questions(5), n_best=3)):
     assert [x.text for x in a.answers] == [x.text for x in b.answers]
     assert [x.probability for x in a.answers] == pytest.approx([x.probability for x in b.answers], abs=1e-4)
@@ -190,7 +191,7 @@ def test_concurrent_requests_are_batched_with_unchanged_answers(system):
 
 def test_every_shape_requests_can_take_is_compiled_at_start(system):
   count = compile_shapes(system)
-  embed, read = system.question_runner._fn, system.read_runner._fn  # pylint: disable=protected-access
+  embed, read = system.engine.question_runner._fn, system.engine.read_runner._fn  # pylint: disable=protected-access
   sizes = embed._cache_size(), read._cache_size()  # pylint: disable=protected-access
   assert count >= sizes[0] + sizes[1] - 2 and sizes[1] > 1
   for n in (1, 3, 7, 16, 21):

@@ -35,10 +35,9 @@ from rnr_jax import tokenization as tk
 from rnr_jax.config import apply_override, load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
-from rnr_jax.evaluation import evaluate_system
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import atomic_write_json, atomic_write_text
-from rnr_jax.qa_system import InferenceSettings, QASystem, encode_passages
+from rnr_jax.qa_system import InferenceSettings, QASystem, evaluate_system
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
 from train import define_flags, setup
@@ -219,7 +218,7 @@ class Pipeline:
       logging.info("Reusing %s's encoding of the %d kept passages.", run, len(pids))
       return vectors
     corpus = self.data.token_corpus()
-    vectors = encode_passages(spec, params, self.tokenizer(), [corpus[p] for p in pids.tolist()], self.mesh,
+    vectors = retrieval.encode_passages(spec, params, self.tokenizer(), [corpus[p] for p in pids.tolist()], self.mesh,
                               batch_size=int(self.config.encode_batch_size), progress=True)
     if jax.process_index() == 0:
       embeddings.save(cache, vectors, embeddings.fresh_key(params, pids))
