@@ -12,7 +12,7 @@ passages, optionally saved into the bundle; needs the ``X-API-Key`` header), ``G
 runs between batches, so it is atomic and the next request sees it; an edit of the bundle by another process
 (``python -m infer.edit``) is loaded beside the running system and swapped in (``--watch_s``). Every input shape is
 compiled before the port opens on the JAX engine (:func:`infer.common.compile_shapes`); JAX's persistent compilation
-cache makes restarts fast.
+cache makes restarts fast. Needs the ``serve`` extra (FastAPI, uvicorn): ``pip install 'rnr-jax[serve]'``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import fastapi
-import uvicorn
 from absl import app, flags, logging
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse
-from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field
+
+try:
+  import fastapi
+  import uvicorn
+  from fastapi.middleware.cors import CORSMiddleware
+  from fastapi.responses import FileResponse
+  from fastapi.security import APIKeyHeader
+  from pydantic import BaseModel, Field
+except ImportError as e:  # the serve extra is not in the base install
+  raise ImportError(f"infer.serve needs FastAPI and uvicorn: pip install 'rnr-jax[serve]' ({e})") from e
 
 from infer.common import compile_shapes, define_engine_flag, enable_compilation_cache, local_mesh
 from rnr_jax import knowledge

@@ -128,7 +128,7 @@ class NumpySearcher:
     return self.search_batched(queries, k, pre_reorder_k)  # numpy's BLAS is already multithreaded
 
   def serialize(self, directory: str, relative_path: bool = True) -> None:
-    raise RuntimeError("saving an 'int8' or 'ah' index needs ScaNN: pip install scann")
+    raise RuntimeError("saving an 'int8' or 'ah' index needs ScaNN: pip install 'rnr-jax[scann]'")
 
 
 def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):

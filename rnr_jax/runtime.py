@@ -62,7 +62,8 @@ class OnnxStudent:
     """The student of a loaded bundle: its graph with its weights (int8 and float16 dequantized to float32)."""
     if GRAPH_FILE not in bundle.extra_files:
       raise BundleError(bundle.root, f"has no extra/{GRAPH_FILE}, the graph the ONNX Runtime engine runs: re-export it "
-                        "with `python -m infer.export` (a unified BERT student), or use the JAX engine (--engine=jax)")
+                        "with `python -m infer.export` (a unified BERT student), or use the JAX engine (--engine=jax, "
+                        "pip install 'rnr-jax[train]')")
     return cls.load(bundle.extra_files[GRAPH_FILE], flatten_params(bundle.params), threads)
 
   def _run(self, names: list[str], batch: Mapping[str, np.ndarray] | EncodedBatch) -> list[np.ndarray]:
