@@ -196,8 +196,10 @@ def run_step(step: str, d: str) -> dict[str, Any]:
     return {"query_ms_median": round(1000 * float(np.median(latency)), 1),
             "ah_search_ms_median": round(1000 * float(np.median(ah_latency)), 2)}
   if step == "edit":
-    result = knowledge.edit_bundle(bundle, add=[knowledge.Passage("Scale", "A passage added by a knowledge edit.")])
-    return {"passages": result["passages"]}
+    system = QASystem.from_bundle(bundle)
+    knowledge.add_passages(system, [knowledge.Passage("Scale", "A passage added by a knowledge edit.")])
+    knowledge.save_edits(system, bundle)
+    return {"passages": len(system.index)}
   raise ValueError(f"unknown step {step!r}")
 
 
