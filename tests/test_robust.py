@@ -438,12 +438,14 @@ def test_evaluate_cli_mistakes_are_one_line_errors(bundle, tmp_path):
     assert lines[0].startswith("infer.evaluate: error: " + expected.format(tmp=tmp_path)), lines[0]
   assert not os.path.exists(tmp_path / "file.txt" / "pred.jsonl")
 
-  # Empty gold answers ("", and "a" / "the", empty after normalisation) are counted and left out of EM.
+  # A question whose only answer is "" is left out by the reader, naming its line; answers empty after normalisation
+  # ("a", "the") are counted and left out of EM.
   empty = _write(tmp_path / "empty.jsonl", json.dumps({"question": "q", "answer": [""]}) + "\n"
                  + json.dumps({"question": "r", "answer": ["a", "the"]}) + "\n")
   proc = _run("-m", "infer.evaluate", f"--bundle={bundle}", f"--questions={empty}")
   assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["em"] == 0.0, proc.stderr
-  assert "infer.evaluate: warning: 3 gold answers are empty after normalisation; EM and F1 ignore them" in proc.stderr
+  assert "empty.jsonl:1: field 'answer' has no non-empty answer" in proc.stderr
+  assert "infer.evaluate: warning: 2 gold answers are empty after normalisation; EM and F1 ignore them" in proc.stderr
 
 
 def test_ask_cli_refuses_to_read_more_passages_than_it_retrieves(bundle):
