@@ -307,13 +307,14 @@ def measure_size(size: int) -> dict[str, Any]:
 
 
 def growth(results: dict[int, dict[str, Any]], step: str, key: str) -> tuple[float, float] | None:
-  """``(exponent between the two largest sizes, projection to 21M)`` of one quantity."""
+  """``(exponent, projection to 21M)`` of one quantity between the two largest sizes. The projection extends the
+  line through them (a fixed part, such as importing JAX, plus a part per passage), never falling below it."""
   sizes = sorted(n for n in results if step in results[n])
   if len(sizes) < 2:
     return None
   (a, b), (va, vb) = sizes[-2:], (results[sizes[-2]][step][key], results[sizes[-1]][step][key])
   exponent = math.log(max(vb, 1e-9) / max(va, 1e-9)) / math.log(b / a)
-  return exponent, vb * (TARGET / b) ** max(exponent, 1.0)
+  return exponent, vb + max(vb - va, 0.0) / (b - a) * (TARGET - b)
 
 
 def _duration(s: float) -> str:

@@ -42,7 +42,7 @@ def scalars(logdir):
 
 
 def hparams(logdir):
-  """The hyperparameters of the TensorBoard hparams plugin's session-start events under ``logdir``."""
+  """The hyperparameters recorded by the TensorBoard hparams plugin under ``logdir``."""
   found = {}
   for name in sorted(os.listdir(logdir)):
     for event in event_file_loader.EventFileLoader(os.path.join(logdir, name)).Load():
