@@ -317,7 +317,9 @@ def test_gold_passages_and_jsonl_round_trip(tmp_path):
   assert P.gold_passages(table, R.Question("q", "?", ("needle",), None), matcher) == []
 
   path = tmp_path / "passages.jsonl"
-  table.write_jsonl(path)
+  with P.PassageWriter(path) as writer:
+    for pid in range(len(table)):
+      writer.add(int(table.doc_ids[pid]), int(table.chunks[pid]), table.titles[pid], table.texts[pid])
   back = P.PassageTable.open(path)
   assert list(back.texts) == table.texts and list(back.titles) == table.titles and back.texts[4] == table.texts[4]
   assert back.doc_ids.tolist() == table.doc_ids.tolist() and back.chunks.tolist() == table.chunks.tolist()

@@ -3,8 +3,7 @@
 Every passage keeps its document's title. Passage ids (``pid``) are the running index in corpus order, so the same
 corpus and setting always give the same ids. On disk a table is ``passages.jsonl`` plus its columns as ``.npy`` arrays
 (line offsets, document ids, chunk indices); :meth:`PassageTable.open` reads titles and texts lazily through a memory
-map, so a table of any size costs a few bytes of memory per passage.
-"""
+map, so a table of any size costs a few bytes of memory per passage."""
 
 from __future__ import annotations
 
@@ -88,12 +87,6 @@ class PassageTable:
   def matcher(self) -> AnswerMatcher:
     """An :class:`AnswerMatcher` over these passages' texts (DPR ``has_answer``)."""
     return AnswerMatcher(self.texts.__getitem__)
-
-  def write_jsonl(self, path: str | os.PathLike) -> None:
-    """Writes the table as :meth:`open` reads it: ``{"pid", "doc_id", "chunk", "title", "text"}`` lines."""
-    with PassageWriter(path) as writer:
-      for pid in range(len(self)):
-        writer.add(int(self.doc_ids[pid]), int(self.chunks[pid]), self.titles[pid], self.texts[pid])
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> PassageTable:

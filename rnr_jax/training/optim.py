@@ -49,27 +49,12 @@ def regex_mask(regex: str, params: PyTree, *, match: bool = True) -> PyTree:
   return tree_map_with_names(lambda name, _: bool(re.fullmatch(regex, name)) == match, params)
 
 
-def frozen_regex_mask(regex: str) -> Callable[[PyTree], PyTree]:
-  """A ``trainable_mask`` that freezes every parameter whose path fully matches ``regex``."""
-  return lambda params: regex_mask(regex, params, match=False)
-
-
-def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None = None,
-                   no_decay_regex: str = NO_DECAY_REGEX
+def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with clipping, a warmup schedule and optionally frozen parameters.
+  """``(optimizer, schedule)``: AdamW with clipping and a warmup schedule (``schedule(step)``, the learning rate).
 
-  Args:
-    optim_cfg: the ``optim`` config section.
-    total_steps: number of optimiser steps (end of the linear decay).
-    trainable_mask: pytree of bools like the parameters, or a function of the
-      parameters returning one; False leaves get a zero update (no decay
-      either) and do not count in the clipping norm. None trains everything.
-    no_decay_regex: parameter paths without weight decay.
-
-  Returns:
-    ``(optimizer, schedule)``; ``schedule(step)`` is the learning rate, for logs.
-  """
+  ``trainable_mask`` (a pytree of bools like the parameters, or a function of them returning one) freezes its False
+  leaves: a zero update, no decay, and no part in the clipping norm. None trains everything."""
   schedule = make_schedule(optim_cfg, total_steps)
   head_mult = float(optim_cfg.get("head_lr_mult", 1.0))
   if head_mult <= 0:
@@ -78,7 +63,7 @@ def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None
   def adamw(lr: optax.Schedule) -> optax.GradientTransformation:
     return optax.adamw(
         lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
-        mask=lambda params: regex_mask(no_decay_regex, params, match=False))
+        mask=lambda params: regex_mask(NO_DECAY_REGEX, params, match=False))
 
   def trained(params: PyTree) -> PyTree:
     if trainable_mask is None:
