@@ -232,8 +232,7 @@ def _config_source(staging: str, model_config: Mapping[str, Any], inference_conf
 
 def footprint(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Per-component rows (like the paper's Table 3) and a ``total`` row of ``files``, ``stored_bytes``, ``raw_bytes``
-  (uncompressed), ``stored_mb`` and ``raw_mb`` (10^6 bytes); ``other`` holds tokenizer, extras, config.
-  """
+  (uncompressed), ``stored_mb`` and ``raw_mb`` (10^6 bytes); ``other`` holds tokenizer, extras, config."""
   rows = {c: {"component": c, "files": 0, "stored_bytes": 0, "raw_bytes": 0} for c in (*COMPONENTS, "total")}
   for entry in files:
     for name in (entry["component"], "total"):

@@ -2,8 +2,7 @@
 
 Command-line entry points use ``ml_collections.config_flags`` directly (``--config configs/x.py
 --config.optim.lr=1e-5``); this module gives the same result from Python: ``load_config("configs/tiny.py",
-["optim.lr=1e-5"])``.
-"""
+["optim.lr=1e-5"])``."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   """Runs ``get_config()`` of a python config file, then applies ``key=value`` overrides.
 
   A path may end in ``:arg`` to pass ``arg`` to ``get_config`` (as config_flags does). Values are parsed as python
-  literals where possible, else kept as strings.
-  """
+  literals where possible, else kept as strings."""
   arg = None
   if ".py:" in path:  # the argument may itself hold paths: "configs/paper.py:mobilebert=/weights/mobilebert"
     path, arg = path.split(".py:", 1)

@@ -2,8 +2,7 @@
 
 The kept passages (all, or the passage filter's subset) are encoded with the system's passage encoder (or their vectors
 reused), indexed (the INT8 index by default, its recall against exact search measured) and written with the weights and
-the default :class:`~rnr_jax.qa_system.InferenceSettings` by :func:`rnr_jax.bundle.write_bundle`.
-"""
+the default :class:`~rnr_jax.qa_system.InferenceSettings` by :func:`rnr_jax.bundle.write_bundle`."""
 
 from __future__ import annotations
 

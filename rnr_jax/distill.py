@@ -3,8 +3,7 @@
 ``L_read`` is the KL(softmax(teacher / τ) || softmax(student / τ)) of the start and of the end logits over the text
 positions of every real passage row, plus that of the m passage-ranking logits; ``L_ret`` is the KL of the student's
 retrieval scores to the teacher ranker's (``"kd"``, appendix A.2) or the positive's NLL (``"nll"``). The terms are
-summed without a τ² factor, as the paper writes the loss.
-"""
+summed without a τ² factor, as the paper writes the loss."""
 
 from __future__ import annotations
 
@@ -53,8 +52,7 @@ def retrieval_vectors(model: qa_model.RetrieverReader, params: Params, batch: Ba
   """Retrieval vectors of the questions ``[B, d]`` and their passages ``[B * m, d]`` (``q_*`` / ``p_*`` inputs).
 
   Questions and passages are padded to one length and embedded in one encoder call (padding is masked, so the vectors
-  are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout.
-  """
+  are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout."""
   q, p = _inputs(batch, "q_"), _inputs(batch, "p_")
   length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])  # one padded length: one encoder call
   rows = {k: jnp.concatenate([jnp.pad(x[k], ((0, 0), (0, length - x[k].shape[1]))) for x in (q, p)])
@@ -133,16 +131,9 @@ def retrieval_nll(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
 def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.Array, passage_mask: jax.Array,
                  teacher_start: jax.Array, teacher_end: jax.Array, teacher_rank: jax.Array, scores: jax.Array, *,
                  temperature: float, retrieval_loss: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``L_read + L_ret`` (module docstring) and its parts.
-
-  Args:
-    start, end, valid: the student's logits and text mask ``[B, m, L]``; rank: its ranking logits ``[B, m]``.
-    passage_mask: ``[B, m]`` real passages.
-    teacher_start, teacher_end: the teacher's logits, ``[B, m, L]`` or ``[B * m, L]``; teacher_rank: ``[B, m]``.
-    scores: the student's retrieval scores ``[B, m]``.
-    temperature: τ of every KL term.
-    retrieval_loss: ``"kd"`` (KL to the teacher's ranking) or ``"nll"`` (of the positive).
-  """
+  """``L_read + L_ret`` (module docstring) and its parts. ``start, end, valid``: the student's logits and text mask
+  ``[B, m, L]``, ``rank`` its ranking logits and ``scores`` its retrieval scores ``[B, m]``; the teacher's logits are
+  ``[B, m, L]`` or ``[B * m, L]``; ``retrieval_loss``: ``"kd"`` (KL to the teacher's ranking) or ``"nll"``."""
   if retrieval_loss not in RETRIEVAL_LOSSES:
     raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {retrieval_loss!r}")
   rows = valid & passage_mask[..., None]  # padding passages and non-text positions leave the KL
@@ -164,16 +155,9 @@ def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale
                       retriever_teacher_scale: float | None = None) -> LossFn:
   """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
 
-  Beyond the paper:
-
-  * ``in_batch``: the ``"nll"`` retrieval loss ranks each positive among all passages of the batch (the other
-    questions' passages as negatives too, as in retriever training) instead of its own m.
-  * ``retriever_teacher_weight`` > 0: adds that weight x KL(softmax(t) || softmax(s)) between a teacher
-    *retriever*'s scores ``t = t_q . t_p`` (x ``retriever_teacher_scale``; the batch holds its vectors ``t_q [B, d]``
-    and ``t_p [B * m, d]``) and the student's, over the batch's passages (all of them with ``in_batch``). The
-    paper's ``L_ret`` distils the reader teacher's ranking, which helps only when that ranker is strong; a
-    two-encoder retriever is the better retrieval teacher.
-  """
+  Beyond the paper (docs/design.md, "Distillation loss"): ``in_batch`` ranks each positive among all passages of the
+  batch for the ``"nll"`` retrieval loss; ``retriever_teacher_weight`` > 0 adds that weight x the KL between a teacher
+  retriever's scores ``t_q . t_p`` (x ``retriever_teacher_scale``) and the student's, over the batch's passages."""
   def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     read_rng, ret_rng = jax.random.split(rng)  # reading and retrieval passes draw different dropout
     start, end, rank, valid = read_outputs(model, params, batch, read_rng)

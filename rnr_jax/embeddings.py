@@ -3,8 +3,7 @@ index a training run searches with its current parameters.
 
 ``embeddings.npy`` (float32 ``[N, d]``, row i = passage id i of the prepared directory), then ``embeddings.json``
 (format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks while
-encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`).
-"""
+encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`)."""
 
 from __future__ import annotations
 
@@ -174,8 +173,7 @@ def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec
 
   ``shard=(i, n)`` encodes only the i-th of n contiguous parts into ``out/shards/i-of-n`` (one host each);
   :func:`merge_shards` joins them. With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}`` of
-  exact search; with ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25.
-  """
+  exact search; with ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25."""
   if lexical_weight < 0:
     raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
   data = PreparedData.load(prepared)
@@ -241,8 +239,7 @@ def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], dat
 
   ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (a memory map indexed by passage id of
   the prepared ``data``); the questions are encoded here, once. ``normalize`` says whether the teacher scores by cosine.
-  ``field`` names the setting in errors.
-  """
+  ``field`` names the setting in errors."""
   spec, params, model = exports.load_retriever(teacher, mesh)
   if not embeddings:
     raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")

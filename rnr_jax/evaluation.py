@@ -3,8 +3,7 @@
 * :class:`RetrievalEvaluator`: top-k answer accuracy of a retriever over the whole (or filtered) corpus.
 * :class:`ReaderEvaluator`: a reader's exact match with the gold passage given and over retrieved passages.
 * :class:`FilterEvaluator`: the passage filter's hit ratio.
-* :class:`OpenEvaluator`: a unified student end to end, with a fresh index of its own retrieval.
-"""
+* :class:`OpenEvaluator`: a unified student end to end, with a fresh index of its own retrieval."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 An export is an Orbax directory ``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable onto any
 mesh) and ``model`` (JSON: the spec under ``"retriever"``, ``"reader"`` or ``"filter"``, a unified student's
-``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept.
-"""
+``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept."""
 
 from __future__ import annotations
 
@@ -91,8 +90,7 @@ class BestExport:
   ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
   :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the evaluation's
   corpus encoding beside it). The export also lists ``bests``, ``[step, value]`` of each new best so far: a run
-  resumed from a checkpoint older than the export compares with the bests before it, as an uninterrupted run does.
-  """
+  resumed from a checkpoint older than the export compares with the bests before it, as an uninterrupted run does."""
 
   def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, fingerprint: bool = False,
                on_best: Callable[[int, dict[str, Any]], None] | None = None):
@@ -179,8 +177,7 @@ def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | N
 
   A unified student (``train.distill``, ``train.finetune``) keeps its own retrieval settings; for a plain reader export
   ``passage_len``, ``passage_token_type`` and ``normalize`` set them, or, with ``require_system``, it is refused. A
-  separate retriever's come from its own spec.
-  """
+  separate retriever's come from its own spec."""
   reader_spec, reader_params, info = load_reader(model_dir, mesh)
   if retriever_dir is not None:
     retriever_spec, retriever_params, _ = load_retriever(retriever_dir, mesh)
@@ -233,8 +230,7 @@ def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None, Param
 
   ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face directory or hub id, an exported
   reader (its encoder and heads), or ``""`` for a random initialisation of ``model_cfg.hf_config``.
-  ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the hidden and attention dropout.
-  """
+  ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the hidden and attention dropout."""
   heads = None
   if model_cfg.init == "minilm":
     config, params = load_minilm(model_cfg.num_layers)

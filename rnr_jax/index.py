@@ -3,8 +3,7 @@
 Kinds: ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes, a scale per dimension (the paper's
 INT8 index, §2.3); ``"int8_row"`` int8 codes, a scale per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic
 hashing, sub-linear for large corpora. Without ScaNN, the ScaNN kinds load and search in numpy (``"ah"`` by brute force
-over its reordering data). Kernels: :mod:`rnr_jax.index_search`.
-"""
+over its reordering data). Kernels: :mod:`rnr_jax.index_search`."""
 
 from __future__ import annotations
 
@@ -99,8 +98,7 @@ class DenseIndex:
   """Maximum-inner-product index over passage embeddings with external passage ids.
 
   ScaNN searchers are rebuilt rather than mutated: removed rows are tombstones, added rows live in an exact side index
-  searched with every query, and :meth:`compact` (called by :meth:`save`) folds both into a new main index.
-  """
+  searched with every query, and :meth:`compact` (called by :meth:`save`) folds both into a new main index."""
 
   def __init__(self, kind: str, dim: int, options: Mapping[str, Any]):
     """Empty shell; use :meth:`build` or :meth:`load`."""
@@ -125,8 +123,7 @@ class DenseIndex:
 
     ``build_report`` gets recall@10 and @20 against exact search for ``eval_queries``, else ``num_eval_queries`` rows
     sampled with ``seed`` (0: none). ``options`` override :func:`rnr_jax.index_search.ah_settings` (``"ah"``) or
-    ``reorder_k`` (``"int8_row"``, which suits dimensions of very different ranges).
-    """
+    ``reorder_k`` (``"int8_row"``, which suits dimensions of very different ranges)."""
     if kind not in KINDS:
       raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
     unknown = set(options) - set(_KIND_OPTIONS[kind])
@@ -220,8 +217,7 @@ class DenseIndex:
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids [Q, k] int64, scores [Q, k] float32)`` of the best passages by inner product, best first.
 
-    ``k`` is clipped, with a ``UserWarning``, to ``len(self)``; empty ``"ah"`` slots hold ``-1`` / ``-inf``.
-    """
+    ``k`` is clipped, with a ``UserWarning``, to ``len(self)``; empty ``"ah"`` slots hold ``-1`` / ``-inf``."""
     q = _as_embeddings(queries, self.dim, "queries")
     live = len(self)
     if live == 0:
@@ -320,8 +316,7 @@ class DenseIndex:
     Replaces an index directory there, refuses any other non-empty one. Files: ``index.json`` (kind, dim, size, options,
     settings, build report, bytes and sha256 of the other files), ``ids.npy`` (int64[N] passage ids), ``vectors.npy``
     (float32[N, d], "exact"), ``codes.npy`` int8[N, d] and ``row_scales.npy`` float32[N] ("int8_row"), ``scann/``
-    (ScaNN's serialization with relative asset paths, so the directory can move).
-    """
+    (ScaNN's serialization with relative asset paths, so the directory can move)."""
     if len(self) == 0:
       raise ValueError("cannot save an empty index: every passage was removed")
     directory = os.fspath(directory)

@@ -33,8 +33,7 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
 
   Scores are computed in tiles of a block of queries by a block of at most ``_PASSAGE_BLOCK`` rows, each tile's
   top-k merged into the running one: the rows are read once per query block, so the cost is linear in the corpus
-  (one block of queries over every row would shrink to one query, and re-read the corpus per query, at 21M rows).
-  """
+  (one block of queries over every row would shrink to one query, and re-read the corpus per query, at 21M rows)."""
   n, q = len(vectors), len(queries)
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, {n}]")
@@ -136,8 +135,7 @@ def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
   (a :class:`NumpySearcher` without ScaNN).
 
   ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized) reorders
-  the ``reorder_k`` best int8 candidates in float32.
-  """
+  the ``reorder_k`` best int8 candidates in float32."""
   try:
     from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
   except ImportError:

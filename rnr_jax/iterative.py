@@ -4,8 +4,7 @@
 + ranking CE); (3) ``l̂`` = scores with θ̂; (4) ``L_recon`` = KL(softmax(l/τ) || softmax(l̂/τ)); (5) ``L_nll`` = CE of
 softmax(l̂) with the positive; (6) θ(t+1) = update of θ̂ on ``L_recon + L_nll``. One AdamW state advances twice per
 step, as two ``optimizer.step()`` calls of one optimiser would, so the learning-rate schedule counts updates: two per
-step, the warmup doubled to match.
-"""
+step, the warmup doubled to match."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ def iterative_step(config: Any, model: qa_model.RetrieverReader, *, normalize: b
   The step's key is ``fold_in(rng, step)``; its first split drives the reader's dropout, its second the retrieval
   forward passes of both (1) and (3), so ``l`` and ``l̂`` differ only through the reader update. The batch needs span
   targets (positive first). Metrics: the reader loss and its parts, ``recon_loss``, ``retrieval_nll``,
-  ``retrieval_acc``, ``loss`` (their sum), both gradient norms, ``param_norm`` and ``lr``.
-  """
+  ``retrieval_acc``, ``loss`` (their sum), both gradient norms, ``param_norm`` and ``lr``."""
   doubled = config.optim.copy_and_resolve_references()
   doubled.warmup_steps = 2 * int(config.optim.warmup_steps)  # two updates per step
   optimizer, schedule = make_optimizer(doubled, 2 * int(config.train.num_steps))

@@ -3,8 +3,7 @@
 A passage is scored ``s_j = v_j . w`` (its pooled encoding and a learnt vector) and trained with binary cross-entropy on
 half positives (``J+train``: passages some training question retrieves, oversampled by the smoothed frequency
 ``log_b(freq) + 1``) and half uniform negatives; ``hit_val`` measures it on held-out ``J+val`` / ``J-val``. The top-n
-passages are kept (a count, a fraction, or a byte budget of token ids).
-"""
+passages are kept (a count, a fraction, or a byte budget of token ids)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 J_read holds each training question's top-k1 passages of a retriever (a ranked candidates file, an exported retriever's
 search over the corpus, or BM25), split into positives (answer-holding, gold first) and negatives. A batch holds, per
 question, ``m`` passages of its pool, exactly one positive first: the reader rows, the question inputs ``q_*`` and the
-passage-only inputs ``p_*`` whose vectors give the retrieval scores.
-"""
+passage-only inputs ``p_*`` whose vectors give the retrieval scores."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Parameter trees are ``{"encoder": ...}`` (one shared encoder) or ``{"question_encoder": ..., "passage_encoder":
 ...}``, plus the reader heads ``qa_outputs`` (start / end logits per token) and ``qa_classifier`` (passage-ranking logit
-from the [CLS] state). Encoder subtrees are those of :mod:`rnr_jax.models`, so Hugging Face weights drop in.
-"""
+from the [CLS] state). Encoder subtrees are those of :mod:`rnr_jax.models`, so Hugging Face weights drop in."""
 
 from __future__ import annotations
 

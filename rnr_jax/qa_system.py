@@ -3,8 +3,7 @@
 One :class:`QASystem` serves a freshly trained model (:meth:`~QASystem.from_parts`) and a deployed bundle
 (:meth:`~QASystem.from_bundle`) alike, its model run by an engine: JAX (:class:`rnr_jax.retrieval.JaxEngine`) or ONNX
 Runtime (:class:`rnr_jax.runtime.OnnxStudent`), imported only when chosen, so this module needs neither JAX nor Flax.
-A bundle ships token ids only (paper §2.3), so its texts are decoded from them.
-"""
+A bundle ships token ids only (paper §2.3), so its texts are decoded from them."""
 
 from __future__ import annotations
 
@@ -521,15 +520,11 @@ def read_counts(top_k: int, max_read: int = 0) -> list[int]:
 def evaluate_system(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str,
                     passage_score_weight: float, batch_size: int = 64, progress: bool = True, max_read: int = 0,
                     lexical_weight: float | None = None, n_best: int = 1) -> tuple[dict[str, Any], list[Prediction]]:
-  """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3).
+  """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3), each read once.
 
-  Each question's top-k passages are retrieved and read once; answers come from the first m' passages for each m' of
-  :func:`read_counts`. The summary: ``n``, ``em`` and ``f1`` at the m' with the best EM (as the paper reports),
-  ``best_read_passages``, ``em_at`` / ``f1_at`` per m', ``top_k_accuracy`` of retrieval (DPR ``has_answer`` on the
-  passage text), ``questions_per_s``, the settings and the engine's name. ``max_read`` > 0 reads at most that many
-  passages (reading dominates the time); ``lexical_weight`` None takes the system's setting; ``n_best``: answers per
-  prediction.
-  """
+  The summary: ``n``, ``em`` and ``f1`` at the m' of :func:`read_counts` with the best EM (as the paper reports),
+  ``best_read_passages``, ``em_at`` / ``f1_at`` per m', retrieval ``top_k_accuracy`` (DPR ``has_answer``),
+  ``questions_per_s``, the settings and the engine. ``max_read`` > 0 caps the passages read (reading dominates)."""
   if not questions:
     raise ValueError("no questions to evaluate")
   if max_read < 0:

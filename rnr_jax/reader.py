@@ -1,8 +1,7 @@
 """Reading in numpy: answer-span targets, text masks and whole-word spans.
 
 As DPR's reader, a reader scores for each of m passages of a question a start and an end logit per token and one ranking
-logit. Its loss (paper §2.2.3): :func:`rnr_jax.distill.read_loss`; answers (appendix A.3): :mod:`rnr_jax.answers`.
-"""
+logit. Its loss (paper §2.2.3): :func:`rnr_jax.distill.read_loss`; answers (appendix A.3): :mod:`rnr_jax.answers`."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 As DPR's reader is trained (paper §2.2.3), an example is a question with its positive passage first and ``m - 1``
 answer-free negatives, built from the token-ID corpus. A *ranked candidates file* is an ``.npz`` with one ``int32 [Q,
-k]`` array per split: the passages retrieved for each question of the split, best first, -1 padded.
-"""
+k]`` array per split: the passages retrieved for each question of the split, best first, -1 padded."""
 
 from __future__ import annotations
 
@@ -129,8 +128,7 @@ def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequen
 
   ``input_ids, attention_mask, token_type_ids``: ``int32[B * m, L]``, one length bucket; ``text_start, text_end``:
   ``int32[B * m]``, each row's passage text; ``passage_mask``: ``bool[B, m]``. With ``answer_ids``, also the answer
-  spans of each question's first passage: ``span_starts, span_ends`` (``int32[B, max_spans]``) and ``span_mask``.
-  """
+  spans of each question's first passage: ``span_starts, span_ends`` (``int32[B, max_spans]``) and ``span_mask``."""
   pids = np.asarray(pids)
   per_question = []
   for q_ids, row in zip(question_ids, pids):

@@ -51,8 +51,7 @@ class BatchEncoder:
   """Runs a ``(params, batch) -> [rows, ...]`` function jitted over the mesh's data axes, on padded batches.
 
   Every process passes the same full batches; each puts its own rows on its devices and the outputs are gathered back to
-  every process. A couple of batches stay in flight so the host prepares the next while the devices compute.
-  """
+  every process. A couple of batches stay in flight so the host prepares the next while the devices compute."""
 
   def __init__(self, embed_fn: EmbedFn, mesh: Mesh, batch_size: int):
     self._parallel = mesh_lib.data_parallelism(mesh)
@@ -126,16 +125,12 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
                   *, max_len: int, buckets: Sequence[int], token_type: int = 1, chunk_dir: str | None = None,
                   chunk_size: int = 4096, key: Mapping[str, Any] | None = None,
                   progress: bool = False, out: np.ndarray | None = None) -> CorpusEmbeddings:
-  """Embeds every passage record (``title [SEP] text`` ids; row i of the result is record i).
+  """Embeds every passage record (``title [SEP] text`` ids) into row i of ``out`` (default: a new array), returned.
 
-  The vectors go chunk by chunk into ``out`` (e.g. a memory-mapped ``[N, d]`` file, so a corpus of any size is
-  encoded in the memory of one chunk), which is returned; by default a new array.
-
-  Records are encoded in chunks of ``chunk_size``, each batched by length bucket. With ``chunk_dir`` every finished
-  chunk is saved there and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a
-  killed run continues where it stopped; chunks of another key are refused, never mixed in. Multi-process runs need
-  ``chunk_dir`` on a filesystem every process sees; process 0 writes.
-  """
+  Records go in chunks of ``chunk_size``, each batched by length bucket, so a memory-mapped ``out`` encodes any
+  corpus in one chunk's memory. With ``chunk_dir`` (seen by every process; process 0 writes) each finished chunk is
+  saved, and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a killed run
+  continues where it stopped; another key's chunks are refused, never mixed in."""
   n = len(records)
   if n == 0:
     raise ValueError("the corpus has no passages")
@@ -248,8 +243,7 @@ class JaxEngine:
 def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k passages by inner product: ``(ids [Q, k'] int64, scores [Q, k'] float32)``, best first.
 
-  ``k' = min(k, len(passages))``; blocked as :func:`rnr_jax.index.exact_search`.
-  """
+  ``k' = min(k, len(passages))``; blocked as :func:`rnr_jax.index.exact_search`."""
   n = len(passages)
   if min(k, n) < 1:
     raise ValueError(f"need k >= 1 and at least one passage, got k={k} and {n} passages")
@@ -262,8 +256,7 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
   """Top-k answer accuracy (DPR ``has_answer``) of exact search over the passages.
 
   Row i of ``passage_vectors`` is passage id ``passage_ids[i]`` of ``matcher`` (default: i). Returns ``{"top1": ...,
-  "top5": ..., ...}``.
-  """
+  "top5": ..., ...}``."""
   ids, _ = search_exact(question_vectors, passage_vectors, max(ks))
   if passage_ids is not None:
     ids = np.asarray(passage_ids)[ids]
@@ -276,8 +269,7 @@ def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, q
   """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus.
 
   Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top ``candidates``
-  (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone.
-  """
+  (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone."""
   if bm25.num_passages != len(passage_vectors):
     raise ValueError(f"the BM25 index holds {bm25.num_passages} passages, the embeddings {len(passage_vectors)}")
   if len(questions) != len(question_vectors):

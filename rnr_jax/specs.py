@@ -2,8 +2,7 @@
 
 A spec is saved as JSON beside exported parameters and in a bundle's ``config.json``, so a model is served with the
 input settings it was trained with. Specs import JAX and Flax only to build or run a model, so a bundle's spec loads
-without them.
-"""
+without them."""
 
 from __future__ import annotations
 

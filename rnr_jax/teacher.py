@@ -4,8 +4,7 @@ The teacher never runs inside the student's step: for a candidate pool, the m pa
 are fixed in advance, the teacher reads them once, and its logits go to float16 ``.npy`` memmaps under
 ``<workdir>/teacher_cache/<fingerprint>/``. The fingerprint covers the teacher's parameters and spec, the prepared data,
 the input settings and the sampled passage ids; a finished cache is reused without calling the teacher. So the teacher
-is neither differentiated nor in any checkpoint: batches carry its outputs as data.
-"""
+is neither differentiated nor in any checkpoint: batches carry its outputs as data."""
 
 from __future__ import annotations
 

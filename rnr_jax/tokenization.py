@@ -2,8 +2,7 @@
 
 Layouts: question ``[CLS] question [SEP]`` (token type 0); passage ``[CLS] title [SEP] text [SEP]`` (type 1); reader
 ``[CLS] question [SEP] title [SEP] text [SEP]`` (types 0 then 1). ``title [SEP] text`` is a token-ID corpus record
-(paper §2.3). A batch pads to the smallest bucket holding it, so jitted functions compile once per bucket.
-"""
+(paper §2.3). A batch pads to the smallest bucket holding it, so jitted functions compile once per bucket."""
 
 from __future__ import annotations
 

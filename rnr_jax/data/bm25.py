@@ -1,8 +1,7 @@
 """BM25 over passages (``title + " " + text``) with ``bm25s``, saved and reloaded.
 
 Text is tokenised by bm25s' regex tokenizer with its English stopwords and, when PyStemmer is installed, the Snowball
-English stemmer. The stemmer is saved with the index, so queries are tokenised like the corpus.
-"""
+English stemmer. The stemmer is saved with the index, so queries are tokenised like the corpus."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Per question: its BM25 top-k with scores and DPR ``has_answer`` flags; ``gold``, its gold document's passages holding an
 answer; ``positives``, gold then the other retrieved answer passages; ``hard_negatives``, the top retrieved passages
-without an answer.
-"""
+without an answer."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ Layout: ``manifest.json`` (written last: the inputs' identities, settings, count
 (``passages.jsonl`` with its column arrays, pid = line index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/``
 forms, ``bm25/``, and per question split a ``splits/<split>/`` with ``questions.jsonl`` and the
 :class:`SplitCandidates` arrays. Inputs are :class:`Source` streams, so a corpus of any size is prepared in bounded
-memory: passages, token ids and BM25 token ids are written as documents arrive.
-"""
+memory: passages, token ids and BM25 token ids are written as documents arrive."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Readers are generators reading line by line (gzip transparently), so multi-gigabyte files stream in bounded memory. A
 malformed record raises :class:`DataFormatError` naming file, 1-based line and field, or with ``skip_bad=True`` is
 skipped and counted in a :class:`ReadStats`. Other projects' formats (DPR, SQuAD, TFDS) are read by ``train.formats``
-and ``train.tfds_sources`` on the same machinery.
-"""
+and ``train.tfds_sources`` on the same machinery."""
 
 from __future__ import annotations
 
@@ -265,8 +264,7 @@ def read_questions(path: PathLike, *, require_gold_pid: bool = False, doc_ids: C
                    skip_bad: bool = False, stats: ReadStats | None = None) -> Iterator[Question]:
   """Questions in our jsonl format (``answers``) or NQ-open's (``answer``), as the first good record shows.
 
-  ``doc_ids``, when given, are the allowed ``gold_pid`` values; NQ-open ids default to the 0-based line index.
-  """
+  ``doc_ids``, when given, are the allowed ``gold_pid`` values; NQ-open ids default to the 0-based line index."""
   detected: Callable[[Record], Question] | None = None
 
   def make(r: Record) -> Question:

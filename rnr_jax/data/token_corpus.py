@@ -2,8 +2,7 @@
 
 A corpus directory holds ``tokens.npy`` (all records concatenated), ``offsets.npy`` (``int64[n + 1]``) and ``meta.json``
 (dtype, vocabulary size, counts, tokenizer, the arrays' sha256); arrays load memory-mapped. :func:`compress` writes a
-bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one.
-"""
+bz2 or lzma form, which :meth:`TokenCorpus.load` reads like the plain one."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@
     encoder = models.build_encoder(config, dtype=jnp.bfloat16)
     out = encoder.apply({"params": params}, input_ids, attention_mask)  # out.sequence [B, L, H], out.cls [B, H]
 
-Parameter paths are documented in :class:`BertEncoder` and :class:`MobileBertEncoder`.
-"""
+Parameter paths are listed in docs/design.md, "Encoder parameter paths"."""
 
 from rnr_jax.models.bert import BertConfig, BertEncoder
 from rnr_jax.models.encoder import EncoderOutput

@@ -1,7 +1,6 @@
 """BERT encoder in Flax (linen), numerically equivalent to transformers' ``BertModel`` without its pooler.
 
-Only BERT's config, embeddings and layer live here; the skeleton and blocks are in :mod:`rnr_jax.models.encoder`.
-"""
+Only BERT's config, embeddings and layer live here; the skeleton and blocks are in :mod:`rnr_jax.models.encoder`."""
 
 from __future__ import annotations
 
@@ -59,18 +58,8 @@ class BertLayer(ConfigModule):
 
 
 class BertEncoder(Encoder):
-  """BERT encoder (``BertModel`` without pooler), with the activation named by ``hidden_act``.
-
-  Parameter paths (stable: sharding rules regex-match them) mirror the Hugging Face state dict with
-  ``encoder.layer.{i}`` -> ``layer_{i}``, ``attention.self.{query,key,value}`` -> ``attention/{query,key,value}``,
-  ``LayerNorm`` -> ``layer_norm`` and kernels ``[in, out]`` (``torch.nn.Linear.weight`` transposed)::
-
-      embeddings/{word,position,token_type}_embeddings/embedding, embeddings/layer_norm/{scale,bias}
-      layer_{i}/attention/{query,key,value}/{kernel,bias}       [hidden, hidden]
-      layer_{i}/attention/output/{dense/{kernel,bias},layer_norm/{scale,bias}}
-      layer_{i}/intermediate/dense/{kernel,bias}                [hidden, intermediate]
-      layer_{i}/output/{dense/{kernel,bias},layer_norm/{scale,bias}}
-  """
+  """BERT encoder (``BertModel`` without pooler), with the activation named by ``hidden_act``. Its parameter paths
+  (stable: sharding rules regex-match them) are listed in docs/design.md, "Encoder parameter paths"."""
 
   config: BertConfig
   embeddings_class: ClassVar[type[Embeddings]] = BertEmbeddings

@@ -2,8 +2,7 @@
 
 A model supplies only its config, embeddings and layer module (:mod:`rnr_jax.models.bert`,
 :mod:`rnr_jax.models.mobilebert`). Parameters are stored in ``param_dtype`` and matmuls run in ``dtype``; embedding
-sums, residual additions before a norm, normalization statistics and the attention softmax are computed in float32.
-"""
+sums, residual additions before a norm, normalization statistics and the attention softmax are computed in float32."""
 
 from __future__ import annotations
 
@@ -52,8 +51,7 @@ NORM_TYPES = ("layer_norm", "no_norm")
 class HFEncoderConfig:
   """Fields the encoder configs share (transformers keys, ``BertConfig`` defaults) and ``config.json`` conversion.
 
-  Subclasses set ``model_type`` (as in ``config.json``) and ``architecture`` (the transformers class).
-  """
+  Subclasses set ``model_type`` (as in ``config.json``) and ``architecture`` (the transformers class)."""
 
   model_type: ClassVar[str]
   architecture: ClassVar[str]
@@ -266,8 +264,7 @@ class Encoder(ConfigModule):
   """``embeddings_class`` named ``embeddings``, then ``layer_class`` as ``layer_0`` ... ``layer_{n-1}``.
 
   ``dtype`` is the computation (and output) dtype, ``param_dtype`` the parameters'; ``num_layers`` keeps only the first
-  layers (``None``: all).
-  """
+  layers (``None``: all)."""
 
   embeddings_class: ClassVar[type[Embeddings]]
   layer_class: ClassVar[type[ConfigModule]]  # (x, mask, *, deterministic) -> next hidden states

@@ -4,8 +4,7 @@ A Hugging Face directory (``config.json`` plus safetensors, sharded or not, or `
 ``(config, params)`` and back, so ``transformers.AutoModel.from_pretrained`` reads what :func:`save_hf_encoder` writes.
 Keys map to paths as in :class:`~rnr_jax.models.bert.BertEncoder`; ``weight`` is ``kernel`` (transposed), ``scale`` or
 ``embedding``. Expected tensors and shapes come from ``jax.eval_shape`` of the module's ``init``, so a checkpoint is
-validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch.
-"""
+validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch."""
 
 from __future__ import annotations
 
@@ -108,8 +107,7 @@ def _unused_hf_tensors(config: EncoderConfig, num_layers: int) -> dict[str, np.n
 
   ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck`` builds ``attention`` whenever
   ``key_query_shared_bottleneck`` is set. They are ignored on load and written on save so transformers finds every
-  weight it expects.
-  """
+  weight it expects."""
   if not isinstance(config, MobileBertConfig):
     return {}
   c = config
@@ -162,8 +160,7 @@ def hf_state_dict_to_params(
 
   Keys may carry the ``bert.``/``mobilebert.`` prefix of task models; the pooler, heads and dropped layers are ignored
   (logged at debug level). ``source`` names the input in errors. Raises ``ValueError`` naming every missing, unexpected
-  (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor.
-  """
+  (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor."""
   n = resolve_num_layers(config.num_hidden_layers, num_layers)
   expected = {_hf_key(path): (path, shape) for path, shape in _param_shapes(config, n).items()}
   unused = _unused_hf_tensors(config, config.num_hidden_layers)
@@ -199,8 +196,7 @@ def _num_layers(flat_params: Mapping[tuple[str, ...], Any]) -> int:
 def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, np.ndarray]:
   """Converts encoder params (any number of layers) to a float32 ``BertModel``/``MobileBertModel`` state dict.
 
-  The pooler is left out. Raises ``ValueError`` unless ``params`` has exactly the encoder's parameters and shapes.
-  """
+  The pooler is left out. Raises ``ValueError`` unless ``params`` has exactly the encoder's parameters and shapes."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
   n = _num_layers(flat)
   if not 1 <= n <= config.num_hidden_layers:
@@ -303,8 +299,7 @@ def load_hf_encoder(
 
   The config's ``num_hidden_layers`` is the layers kept, so ``build_encoder(config)`` matches ``params``. Raises
   ``ValueError`` (checkpoint and config differ), ``FileNotFoundError`` (no ``config.json`` or weights) or ``OSError``
-  (no local directory and the Hub cannot provide it).
-  """
+  (no local directory and the Hub cannot provide it)."""
   directory = _resolve_directory(path_or_hub_id)
   config_file = directory / "config.json"
   if not config_file.is_file():
@@ -328,8 +323,7 @@ def save_hf_encoder(
   """Writes ``config.json``, ``model.safetensors`` (no pooler) and the tokenizer files of ``tokenizer_dir``.
 
   The directory is written next to ``out_dir`` and moved into place with ``os.replace``, replacing an existing one;
-  ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory.
-  """
+  ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory."""
   out = Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"{out} exists and is not a directory")

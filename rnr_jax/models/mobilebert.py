@@ -1,8 +1,7 @@
 """MobileBERT encoder in Flax (linen), numerically equivalent to transformers' ``MobileBertModel`` without its pooler.
 
 Only MobileBERT's config, embeddings and layer parts live here; the skeleton and shared blocks are in
-:mod:`rnr_jax.models.encoder`.
-"""
+:mod:`rnr_jax.models.encoder`."""
 
 from __future__ import annotations
 
@@ -176,21 +175,7 @@ class MobileBertEncoder(Encoder):
   """MobileBERT encoder (``MobileBertModel`` without pooler) with every architecture switch of its config.
 
   As in transformers, the embedding norm and the layer output norm use epsilon 1e-5 (torch's default), the other norms
-  ``layer_norm_eps``. Paths follow :class:`~rnr_jax.models.bert.BertEncoder` plus
-  ``ffn.{j}`` -> ``ffn_{j}``; ``true`` is ``intra_bottleneck_size`` with ``use_bottleneck``, else ``hidden``::
-
-      embeddings/word_embeddings/embedding                [vocab_size, embedding_size]
-      embeddings/embedding_transformation/{kernel,bias}   [3*embedding_size or embedding_size, hidden]
-                                                          (if trigram_input or embedding_size != hidden)
-      embeddings/{position,token_type}_embeddings/embedding, embeddings/layer_norm/{scale,bias}
-      layer_{i}/bottleneck/input/{dense,layer_norm}/...   [hidden, true]  (use_bottleneck)
-      layer_{i}/bottleneck/attention/...                  as input (also key_query_shared_bottleneck,
-                                                          not use_bottleneck_attention)
-      layer_{i}/attention/{query,key,value}/{kernel,bias} [true or hidden, true]; output/... [true, true]
-      layer_{i}/ffn_{j}/{intermediate,output}/...         (j < num_feedforward_networks - 1)
-      layer_{i}/{intermediate,output}/...                 [true, intermediate], [intermediate, true]
-      layer_{i}/output/bottleneck/{dense,layer_norm}/...  [true, hidden]  (use_bottleneck)
-  """
+  ``layer_norm_eps``. Parameter paths: docs/design.md, "Encoder parameter paths"."""
 
   config: MobileBertConfig
   embeddings_class: ClassVar[type[Embeddings]] = MobileBertEmbeddings

@@ -2,8 +2,7 @@
 
 A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`: abstract
 shapes, shardings, jitted init (parameters born sharded), jitted step, resume, then the steps with logs, evaluations
-(and the best export), checkpoints and, for ``train.profile_steps``, a profiler trace.
-"""
+(and the best export), checkpoints and, for ``train.profile_steps``, a profiler trace."""
 
 from __future__ import annotations
 
@@ -131,8 +130,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   ``init_fn(rng)`` gives float32 master weights; ``step`` is the stage's update and initial state; ``data`` yields
   process-local batches; ``evaluator(params, step)`` runs every ``train.eval_every`` steps and after the last, its
   metrics offered to ``best``; ``init_checkpoint`` and ``load_pretrained`` give a fresh run's parameters (resume
-  order of :func:`rnr_jax.training.checkpoint.restore_or_initialize`).
-  """
+  order of :func:`rnr_jax.training.checkpoint.restore_or_initialize`)."""
   train_cfg, total_steps, mesh = config.train, int(config.train.num_steps), mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.

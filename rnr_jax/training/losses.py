@@ -15,8 +15,7 @@ def in_batch_nll(scores: jax.Array, mask: jax.Array | None = None) -> tuple[jax.
   ``scores [B, P]`` score every question against every passage of the *global* batch (question i owns rows ``i * P/B ...
   (i + 1) * P/B - 1``, its positive first). Computed inside ``jit`` on arrays sharded over the data axis, XLA gathers
   the passages across devices; unlike an all-gather with a stop-gradient, gradients reach every passage. ``mask [1, P]``
-  (optional) leaves padding passages out.
-  """
+  (optional) leaves padding passages out."""
   num_q, num_p = scores.shape
   if num_p % num_q:
     raise ValueError(f"{num_p} passages are not a multiple of {num_q} questions")
@@ -39,18 +38,10 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0,
            mask: jax.Array | None = None) -> jax.Array:
-  """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)).
+  """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)), the teacher a constant.
 
-  The teacher is a constant (``stop_gradient``). Multiply by ``T**2`` to keep Hinton et al.'s gradient scale across
-  temperatures.
-
-  Args:
-    teacher_logits, student_logits: [..., C]; the softmax is over the last axis.
-    temperature: T.
-    mask: bool, broadcastable to [..., C]; False entries (e.g. padded token
-      positions) are left out of both distributions. Rows without any True entry
-      (e.g. padded examples, via a mask of shape [..., 1]) are left out of the mean.
-  """
+  Multiply by ``T**2`` to keep Hinton et al.'s gradient scale across temperatures. ``mask`` (bool, broadcastable to the
+  logits ``[..., C]``) leaves False entries out of both distributions, and rows without a True entry out of the mean."""
   t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
   s = student_logits.astype(jnp.float32) / temperature
   if mask is not None:

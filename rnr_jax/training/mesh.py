@@ -2,8 +2,7 @@
 
 The batch is split over every data-parallel axis (``data`` and ``fsdp``); parameters, and through the same regex rules
 the optimiser moments (whose paths end with the parameter path), are split over ``fsdp`` where a rule says so and
-replicated otherwise.
-"""
+replicated otherwise."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
 
   Must run before anything touches a JAX device (including ``jax.devices()`` or ``jax.process_index()``), i.e. first
   thing in a stage's ``main``. The cluster (Cloud TPU, SLURM, Kubernetes, ...) is auto-detected by JAX. Calling it twice
-  is harmless.
-  """
+  is harmless."""
   if getattr(mesh_cfg, "distributed", False) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -60,8 +58,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   all of every process).
 
   Axes are ``AxisType.Auto``: XLA propagates shardings through the step, which is what lets ``q @ p.T`` over
-  data-sharded arrays gather the passages itself.
-  """
+  data-sharded arrays gather the passages itself."""
   devices = list(jax.devices() if devices is None else devices)
   axes = tuple(mesh_cfg.axes)
   shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
@@ -100,8 +97,7 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
   """PartitionSpec of one array: the first rule whose regex fully matches ``name``.
 
   Unmatched arrays and scalars are replicated. A dimension whose size is not divisible by its mesh axes is replicated
-  instead (and logged), so one rule can cover kernels of many shapes.
-  """
+  instead (and logged), so one rule can cover kernels of many shapes."""
   if not shape:
     return PartitionSpec()
   for pattern, spec in rules:
@@ -131,8 +127,7 @@ def param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """NamedSharding for every array of a pytree, from regex rules on its path.
 
   Works for any pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters, or a whole ``TrainState``: the optimiser
-  moments' paths end with the parameter path, so rules starting with ``.*`` shard them like their parameters).
-  """
+  moments' paths end with the parameter path, so rules starting with ``.*`` shard them like their parameters)."""
   return tree_map_with_names(
       lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
 
@@ -159,8 +154,7 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   """Assembles each process's rows into global arrays sharded over the data axes.
 
   Every process passes its own ``local_batch`` (leading dimension = global batch / process count); the result has the
-  global leading dimension. On one process this is a sharded ``device_put``.
-  """
+  global leading dimension. On one process this is a sharded ``device_put``."""
   sharding = batch_sharding(mesh, data_axes)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

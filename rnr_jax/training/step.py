@@ -2,8 +2,7 @@
 
 A stage's step is ``(state, batch, base_rng) -> (state, metrics)``: :func:`adamw_step` builds the usual one from a
 ``loss_fn(params, batch, rng) -> (loss, aux)``; Algorithm 1 (:mod:`rnr_jax.iterative`) builds its own two-update step
-from the same :func:`accumulate`.
-"""
+from the same :func:`accumulate`."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ class TrainState:
   """What a checkpoint restores: the step count, parameters and optimiser state.
 
   The step's random key is not stored: it is ``fold_in(base_rng, step)``, so a resumed run draws exactly the keys an
-  uninterrupted one would.
-  """
+  uninterrupted one would."""
   step: jax.Array
   params: PyTree
   opt_state: optax.OptState
@@ -53,8 +51,7 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
 
   The number of examples B is the smallest leading dimension; an array of R = m * B rows holds m consecutive rows per
   example (a question's passages). The strided choice keeps every micro-batch spread over all data shards, so no data
-  moves between devices.
-  """
+  moves between devices."""
   num_examples = min(x.shape[0] for x in jax.tree.leaves(batch))
   if num_examples % num:
     raise ValueError(f"{num_examples} examples per batch not divisible by grad_accum={num}")
@@ -75,8 +72,7 @@ def accumulate(fn: Callable[[Batch, jax.Array, Any], tuple[PyTree, Any]], params
 
   ``grad_accum == 1``: ``fn`` sees the whole batch, ``rng`` and ``extra[0]``. Else micro-batch ``i``
   (:func:`split_microbatches`) sees ``fold_in(rng, i)`` and ``extra[i]`` under ``lax.scan``, so activations of one
-  micro-batch at a time are alive. Outputs get a leading micro-batch axis either way.
-  """
+  micro-batch at a time are alive. Outputs get a leading micro-batch axis either way."""
   if grad_accum == 1:
     grads, out = fn(batch, rng, None if extra is None else jax.tree.map(lambda x: x[0], extra))
     return grads, jax.tree.map(lambda x: x[None], out)
@@ -96,8 +92,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   """``train_step(state, batch, base_rng) -> (state, metrics)``: one optimiser update on the mean micro-batch loss.
 
   Metrics: ``loss``, the loss_fn's aux metrics (means over micro-batches), ``grad_norm`` (unclipped), ``param_norm``
-  (after the update) and ``lr``.
-  """
+  (after the update) and ``lr``."""
   def train_step(state: TrainState, batch: Batch, base_rng: jax.Array) -> tuple[TrainState, Metrics]:
     def micro_step(micro: Batch, rng: jax.Array, _: Any) -> tuple[PyTree, Any]:
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro, rng)
