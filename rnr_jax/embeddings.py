@@ -236,10 +236,8 @@ def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], dat
                     tokenizer: tk.Tokenizer, mesh: Mesh, batch_size: int, *, field: str = "teacher"
                     ) -> tuple[np.ndarray, np.ndarray, bool]:
   """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
-
-  ``teacher`` is an exported retriever and ``embeddings`` its corpus embeddings (a memory map indexed by passage id of
-  the prepared ``data``); the questions are encoded here, once. ``normalize`` says whether the teacher scores by cosine.
-  ``field`` names the setting in errors."""
+  ``embeddings`` are the exported ``teacher``'s corpus embeddings (indexed by passage id of ``data``); the questions are
+  encoded here, once; ``normalize``: the teacher scores by cosine; ``field`` names the setting in errors."""
   spec, params, model = exports.load_retriever(teacher, mesh)
   if not embeddings:
     raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")

@@ -173,11 +173,9 @@ def load_reader(directory: str, mesh: Mesh | None = None) -> tuple[ReaderSpec, P
 def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | None = None, *,
                 passage_len: int = 256, passage_token_type: int = 1, normalize: bool = False,
                 require_system: bool = False) -> tuple[SystemSpec, Params]:
-  """The spec and parameters of a unified model, or of a retriever plus a reader.
-
-  A unified student (``train.distill``, ``train.finetune``) keeps its own retrieval settings; for a plain reader export
-  ``passage_len``, ``passage_token_type`` and ``normalize`` set them, or, with ``require_system``, it is refused. A
-  separate retriever's come from its own spec."""
+  """The spec and parameters of a unified model, or of a retriever plus a reader. A plain reader export takes its
+  retrieval settings from ``passage_len``, ``passage_token_type`` and ``normalize``, or is refused with
+  ``require_system``; a separate retriever's come from its own spec."""
   reader_spec, reader_params, info = load_reader(model_dir, mesh)
   if retriever_dir is not None:
     retriever_spec, retriever_params, _ = load_retriever(retriever_dir, mesh)

@@ -215,9 +215,8 @@ class DenseIndex:
     return (rows >= 0) | in_delta, rows, in_delta
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids [Q, k] int64, scores [Q, k] float32)`` of the best passages by inner product, best first.
-
-    ``k`` is clipped, with a ``UserWarning``, to ``len(self)``; empty ``"ah"`` slots hold ``-1`` / ``-inf``."""
+    """``(ids [Q, k] int64, scores [Q, k] float32)`` of the best passages by inner product, best first; ``k`` is
+    clipped, with a ``UserWarning``, to ``len(self)``; empty ``"ah"`` slots hold ``-1`` / ``-inf``."""
     q = _as_embeddings(queries, self.dim, "queries")
     live = len(self)
     if live == 0:
@@ -314,9 +313,8 @@ class DenseIndex:
     """Writes the index to ``directory`` atomically, compacting pending edits first; returns ``{file: bytes}``.
 
     Replaces an index directory there, refuses any other non-empty one. Files: ``index.json`` (kind, dim, size, options,
-    settings, build report, bytes and sha256 of the other files), ``ids.npy`` (int64[N] passage ids), ``vectors.npy``
-    (float32[N, d], "exact"), ``codes.npy`` int8[N, d] and ``row_scales.npy`` float32[N] ("int8_row"), ``scann/``
-    (ScaNN's serialization with relative asset paths, so the directory can move)."""
+    settings, build report, bytes and sha256 of the others), ``ids.npy`` and the kind's arrays: ``vectors.npy``
+    ("exact"), ``codes.npy`` and ``row_scales.npy`` ("int8_row") or ``scann/`` (relative asset paths: it can move)."""
     if len(self) == 0:
       raise ValueError("cannot save an empty index: every passage was removed")
     directory = os.fspath(directory)

@@ -7,9 +7,8 @@ import numpy as np
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(codes int8 [R, C], scales float32 [R])`` with ``codes * scales[:, None] ~= x``, ``scale = max|row| / 127``.
-
-  An all-zero row gets scale 1. Quantizing the dequantized rows again gives the same codes."""
+  """``(codes int8 [R, C], scales float32 [R])`` with ``codes * scales[:, None] ~= x``, ``scale = max|row| / 127``
+  (1 for an all-zero row). Quantizing the dequantized rows again gives the same codes."""
   x = np.asarray(x, np.float32)
   scales = np.abs(x).max(axis=1) / 127.0
   # Test the scale rather than the peak: a subnormal peak / 127 can underflow to 0.

@@ -262,9 +262,8 @@ def _nq_open_question(r: Record) -> Question:
 
 def read_questions(path: PathLike, *, require_gold_pid: bool = False, doc_ids: Container[int] | None = None,
                    skip_bad: bool = False, stats: ReadStats | None = None) -> Iterator[Question]:
-  """Questions in our jsonl format (``answers``) or NQ-open's (``answer``), as the first good record shows.
-
-  ``doc_ids``, when given, are the allowed ``gold_pid`` values; NQ-open ids default to the 0-based line index."""
+  """Questions in our jsonl format (``answers``) or NQ-open's (``answer``), as the first good record shows;
+  ``doc_ids``: the allowed ``gold_pid`` values. NQ-open ids default to the 0-based line index."""
   detected: Callable[[Record], Question] | None = None
 
   def make(r: Record) -> Question:

@@ -49,9 +49,8 @@ NORM_TYPES = ("layer_norm", "no_norm")
 
 @dataclasses.dataclass(frozen=True)
 class HFEncoderConfig:
-  """Fields the encoder configs share (transformers keys, ``BertConfig`` defaults) and ``config.json`` conversion.
-
-  Subclasses set ``model_type`` (as in ``config.json``) and ``architecture`` (the transformers class)."""
+  """Fields the encoder configs share (transformers keys, ``BertConfig`` defaults) and ``config.json`` conversion;
+  subclasses set ``model_type`` (as in ``config.json``) and ``architecture`` (the transformers class)."""
 
   model_type: ClassVar[str]
   architecture: ClassVar[str]
@@ -261,10 +260,8 @@ class Embeddings(ConfigModule):
 
 
 class Encoder(ConfigModule):
-  """``embeddings_class`` named ``embeddings``, then ``layer_class`` as ``layer_0`` ... ``layer_{n-1}``.
-
-  ``dtype`` is the computation (and output) dtype, ``param_dtype`` the parameters'; ``num_layers`` keeps only the first
-  layers (``None``: all)."""
+  """``embeddings_class`` named ``embeddings``, then ``layer_class`` as ``layer_0`` ... ``layer_{n-1}``; ``dtype``
+  computes (and outputs), ``param_dtype`` stores; ``num_layers`` keeps only the first layers (``None``: all)."""
 
   embeddings_class: ClassVar[type[Embeddings]]
   layer_class: ClassVar[type[ConfigModule]]  # (x, mask, *, deterministic) -> next hidden states

@@ -194,9 +194,8 @@ def _num_layers(flat_params: Mapping[tuple[str, ...], Any]) -> int:
 
 
 def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, np.ndarray]:
-  """Converts encoder params (any number of layers) to a float32 ``BertModel``/``MobileBertModel`` state dict.
-
-  The pooler is left out. Raises ``ValueError`` unless ``params`` has exactly the encoder's parameters and shapes."""
+  """Converts encoder params (any number of layers) to a float32 ``BertModel``/``MobileBertModel`` state dict (no
+  pooler); ``ValueError`` unless ``params`` has exactly the encoder's parameters and shapes."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
   n = _num_layers(flat)
   if not 1 <= n <= config.num_hidden_layers:
@@ -320,10 +319,8 @@ def save_hf_encoder(
   out_dir: str | os.PathLike[str],
   tokenizer_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-  """Writes ``config.json``, ``model.safetensors`` (no pooler) and the tokenizer files of ``tokenizer_dir``.
-
-  The directory is written next to ``out_dir`` and moved into place with ``os.replace``, replacing an existing one;
-  ``num_hidden_layers`` is the number of layers in ``params``. Returns the output directory."""
+  """Writes ``config.json`` (``num_hidden_layers``: the layers in ``params``), ``model.safetensors`` (no pooler)
+  and the tokenizer files of ``tokenizer_dir`` into a directory moved to ``out_dir`` by ``os.replace``; returns it."""
   out = Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"{out} exists and is not a directory")
