@@ -34,7 +34,7 @@ from rnr_jax.teacher import InputsFn, Teacher, TeacherCache
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
-from train import define_stage_flags, run_stage
+from train import define_stage_flags, run_stage, sources
 
 Params = Any
 
@@ -109,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   check_divisible(config, mesh_lib.data_parallelism(mesh), m)
 
   # Input: prepared data, the student's inputs, the candidate pool, the teacher's cached outputs, batches.
-  data = loop.prepared_data(config, workdir)
+  data = sources.prepared_data(config, workdir)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   system, pretrained, heads = student(config, data)
   loop.check_vocabulary(system.reader.build().config.vocab_size, tokenizer, data)

@@ -33,7 +33,7 @@ from rnr_jax.io import atomic_write_json
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
-from train import define_stage_flags, run_stage
+from train import define_stage_flags, run_stage, sources
 
 PyTree = Any
 
@@ -53,7 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> np.nd
                      "data-parallel devices")
 
   # Input: prepared data, J+train with retrieval frequencies, validation sets, resumable pair batches.
-  data = loop.prepared_data(config, workdir)
+  data = sources.prepared_data(config, workdir)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   corpus = data.token_corpus()
   num_passages = data.num_passages

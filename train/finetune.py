@@ -20,7 +20,7 @@ from rnr_jax.pool import UnifiedBatches, load_pool
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
-from train import define_stage_flags, run_stage
+from train import define_stage_flags, run_stage, sources
 from train.distill import check_divisible, fresh_evaluation
 
 
@@ -37,7 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   check_divisible(config, mesh_lib.data_parallelism(mesh), m)
 
   # Input: prepared data, the exported student (host arrays), the candidate pool, batches with span targets.
-  data = loop.prepared_data(config, workdir)
+  data = sources.prepared_data(config, workdir)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   system, scale, initial = exports.load_unified(fcfg.init)
   if system.reader.tokenizer_fingerprint != data.manifest["settings"]["tokenizer"]:

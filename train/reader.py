@@ -27,7 +27,7 @@ from rnr_jax.specs import ReaderSpec
 from rnr_jax.training import loop
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
-from train import define_stage_flags, run_stage
+from train import define_stage_flags, run_stage, sources
 
 PyTree = Any
 
@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                      f"{rcfg.eval_batch_size} must be divisible by the {parallel} data-parallel devices")
 
   # Input: prepared data, passage pools of the training and dev questions, resumable batches.
-  data = loop.prepared_data(config, workdir)
+  data = sources.prepared_data(config, workdir)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   encoder_config, pretrained, _ = exports.initial_encoder(config.model)
   loop.check_vocabulary(encoder_config.vocab_size, tokenizer, data)

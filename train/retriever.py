@@ -29,7 +29,7 @@ from rnr_jax.specs import RetrieverSpec
 from rnr_jax.training import loop, losses
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training import step as step_lib
-from train import define_stage_flags, run_stage
+from train import define_stage_flags, run_stage, sources
 
 PyTree = Any
 
@@ -114,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                      f"{mesh_lib.data_parallelism(mesh)} data-parallel devices")
 
   # Input: prepared data, the model's input layout, resumable batches.
-  data = loop.prepared_data(config, workdir)
+  data = sources.prepared_data(config, workdir)
   tokenizer = tk.Tokenizer.from_pretrained(data.tokenizer_path)
   encoder_config, pretrained, _ = exports.initial_encoder(config.model)
   loop.check_vocabulary(encoder_config.vocab_size, tokenizer, data)

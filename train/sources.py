@@ -16,10 +16,13 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 from rnr_jax.data import readers as R
-from rnr_jax.data.prepared import Source
+from rnr_jax.data.prepared import PreparedData, Source, prepare
 from rnr_jax.io import atomic_write_text, sha256_file
 from train import formats
 
@@ -213,3 +216,15 @@ def write_slice(corpus: Sequence[Source], questions: Mapping[str, Source], out: 
   for name, qs in kept.items():
     _write_jsonl(os.path.join(out, f"{name}.jsonl"), [q.to_json() for q in qs])
   return [os.path.join(out, "corpus.jsonl")], {name: os.path.join(out, f"{name}.jsonl") for name in kept}
+
+
+def prepared_data(config: Any, workdir: str) -> PreparedData:
+  """A stage's data: ``config.prepared_dir``, or ``<workdir>/prepared`` built (or found up to date) from the jsonl
+  files of ``config.data_dir`` by process 0 while the others wait."""
+  if config.prepared_dir:
+    return PreparedData.load(config.prepared_dir)
+  path = os.path.join(workdir, "prepared")
+  if jax.process_index() == 0:
+    prepare(*data_dir_sources(config.data_dir), path, echo=lambda s: logging.info("%s", s))
+  multihost_utils.sync_global_devices("train.sources.prepared_data")
+  return PreparedData.load(path)

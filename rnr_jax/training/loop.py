@@ -17,15 +17,14 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from rnr_jax.data.prepared import PreparedData, prepare
 from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training.metrics_log import MetricsLogger, write_text
 from rnr_jax.training.step import Step, TrainState, jit_train_step
 
 if TYPE_CHECKING:
+  from rnr_jax.data.prepared import PreparedData
   from rnr_jax.exports import BestExport
 
 PyTree = Any
@@ -42,17 +41,6 @@ def start_run(config: Any, workdir: str) -> str:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     write_text(os.path.join(workdir, "config.json"), json.dumps(json.loads(config.to_json_best_effort()), indent=2))
   return workdir
-
-
-def prepared_data(config: Any, workdir: str) -> PreparedData:
-  """``config.prepared_dir``, or ``<workdir>/prepared`` built (or found up to date) from ``config.data_dir``."""
-  if config.prepared_dir:
-    return PreparedData.load(config.prepared_dir)
-  path = os.path.join(workdir, "prepared")
-  if jax.process_index() == 0:
-    prepare(config.data_dir, path, echo=lambda s: logging.info("%s", s))
-  multihost_utils.sync_global_devices("rnr_jax.training.loop.prepared_data")
-  return PreparedData.load(path)
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Any, data: PreparedData) -> None:
