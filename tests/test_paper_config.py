@@ -60,6 +60,7 @@ def test_paper_slice_runs_every_stage(tmp_path_factory):
     distill = json.load(f)
   assert distill["unified"]["init_retriever"] == os.path.join(workdir, "student_retriever", "best")
   assert distill["distill"]["retrieval_loss"] == "kd" and distill["distill"]["temperature"] == 3
+  assert not distill["distill"]["retriever_teacher"]  # the student retriever starts it; the teacher reader teaches
   bundle = QASystem.from_bundle(os.path.join(workdir, "bundle"))
   assert bundle.index.kind == "int8"
   with open(os.path.join(workdir, "bundle", "manifest.json"), encoding="utf-8") as f:

@@ -6,13 +6,10 @@ the same layout.
 
 import json
 import os
-import shutil
 
 import pytest
 from test_retriever import write_toy_data
 
-from configs.pipeline_common import stage
-from rnr_jax import exports
 from rnr_jax.config import load_config
 from rnr_jax.qa_system import QASystem
 from train import pipeline, sources
@@ -103,27 +100,6 @@ def test_smoke_runs_mini_topology(smoke_run):
   with open(os.path.join(workdir, "distill", "metrics.jsonl"), encoding="utf-8") as f:
     logged = [json.loads(line) for line in f]
   assert any("retriever_kd" in line and "in_batch_acc" in line for line in logged)
-
-
-def test_paper_topology_trains_a_retriever_first(smoke_run, tmp_path):
-  """student="paper": a shared-encoder retriever trained alone on the kept passages, then distillation from it with
-  fresh heads (§2.2.2); the teacher stages are reused."""
-  config, workdir, data, _ = smoke_run
-  work = str(tmp_path / "w")
-  shutil.copytree(workdir, work)
-  config = load_config(os.path.join(ROOT, "configs/smoke.py"))
-  config.student = "paper"
-  config.stages.student_retriever = stage("configs/retriever.py:tiny", "train.num_steps=4", "train.eval_every=100000",
-                                          "train.ckpt_every=2", "optim.warmup_steps=0", "model.num_layers=1",
-                                          "model.pooling='mean'")
-  records = pipeline.run_pipeline(config, work, data_dir=data, until="distill", redo=("distill",))
-  assert list(records)[-2:] == ["student_retriever", "distill"]
-  with open(os.path.join(work, "distill", "config.json"), encoding="utf-8") as f:
-    distill_config = json.load(f)
-  assert distill_config["unified"]["init_retriever"] == os.path.join(work, "student_retriever", "best")
-  assert not distill_config["distill"]["retriever_teacher"]
-  spec, _ = exports.load_system(os.path.join(work, "distill", "best"))
-  assert spec.reader.encoder["num_hidden_layers"] == 1  # the student retriever's encoder
 
 
 def test_finished_stages_are_skipped_and_removed_ones_rerun(smoke_run):
