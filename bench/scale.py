@@ -219,7 +219,7 @@ def _teacher_cache(d: str, data: Any, tokenizer: Any, spec: Any, params: Any, me
   rd.save_ranked(candidates, {s: data.candidates(s).bm25_pids for s in TRAIN_SPLITS})
   pool_cfg = ml_collections.ConfigDict({"train_splits": TRAIN_SPLITS, "max_train_questions": TEACHER_QUESTIONS,
                                         "candidates": candidates, "retriever": "", "k1": K1, "subset": "",
-                                        "encode_batch_size": BATCH})
+                                        "encode_batch_size": BATCH, "positives": "gold_article"})
   workdir = os.path.join(d, "distill")
   pool = load_pool(pool_cfg, data, tokenizer, workdir, mesh)
   read = retrieval.BatchEncoder(spec.read_fn(), mesh, 8 * M)
