@@ -155,12 +155,23 @@ def _prepare(data_dir, out, settings, **kwargs):
   return PD.prepare(corpus, questions, str(out), settings, **kwargs)
 
 
-def _run_cli(*args):
+def _run_cli(*args, returncode=0):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-m", "train.prepare", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  assert proc.returncode == returncode, proc.stderr[-3000:]
+  return proc.stdout if returncode == 0 else proc.stderr
+
+
+def test_prepare_cli_names_a_bad_record_in_one_line(vocab_dir, tmp_path):
+  corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "q.jsonl"
+  corpus.write_bytes(b'{"id": 1, "title": "a", "text": "alpha"}\n{"id": 2, "title": "b", "text": "be \xff ta"}\n')
+  questions.write_text(json.dumps({"id": "q", "question": "what", "answers": ["alpha"], "gold_pid": 1}) + "\n")
+  stderr = _run_cli("--corpus", str(corpus), "--questions", f"toy_dev={questions}", "--out", str(tmp_path / "out"),
+                    "--tokenizer", vocab_dir, returncode=1)
+  assert stderr.strip().splitlines()[-1] == f"train.prepare: error: {corpus}:2: invalid UTF-8: invalid start byte " \
+                                           "(byte 36)"
+  assert "Traceback" not in stderr and not (tmp_path / "out").exists()
 
 
 def test_prepare_cli_end_to_end(data_dir, vocab_dir, tmp_path):

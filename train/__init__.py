@@ -4,8 +4,10 @@ Every entry point takes ``--config`` (a path, or ``configs/<name>.py`` of the in
 ``--library_logs`` and ``--compile_cache``, applied by :func:`setup` first thing in its ``main``.
 """
 
+import contextlib
 import logging as py_logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,10 +17,21 @@ from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 import configs
-from rnr_jax.io import user_cache_dir
+from rnr_jax.data.prepared import PreparedDataError
+from rnr_jax.data.readers import DataFormatError
+from rnr_jax.io import BadFileError, user_cache_dir
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN_CODE = tuple(os.path.join(_ROOT, package) + os.sep for package in ("rnr_jax", "train", "infer", "configs", "bench"))
+
+
+@contextlib.contextmanager
+def input_errors_exit(prog: str):
+  """Ends the program with one line naming the file, line and field of a bad input, instead of a traceback."""
+  try:
+    yield
+  except (DataFormatError, PreparedDataError, BadFileError, FileNotFoundError) as e:
+    sys.exit(f"{prog}: error: {e}")
 
 
 class OwnInfoOnly(py_logging.Filter):

@@ -40,7 +40,7 @@ from rnr_jax.io import atomic_write_json, atomic_write_text
 from rnr_jax.qa_system import InferenceSettings, QASystem, evaluate_system
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
-from train import define_flags, setup
+from train import define_flags, input_errors_exit, setup
 from train import distill as distill_stage
 from train import filter as filter_stage
 from train import finetune as finetune_stage
@@ -515,9 +515,10 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.INFO)
   setup()
   start = time.perf_counter()
-  records = run_pipeline(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, corpus=FLAGS.corpus,
-                         questions=FLAGS.questions + list(argv[1:]), until=FLAGS.until, redo=FLAGS.redo,
-                         results_md=FLAGS.results_md)
+  with input_errors_exit("train.pipeline"):
+    records = run_pipeline(FLAGS.config, FLAGS.workdir, data_dir=FLAGS.data_dir, corpus=FLAGS.corpus,
+                           questions=FLAGS.questions + list(argv[1:]), until=FLAGS.until, redo=FLAGS.redo,
+                           results_md=FLAGS.results_md)
   print(json.dumps({"workdir": os.path.abspath(FLAGS.workdir), "wall_s": round(time.perf_counter() - start, 1),
                     "stage_seconds": {s: r["seconds"] for s, r in records.items()},
                     "final_vs_teacher": records.get("report", {}).get("summary", {}).get("final_vs_teacher")}))

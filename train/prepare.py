@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 from rnr_jax.data.prepared import PrepareSettings, prepare
 from rnr_jax.metrics import DEFAULT_KS
-from train import sources
+from train import input_errors_exit, sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("corpus", [], "Corpus file or tfds:squad/SPLIT (repeat for several; documents of all).")
@@ -97,9 +97,10 @@ def main(argv: list[str]) -> None:
       hard_negatives=FLAGS.hard_negatives, max_train_questions=FLAGS.max_train_questions, stemmer=FLAGS.stemmer,
       compress=tuple(FLAGS.compress), skip_bad=FLAGS.skip_bad)
   tfds = sources.TfdsOptions(FLAGS.tfds_data_dir, FLAGS.tfds_download)
-  corpus_sources, question_sources = sources.build(corpus, questions, tfds)
-  result = prepare(corpus_sources, question_sources, FLAGS.out, settings, n_threads=FLAGS.threads, force=FLAGS.force,
-                   echo=lambda s: logging.info("%s", s))
+  with input_errors_exit("train.prepare"):
+    corpus_sources, question_sources = sources.build(corpus, questions, tfds)
+    result = prepare(corpus_sources, question_sources, FLAGS.out, settings, n_threads=FLAGS.threads,
+                     force=FLAGS.force, echo=lambda s: logging.info("%s", s))
   if result.built:
     _print_summary(result.manifest)
   else:
