@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -32,7 +33,8 @@ class Export:
   """Exported parameters: ``<directory>/<step>/{params, model}``, newest step only."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
+    # A bucket's URI (gs://...) is kept as it is: Orbax writes there through etils.epath.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -141,7 +143,7 @@ class BestExport:
 
 def _restore(directory: str, kind: str, mesh: Mesh | None) -> tuple[Any, Params, dict[str, Any]]:
   """``(spec, params replicated on mesh or on device 0, model item)`` of an export holding ``model[kind]``."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{directory}: no exported {kind} (no such directory)")
   export = Export(directory)
   try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from rnr_jax.io import relative_files
 from rnr_jax.training import checkpoint as ckpt_lib
 from rnr_jax.training import mesh as mesh_lib
 from rnr_jax.training.metrics_log import MetricsLogger, write_text
@@ -41,6 +43,24 @@ def start_run(config: Any, workdir: str) -> str:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     write_text(os.path.join(workdir, "config.json"), json.dumps(json.loads(config.to_json_best_effort()), indent=2))
   return workdir
+
+
+@contextlib.contextmanager
+def profiler_trace(log_dir: str) -> Iterator[None]:
+  """``jax.profiler.trace`` into ``log_dir``. The profiler writes through its own C++ file layer (local paths, gs://
+  by its own client), not etils.epath: a URI's trace is written to a local temporary directory, then copied there
+  through epath like the rest of the workdir (any scheme epath knows, the same credentials)."""
+  if "://" not in log_dir:
+    with jax.profiler.trace(log_dir):
+      yield
+    return
+  with tempfile.TemporaryDirectory() as local:
+    with jax.profiler.trace(local):
+      yield
+    for relative, full in relative_files(local):
+      target = epath.Path(log_dir) / relative
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(epath.Path(full).read_bytes())
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Any, data: PreparedData) -> None:
@@ -151,7 +171,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
       batch = mesh_lib.make_global_batch(next(data), mesh)  # each process contributes its rows
       logger.data_seconds += time.perf_counter() - tic
       if profile and step_num == profile[0]:
-        tracing.enter_context(jax.profiler.trace(os.path.join(workdir, "profile")))
+        tracing.enter_context(profiler_trace(os.path.join(workdir, "profile")))
       state, metrics = train_step(state, batch, rng)
       if profile and step_num == profile[-1]:
         jax.block_until_ready(state)  # the trace ends after this step's device work

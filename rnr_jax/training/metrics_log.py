@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -52,13 +54,15 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-  """Event files in ``logdir`` by tensorboard's own writer (no TensorFlow; buckets through fsspec)."""
+  """Event files in ``logdir`` by tensorboard's own writer (no TensorFlow). That writer appends to its file, which a
+  bucket cannot: for a URI it writes a local temporary directory, whose files each flush uploads whole."""
 
   def __init__(self, logdir: str, start_step: int):
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
     from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=import-outside-toplevel
-    self._pb, self._summary, self._writer = event_pb2, summary_pb2.Summary, EventFileWriter(logdir)
-    self.flush, self.close = self._writer.flush, self._writer.close
+    self._logdir, self._local = logdir, tempfile.mkdtemp(prefix="tensorboard.") if "://" in logdir else None
+    self._pb, self._summary = event_pb2, summary_pb2.Summary
+    self._writer = EventFileWriter(self._local or logdir)
     # A reader drops the points of steps >= this marker's from earlier files: a resumed run shows each step once.
     self._add(start_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
 
@@ -72,6 +76,19 @@ class TensorBoardWriter:
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     from tensorboard.plugins.hparams import summary_v2  # pylint: disable=import-outside-toplevel
     self._add(0, summary=summary_v2.hparams_pb(hparams))
+
+  def flush(self) -> None:
+    self._writer.flush()
+    if self._local is not None:
+      epath.Path(self._logdir).mkdir(parents=True, exist_ok=True)
+      for name in os.listdir(self._local):
+        epath.Path(self._logdir, name).write_bytes(epath.Path(self._local, name).read_bytes())
+
+  def close(self) -> None:
+    self.flush()
+    self._writer.close()
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 class WandbWriter:
