@@ -104,6 +104,7 @@ class Worker:
     self._queue: queue.Queue[Any] = queue.Queue()
     self.batches = self.questions = 0
     self.bundle_stamp = 0  # the bundle manifest's mtime the system reflects (watch_bundle)
+    self.stamp_lock = threading.Lock()  # a save and its stamp as one step, so the watcher never reloads our write
     self._thread = threading.Thread(target=self._run, name="qa-worker", daemon=True)
     self._thread.start()
 
@@ -307,8 +308,9 @@ def _apply_edits(worker: Worker, edit: EditRequest, bundle_dir: str | None) -> d
   knowledge.replace_passages(system, [knowledge.Passage(p.title, p.text, p.id) for p in edit.replace])
   added = knowledge.add_passages(system, [knowledge.Passage(p.title, p.text, p.id) for p in edit.add])
   if edit.save:
-    knowledge.save_edits(system, bundle_dir)
-    worker.bundle_stamp = _manifest_stamp(bundle_dir)  # our own write: nothing to reload
+    with worker.stamp_lock:
+      knowledge.save_edits(system, bundle_dir)
+      worker.bundle_stamp = _manifest_stamp(bundle_dir)  # our own write: nothing to reload
   return {"added": added.tolist(), "removed": sorted(removed), "replaced": replaced, "passages": len(system.index),
           "saved": edit.save}
 
@@ -327,8 +329,10 @@ def watch_bundle(worker: Worker, bundle_dir: str, interval_s: float, stop: threa
 
   def run() -> None:
     while not stop.wait(interval_s):
-      stamp = _manifest_stamp(bundle_dir)
-      if stamp in (0, worker.bundle_stamp):
+      with worker.stamp_lock:
+        stamp = _manifest_stamp(bundle_dir)
+        changed = stamp not in (0, worker.bundle_stamp)
+      if not changed:
         continue
       try:
         new = QASystem.from_bundle(bundle_dir, engine=worker.system.engine.name, mesh=worker.system.mesh)
