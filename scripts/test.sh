@@ -10,7 +10,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 export RNR_DATA="${RNR_DATA:-$(cd .. && pwd)/shared/data}"
 set +e
-.venv/bin/python -m pytest -q "$@"
+# Two workers, each taking whole files (module fixtures are built once); pass -n 0 to run in one process.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
 rc=$?
 set -e
 # pytest exit code 5 = no tests collected (e.g. a -k filter matching nothing): not a failure.

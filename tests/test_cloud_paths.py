@@ -63,29 +63,6 @@ def bucket(tmp_path, monkeypatch):
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
-class Killed(Exception):
-  """Stands for a kill of the run."""
-
-
-class KillAt:
-  """Wraps a batch iterator; getting the ``at``-th batch raises :class:`Killed`."""
-
-  def __init__(self, inner, at):
-    self.inner, self.at, self.calls = inner, at, 0
-
-  def __next__(self):
-    self.calls += 1
-    if self.calls == self.at:
-      raise Killed(f"batch {self.at}")
-    return next(self.inner)
-
-  def state(self):
-    return self.inner.state()
-
-  def restore(self, state):
-    self.inner.restore(state)
-
-
 def _run(workdir, kill_at=None, **overrides):
   """A 10-step toy run with evaluations and a best export, started (or resumed) in ``workdir``, killed on getting
   batch ``kill_at``; returns its final params."""
@@ -98,7 +75,7 @@ def _run(workdir, kill_at=None, **overrides):
   try:
     state = loop.train_loop(
         config, workdir=workdir, init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
-        data=data if kill_at is None else KillAt(data, kill_at), best=best,
+        data=data if kill_at is None else toy_model.StopAt(data, kill_at), best=best,
         evaluator=lambda params, step: {"score": -evaluate(params, step)["mse"]})
   finally:
     best.close()
@@ -112,7 +89,8 @@ def _jsonl(path):
 def test_workdir_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp_path):
   straight = _run(str(tmp_path / "local"))
   remote = "gs://test-bucket/runs/toy"
-  with pytest.raises(Killed):  # during step 7: checkpoint 4 saved, evaluations of steps 3 and 6 logged
+  # Stopped during step 7: checkpoint 4 saved, evaluations of steps 3 and 6 logged.
+  with pytest.raises(toy_model.Interrupted):
     _run(remote, kill_at=7, profile_steps=(2, 3))
   assert [p.name for p in epath.Path(remote, "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
   resumed = _run(remote)  # from step 4: steps 5 and 6, and step 6's evaluation, again

@@ -137,29 +137,6 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
     run()
 
 
-class Interrupted(Exception):
-  pass
-
-
-class StopAt:
-  """Wraps an iterator; fetching the ``at``-th batch raises :class:`Interrupted`, as if the run were killed there."""
-
-  def __init__(self, inner, at):
-    self.inner, self.at, self.calls = inner, at, 0
-
-  def __next__(self):
-    self.calls += 1
-    if self.calls == self.at:
-      raise Interrupted(f"batch {self.at}")
-    return next(self.inner)
-
-  def state(self):
-    return self.inner.state()
-
-  def restore(self, state):
-    self.inner.restore(state)
-
-
 def test_resume_keeps_eval_log_and_best_export_of_an_uninterrupted_run(tmp_path):
   # The selection metric by step. The run stops after step 7's evaluation, whose export (the best) is newer than
   # the checkpoint of step 4; the resumed run evaluates steps 5 to 7 again, and step 5 must lose to step 2.
@@ -183,8 +160,8 @@ def test_resume_keeps_eval_log_and_best_export_of_an_uninterrupted_run(tmp_path)
 
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   run(straight, toy_data(config))
-  with pytest.raises(Interrupted):
-    run(resumed, StopAt(toy_data(config), at=8))  # after step 7's evaluation and export
+  with pytest.raises(toy_model.Interrupted):
+    run(resumed, toy_model.StopAt(toy_data(config), at=8))  # after step 7's evaluation and export
   assert [e["step"] for e in evals(resumed)] == list(range(1, 8))
   assert exports.read_info(str(resumed / "best"))["step"] == 7
   run(resumed, toy_data(config))  # resumes from step 4

@@ -125,3 +125,26 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
       async_ckpt=True, seed=0))
   c.train.update(train_overrides)
   return c
+
+
+class Interrupted(Exception):
+  pass
+
+
+class StopAt:
+  """Wraps an iterator; fetching the ``at``-th batch raises :class:`Interrupted`, as if the run were killed there."""
+
+  def __init__(self, inner, at):
+    self.inner, self.at, self.calls = inner, at, 0
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.at:
+      raise Interrupted(f"batch {self.at}")
+    return next(self.inner)
+
+  def state(self):
+    return self.inner.state()
+
+  def restore(self, state):
+    self.inner.restore(state)
