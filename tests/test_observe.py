@@ -22,7 +22,8 @@ import configs
 import toy_model
 from rnr_jax.training import loop, metrics_log
 from rnr_jax.training import step as step_lib
-from test_resume import Interrupted, StopAt, toy_data
+from test_resume import toy_data
+from toy_model import Interrupted, StopAt
 from test_retriever import write_toy_data
 from train import OWN_CODE, OwnInfoOnly, _PackageConfigParser
 
