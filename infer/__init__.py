@@ -12,6 +12,7 @@ from absl import app, flags
 from rnr_jax.data.prepared import PreparedDataError
 from rnr_jax.data.readers import DataFormatError
 from rnr_jax.io import BadFileError
+from rnr_jax.qa_system import is_local_bundle
 
 # Mistakes in the command line or its input files, as opposed to bugs, which keep their traceback.
 USER_ERRORS = (app.UsageError, BadFileError, DataFormatError, PreparedDataError, FileNotFoundError, FileExistsError,
@@ -49,9 +50,8 @@ def check_dir(path: str | None, flag: str) -> None:
 
 
 def check_bundle(bundle: str) -> None:
-  """:func:`check_dir` for a ``--bundle`` that names a local directory rather than a Hub model id (the test of
-  :meth:`rnr_jax.qa_system.QASystem.from_pretrained`)."""
-  if os.path.isabs(bundle) or bundle.startswith((".", "~")) or os.path.exists(bundle):
+  """:func:`check_dir` for a ``--bundle`` that names a local path rather than a Hub model id."""
+  if is_local_bundle(bundle):
     check_dir(os.path.expanduser(bundle), "bundle")
 
 

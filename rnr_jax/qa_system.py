@@ -265,6 +265,11 @@ def _power_of_two(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
+def is_local_bundle(bundle: str | os.PathLike) -> bool:
+  """Whether ``bundle`` names a local path (absolute, ``.``/``~``-relative or existing) rather than a Hub model id."""
+  return os.path.exists(bundle) or os.path.isabs(bundle) or str(bundle).startswith((".", "~"))
+
+
 class QASystem:
   """Retrieve-and-read question answering over a passage index, its model run by ``engine`` (``embed``: retrieval
   vectors, ``read``: span and rank logits, of batches run padded to ``rows``). Not thread-safe: one caller at a time
@@ -346,7 +351,7 @@ class QASystem:
                       token: str | None = None, **kwargs: Any) -> QASystem:
     """The system of a bundle directory or a Hugging Face Hub model id (downloaded with ``huggingface_hub``; see
     ``python -m infer.hub``); ``kwargs`` go to :meth:`from_bundle`."""
-    if os.path.isdir(bundle) or os.path.isabs(bundle) or str(bundle).startswith((".", "~")):
+    if is_local_bundle(bundle):
       return cls.from_bundle(bundle, **kwargs)
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
     return cls.from_bundle(snapshot_download(str(bundle), revision=revision, endpoint=endpoint, token=token), **kwargs)
