@@ -26,7 +26,7 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # random distractor documents. 0 = the whole data.
   c.slice = ml_collections.ConfigDict({"questions": 0, "distractors": 0})
   c.prepare = ml_collections.ConfigDict({"words_per_passage": 100, "bm25_topk": 100, "hard_negatives": 30,
-                                         "max_train_questions": 0, "compress": ("bz2", "lzma"), "skip_bad": False})
+                                         "max_train_questions": 0, "holdout": 0, "compress": ("bz2", "lzma"), "skip_bad": False})
   c.dev_splits = ("nq_dev", "squadshifts_dev")
   # The student's topology: "paper" trains a shared encoder for retrieval alone (stage student_retriever, §2.2.2)
   # and distils the reader into it; "from_teacher_reader" starts distillation from the teacher reader (its encoder,

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   c.bundle = shipped.bundle
   c.slice.questions = 24
   c.slice.distractors = 40
+  c.prepare.holdout = shipped.prepare.holdout and 4
   c.prepare.compress = ()
   c.candidates_k = 20
   c.encode_batch_size = 16
@@ -24,7 +25,7 @@ def get_config(arg: str | None = None):
   steps = ("train.num_steps=4", "train.eval_every=100000", "train.ckpt_every=2", "optim.warmup_steps=0")
   c.stages.teacher_retriever = stage("configs/retriever.py:tiny", *steps, "retriever.shared=False",
                                      "model.retrieval_dim=0", "model.pooling='mean'", "retriever.normalize=True")
-  c.stages.teacher_reader = stage("configs/reader.py:tiny", *steps, "reader.m=2", "reader.num_negatives=4",
+  c.stages.teacher_reader = stage("configs/reader.py:tiny", *steps, "train.eval_every=2", "reader.m=2", "reader.num_negatives=4",
                                   "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=8")
   c.stages.filter = stage("configs/filter.py:tiny", *steps, "filter.keep=0.5", "filter.val_negatives=16",
                           "filter.positive_splits=('nq_train', 'squadshifts_train')")

@@ -11,6 +11,7 @@ import pytest
 from test_retriever import write_toy_data
 
 from rnr_jax.config import load_config
+from rnr_jax.data import PreparedData
 from rnr_jax.qa_system import QASystem
 from train import pipeline, sources
 
@@ -77,6 +78,20 @@ def test_every_stage_runs_and_reports(smoke_run):
   assert bundle.settings.rule == config.bundle.rule == "fused"
   assert all(r["rule"] == "fused" for r in records["bundle"]["summary"]["results"].values())
   assert systems[-1]["name"].endswith(", fused answer rule")
+  # Held-out training questions: the reader evaluates on them (one curve row per evaluation) and the bundle's m' is
+  # chosen on them, the same for every dev split.
+  data = PreparedData.load(os.path.join(workdir, "prepared"))
+  assert {"nq_holdout", "squadshifts_holdout"} <= set(data.splits)
+  assert len(data.questions("nq_holdout")) == config.prepare.holdout
+  assert not {q.id for q in data.questions("nq_holdout")} & {q.id for q in data.questions("nq_train")}
+  reading = report["reader"]
+  assert reading["split"] == "nq_holdout" and [e["step"] for e in reading["curve"]] == [2, 4]
+  assert reading["curve"][0]["questions"] == 2 * 8
+  assert "questions seen" in text
+  results = records["bundle"]["summary"]["results"]
+  assert all(r["read_passages_chosen_on"] == ["nq_holdout", "squadshifts_holdout"] for r in results.values())
+  assert len({r["best_read_passages"] for r in results.values()}) == 1
+  assert all(r["em"] == r["em_at"][str(r["best_read_passages"])] for r in results.values())
   assert [r["name"] for r in report["retrieval"]] == [
       "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
       "unified after finetuning (over the subset)",

@@ -406,3 +406,17 @@ def test_prepare_counts_empty_documents_duplicate_questions_and_empty_answers(da
   dev = m["splits"]["tiny_dev"]
   assert (dev["questions"], dev["no_answer"], dev["skipped_bad"]) == (3, 1, 1)
   assert PD.PreparedData.load(tmp_path / "p").questions("tiny_dev")[-1].answers == ("Italy",)
+
+
+def test_prepare_holds_out_the_last_training_questions(data_dir, vocab_dir, tmp_path):
+  settings = PD.PrepareSettings(tokenizer=vocab_dir, hard_negatives=2, bm25_topk=5, compress=(), holdout=1)
+  result = _prepare(data_dir, tmp_path / "p", settings, echo=lambda s: None)
+  data = PD.PreparedData.load(result.path)
+  with open(data_dir / "tiny_train.jsonl", encoding="utf-8") as f:
+    ids = [json.loads(line)["id"] for line in f]
+  assert [q.id for q in data.questions("tiny_train")] == ids[:-1]
+  assert [q.id for q in data.questions(PD.holdout_name("tiny_train"))] == ids[-1:] and PD.holdout_name(
+      "tiny_train") == "tiny_holdout"
+  assert len(data.candidates("tiny_holdout")) == 1
+  with pytest.raises(ValueError, match="not more than the 9 to hold out"):
+    _prepare(data_dir, tmp_path / "q", PD.PrepareSettings(**{**settings.__dict__, "holdout": 9}), echo=lambda s: None)

@@ -175,14 +175,31 @@ class Pipeline:
 
   def evaluate(self, system: QASystem, *, rule: str | None = None, max_read: int | None = None
                ) -> dict[str, dict[str, Any]]:
-    """EM and top-k accuracy of ``system`` on each dev split (the pipeline's eval settings, unless given)."""
+    """EM and top-k accuracy of ``system`` on each dev split (the pipeline's eval settings, unless given). When more
+    than one m' is read and the data has held-out training questions, m' is the one with the best mean EM on them,
+    never chosen on a dev split."""
     e = self.config.eval
-    results = {}
-    for split in self.dev_splits:
+    max_read = int(e.max_read) if max_read is None else max_read
+
+    def run(split: str) -> dict[str, Any]:
       summary, _ = evaluate_system(system, self.data.questions(split)[:int(e.questions) or None],
                                    top_k=int(e.top_k), rule=rule or e.rule,
                                    passage_score_weight=float(e.passage_score_weight), batch_size=int(e.batch_size),
-                                   max_read=int(e.max_read) if max_read is None else max_read)
+                                   max_read=max_read)
+      return summary
+
+    held_out = [s for s in self.data.splits if s.endswith("_holdout")] if max_read != 1 else []
+    chosen = None
+    if held_out:
+      em_at = [run(s)["em_at"] for s in held_out]
+      chosen = max(em_at[0], key=lambda n: (np.mean([em[n] for em in em_at]), -int(n)))
+      logging.info("m' = %s: the best mean EM on %s", chosen, held_out)
+    results = {}
+    for split in self.dev_splits:
+      summary = run(split)
+      if chosen is not None:
+        summary.update(em=summary["em_at"][chosen], f1=summary["f1_at"][chosen], best_read_passages=int(chosen),
+                       read_passages_chosen_on=held_out)
       logging.info("%s: EM %.4f (m'=%d), %.2f questions/s", split, summary["em"], summary["best_read_passages"],
                    summary["questions_per_s"])
       results[split] = summary
@@ -246,9 +263,14 @@ class Pipeline:
     return {"distill.retriever_teacher": self.path("teacher_retriever", "best"),
             "distill.retriever_teacher_embeddings": self.path("teacher_retriever", "embeddings")}
 
+  def select_split(self) -> str:
+    """Where the trainers evaluate and choose their best step: the first held-out split of training questions
+    (``prepare.holdout``), else the first dev split."""
+    return next((s for s in self.data.splits if s.endswith("_holdout")), self.dev_splits[0])
+
   def pool_wiring(self) -> dict[str, Any]:
     return {"pool.candidates": self.path("filter", "candidates.npz"), "pool.subset": self.path("filter", "subset.npz"),
-            "eval.split": self.dev_splits[0]}
+            "eval.split": self.select_split()}
 
 
 # ---- the stages ----------------------------------------------------------------------------
@@ -269,6 +291,7 @@ def prepare_data(p: Pipeline) -> dict[str, Any]:
   settings = PrepareSettings(words_per_passage=int(c.prepare.words_per_passage), bm25_topk=int(c.prepare.bm25_topk),
                              hard_negatives=int(c.prepare.hard_negatives),
                              max_train_questions=int(c.prepare.max_train_questions) or None,
+                             holdout=int(c.prepare.holdout),
                              compress=tuple(c.prepare.compress), skip_bad=bool(c.prepare.skip_bad))
   m = prepare(*inputs, p.prepared, settings, echo=logging.info).manifest
   return {"corpus": list(corpus), "questions": dict(questions), "counts": m["counts"],
@@ -293,9 +316,12 @@ def teacher_retriever(p: Pipeline) -> dict[str, Any]:
 
 def teacher_reader(p: Pipeline) -> dict[str, Any]:
   """The reader with passage ranker, on the teacher retriever's candidates."""
-  cfg = p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz")})
+  cfg = p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz"),
+                                          "reader.eval_split": p.select_split()})
   reader_stage.train_and_evaluate(cfg, p.path("teacher_reader"))
-  return {"eval": last_best(p.path("teacher_reader", "eval.jsonl"))}
+  curve = [{"step": e["step"], "questions": e["step"] * int(cfg.train.batch_size),
+            **{k: v for k, v in e.items() if k.startswith("em_")}} for e in read_evals(p.path("teacher_reader", "eval.jsonl"))]
+  return {"eval": last_best(p.path("teacher_reader", "eval.jsonl")), "split": p.select_split(), "curve": curve}
 
 
 def eval_teacher(p: Pipeline) -> dict[str, Any]:
@@ -424,23 +450,27 @@ def report(p: Pipeline) -> dict[str, Any]:
   reading = f"answers by the {e.rule} rule from {reads(int(e.max_read))}"
   if (bundle_rule(p), int(b.max_read)) != (e.rule, -1):
     bundle_read = int(b.max_read) if int(b.max_read) >= 0 else int(e.max_read)
-    chosen = ", ".join(f"{sp} {r['best_read_passages']}" for sp, r in records["bundle"]["summary"]["results"].items())
-    reading += f" (the bundle: {bundle_rule(p)} rule from {reads(bundle_read)}; best m': {chosen})"
+    results = records["bundle"]["summary"]["results"]
+    held_out = next(iter(results.values())).get("read_passages_chosen_on")
+    chosen = (f"m' = {next(iter(results.values()))['best_read_passages']}, chosen on the held-out training questions "
+              f"({', '.join(held_out)})" if held_out else
+              "best m': " + ", ".join(f"{sp} {r['best_read_passages']}" for sp, r in results.items()))
+    reading += f" (the bundle: {bundle_rule(p)} rule from {reads(bundle_read)}; {chosen})"
   f = records["filter"]["summary"]
   result = {
       "title": f"rnr-jax pipeline ({os.path.basename(c.name)})",
       "description": (f"{p.data.num_passages} passages; dev EM on "
                       + ", ".join(f"{s} ({len(p.data.questions(s)[:int(e.questions) or None])} questions)"
                                   for s in p.dev_splits)
-                      + f"; {e.top_k} passages retrieved, {reading}; EM at the best of those m' per split, as "
-                      "the paper reports. Footprints count the files a system needs: weights, index and passages "
+                      + f"; {e.top_k} passages retrieved, {reading}. Footprints count the files a system needs: weights, index and passages "
                       "(text for the uncompressed systems, the bundle's compressed files for the last row)."),
       "dev_splits": list(p.dev_splits), "systems": rows, "retrieval": retrieval_rows,
       "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
       "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()}, "config": c.to_dict(),
-      "reader": {"split": p.stage_config("teacher_reader", {}).reader.eval_split,
+      "reader": {"split": records["teacher_reader"]["summary"].get("split", p.select_split()),
                  "metrics": {k: v for k, v in (records["teacher_reader"]["summary"]["eval"] or {}).items()
                              if k.startswith("em_")},
+                 "curve": records["teacher_reader"]["summary"].get("curve", []),
                  "max_answer_len": answer_limit(p), "answerable": answerable(p, answer_limit(p))},
   }
   first, last = rows[0], rows[-1]
@@ -491,12 +521,17 @@ def reads(max_read: int) -> str:
   return "m' = 1 up to all retrieved" if max_read <= 0 else f"m' = 1 up to {max_read}"
 
 
+def read_evals(path: str) -> list[dict[str, Any]]:
+  """The evaluations of an eval.jsonl, in order ([] when there is none)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def last_best(path: str) -> dict[str, Any] | None:
   """The last evaluation marked best in an eval.jsonl (or the last one)."""
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    evals = [json.loads(line) for line in f if line.strip()]
+  evals = read_evals(path)
   best = [e for e in evals if e.get("best")]
   return (best or evals or [None])[-1]
 

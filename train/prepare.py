@@ -37,6 +37,8 @@ flags.DEFINE_integer("words_per_passage", 100, "Words per DPR-style passage.")
 flags.DEFINE_integer("bm25_topk", 100, "BM25 passages stored per question.")
 flags.DEFINE_integer("hard_negatives", 30, "Answer-free BM25 passages kept per question as hard negatives.")
 flags.DEFINE_integer("max_train_questions", None, "Keep only the first N questions of each *_train split.")
+flags.DEFINE_integer("holdout", 0, "Move the last N questions of each *_train split to a held-out split "
+                     "(nq_train -> nq_holdout) for choosing settings without the dev sets.")
 flags.DEFINE_string("stemmer", "auto", "BM25 stemmer: auto (English when PyStemmer is installed), a Snowball "
                     "language, or none.")
 flags.DEFINE_list("compress", ["bz2", "lzma"], "Compressed forms of the token-ID corpus to write.")
@@ -94,7 +96,7 @@ def main(argv: list[str]) -> None:
   corpus, questions = input_specs(FLAGS.corpus, FLAGS.questions + extra, FLAGS.data_dir)
   settings = PrepareSettings(
       tokenizer=FLAGS.tokenizer, words_per_passage=FLAGS.words_per_passage, bm25_topk=FLAGS.bm25_topk,
-      hard_negatives=FLAGS.hard_negatives, max_train_questions=FLAGS.max_train_questions, stemmer=FLAGS.stemmer,
+      hard_negatives=FLAGS.hard_negatives, max_train_questions=FLAGS.max_train_questions, holdout=FLAGS.holdout, stemmer=FLAGS.stemmer,
       compress=tuple(FLAGS.compress), skip_bad=FLAGS.skip_bad)
   tfds = sources.TfdsOptions(FLAGS.tfds_data_dir, FLAGS.tfds_download)
   with input_errors_exit("train.prepare"):

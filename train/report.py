@@ -71,10 +71,14 @@ def markdown(report: Mapping[str, Any], figure: str | None = "figure1.png") -> s
   if reading and reading["metrics"]:
     names = {"em_gold_alone": "the gold passage alone", "em_gold_ranked": "the gold passage among hard negatives, "
              "the ranker choosing", "em_open": "the best of the retrieved top-n"}
+    keys = list(reading["metrics"])
+    label = lambda k: names.get(k, "the retrieved top " + k.split("@")[1] if "@" in k else k)  # noqa: E731
+    curve = reading.get("curve") or [{"step": "best", "questions": "", **reading["metrics"]}]
     out += ["", f"## Teacher reader on {reading['split']} (EM %, each named for what it reads)", "",
-            "| reads | EM |", "|---|---:|"]
-    out += [f"| {names.get(k, 'the retrieved ' + k.split('@')[1] if '@' in k else k)} | {_pct(v)} |"
-            for k, v in reading["metrics"].items()]
+            "Its learning curve: EM against the training questions seen, one row per evaluation.", "",
+            "| step | questions seen | " + " | ".join(label(k) for k in keys) + " |",
+            "|---:|---:|" + "---:|" * len(keys)]
+    out += [f"| {e['step']} | {e['questions']} | " + " | ".join(_pct(e.get(k)) for k in keys) + " |" for e in curve]
     out += ["", f"Answers of at most {reading['max_answer_len']} tokens (the reader's span limit) exist for "
             + ", ".join(f"{100 * v:.1f}% of {s}" for s, v in reading["answerable"].items()) + " questions."]
   extra = report.get("filter")

@@ -67,6 +67,9 @@ class PrepareSettings:
   bm25_topk: int = DEFAULT_BM25_TOPK
   hard_negatives: int = DEFAULT_HARD_NEGATIVES
   max_train_questions: int | None = None  # keep only the first N questions of each *_train split
+  # The last N questions of each *_train split become its held-out split (nq_train -> nq_holdout): never trained
+  # on, they choose checkpoints and inference settings without looking at the dev sets.
+  holdout: int = 0
   stemmer: str = "auto"  # see bm25.resolve_stemmer
   bm25_k1: float = 1.5
   bm25_b: float = 0.75
@@ -78,6 +81,8 @@ class PrepareSettings:
       raise ValueError(f"need words_per_passage >= 1, bm25_topk >= 1, hard_negatives >= 0: {self}")
     if self.max_train_questions is not None and self.max_train_questions < 1:
       raise ValueError(f"max_train_questions must be >= 1 or None, got {self.max_train_questions}")
+    if self.holdout < 0:
+      raise ValueError(f"holdout must be >= 0, got {self.holdout}")
     if unknown := set(self.compress) - set(COMPRESSORS):
       raise ValueError(f"unknown compression(s) {sorted(unknown)}; choose from {sorted(COMPRESSORS)}")
 
@@ -194,12 +199,31 @@ def _split_questions(source: Source, doc_ids: set[int], skip_bad: bool, stats: R
   return list(itertools.islice(checked(), limit))
 
 
-def _prepare_split(split_dir: str, source: Source, table: PassageTable, index: BM25Index, matcher: AnswerMatcher,
-                   doc_ids: set[int], settings: PrepareSettings, limit: int | None,
+def holdout_name(train_split: str) -> str:
+  """The held-out split of a training split: ``nq_train`` -> ``nq_holdout``."""
+  return train_split.removesuffix("_train") + "_holdout"
+
+
+def _read_splits(name: str, source: Source, doc_ids: set[int], settings: PrepareSettings
+                 ) -> dict[str, tuple[list[Question], ReadStats]]:
+  """One source's questions as ``{split: (questions, stats)}``: a training split is cut to its first
+  ``max_train_questions`` after its last ``holdout`` questions went to its held-out split."""
+  stats = ReadStats()
+  if not name.endswith("_train"):
+    return {name: (_split_questions(source, doc_ids, settings.skip_bad, stats, None), stats)}
+  if not settings.holdout:
+    return {name: (_split_questions(source, doc_ids, settings.skip_bad, stats, settings.max_train_questions), stats)}
+  questions = _split_questions(source, doc_ids, settings.skip_bad, stats, None)
+  if len(questions) <= settings.holdout:
+    raise ValueError(f"{source.spec}: {len(questions)} questions, not more than the {settings.holdout} to hold out")
+  train = questions[:-settings.holdout][:settings.max_train_questions]
+  return {name: (train, stats), holdout_name(name): (questions[-settings.holdout:], ReadStats())}
+
+
+def _prepare_split(split_dir: str, spec: str, questions: list[Question], stats: ReadStats, table: PassageTable,
+                   index: BM25Index, matcher: AnswerMatcher, settings: PrepareSettings,
                    n_threads: int | None) -> dict[str, Any]:
   """Builds and saves one split's questions and candidates; returns its manifest entry."""
-  stats = ReadStats()
-  questions = _split_questions(source, doc_ids, settings.skip_bad, stats, limit)
   cands = build_candidates(questions, table, index, matcher, k=settings.bm25_topk,
                            num_hard_negatives=settings.hard_negatives, n_threads=n_threads)
   os.makedirs(split_dir)
@@ -212,7 +236,7 @@ def _prepare_split(split_dir: str, source: Source, table: PassageTable, index: B
   metrics.update({f"bm25_gold_recall@{k}": round(v, 4) for k, v in recall.items()})
   pos_len = cands.positives.lengths()
   return {
-      "spec": source.spec, "questions": len(questions), "skipped_bad": stats.skipped, "no_answer": stats.excluded,
+      "spec": spec, "questions": len(questions), "skipped_bad": stats.skipped, "no_answer": stats.excluded,
       "with_gold": int((cands.gold.lengths() > 0).sum()), "with_positive": int((pos_len > 0).sum()),
       "trainable": len(cands.trainable()), "mean_positives": round(float(pos_len.mean()), 3) if len(pos_len) else 0.0,
       "given_documents_missing": cands.given_missing, "bm25_depth": int(cands.bm25_pids.shape[1]),
@@ -289,9 +313,9 @@ def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
     matcher = table.matcher()
     split_info: dict[str, Any] = {}
     for name, source in sorted(questions.items()):
-      limit = settings.max_train_questions if name.endswith("_train") else None
-      split_info[name] = _prepare_split(os.path.join(tmp, SPLITS_DIR, name), source, table, index, matcher,
-                                        docs.doc_ids, settings, limit, n_threads)
+      for split, (qs, stats) in _read_splits(name, source, docs.doc_ids, settings).items():
+        split_info[split] = _prepare_split(os.path.join(tmp, SPLITS_DIR, split), source.spec, qs, stats, table,
+                                           index, matcher, settings, n_threads)
       t = lap(f"split_{name}", t)
 
     manifest = {
