@@ -7,7 +7,9 @@ Orbax's TensorStore writes arrays through its own GCS driver, not fsspec: it is 
 Orbax's question to Cloud Storage's API (is the bucket hierarchical?) is answered no."""
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -45,20 +47,25 @@ class StandInBucket(DirFileSystem):
     return super().open(path, mode, *args, **kwargs)
 
 
+def use_stand_in(root: pathlib.Path, setattr_=setattr, setitem=lambda d, k, v: d.__setitem__(k, v)) -> None:
+  """Sends ``gs://`` (epath through fsspec, Orbax's TensorStore) to the stand-in bucket kept in ``root``."""
+  setattr_(StandInBucket, "root", str(root))
+  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
+  for protocol in StandInBucket.protocol:  # in the writable registry, so that a test's end undoes it
+    setitem(registry, protocol, StandInBucket)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches one filesystem per scheme
+  setattr_(gcs_utils, "get_kvstore_for_gcs", lambda path: {
+      "driver": "file", "path": str(root / path.removeprefix("gs://"))})
+  # Orbax asks Cloud Storage's API whether a bucket is hierarchical; the stand-in is a flat one.
+  setattr_(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+
+
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
   """The stand-in's local directory; ``gs://test-bucket/...`` lands in ``<it>/test-bucket/...``."""
   root = tmp_path / "bucket"
   root.mkdir()
-  monkeypatch.setattr(StandInBucket, "root", str(root))
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
-  for protocol in StandInBucket.protocol:  # in the writable registry, so that the test's end undoes it
-    monkeypatch.setitem(registry, protocol, StandInBucket)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches one filesystem per scheme
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda path: {
-      "driver": "file", "path": str(root / path.removeprefix("gs://"))})
-  # Orbax asks Cloud Storage's API whether a bucket is hierarchical; the stand-in is a flat one.
-  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+  use_stand_in(root, monkeypatch.setattr, monkeypatch.setitem)
   yield root
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
@@ -132,3 +139,55 @@ def test_workdir_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp
       local_export.close()
   finally:
     export.close()
+
+
+# A stage program run from "/" with the stand-in bucket: its runner registers the stand-in, SIGKILLs the process when
+# it asks for batch KILL_AT (0: never), then runs the stage module as ``python -m`` would.
+RUNNER = """
+import os, pathlib, runpy, signal, sys
+sys.path.insert(0, {tests!r})
+import test_cloud_paths
+from rnr_jax.training import loop
+test_cloud_paths.use_stand_in(pathlib.Path({root!r}))
+kill_at, fetched, real_next = int(os.environ["KILL_AT"]), [0], loop.EpochIterator.__next__
+def next_or_die(self):
+  fetched[0] += 1
+  if fetched[0] == kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return real_next(self)
+loop.EpochIterator.__next__ = next_or_die
+sys.argv = ["train.reader", *sys.argv[1:]]
+runpy.run_module("train.reader", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_stage_run_from_the_root_directory_on_a_bucket_resumes_after_a_kill(bucket, tmp_path):
+  from test_reader_train import build_toy_prepared  # pylint: disable=import-outside-toplevel
+
+  prepared = build_toy_prepared(str(tmp_path))
+  runner = tmp_path / "runner.py"
+  runner.write_text(RUNNER.format(tests=os.path.dirname(os.path.abspath(__file__)), root=str(bucket)))
+  remote = "gs://test-bucket/runs/reader"
+  # The default-style relative config path resolves from the installed package, not from the working directory.
+  args = [sys.executable, str(runner), "--config", "configs/reader.py:tiny", "--workdir", remote,
+          f"--config.prepared_dir={prepared}", "--config.reader.train_splits=('toy_train',)",
+          "--config.reader.eval_split=toy_dev", "--config.train.num_steps=8", "--config.train.ckpt_every=2",
+          "--config.train.eval_every=4"]
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+
+  killed = subprocess.run(args, cwd="/", env={**env, "KILL_AT": "6"}, capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  saved = sorted(int(p.name) for p in epath.Path(remote, "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) < 8
+  finished = subprocess.run(args, cwd="/", env={**env, "KILL_AT": "0"}, capture_output=True, text=True, timeout=600)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert f"Starting at step {max(saved)} from" in finished.stderr
+  logged = [r["step"] for r in _jsonl(f"{remote}/metrics.jsonl")]
+  assert logged[-1] == 8 and [r["step"] for r in _jsonl(f"{remote}/eval.jsonl")][-1] == 8
+  assert exports.read_info(f"{remote}/best")["step"] in (4, 8)
+  assert not list(pathlib.Path("/").glob("gs:*")) and not list(tmp_path.glob("gs:*"))
+
+  # Without a local prepared directory the stage says what to do instead of writing a local "gs:" directory.
+  no_data = subprocess.run([a for a in args if not a.startswith("--config.prepared_dir")], cwd="/",
+                           env={**env, "KILL_AT": "0"}, capture_output=True, text=True, timeout=600)
+  assert no_data.returncode != 0 and "pass --config.prepared_dir" in no_data.stderr

@@ -223,6 +223,9 @@ def prepared_data(config: Any, workdir: str) -> PreparedData:
   files of ``config.data_dir`` by process 0 while the others wait."""
   if config.prepared_dir:
     return PreparedData.load(config.prepared_dir)
+  if "://" in workdir:  # memory-mapped arrays need a local file system
+    raise ValueError(f"{workdir}: prepared data is read from a local disk; build it with train.prepare --out DIR "
+                     "there and pass --config.prepared_dir=DIR")
   path = os.path.join(workdir, "prepared")
   if jax.process_index() == 0:
     prepare(*data_dir_sources(config.data_dir), path, echo=lambda s: logging.info("%s", s))
