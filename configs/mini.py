@@ -59,13 +59,13 @@ def get_config(arg: str | None = None):
       "retriever.passage_token_type=0", "train.num_steps=60", "optim.warmup_steps=6",
       "retriever.select_metric='mean/top20'")
   # EM reading the gold passage climbs with every question seen (10% at 300, 31% at 1,200), so the reader gets
-  # the largest share of the budget, 6,400 questions, at m=2 (the positive and one hard negative): the system
+  # the largest share of the budget, 4,800 questions, at m=2 (the positive and one hard negative): the system
   # reads only the top passage, and a row spent on the ranker's negatives is a question not read. Its heads start
   # random on MiniLM; at 20x the encoder's learning rate (optim.head_lr_mult) they leave their initialisation
   # early (docs/reading.md). Evaluated on 300 held-out questions every 400 steps: the learning curve.
   c.stages.teacher_reader = stage(
       "configs/reader.py", "reader.m=2", "reader.num_negatives=20", "tokens.reader_len=192",
-      "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=1600",
+      "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=1200",
       "optim.lr=5e-5", "optim.warmup_steps=100", "train.eval_every=400", "train.ckpt_every=400",
       "reader.eval_questions=300", "reader.eval_passages=(1,)", "reader.eval_batch_size=2",
       "optim.grad_accum=2", "optim.head_lr_mult=20")
@@ -84,9 +84,9 @@ def get_config(arg: str | None = None):
   # weak for the paper's KL to it) plus the KL to the teacher retriever's scores over them.
   c.stages.distill = stage("configs/distill.py", *pool, "model.pooling='mean'", "model.retrieval_dim=128",
                            "unified.normalize=True", "unified.passage_token_type=0", "tokens.passage_len=256",
-                           "pool.max_train_questions=480", "distill.m=4", "distill.cache_batch_size=2",
+                           "distill.m=4", "distill.cache_batch_size=2",
                            "distill.retrieval_loss='nll'", "distill.in_batch=True", "train.batch_size=8",
-                           "train.num_steps=120", "optim.lr=5e-5", "optim.warmup_steps=12")
+                           "train.num_steps=100", "optim.lr=5e-5", "optim.warmup_steps=10")
   c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=50", "optim.lr=2e-5",
                             "optim.grad_accum=2")
   return c
