@@ -46,14 +46,8 @@ def top_spans(start_logits: np.ndarray, end_logits: np.ndarray, valid: np.ndarra
 def nbest(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndarray, valid: np.ndarray, *,
           max_answer_len: int, rule: str, passage_score_weight: float = 0.8, retrieval_scores: np.ndarray | None = None,
           retrieval_scale: float = 20.0, spans_per_passage: int = 5) -> list[tuple[int, int, int, float, float]]:
-  """``(passage, start, end, score, probability)`` of the top ``spans_per_passage`` spans of each of ``m`` passages
-  (``[m, L]``, ``[m]``; spans inside ``valid``, at most ``max_answer_len`` tokens), best first by the rule:
-
-  ``"dpr"``: passages in the ranker's order, each one's spans by ``start + end`` logits (DPR's answer first);
-  ``"weighted"``: ``(1-λ)(log Ps + log Pe) + 2λ log Prank`` (λ = ``passage_score_weight``); ``"fused"`` (beyond the
-  paper): ``start + end + log Prank + log Pret``, ``Pret`` the softmax of ``retrieval_scale * retrieval_scores``: the
-  retriever's evidence joins the reader's, which a weak ranker needs. ``probability`` is a softmax over all
-  candidates: of the rule's score, or for ``dpr`` of the reader's joint ``log Prank + log Ps + log Pe``."""
+  """``(passage, start, end, score, probability)`` of the top ``spans_per_passage`` spans of each passage, best first
+  by ``rule`` (docs/reading.md); ``probability``: a softmax over all candidates (for ``dpr``, of the reader's score)."""
   has_text = np.asarray(valid).any(-1)
   if rule == "fused" and np.shape(retrieval_scores) != np.shape(rank_logits):
     raise ValueError(f"rule 'fused' needs the {len(rank_logits)} passages' retrieval scores, got {retrieval_scores}")

@@ -1,8 +1,6 @@
-"""The deployable bundle (paper §2.3, A.4): weights, index, token-ID corpus and tokenizer, each file compressed
-(:mod:`rnr_jax.bundle_files`) with a manifest of sizes and sha256; :func:`load_bundle` verifies every byte and unpacks
-once into a cache. The weights are a safetensors file keyed by '/'-joined pytree paths, floats stored as
-:data:`WEIGHTS_DTYPES` says and loaded as ``param_dtype`` (the paper's "FP32 graph, FP16 values"); an int8 tensor ``k``
-has float32 scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit)."""
+"""The deployable bundle (paper §2.3, A.4): weights, index, token-ID corpus and tokenizer, each file compressed with
+a manifest of sizes and sha256; weights are safetensors keyed by '/'-joined paths, an int8 tensor ``k`` with float32
+scales ``k:int8_row_scale`` (per row) or ``k:int8_col_scale`` (per output unit)."""
 
 from __future__ import annotations
 
@@ -148,8 +146,7 @@ def write_params(path: str, params: Mapping[str, Any], weights_dtype: str) -> No
 
 
 def read_params(path: str, param_dtype: Any) -> dict[str, Any]:
-  """The parameter pytree in a file of :func:`write_params`, floating leaves as ``param_dtype`` (None: as stored, int8
-  dequantized to float16)."""
+  """Parameter pytree of a :func:`write_params` file, floats as ``param_dtype`` (None: as stored, int8 as float16)."""
   try:
     flat = st_numpy.load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
@@ -278,10 +275,8 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
                  extra_files: Mapping[str, PathLike] | None = None,
                  compression: Mapping[str, str] | None = None, weights_dtype: str = "float16",
                  inference_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Writes a bundle directory atomically (:func:`rnr_jax.io.atomic_dir`); returns the manifest. Files (compressed:
-  ``.bz2`` / ``.xz``): ``manifest.json``, ``config.json``, ``model/params.safetensors``, ``index/``, ``corpus/``,
-  ``tokenizer/``, ``extra/<name>``. ``compression`` (``{"binary": method, "text": method}``) overrides bzip2 -9 /
-  lzma -9. ``overwrite`` replaces a bundle, never a non-empty other directory."""
+  """Writes a bundle directory atomically; returns the manifest. ``compression`` (``{"binary": method, "text":
+  method}``) overrides bzip2 -9 / lzma -9; ``overwrite`` replaces a bundle, never another non-empty directory."""
   policy = check_policy(compression)
   path = os.fspath(out_dir)
   with dir_lock(path), scratch_dir(path) as staging:
@@ -302,9 +297,8 @@ def update_bundle(bundle_dir: PathLike, *, params: Mapping[str, Any] | None = No
                   tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None = None,
                   extra_files: Mapping[str, PathLike] | None = None, compression: Mapping[str, str] | None = None,
                   weights_dtype: str | None = None) -> dict[str, Any]:
-  """Rewrites the given components of a bundle, and its manifest and config, atomically; returns the manifest. Others
-  are carried over byte for byte (sha256 checked); ``extra_files`` replaces all of ``extra/``; ``weights_dtype`` and
-  ``compression`` default to the bundle's. The new bundle replaces the old directory, with any ``.cache`` in it."""
+  """Rewrites the given components of a bundle atomically, carrying the others over byte for byte; returns the
+  manifest; ``extra_files`` replaces all of ``extra/``; ``weights_dtype``, ``compression`` default to the bundle's."""
   bundle_dir = os.fspath(bundle_dir)
   with dir_lock(bundle_dir), scratch_dir(bundle_dir) as staging:
     manifest = _read_manifest(bundle_dir)[0]
@@ -356,9 +350,8 @@ def _cache_valid(cache: str, manifest_sha: str, entries: Sequence[Mapping[str, A
 
 def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify: bool = True,
                 param_dtype: Any = np.float32) -> Bundle:
-  """Verifies a bundle, unpacks it into ``<cache_dir>/<manifest sha256[:16]>`` (default ``<bundle>/.cache`` if
-  writable, else ``$XDG_CACHE_HOME/rnr_jax``; reused while it matches the manifest: sizes, sha256 if ``verify``) and
-  loads every component (``param_dtype`` None keeps the stored float16). Raises BundleError naming a file."""
+  """Verifies a bundle, unpacks it once into ``<cache_dir>/<manifest sha256[:16]>`` (default ``<bundle>/.cache``
+  or the user cache) and loads every component (``param_dtype`` None keeps float16); BundleError names a bad file."""
   bundle_dir = os.fspath(bundle_dir)
   repair_dir(bundle_dir)
   manifest, manifest_sha = _read_manifest(bundle_dir)

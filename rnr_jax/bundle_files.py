@@ -110,8 +110,7 @@ def copy_stored(entry: Mapping[str, Any], old_root: str, out_root: str) -> dict[
 
 
 def unpack(entry: Mapping[str, Any], bundle_dir: str, out_root: str) -> int:
-  """Writes one file uncompressed under ``out_root`` (one stored so: hard-linked, copied across filesystems); returns 1
-  if it was decompressed."""
+  """Writes one file uncompressed under ``out_root``; returns 1 if it was decompressed (else linked or copied)."""
   src = os.path.join(bundle_dir, entry["path"])
   dst = os.path.join(out_root, entry["unpacked_path"])
   os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -1,8 +1,5 @@
-"""Loading ml_collections config files outside of absl flags (tests, notebooks).
-
-Command-line entry points use ``ml_collections.config_flags`` directly (``--config configs/x.py
---config.optim.lr=1e-5``); this module gives the same result from Python: ``load_config("configs/tiny.py",
-["optim.lr=1e-5"])``."""
+"""Loading ml_collections config files outside of absl flags (tests, notebooks): ``load_config("configs/tiny.py",
+["optim.lr=1e-5"])`` gives what ``--config configs/tiny.py --config.optim.lr=1e-5`` does."""
 
 from __future__ import annotations
 
@@ -15,10 +12,8 @@ import ml_collections
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Runs ``get_config()`` of a python config file, then applies ``key=value`` overrides.
-
-  A path may end in ``:arg`` to pass ``arg`` to ``get_config`` (as config_flags does). Values are parsed as python
-  literals where possible, else kept as strings."""
+  """Runs ``get_config()`` of a python config file (``path:arg`` passes ``arg``), then applies ``key=value``
+  overrides, parsed as python literals where possible."""
   arg = None
   if ".py:" in path:  # the argument may itself hold paths: "configs/paper.py:mobilebert=/weights/mobilebert"
     path, arg = path.split(".py:", 1)

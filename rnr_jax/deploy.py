@@ -1,8 +1,5 @@
-"""A trained system as a deployable bundle (paper §2.3): index, compressed weights, token-ID corpus, tokenizer.
-
-The kept passages (all, or the passage filter's subset) are encoded with the system's passage encoder (or their vectors
-reused), indexed (the INT8 index by default, its recall against exact search measured) and written with the weights and
-the default :class:`~rnr_jax.qa_system.InferenceSettings` by :func:`rnr_jax.bundle.write_bundle`."""
+"""A trained system as a deployable bundle (paper §2.3): the kept passages encoded (or their vectors reused),
+indexed (INT8 by default, its recall measured) and written with weights, corpus and tokenizer."""
 
 from __future__ import annotations
 

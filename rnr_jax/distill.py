@@ -1,9 +1,5 @@
-"""The unified retriever-reader's training outputs and the distillation loss (paper §2.2.3).
-
-``L_read`` is the KL(softmax(teacher / τ) || softmax(student / τ)) of the start and of the end logits over the text
-positions of every real passage row, plus that of the m passage-ranking logits; ``L_ret`` is the KL of the student's
-retrieval scores to the teacher ranker's (``"kd"``, appendix A.2) or the positive's NLL (``"nll"``). The terms are
-summed without a τ² factor, as the paper writes the loss."""
+"""The unified retriever-reader's training outputs and the distillation loss (paper §2.2.3): ``L_read``, the KL of
+start, end and ranking logits at temperature τ, plus ``L_ret`` (docs/design.md, "Distillation loss")."""
 
 from __future__ import annotations
 
@@ -49,10 +45,8 @@ def own_scores(scores: jax.Array, m: int) -> jax.Array:
 
 def retrieval_vectors(model: qa_model.RetrieverReader, params: Params, batch: Batch, rng: jax.Array | None
                       ) -> tuple[jax.Array, jax.Array]:
-  """Retrieval vectors of the questions ``[B, d]`` and their passages ``[B * m, d]`` (``q_*`` / ``p_*`` inputs).
-
-  Questions and passages are padded to one length and embedded in one encoder call (padding is masked, so the vectors
-  are those of separate calls): one encoder in the compiled step instead of two. ``rng=None``: no dropout."""
+  """Retrieval vectors of the questions ``[B, d]`` and their passages ``[B * m, d]``, embedded in one encoder call
+  (padding is masked, so the vectors are those of separate calls); ``rng=None``: no dropout."""
   q, p = _inputs(batch, "q_"), _inputs(batch, "p_")
   length = max(q["input_ids"].shape[1], p["input_ids"].shape[1])  # one padded length: one encoder call
   rows = {k: jnp.concatenate([jnp.pad(x[k], ((0, 0), (0, length - x[k].shape[1]))) for x in (q, p)])
@@ -98,9 +92,8 @@ def span_mml_loss(start_logits: jax.Array, end_logits: jax.Array, valid: jax.Arr
 def read_loss(start_logits: jax.Array, end_logits: jax.Array, rank_logits: jax.Array,
               valid: jax.Array, starts: jax.Array, ends: jax.Array, span_mask: jax.Array,
               passage_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """DPR's reader loss (paper §2.2.3, footnote 6): mean ranking CE of the positive (first) passage + the marginal NLL
-  of all its gold spans, of ``B`` questions x ``m`` passages, and its parts; ``[B, m, L]`` logits and ``valid``,
-  ``[B, m]`` rank logits and ``passage_mask`` (real passages), ``[B, S]`` positive spans."""
+  """DPR's reader loss (paper §2.2.3): mean ranking CE of the positive (first) passage + the marginal NLL of its
+  gold spans, and its parts; logits ``[B, m, L]``, rank logits ``[B, m]``, spans ``[B, S]``."""
   if passage_mask is None:
     passage_mask = jnp.ones(rank_logits.shape, bool)
   rank_loss = -masked_log_softmax(rank_logits, passage_mask)[:, 0]
@@ -131,9 +124,8 @@ def retrieval_nll(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
 def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.Array, passage_mask: jax.Array,
                  teacher_start: jax.Array, teacher_end: jax.Array, teacher_rank: jax.Array, scores: jax.Array, *,
                  temperature: float, retrieval_loss: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``L_read + L_ret`` (module docstring) and its parts. ``start, end, valid``: the student's logits and text mask
-  ``[B, m, L]``, ``rank`` its ranking logits and ``scores`` its retrieval scores ``[B, m]``; the teacher's logits are
-  ``[B, m, L]`` or ``[B * m, L]``; ``retrieval_loss``: ``"kd"`` (KL to the teacher's ranking) or ``"nll"``."""
+  """``L_read + L_ret`` (module docstring) and its parts; the teacher's logits are ``[B, m, L]`` or ``[B * m, L]``,
+  ``retrieval_loss`` is ``"kd"`` or ``"nll"``."""
   if retrieval_loss not in RETRIEVAL_LOSSES:
     raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {retrieval_loss!r}")
   rows = valid & passage_mask[..., None]  # padding passages and non-text positions leave the KL
@@ -153,11 +145,8 @@ def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.A
 def make_distill_loss(model: qa_model.RetrieverReader, *, normalize: bool, scale: float, temperature: float,
                       retrieval_loss: str, in_batch: bool = False, retriever_teacher_weight: float = 0.0,
                       retriever_teacher_scale: float | None = None) -> LossFn:
-  """``loss_fn(params, batch, rng)`` of distillation; the batch carries the teacher's cached outputs (``t_*``).
-
-  Beyond the paper (docs/design.md, "Distillation loss"): ``in_batch`` ranks each positive among all passages of the
-  batch for the ``"nll"`` retrieval loss; ``retriever_teacher_weight`` > 0 adds that weight x the KL between a teacher
-  retriever's scores ``t_q . t_p`` (x ``retriever_teacher_scale``) and the student's, over the batch's passages."""
+  """``loss_fn(params, batch, rng)`` of distillation, the batch carrying the teacher's cached outputs (``t_*``);
+  ``in_batch`` and ``retriever_teacher_weight``: docs/design.md, "Distillation loss"."""
   def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     read_rng, ret_rng = jax.random.split(rng)  # reading and retrieval passes draw different dropout
     start, end, rank, valid = read_outputs(model, params, batch, read_rng)

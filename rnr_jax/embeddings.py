@@ -1,9 +1,7 @@
-"""Corpus embeddings: the passage vectors a retriever (or unified student) gives a prepared corpus, and the fresh
-index a training run searches with its current parameters.
+"""Corpus embeddings of a prepared corpus, and the fresh index a training run searches with its current parameters.
 
-``embeddings.npy`` (float32 ``[N, d]``, row i = passage id i of the prepared directory), then ``embeddings.json``
-(format, count, dim, the model's fingerprint and input settings), written last; ``chunks/`` holds finished chunks while
-encoding, so a killed run resumes (:func:`rnr_jax.retrieval.encode_corpus`)."""
+``embeddings.npy`` (float32 ``[N, d]``, row i = passage i), then ``embeddings.json`` (format, model fingerprint, input
+settings), written last; ``chunks/`` lets a killed encoding resume."""
 
 from __future__ import annotations
 
@@ -168,12 +166,8 @@ def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec
                     mesh: Mesh, batch_size: int, chunk_size: int = 4096, eval_splits: Sequence[str] = (),
                     max_eval_questions: int = 0, lexical_weight: float = 0.0,
                     shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-  """Encodes the corpus of ``prepared`` into ``out`` (resuming, or reusing finished embeddings of the same model);
-  returns the info written. The vectors go to a memory-mapped file chunk by chunk, so memory stays bounded.
-
-  ``shard=(i, n)`` encodes only the i-th of n contiguous parts into ``out/shards/i-of-n`` (one host each);
-  :func:`merge_shards` joins them. With ``eval_splits`` the info holds ``eval``: ``{split: {"top1": ..., ...}}`` of
-  exact search; with ``lexical_weight`` > 0 also ``eval_lexical``: the same for dense + ``lexical_weight`` x BM25."""
+  """Encodes the corpus of ``prepared`` into ``out`` chunk by chunk (resuming, or reusing the same model's
+  embeddings); returns the info written. ``shard=(i, n)``: the i-th of n parts only (:func:`merge_shards`)."""
   if lexical_weight < 0:
     raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
   data = PreparedData.load(prepared)
@@ -235,9 +229,8 @@ def encode_prepared(*, out: str, prepared: str, spec: RetrieverSpec | SystemSpec
 def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], data: PreparedData,
                     tokenizer: tk.Tokenizer, mesh: Mesh, batch_size: int, *, field: str = "teacher"
                     ) -> tuple[np.ndarray, np.ndarray, bool]:
-  """A teacher retriever's vectors for distilling its scores: ``(questions [Q, d], passages [P, d], normalize)``.
-  ``embeddings`` are the exported ``teacher``'s corpus embeddings (indexed by passage id of ``data``); the questions are
-  encoded here, once; ``normalize``: the teacher scores by cosine; ``field`` names the setting in errors."""
+  """``(questions [Q, d], passages [P, d], normalize)`` of a teacher retriever from its corpus ``embeddings``;
+  ``normalize``: it scores by cosine; ``field`` names the setting in errors."""
   spec, params, model = exports.load_retriever(teacher, mesh)
   if not embeddings:
     raise ValueError(f"{field}={teacher} needs its corpus embeddings (infer.encode's output directory)")
@@ -258,9 +251,8 @@ def teacher_vectors(teacher: str, embeddings: str, questions: Sequence[str], dat
 
 
 class FreshIndex:
-  """Exact search over the corpus encoded by a model's current parameters (once per step): only ``passage_ids`` (the
-  filter's subset) when given; with ``cache_dir`` the latest encoding is kept for a later export of the same parameters
-  (:func:`load_fresh`)."""
+  """Exact search over the corpus (or ``passage_ids``) as encoded once per step by the current parameters; with
+  ``cache_dir`` the latest encoding is kept for a later export (:func:`load_fresh`)."""
 
   def __init__(self, question_fn: EmbedFn, passage_fn: EmbedFn, spec: RetrieverSpec, tokenizer: tk.Tokenizer,
                corpus: Sequence[np.ndarray], mesh: Mesh, batch_size: int, passage_ids: np.ndarray | None = None,

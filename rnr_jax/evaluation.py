@@ -108,9 +108,8 @@ class RetrievalEvaluator:
 
 
 class ReaderEvaluator:
-  """Exact match on ``reader.eval_split``, each named for what it reads: ``em_gold_alone`` (the gold passage only),
-  ``em_gold_ranked`` (the gold passage among ``m - 1`` hard negatives, the ranker choosing), ``em_open@n`` (the top n
-  retrieved passages) and ``em_open``, the best of those (appendix A.3)."""
+  """Exact match on ``reader.eval_split``: ``em_gold_alone``, ``em_gold_ranked`` (among ``m - 1`` hard
+  negatives), ``em_open@n`` (the top n retrieved passages) and ``em_open``, the best of those (appendix A.3)."""
 
   def __init__(self, rcfg: Any, spec: ReaderSpec, split: rd.ReaderSplit, data: PreparedData,
                tokenizer: tk.Tokenizer, mesh: jax.sharding.Mesh):
@@ -164,10 +163,8 @@ class FilterEvaluator:
 
 
 class OpenEvaluator:
-  """A unified student end to end on ``eval.split``: each evaluation encodes the corpus with the current student
-  (a fresh index, appendix A.5's future work), retrieves each question's top passages, reads the top m' for each
-  m' of ``eval.passages``: ``em_open@m'``, their best ``em_open`` (A.3) and mean ``em_open_mean`` (A.2), and the
-  retrieval accuracy ``top<k>``."""
+  """A unified student end to end on ``eval.split`` over a fresh index of the corpus: ``em_open@m'`` for each m' of
+  ``eval.passages``, their best ``em_open`` (A.3), mean ``em_open_mean`` (A.2) and retrieval ``top<k>``."""
 
   def __init__(self, eval_cfg: Any, system: SystemSpec, data: PreparedData, tokenizer: tk.Tokenizer,
                index: embeddings.FreshIndex, mesh: jax.sharding.Mesh):

@@ -1,8 +1,7 @@
 """Exported models: a stage's best parameters with the JSON that rebuilds them, and the loaders of every kind.
 
-An export is an Orbax directory ``<dir>/<step>/`` with two items, ``params`` (the parameter pytree, restorable onto any
-mesh) and ``model`` (JSON: the spec under ``"retriever"``, ``"reader"`` or ``"filter"``, a unified student's
-``"system"`` and ``"scale"``, the step's ``metrics``). Only the newest step is kept."""
+An export is an Orbax directory ``<dir>/<step>/`` with items ``params`` and ``model`` (JSON: the spec, and the step's
+``metrics``); only the newest step is kept."""
 
 from __future__ import annotations
 
@@ -87,12 +86,8 @@ def params_fingerprint(params: Params) -> str:
 
 
 class BestExport:
-  """Exports the parameters of the best evaluation by one metric to ``<workdir>/best``.
-
-  ``model`` is the JSON that rebuilds the model; with ``fingerprint`` the export also records the parameters'
-  :func:`params_fingerprint`. ``on_best(step, model item)`` runs after each new best (e.g. to keep the evaluation's
-  corpus encoding beside it). The export also lists ``bests``, ``[step, value]`` of each new best so far: a run
-  resumed from a checkpoint older than the export compares with the bests before it, as an uninterrupted run does."""
+  """Exports the parameters of the best evaluation by ``metric`` to ``<workdir>/best``, with ``model`` (the JSON
+  that rebuilds it) and the ``bests`` so far (a resumed run compares as an uninterrupted one); then ``on_best``."""
 
   def __init__(self, workdir: str, model: Mapping[str, Any], select: str, *, fingerprint: bool = False,
                on_best: Callable[[int, dict[str, Any]], None] | None = None):
@@ -175,9 +170,8 @@ def load_reader(directory: str, mesh: Mesh | None = None) -> tuple[ReaderSpec, P
 def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | None = None, *,
                 passage_len: int = 256, passage_token_type: int = 1, normalize: bool = False,
                 require_system: bool = False) -> tuple[SystemSpec, Params]:
-  """The spec and parameters of a unified model, or of a retriever plus a reader. A plain reader export takes its
-  retrieval settings from ``passage_len``, ``passage_token_type`` and ``normalize``, or is refused with
-  ``require_system``; a separate retriever's come from its own spec."""
+  """The spec and parameters of a unified model, or of a retriever plus a reader (a plain reader takes
+  ``passage_len``, ``passage_token_type`` and ``normalize``, or is refused with ``require_system``)."""
   reader_spec, reader_params, info = load_reader(model_dir, mesh)
   if retriever_dir is not None:
     retriever_spec, retriever_params, _ = load_retriever(retriever_dir, mesh)
@@ -226,11 +220,8 @@ def reader_encoder(directory: str, num_layers: int | None = None) -> tuple[Encod
 
 
 def initial_encoder(model_cfg: Any) -> tuple[EncoderConfig, Params | None, Params | None]:
-  """The encoder a stage config starts from: ``(config, pretrained encoder or None, reader heads or None)``.
-
-  ``model_cfg.init``: ``"minilm"`` (the installed all-MiniLM-L6-v2), a Hugging Face directory or hub id, an exported
-  reader (its encoder and heads), or ``""`` for a random initialisation of ``model_cfg.hf_config``.
-  ``model_cfg.num_layers`` keeps the first layers; ``model_cfg.dropout`` sets the hidden and attention dropout."""
+  """``(config, pretrained encoder or None, reader heads or None)`` that a stage starts from: ``model_cfg.init`` is
+  ``"minilm"``, a Hugging Face directory or hub id, an exported reader, or ``""`` (random ``hf_config``)."""
   heads = None
   if model_cfg.init == "minilm":
     config, params = load_minilm(model_cfg.num_layers)

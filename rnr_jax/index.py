@@ -1,9 +1,7 @@
 """Maximum-inner-product search over passage embeddings: :class:`DenseIndex`, its edits and its files.
 
-Kinds: ``"exact"`` float32 brute force; ``"int8"`` ScaNN brute force over int8 codes, a scale per dimension (the paper's
-INT8 index, §2.3); ``"int8_row"`` int8 codes, a scale per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic
-hashing, sub-linear for large corpora. Without ScaNN, the ScaNN kinds load and search in numpy (``"ah"`` by brute force
-over its reordering data). Kernels: :mod:`rnr_jax.index_search`."""
+Kinds: ``"exact"`` float32; ``"int8"`` ScaNN over int8 codes, a scale per dimension (paper §2.3); ``"int8_row"`` a scale
+per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic hashing. Without ScaNN, numpy searches them."""
 
 from __future__ import annotations
 
@@ -95,10 +93,8 @@ def _sample_rows(x: np.ndarray, num: int, seed: int) -> np.ndarray:
 
 
 class DenseIndex:
-  """Maximum-inner-product index over passage embeddings with external passage ids.
-
-  ScaNN searchers are rebuilt rather than mutated: removed rows are tombstones, added rows live in an exact side index
-  searched with every query, and :meth:`compact` (called by :meth:`save`) folds both into a new main index."""
+  """Maximum-inner-product index over passage embeddings with external passage ids; edits go to tombstones and an
+  exact side index until :meth:`compact` (called by :meth:`save`) rebuilds the main index."""
 
   def __init__(self, kind: str, dim: int, options: Mapping[str, Any]):
     """Empty shell; use :meth:`build` or :meth:`load`."""
@@ -119,11 +115,8 @@ class DenseIndex:
   def build(cls, embeddings: np.ndarray, kind: str = "int8", *, ids: np.ndarray | None = None,
             eval_queries: np.ndarray | None = None, num_eval_queries: int = 1000, seed: int = 0,
             **options: Any) -> "DenseIndex":
-    """Builds an index over float32 ``embeddings [N, d]`` with passage ``ids`` (``arange(N)`` by default).
-
-    ``build_report`` gets recall@10 and @20 against exact search for ``eval_queries``, else ``num_eval_queries`` rows
-    sampled with ``seed`` (0: none). ``options`` override :func:`rnr_jax.index_search.ah_settings` (``"ah"``) or
-    ``reorder_k`` (``"int8_row"``, which suits dimensions of very different ranges)."""
+    """An index over float32 ``embeddings [N, d]`` with passage ``ids`` (default ``arange(N)``); ``build_report``
+    gets recall@10 and @20 on ``eval_queries`` (or sampled rows); ``options``: ``_KIND_OPTIONS``."""
     if kind not in KINDS:
       raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
     unknown = set(options) - set(_KIND_OPTIONS[kind])
@@ -150,8 +143,7 @@ class DenseIndex:
     return index
 
   def _build_main(self, vectors: Any, ids: np.ndarray, eval_queries: np.ndarray | None, reference: str) -> None:
-    """(Re)builds the main rows from ``vectors`` (``int8_row``: or :class:`_Dequantized` codes) and clears pending
-    edits."""
+    """(Re)builds the main rows from ``vectors`` (``int8_row``: or ``_Dequantized`` codes); clears pending edits."""
     start = time.perf_counter()
     self._searcher = None  # the old one's memory goes before the new one's arrives
     if self.kind == "exact":
@@ -310,11 +302,8 @@ class DenseIndex:
       return scann_vectors(tmp)
 
   def save(self, directory: PathLike) -> dict[str, int]:
-    """Writes the index to ``directory`` atomically, compacting pending edits first; returns ``{file: bytes}``.
-
-    Replaces an index directory there, refuses any other non-empty one. Files: ``index.json`` (kind, dim, size, options,
-    settings, build report, bytes and sha256 of the others), ``ids.npy`` and the kind's arrays: ``vectors.npy``
-    ("exact"), ``codes.npy`` and ``row_scales.npy`` ("int8_row") or ``scann/`` (relative asset paths: it can move)."""
+    """Writes the index to ``directory`` atomically (compacting first; only an index directory is replaced):
+    ``index.json`` with the others' sha256, ``ids.npy`` and the kind's arrays; returns ``{file: bytes}``."""
     if len(self) == 0:
       raise ValueError("cannot save an empty index: every passage was removed")
     directory = os.fspath(directory)

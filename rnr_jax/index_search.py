@@ -28,12 +28,8 @@ def recall_at_k(reference_ids: np.ndarray, ids: np.ndarray, k: int | None = None
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
                  excluded_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)`` best first; ``excluded_rows``
-  score ``-inf``, and a ``-inf`` slot holds row ``-1``.
-
-  Scores are computed in tiles of a block of queries by a block of at most ``_PASSAGE_BLOCK`` rows, each tile's
-  top-k merged into the running one: the rows are read once per query block, so the cost is linear in the corpus
-  (one block of queries over every row would shrink to one query, and re-read the corpus per query, at 21M rows)."""
+  """Exact top-k rows by inner product, ``(rows [Q, k] int64, scores [Q, k] float32)``; ``excluded_rows`` score
+  ``-inf`` (row -1). Tiles of queries by ``_PASSAGE_BLOCK`` rows read the corpus once per query block."""
   n, q = len(vectors), len(queries)
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, {n}]")
@@ -97,9 +93,8 @@ def row_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class NumpySearcher:
-  """ScaNN's brute-force INT8 search in numpy, for machines without ScaNN: ``vectors`` are the dequantized int8 codes
-  (``codes / m``), so scores equal ScaNN's up to float rounding; with ``reorder`` rows, the best ``pre_reorder_k``
-  are rescored exactly over them. An ``"ah"`` index falls back to brute force over its reordering data."""
+  """ScaNN's brute-force INT8 search in numpy, for machines without ScaNN (``vectors``: the dequantized codes);
+  with ``reorder`` rows, the best ``pre_reorder_k`` are rescored exactly."""
 
   def __init__(self, vectors: np.ndarray, reorder: np.ndarray | None = None):
     self.vectors, self.reorder = vectors, reorder
@@ -131,11 +126,8 @@ class NumpySearcher:
 
 
 def build_scann(vectors: np.ndarray, kind: str, settings: Mapping[str, Any]):
-  """A dot-product ScaNN searcher over ``vectors`` for kind ``"int8"``, ``"int8_row"`` or ``"ah"``
-  (a :class:`NumpySearcher` without ScaNN).
-
-  ``"int8"`` codes are ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``; ``"int8_row"`` (``vectors`` dequantized) reorders
-  the ``reorder_k`` best int8 candidates in float32."""
+  """A dot-product ScaNN searcher (a :class:`NumpySearcher` without ScaNN) for kind ``"int8"`` (codes
+  ``round(x * m)``, ``m_j = 127 / max_i |x_ij|``), ``"int8_row"`` or ``"ah"``."""
   try:
     from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
   except ImportError:

@@ -1,6 +1,5 @@
-"""File helpers: durable atomic writes of files and directories (built in a temporary sibling, fsynced, renamed or
-swapped into place under the directory's lock, so that a kill at any instant leaves the old or the new one), hashing
-and checks of files against recorded sizes and hashes."""
+"""File helpers: atomic writes of files and directories (built in a temporary sibling, fsynced, swapped in under the
+directory's lock, so a kill leaves the old or the new one), hashing and checks against recorded hashes."""
 
 from __future__ import annotations
 
@@ -80,9 +79,8 @@ _held = threading.local()  # .locks: {path: fd} of the directory locks this thre
 
 @contextlib.contextmanager
 def dir_lock(path: PathLike) -> Iterator[None]:
-  """Holds the lock of directory ``path``, waiting for another process's: a ``flock`` on ``.<name>.lock`` beside it
-  (reentrant in a thread). The kernel drops a killed holder's lock; the next holder first repairs ``path``
-  (:func:`_repair`). Writers hold it; read-modify-write edits hold it from reading to writing."""
+  """Holds the ``flock`` of directory ``path`` (``.<name>.lock`` beside it; reentrant in a thread), repairing ``path``
+  first (:func:`_repair`), as a killed holder may have left it mid-swap."""
   path = os.path.abspath(os.fspath(path))
   locks = vars(_held).setdefault("locks", {})
   if path in locks:
@@ -163,9 +161,8 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[str]:
-  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds (and is removed if not), under
-  :func:`dir_lock`: every file is fsynced, then the directories are exchanged in one atomic step (Linux ``renameat2``),
-  else by two renames whose gap the next lock holder or :func:`repair_dir` rolls back."""
+  """Yields a temporary sibling directory that becomes ``path`` when the block succeeds, under :func:`dir_lock`: files
+  fsynced, then an atomic exchange (``renameat2``) or two renames that :func:`repair_dir` rolls back."""
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
   with dir_lock(path):

@@ -1,10 +1,6 @@
 """Iterative finetuning of the unified retriever-reader: paper §2.2.4, Algorithm 1, as one jitted step.
 
-(1) ``l`` = retrieval scores with θ(t), a constant target; (2) θ̂ = update of θ(t) on the reader loss (span marginal NLL
-+ ranking CE); (3) ``l̂`` = scores with θ̂; (4) ``L_recon`` = KL(softmax(l/τ) || softmax(l̂/τ)); (5) ``L_nll`` = CE of
-softmax(l̂) with the positive; (6) θ(t+1) = update of θ̂ on ``L_recon + L_nll``. One AdamW state advances twice per
-step, as two ``optimizer.step()`` calls of one optimiser would, so the learning-rate schedule counts updates: two per
-step, the warmup doubled to match."""
+Its six steps and the shared AdamW state that advances twice per step: docs/design.md, "Iterative finetuning"."""
 
 from __future__ import annotations
 
@@ -23,12 +19,8 @@ Params = Any
 
 
 def iterative_step(config: Any, model: qa_model.RetrieverReader, *, normalize: bool, scale: float) -> Step:
-  """Algorithm 1's step for a stage config (``optim``, ``train.num_steps``, ``finetune.temperature``).
-
-  The step's key is ``fold_in(rng, step)``; its first split drives the reader's dropout, its second the retrieval
-  forward passes of both (1) and (3), so ``l`` and ``l̂`` differ only through the reader update. The batch needs span
-  targets (positive first). Metrics: the reader loss and its parts, ``recon_loss``, ``retrieval_nll``,
-  ``retrieval_acc``, ``loss`` (their sum), both gradient norms, ``param_norm`` and ``lr``."""
+  """Algorithm 1's step for a stage config; ``fold_in(rng, step)``'s first split drives the reader's dropout, its
+  second the retrieval passes (1) and (3), so ``l`` and ``l̂`` differ only through the reader update."""
   doubled = config.optim.copy_and_resolve_references()
   doubled.warmup_steps = 2 * int(config.optim.warmup_steps)  # two updates per step
   optimizer, schedule = make_optimizer(doubled, 2 * int(config.train.num_steps))

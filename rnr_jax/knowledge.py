@@ -1,7 +1,5 @@
-"""Knowledge edits: add, remove or replace passages of a QA system without retraining. Edits change a live
-:class:`~rnr_jax.qa_system.QASystem`'s index and passage store at once; :func:`save_edits` writes them into its bundle
-(model, tokenizer and config carried over byte for byte); ``python -m infer.edit`` does both, holding the bundle's
-:func:`~rnr_jax.io.dir_lock` from loading to saving, so that concurrent edits apply one after another."""
+"""Knowledge edits: add, remove or replace passages of a live QA system's index and passage store without
+retraining; :func:`save_edits` writes them into its bundle (docs/design.md, "Knowledge edits")."""
 
 from __future__ import annotations
 

@@ -48,11 +48,8 @@ class LexicalIndex:
 
 def fuse(dense_ids: np.ndarray, dense_scores: np.ndarray, lexical_ids: np.ndarray, lexical_scores: np.ndarray,
          weight: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top ``k`` of ``dense + weight * lexical`` over the union of each question's two ``[Q, n]`` candidate lists.
-
-  The linear hybrid of Ma et al. (2021): a passage in only one list gets the other list's lowest score; ``weight`` suits
-  the two score scales, so is tuned per model (``python -m bench.hybrid_sweep``). Ids < 0 are empty slots; the result is
-  padded with id -1, score -inf. Ties go to the better dense rank, then the better lexical rank."""
+  """Top ``k`` of ``dense + weight * lexical`` over each question's two ``[Q, n]`` candidate lists (Ma et al., 2021): a
+  passage in one list gets the other's lowest score; ids < 0 are empty, the result padded with -1, -inf."""
   if dense_ids.shape != dense_scores.shape or lexical_ids.shape != lexical_scores.shape:
     raise ValueError(f"ids and scores differ in shape: {dense_ids.shape} vs {dense_scores.shape}, "
                      f"{lexical_ids.shape} vs {lexical_scores.shape}")

@@ -79,8 +79,7 @@ def has_answer(answers: Iterable[str], text: str) -> bool:
 
 
 class AnswerMatcher:
-  """``has_answer`` over passages ``get_text(pid)`` (like DPR, the body only: titles are not searched), tokenising each
-  passage once."""
+  """DPR's ``has_answer`` over passages' text ``get_text(pid)`` (titles not searched), each tokenised once."""
 
   def __init__(self, get_text: Callable[[int], str]):
     self._get_text = get_text

@@ -1,10 +1,7 @@
-"""The ONNX graph of a unified BERT student: encoder, retrieval vector and span and ranking heads, for ONNX Runtime.
+"""The ONNX graph of a unified BERT student (encoder, retrieval vector, span and ranking heads) for ONNX Runtime.
 
-Built node by node from the parameter tree (paths of :func:`rnr_jax.bundle.flatten_params`) with standard ops (opset
-17, any batch and length), so it computes what :class:`rnr_jax.qa_model.RetrieverReader` does. Initializers are named
-by parameter path; ``external=True`` leaves their values out (ONNX external data) for the runtime to supply from the
-bundle's own weights (:func:`rnr_jax.runtime.load_graph`), so a bundle ships the weights once and the graph is kilobytes.
-"""
+Built from the parameter tree with standard ops (opset 17, any batch and length); ``external=True`` leaves the
+initializers' values out, for the runtime to supply from the bundle's weights (:func:`rnr_jax.runtime.load_graph`)."""
 
 from __future__ import annotations
 

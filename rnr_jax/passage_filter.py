@@ -1,9 +1,7 @@
 """The passage filter (paper §2.1, appendix A.1): a classifier that keeps the passages worth indexing.
 
-A passage is scored ``s_j = v_j . w`` (its pooled encoding and a learnt vector) and trained with binary cross-entropy on
-half positives (``J+train``: passages some training question retrieves, oversampled by the smoothed frequency
-``log_b(freq) + 1``) and half uniform negatives; ``hit_val`` measures it on held-out ``J+val`` / ``J-val``. The top-n
-passages are kept (a count, a fraction, or a byte budget of token ids)."""
+A passage scores ``s_j = v_j . w``, trained with binary cross-entropy on oversampled positives and uniform negatives
+(docs/design.md, "The passage filter"); the top-n passages are kept (a count, a fraction or a byte budget)."""
 
 from __future__ import annotations
 

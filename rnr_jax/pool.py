@@ -1,9 +1,7 @@
 """The candidate pool J_read of the unified student's training questions, and its resumable batches.
 
-J_read holds each training question's top-k1 passages of a retriever (a ranked candidates file, an exported retriever's
-search over the corpus, or BM25), split into positives (answer-holding, gold first) and negatives. A batch holds, per
-question, ``m`` passages of its pool, exactly one positive first: the reader rows, the question inputs ``q_*`` and the
-passage-only inputs ``p_*`` whose vectors give the retrieval scores."""
+A batch holds, per question, ``m`` passages of its pool, one positive first: the reader rows, the question inputs
+``q_*`` and the passage-only inputs ``p_*`` whose vectors give the retrieval scores."""
 
 from __future__ import annotations
 
@@ -168,9 +166,8 @@ class UnifiedBatches(EpochIterator):
     return [self._pool.question(i)[0] for i in range(len(self._pool))]
 
   def set_retriever_teacher(self, question_vectors: np.ndarray, passage_vectors: np.ndarray) -> None:
-    """Adds a teacher retriever's vectors to every batch: ``t_q [B, d]`` (rows of ``question_vectors``, one per example)
-    and ``t_p [B * m, d]`` (``passage_vectors`` indexed by passage id, e.g. a memory map of its corpus embeddings; zeros
-    for padding passages)."""
+    """Adds a teacher retriever's vectors to every batch: ``t_q [B, d]`` and ``t_p [B * m, d]`` (``passage_vectors``
+    indexed by passage id; zeros for padding passages)."""
     if len(question_vectors) != len(self._pool):
       raise ValueError(f"{len(question_vectors)} teacher question vectors for {len(self._pool)} training questions")
     if question_vectors.shape[1:] != passage_vectors.shape[1:]:

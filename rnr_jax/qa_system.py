@@ -1,9 +1,7 @@
 """The in-memory QA system: encode questions, search the index, read the top passages, answer.
 
-One :class:`QASystem` serves a freshly trained model (:meth:`~QASystem.from_parts`) and a deployed bundle
-(:meth:`~QASystem.from_bundle`) alike, its model run by an engine: JAX (:class:`rnr_jax.retrieval.JaxEngine`) or ONNX
-Runtime (:class:`rnr_jax.runtime.OnnxStudent`), imported only when chosen, so this module needs neither JAX nor Flax.
-A bundle ships token ids only (paper §2.3), so its texts are decoded from them."""
+One :class:`QASystem` serves a trained model and a deployed bundle alike, on a JAX or ONNX Runtime engine imported only
+when chosen, so this module needs neither JAX nor Flax."""
 
 from __future__ import annotations
 
@@ -161,10 +159,8 @@ def write_passages(directory: str | os.PathLike, records: Sequence[np.ndarray], 
 
 @dataclasses.dataclass(frozen=True)
 class InferenceSettings:
-  """Default answering settings (a bundle's ``config.json["inference"]``; rules: :func:`rnr_jax.answers.nbest`).
-
-  ``lexical_weight`` > 0 ranks passages by ``dense + lexical_weight * BM25`` over the two retrievals' top
-  ``lexical_candidates`` (:func:`rnr_jax.lexical.fuse`); 0 retrieves by the dense index alone, as the paper does."""
+  """Default answering settings (a bundle's ``config.json["inference"]``); ``lexical_weight`` > 0 fuses BM25 over
+  both retrievals' top ``lexical_candidates`` (:func:`rnr_jax.lexical.fuse`), 0 retrieves as the paper does."""
 
   top_k: int = 20
   read_passages: int = 10
@@ -271,9 +267,8 @@ def is_local_bundle(bundle: str | os.PathLike) -> bool:
 
 
 class QASystem:
-  """Retrieve-and-read question answering over a passage index, its model run by ``engine`` (``embed``: retrieval
-  vectors, ``read``: span and rank logits, of batches run padded to ``rows``). Not thread-safe: one caller at a time
-  (the server runs requests and edits on one thread)."""
+  """Retrieve-and-read question answering over a passage index, its model run by ``engine``. Not thread-safe: one
+  caller at a time (the server runs requests and edits on one thread)."""
 
   def __init__(self, spec: SystemSpec, engine: JaxEngine | OnnxStudent, index: DenseIndex, store: PassageStore,
                tokenizer: tk.Tokenizer, *, settings: InferenceSettings | None = None,
@@ -305,9 +300,8 @@ class QASystem:
                  token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
                  passage_texts: Callable[[int], tuple[str, str]] | None = None,
                  settings: InferenceSettings | None = None, mesh: Any = None) -> QASystem:
-    """A system from in-memory parts on the JAX engine; a reader ``spec`` makes a unified retriever-reader.
-    ``passage_ids``: the ids of the corpus rows (default: row numbers); ``passage_texts(pid)``: ``(title, text)`` to
-    cut answers from (None: detokenize the token ids); ``mesh``: a one-axis ``("data",)`` mesh."""
+    """A system from in-memory parts on the JAX engine (a reader ``spec``: a unified model); ``passage_texts(pid)``
+    gives ``(title, text)`` to cut answers from (None: detokenize)."""
     from rnr_jax.retrieval import JaxEngine  # pylint: disable=import-outside-toplevel
     if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
@@ -505,8 +499,7 @@ class QASystem:
   def predict(self, questions: Sequence[str], *, top_k: int | None = None, read_counts: Sequence[int] | None = None,
               lexical_weight: float | None = None, **choice: Any) -> Results:
     """Retrieves ``top_k`` passages per question, reads them once, and answers from the first m' for each m' of
-    ``read_counts`` (an m' beyond ``top_k`` reads all); ``choice``: ``rule``, ``passage_score_weight``, ``n_best``,
-    ``no_answer_threshold`` of :meth:`choose`. Unset settings take :attr:`settings`."""
+    ``read_counts``; ``choice``: keywords of :meth:`choose`; unset settings take :attr:`settings`."""
     counts = tuple(dict.fromkeys(read_counts or (self.settings.read_passages,)))
     if min(counts) < 1:
       raise ValueError(f"read counts must be >= 1, got {list(counts)}")
@@ -525,11 +518,8 @@ def read_counts(top_k: int, max_read: int = 0) -> list[int]:
 def evaluate_system(system: QASystem, questions: Sequence[Question], *, top_k: int, rule: str,
                     passage_score_weight: float, batch_size: int = 64, progress: bool = True, max_read: int = 0,
                     lexical_weight: float | None = None, n_best: int = 1) -> tuple[dict[str, Any], list[Prediction]]:
-  """``(summary, predictions at the best m')`` of a QA system on ``questions`` (appendix A.3), each read once.
-
-  The summary: ``n``, ``em`` and ``f1`` at the m' of :func:`read_counts` with the best EM (as the paper reports),
-  ``best_read_passages``, ``em_at`` / ``f1_at`` per m', retrieval ``top_k_accuracy`` (DPR ``has_answer``),
-  ``questions_per_s``, the settings and the engine. ``max_read`` > 0 caps the passages read (reading dominates)."""
+  """``(summary, predictions at the best m')`` on ``questions`` (appendix A.3): EM and F1 at each m' of
+  :func:`read_counts` and at the best, retrieval ``top_k_accuracy``, speed; ``max_read`` > 0 caps m'."""
   if not questions:
     raise ValueError("no questions to evaluate")
   if max_read < 0:

@@ -93,10 +93,8 @@ POSITIVES = ("gold_article", "any")
 
 def load_reader_split(data: PreparedData, split: str, tokenizer: Tokenizer, candidates: str | None = None,
                       num_negatives: int = 30, positives: str = "gold_article") -> ReaderSplit:
-  """The pools of ``split``, from a ranked candidates file (its negatives capped at ``num_negatives``) or, without
-  one, the prepared BM25 pools. ``positives``: ``"gold_article"`` keeps the gold document's answer-holding passages
-  when there are any (DPR's gold-page positives: a distractor that merely contains the answer string teaches the
-  reader spans out of context), ``"any"`` every retrieved answer-holding passage after them."""
+  """The pools of ``split``, from a ranked candidates file or the prepared BM25 pools; ``positives``:
+  ``"gold_article"`` prefers the gold document's answer passages, ``"any"`` takes every answer-holding one."""
   if positives not in POSITIVES:
     raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
   questions = data.questions(split)
@@ -124,11 +122,8 @@ def load_reader_split(data: PreparedData, split: str, tokenizer: Tokenizer, cand
 def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequence[np.ndarray], pids: np.ndarray,
                  answer_ids: Sequence[Sequence[np.ndarray]] | None = None, *, max_len: int, buckets: Sequence[int],
                  question_len: int, max_answer_len: int, max_spans: int) -> dict[str, np.ndarray]:
-  """Reader inputs for ``B`` questions x ``m`` passages (``pids [B, m]``, -1 = empty padding passage).
-
-  ``input_ids, attention_mask, token_type_ids``: ``int32[B * m, L]``, one length bucket; ``text_start, text_end``:
-  ``int32[B * m]``, each row's passage text; ``passage_mask``: ``bool[B, m]``. With ``answer_ids``, also the answer
-  spans of each question's first passage: ``span_starts, span_ends`` (``int32[B, max_spans]``) and ``span_mask``."""
+  """Reader inputs for ``B`` questions x ``m`` passages (``pids [B, m]``, -1 = padding): rows ``int32[B * m, L]``,
+  ``text_start``, ``text_end``, ``passage_mask``, and with ``answer_ids`` the first passage's ``span_*``."""
   pids = np.asarray(pids)
   per_question = []
   for q_ids, row in zip(question_ids, pids):

@@ -48,10 +48,8 @@ def pad_rows(batch: tk.EncodedBatch, rows: int) -> tk.EncodedBatch:
 
 
 class BatchEncoder:
-  """Runs a ``(params, batch) -> [rows, ...]`` function jitted over the mesh's data axes, on padded batches.
-
-  Every process passes the same full batches; each puts its own rows on its devices and the outputs are gathered back to
-  every process. A couple of batches stay in flight so the host prepares the next while the devices compute."""
+  """Runs a ``(params, batch) -> [rows, ...]`` function jitted over the mesh's data axes on padded batches, every
+  process passing the same batches; two batches stay in flight."""
 
   def __init__(self, embed_fn: EmbedFn, mesh: Mesh, batch_size: int):
     self._parallel = mesh_lib.data_parallelism(mesh)
@@ -125,12 +123,8 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
                   *, max_len: int, buckets: Sequence[int], token_type: int = 1, chunk_dir: str | None = None,
                   chunk_size: int = 4096, key: Mapping[str, Any] | None = None,
                   progress: bool = False, out: np.ndarray | None = None) -> CorpusEmbeddings:
-  """Embeds every passage record (``title [SEP] text`` ids) into row i of ``out`` (default: a new array), returned.
-
-  Records go in chunks of ``chunk_size``, each batched by length bucket, so a memory-mapped ``out`` encodes any
-  corpus in one chunk's memory. With ``chunk_dir`` (seen by every process; process 0 writes) each finished chunk is
-  saved, and a later call with the same ``key`` (model fingerprint, corpus hash, ...) reads it back, so a killed run
-  continues where it stopped; another key's chunks are refused, never mixed in."""
+  """Embeds passage records into ``out`` (default: a new array) chunk by chunk; with ``chunk_dir`` finished
+  chunks are saved and read back by a later call with the same ``key``, another key's refused."""
   n = len(records)
   if n == 0:
     raise ValueError("the corpus has no passages")
@@ -217,9 +211,7 @@ def _runners(spec_json: str, mesh: Mesh) -> tuple[BatchEncoder, ...]:
 
 
 class JaxEngine:
-  """A system's model jitted on a mesh (default: every local device), parameters replicated: the JAX engine of
-  :class:`~rnr_jax.qa_system.QASystem`. Batches run padded to ``rows`` (``infer.common.compile_shapes`` compiles each
-  shape the system meets)."""
+  """The JAX engine of :class:`~rnr_jax.qa_system.QASystem`: a model jitted on a mesh, parameters replicated."""
 
   name = "jax"
 
@@ -241,9 +233,7 @@ class JaxEngine:
 
 
 def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k passages by inner product: ``(ids [Q, k'] int64, scores [Q, k'] float32)``, best first.
-
-  ``k' = min(k, len(passages))``; blocked as :func:`rnr_jax.index.exact_search`."""
+  """Exact top-``min(k, len(passages))`` passages by inner product: ``(ids int64, scores float32)``, best first."""
   n = len(passages)
   if min(k, n) < 1:
     raise ValueError(f"need k >= 1 and at least one passage, got k={k} and {n} passages")
@@ -253,10 +243,8 @@ def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.
 def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray,
                        answers: Sequence[Sequence[str]], matcher: AnswerMatcher,
                        ks: Sequence[int] = DEFAULT_KS, passage_ids: np.ndarray | None = None) -> dict[str, float]:
-  """Top-k answer accuracy (DPR ``has_answer``) of exact search over the passages.
-
-  Row i of ``passage_vectors`` is passage id ``passage_ids[i]`` of ``matcher`` (default: i). Returns ``{"top1": ...,
-  "top5": ..., ...}``."""
+  """``{"top1": ..., ...}``: answer accuracy (DPR ``has_answer``) of exact search; row i of ``passage_vectors`` is
+  passage ``passage_ids[i]`` (default: i)."""
   ids, _ = search_exact(question_vectors, passage_vectors, max(ks))
   if passage_ids is not None:
     ids = np.asarray(passage_ids)[ids]
@@ -266,10 +254,8 @@ def evaluate_retrieval(question_vectors: np.ndarray, passage_vectors: np.ndarray
 def evaluate_hybrid(question_vectors: np.ndarray, passage_vectors: np.ndarray, questions: Sequence[str],
                     bm25: BM25Index, weight: float, answers: Sequence[Sequence[str]], matcher: AnswerMatcher,
                     ks: Sequence[int] = DEFAULT_KS, candidates: int = lexical.CANDIDATES) -> dict[str, float]:
-  """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus.
-
-  Row i of ``passage_vectors`` and row i of ``bm25`` are passage i. Each retrieval contributes its top ``candidates``
-  (at least ``max(ks)``); ``weight`` 0 ranks by the dense scores alone."""
+  """Top-k answer accuracy of dense + ``weight`` x BM25 (:func:`rnr_jax.lexical.fuse`) over the whole corpus, each
+  retrieval contributing its top ``candidates`` (at least ``max(ks)``)."""
   if bm25.num_passages != len(passage_vectors):
     raise ValueError(f"the BM25 index holds {bm25.num_passages} passages, the embeddings {len(passage_vectors)}")
   if len(questions) != len(question_vectors):

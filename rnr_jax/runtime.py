@@ -1,8 +1,7 @@
 """The unified student on ONNX Runtime: embedding and reading without JAX, Flax or XLA.
 
-:class:`OnnxStudent` runs the graph of :mod:`rnr_jax.onnx_export` (a bundle's ``extra/student.onnx``) with the float32
-parameters supplied as its external initializers, and answers as ``SystemSpec.embed_fns`` and ``read_fn`` do: the ONNX
-Runtime engine of :class:`~rnr_jax.qa_system.QASystem`. Imports numpy, onnxruntime and the bundle loader only."""
+:class:`OnnxStudent` runs the graph of :mod:`rnr_jax.onnx_export` with the bundle's float32 weights as its external
+initializers: the ONNX Runtime engine of :class:`~rnr_jax.qa_system.QASystem`."""
 
 from __future__ import annotations
 

@@ -135,8 +135,7 @@ class ReaderSpec:
 
 
 def read_fn(model: qa_model.RetrieverReader, select: Callable[[Params], Params] = lambda p: p) -> EmbedFn:
-  """``(params, batch) -> [rows, 2L + 1]``: start logits, end logits and rank logit of each row, in one array so a batch
-  runner gathers it."""
+  """``(params, batch) -> [rows, 2L + 1]``: start, end and rank logits of each row, one array to gather."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   def read(params: Params, batch: dict[str, Any]) -> Any:

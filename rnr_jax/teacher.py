@@ -1,10 +1,7 @@
 """The reader teacher of distillation and the cache of its outputs (paper §2.2.3).
 
-The teacher never runs inside the student's step: for a candidate pool, the m passages of every (sample s, question i)
-are fixed in advance, the teacher reads them once, and its logits go to float16 ``.npy`` memmaps under
-``<workdir>/teacher_cache/<fingerprint>/``. The fingerprint covers the teacher's parameters and spec, the prepared data,
-the input settings and the sampled passage ids; a finished cache is reused without calling the teacher. So the teacher
-is neither differentiated nor in any checkpoint: batches carry its outputs as data."""
+The teacher reads fixed passage samples once, outside the student's step, into float16 memmaps keyed by a fingerprint
+of everything they depend on (docs/design.md, "Teacher cache")."""
 
 from __future__ import annotations
 
@@ -58,10 +55,8 @@ TeacherFn = Callable[[Mapping[str, np.ndarray]], tuple[np.ndarray, np.ndarray, n
 
 
 class TeacherCache:
-  """The teacher's outputs on fixed passage samples in ``<root>/<fingerprint>/``: ``pids.npy`` int32 ``[S, N, m]``
-  (sample, example, passage), float16 ``start.npy`` / ``end.npy`` ``[S, N, m, W]`` (W = the reader length) and
-  ``rank.npy`` ``[S, N, m]``, ``key.json``; ``progress.json`` while building (an interrupted build continues),
-  ``done.json`` when complete."""
+  """The teacher's outputs on fixed passage samples in ``<root>/<fingerprint>/``: ``pids.npy`` ``[S, N, m]``,
+  float16 ``start.npy`` / ``end.npy`` ``[S, N, m, W]`` and ``rank.npy``; ``done.json`` when complete."""
 
   def __init__(self, directory: str):
     self.directory = directory
@@ -81,9 +76,8 @@ class TeacherCache:
   @classmethod
   def open_or_build(cls, root: str, key: Mapping[str, Any], pids: np.ndarray, width: int, inputs: InputsFn,
                     teacher: TeacherFn, questions_per_call: int) -> TeacherCache:
-    """The cache of ``key`` (what the outputs depend on besides the samples) and ``pids [S, N, m]``: opened if
-    complete, else built or finished first; other caches in ``root`` are deleted once it is complete. ``width``:
-    positions kept per row; ``inputs(examples [n], pids [n, m])`` builds a reader batch for ``teacher``."""
+    """The cache of ``key`` and ``pids [S, N, m]``: opened if complete, else built or finished (other caches in
+    ``root`` then deleted); ``inputs(examples, pids)`` builds a reader batch for ``teacher``."""
     pids = np.asarray(pids, np.int32)
     samples, num, m = pids.shape
     directory = os.path.join(root, cls.fingerprint(key, pids)[:32])

@@ -1,7 +1,5 @@
-"""BM25 over passages (``title + " " + text``) with ``bm25s``, saved and reloaded.
-
-Text is tokenised by bm25s' regex tokenizer with its English stopwords and, when PyStemmer is installed, the Snowball
-English stemmer. The stemmer is saved with the index, so queries are tokenised like the corpus."""
+"""BM25 over passages (``title + " " + text``) with ``bm25s``, saved and reloaded; queries are tokenised like the
+corpus (bm25s' regex tokenizer, English stopwords, the saved Snowball stemmer when PyStemmer is installed)."""
 
 from __future__ import annotations
 
@@ -49,9 +47,8 @@ def _stemmer(stemmer: str | None) -> Any:
 
 
 class BM25Builder:
-  """Builds a :class:`BM25Index` from passages given chunk by chunk: each chunk is tokenised at once (one growing
-  vocabulary) and its token ids go to a file in ``workdir`` (deleted once built), so the corpus is never held in
-  memory as token lists."""
+  """Builds a :class:`BM25Index` from passages given chunk by chunk, their token ids spooled to a file in
+  ``workdir``, so the corpus is never held in memory as token lists."""
 
   def __init__(self, workdir: str, *, stemmer: str | None = "auto", k1: float = 1.5, b: float = 0.75):
     self.stemmer = resolve_stemmer(stemmer)

@@ -1,8 +1,6 @@
 """Retriever and reader training candidates from BM25, stored as memory-mappable ``.npy`` files, and samplers.
 
-Per question: its BM25 top-k with scores and DPR ``has_answer`` flags; ``gold``, its gold document's passages holding an
-answer; ``positives``, gold then the other retrieved answer passages; ``hard_negatives``, the top retrieved passages
-without an answer."""
+Per question: its BM25 top-k, ``gold`` (its gold document's answer passages), ``positives`` and ``hard_negatives``."""
 
 from __future__ import annotations
 
@@ -62,10 +60,8 @@ class SplitCandidates:
 def build_candidates(questions: Sequence[Question], table: PassageTable, index: BM25Index, matcher: AnswerMatcher,
                      *, k: int = DEFAULT_BM25_TOPK, num_hard_negatives: int = DEFAULT_HARD_NEGATIVES,
                      n_threads: int | None = None) -> SplitCandidates:
-  """BM25-retrieves every question at once and derives its training passages; ``index``, ``matcher`` cover ``table``.
-
-  A question's given documents (``positive_docs``, ``negative_docs``: DPR's contexts) are used as given: their
-  passages join ``gold`` and replace the BM25 hard negatives; those missing from the corpus are counted."""
+  """BM25-retrieves every question and derives its training passages; a question's given documents (DPR's
+  contexts) join ``gold`` and replace the BM25 hard negatives, those missing from the corpus counted."""
   if len(index) != len(table):
     raise ValueError(f"the BM25 index has {len(index)} passages, the passage table {len(table)}")
   pids, scores = index.search([q.question for q in questions], k, n_threads=n_threads)

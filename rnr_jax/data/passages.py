@@ -1,9 +1,7 @@
 """DPR-style passages: documents cut into consecutive chunks of 100 whitespace-separated words.
 
-Every passage keeps its document's title. Passage ids (``pid``) are the running index in corpus order, so the same
-corpus and setting always give the same ids. On disk a table is ``passages.jsonl`` plus its columns as ``.npy`` arrays
-(line offsets, document ids, chunk indices); :meth:`PassageTable.open` reads titles and texts lazily through a memory
-map, so a table of any size costs a few bytes of memory per passage."""
+Passage ids are the running index in corpus order. A table is ``passages.jsonl`` plus column ``.npy`` arrays;
+:meth:`PassageTable.open` reads it lazily through a memory map."""
 
 from __future__ import annotations
 
@@ -143,8 +141,7 @@ class PassageWriter:
 
 
 def split_documents(docs: Iterable[Document], words_per_passage: int = DEFAULT_WORDS_PER_PASSAGE) -> PassageTable:
-  """The passages of ``docs`` in order, in memory (document ids must be unique: :meth:`PassageTable.passages_of`
-  checks)."""
+  """The passages of ``docs`` in order, in memory (document ids must be unique)."""
   doc_ids, chunks, titles, texts = [], [], [], []
   for doc in docs:
     pieces = split_words(doc.text, words_per_passage)

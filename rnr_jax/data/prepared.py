@@ -1,10 +1,7 @@
 """The prepared dataset directory: built once by ``python -m train.prepare``, read by every later stage.
 
-Layout: ``manifest.json`` (written last: the inputs' identities, settings, counts, metrics), the passage table
-(``passages.jsonl`` with its column arrays, pid = line index), ``token_corpus/`` with its ``token_corpus.<bz2|lzma>/``
-forms, ``bm25/``, and per question split a ``splits/<split>/`` with ``questions.jsonl`` and the
-:class:`SplitCandidates` arrays. Inputs are :class:`Source` streams, so a corpus of any size is prepared in bounded
-memory: passages, token ids and BM25 token ids are written as documents arrive."""
+``manifest.json`` (written last), the passage table, ``token_corpus/``, ``bm25/`` and ``splits/<split>/``; sources
+stream, so a corpus of any size is prepared in bounded memory (docs/design.md, "Data preparation")."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Documents and questions, and streaming readers of our jsonl files (and NQ-open's) with located errors.
 
-Readers are generators reading line by line (gzip transparently), so multi-gigabyte files stream in bounded memory. A
-malformed record raises :class:`DataFormatError` naming file, 1-based line and field, or with ``skip_bad=True`` is
-skipped and counted in a :class:`ReadStats`. Other projects' formats (DPR, SQuAD, TFDS) are read by ``train.formats``
-and ``train.tfds_sources`` on the same machinery."""
+A malformed record raises :class:`DataFormatError` naming file, 1-based line and field, or with ``skip_bad=True`` is
+skipped and counted in a :class:`ReadStats`."""
 
 from __future__ import annotations
 

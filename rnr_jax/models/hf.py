@@ -1,10 +1,7 @@
 """Hugging Face interop: config dispatch, encoder factory and checkpoint conversion (both ways).
 
-A Hugging Face directory (``config.json`` plus safetensors, sharded or not, or ``pytorch_model.bin``) converts to
-``(config, params)`` and back, so ``transformers.AutoModel.from_pretrained`` reads what :func:`save_hf_encoder` writes.
-Keys map to paths as in :class:`~rnr_jax.models.bert.BertEncoder`; ``weight`` is ``kernel`` (transposed), ``scale`` or
-``embedding``. Expected tensors and shapes come from ``jax.eval_shape`` of the module's ``init``, so a checkpoint is
-validated exactly against what the encoder computes. Only ``pytorch_model.bin`` needs torch."""
+A Hugging Face directory (``config.json`` plus safetensors or ``pytorch_model.bin``) converts to ``(config, params)``,
+checked against ``jax.eval_shape`` of the encoder's ``init``, and back, for ``transformers.AutoModel``."""
 
 from __future__ import annotations
 
@@ -103,11 +100,8 @@ def _hf_key(path: tuple[str, ...]) -> str:
 
 
 def _unused_hf_tensors(config: EncoderConfig, num_layers: int) -> dict[str, np.ndarray]:
-  """Tensors transformers' model builds but never uses under ``config``, with their initial values.
-
-  ``MobileBertEmbeddings`` always builds ``embedding_transformation`` and ``Bottleneck`` builds ``attention`` whenever
-  ``key_query_shared_bottleneck`` is set. They are ignored on load and written on save so transformers finds every
-  weight it expects."""
+  """Tensors transformers' MobileBERT builds but never uses under ``config`` (``embedding_transformation``, shared
+  bottleneck ``attention``), with their initial values: ignored on load, written on save."""
   if not isinstance(config, MobileBertConfig):
     return {}
   c = config
@@ -156,11 +150,8 @@ def hf_state_dict_to_params(
   *,
   source: str = "state dict",
 ) -> Params:
-  """Converts a transformers state dict (numpy arrays) to float32 encoder params of the first ``num_layers`` layers.
-
-  Keys may carry the ``bert.``/``mobilebert.`` prefix of task models; the pooler, heads and dropped layers are ignored
-  (logged at debug level). ``source`` names the input in errors. Raises ``ValueError`` naming every missing, unexpected
-  (inside ``embeddings.*``/``encoder.*``) and wrongly shaped tensor."""
+  """Float32 encoder params of the first ``num_layers`` layers of a transformers state dict (pooler, heads and task
+  prefixes ignored); a ``ValueError`` naming ``source`` lists every missing, unexpected or misshapen tensor."""
   n = resolve_num_layers(config.num_hidden_layers, num_layers)
   expected = {_hf_key(path): (path, shape) for path, shape in _param_shapes(config, n).items()}
   unused = _unused_hf_tensors(config, config.num_hidden_layers)
@@ -294,11 +285,8 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike[str]) -> Path:
 def load_hf_encoder(
   path_or_hub_id: str | os.PathLike[str], num_layers: int | None = None
 ) -> tuple[EncoderConfig, Params]:
-  """``(config, float32 params)`` of the first ``num_layers`` layers of a Hugging Face directory or Hub id.
-
-  The config's ``num_hidden_layers`` is the layers kept, so ``build_encoder(config)`` matches ``params``. Raises
-  ``ValueError`` (checkpoint and config differ), ``FileNotFoundError`` (no ``config.json`` or weights) or ``OSError``
-  (no local directory and the Hub cannot provide it)."""
+  """``(config, float32 params)`` of the first ``num_layers`` layers of a Hugging Face directory or Hub id, the
+  config's ``num_hidden_layers`` set to match."""
   directory = _resolve_directory(path_or_hub_id)
   config_file = directory / "config.json"
   if not config_file.is_file():

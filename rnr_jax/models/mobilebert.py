@@ -172,10 +172,8 @@ class MobileBertLayer(ConfigModule):
 
 
 class MobileBertEncoder(Encoder):
-  """MobileBERT encoder (``MobileBertModel`` without pooler) with every architecture switch of its config.
-
-  As in transformers, the embedding norm and the layer output norm use epsilon 1e-5 (torch's default), the other norms
-  ``layer_norm_eps``. Parameter paths: docs/design.md, "Encoder parameter paths"."""
+  """MobileBERT encoder (``MobileBertModel`` without pooler) with every architecture switch of its config; the
+  embedding and layer output norms use epsilon 1e-5, as transformers does."""
 
   config: MobileBertConfig
   embeddings_class: ClassVar[type[Embeddings]] = MobileBertEmbeddings

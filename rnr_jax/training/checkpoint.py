@@ -103,9 +103,8 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: TrainState
                      ) -> tuple[int, TrainState, jax.Array, DataState] | None:
-    """Restores the newest intact checkpoint (None without any). An unreadable (a file lost) or corrupt (a flipped bit,
-    NaN) one is reported and the previous one tried; once one restores, the bad newer ones are deleted, so a restart
-    never returns to them. If none restores, the first error is raised (likely a changed model) and nothing deleted."""
+    """Restores the newest intact checkpoint (None without any), deleting newer unreadable or corrupt ones once
+    an older one restores; if none restores, the first error is raised and nothing deleted."""
     failed: dict[int, str] = {}
     first_error: Exception | None = None
     for step in reversed(self.all_steps()):
@@ -152,9 +151,7 @@ def restore_or_initialize(checkpointer: Checkpointer, abstract_state: TrainState
                           init_params: Callable[[], PyTree], create_state: Callable[[PyTree], TrainState],
                           init_checkpoint: str | None = None,
                           load_pretrained: Callable[[PyTree], PyTree] | None = None) -> Restored:
-  """The run's starting state, in the resume order of the module docstring. ``abstract_state`` carries the
-  shardings; ``rng`` is a fresh run's base key; ``load_pretrained`` maps the random parameters to pretrained ones
-  (placed with the parameter shardings)."""
+  """The run's starting state, in the resume order of the module docstring."""
   latest = checkpointer.restore_latest(abstract_state)
   if latest is not None:
     step, state, saved_rng, data_state = latest

@@ -35,8 +35,7 @@ Evaluator = Callable[[PyTree, int], Mapping[str, float]]  # (params, step) -> na
 
 
 def start_run(config: Any, workdir: str) -> str:
-  """A stage's first call: joins the other hosts (when configured), creates ``workdir`` (local, or a bucket's
-  ``gs://...``) and records the config."""
+  """A stage's first call: joins other hosts (if configured), creates ``workdir`` and records the config."""
   mesh_lib.maybe_initialize_distributed(config.mesh)
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
   if jax.process_index() == 0:
@@ -47,9 +46,8 @@ def start_run(config: Any, workdir: str) -> str:
 
 @contextlib.contextmanager
 def profiler_trace(log_dir: str) -> Iterator[None]:
-  """``jax.profiler.trace`` into ``log_dir``. The profiler writes through its own C++ file layer (local paths, gs://
-  by its own client), not etils.epath: a URI's trace is written to a local temporary directory, then copied there
-  through epath like the rest of the workdir (any scheme epath knows, the same credentials)."""
+  """``jax.profiler.trace`` into ``log_dir``; a URI's trace goes to a local directory first, then through
+  epath, since the profiler writes through its own file layer."""
   if "://" not in log_dir:
     with jax.profiler.trace(log_dir):
       yield
@@ -78,14 +76,12 @@ class ResumableIterator(Protocol):
 
 
 class EpochIterator:
-  """Deterministic, resumable batches: epoch ``e`` visits the examples in the order ``default_rng(seed +
-  e).permutation(num_examples)``, cut into global batches (the last partial one dropped); process ``p`` of ``P`` gets
-  rows ``[p * G/P, (p + 1) * G/P)`` of each. The position ``{seed, epoch, index}`` replays them after a restart."""
+  """Deterministic, resumable batches: epoch ``e`` visits ``default_rng(seed + e).permutation(num_examples)`` in
+  global batches, process ``p`` taking its share; ``{seed, epoch, index}`` replays them after a restart."""
 
   def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,
-               seed: int, shuffle: bool = True, process_index: int | None = None,
-               process_count: int | None = None):
-    self._fetch, self._num_examples, self._shuffle = fetch, num_examples, shuffle
+               seed: int, process_index: int | None = None, process_count: int | None = None):
+    self._fetch, self._num_examples = fetch, num_examples
     self._process_index = jax.process_index() if process_index is None else process_index
     self._process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self._process_count:
@@ -98,8 +94,7 @@ class EpochIterator:
     self._order = self._epoch_order()
 
   def _epoch_order(self) -> np.ndarray:
-    rng = np.random.default_rng(self._seed + self._epoch)
-    return rng.permutation(self._num_examples) if self._shuffle else np.arange(self._num_examples)
+    return np.random.default_rng(self._seed + self._epoch).permutation(self._num_examples)
 
   def __iter__(self) -> EpochIterator:
     return self
@@ -132,13 +127,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
                data: ResumableIterator, evaluator: Evaluator | None = None, best: BestExport | None = None,
                init_checkpoint: str | None = None, load_pretrained: Callable[[PyTree], PyTree] | None = None
                ) -> TrainState:
-  """Trains ``config.train.num_steps`` steps (``mesh`` and ``train`` sections), resuming from ``workdir`` if it has
-  checkpoints; ``workdir`` gets ``checkpoints/``, ``metrics.jsonl``, ``eval.jsonl``, ``tensorboard/``, ``profile/``.
-
-  ``init_fn(rng)`` gives float32 master weights; ``step`` is the stage's update and initial state; ``data`` yields
-  process-local batches; ``evaluator(params, step)`` runs every ``train.eval_every`` steps and after the last, its
-  metrics offered to ``best``; ``init_checkpoint`` and ``load_pretrained`` give a fresh run's parameters (resume
-  order of :func:`rnr_jax.training.checkpoint.restore_or_initialize`)."""
+  """Trains ``config.train.num_steps`` steps, resuming from ``workdir``'s checkpoints; ``evaluator(params,
+  step)`` runs every ``train.eval_every`` steps and after the last, its metrics offered to ``best``."""
   train_cfg, total_steps, mesh = config.train, int(config.train.num_steps), mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.

@@ -10,12 +10,8 @@ _MASKED_LOGIT = -1e9
 
 
 def in_batch_nll(scores: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """DPR's loss with in-batch negatives: NLL and top-1 accuracy of each question's positive among all passages.
-
-  ``scores [B, P]`` score every question against every passage of the *global* batch (question i owns rows ``i * P/B ...
-  (i + 1) * P/B - 1``, its positive first). Computed inside ``jit`` on arrays sharded over the data axis, XLA gathers
-  the passages across devices; unlike an all-gather with a stop-gradient, gradients reach every passage. ``mask [1, P]``
-  (optional) leaves padding passages out."""
+  """DPR's in-batch NLL and top-1 accuracy of each question's positive (first of its ``P/B`` rows) among all
+  ``scores [B, P]`` of the global batch; ``mask [1, P]`` leaves padding out (docs/design.md, "Sharding")."""
   num_q, num_p = scores.shape
   if num_p % num_q:
     raise ValueError(f"{num_p} passages are not a multiple of {num_q} questions")
@@ -38,10 +34,8 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0,
            mask: jax.Array | None = None) -> jax.Array:
-  """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)), the teacher a constant.
-
-  Multiply by ``T**2`` to keep Hinton et al.'s gradient scale across temperatures. ``mask`` (bool, broadcastable to the
-  logits ``[..., C]``) leaves False entries out of both distributions, and rows without a True entry out of the mean."""
+  """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)), the teacher constant; ``mask`` leaves
+  entries out, and rows without one out of the mean."""
   t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
   s = student_logits.astype(jnp.float32) / temperature
   if mask is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,11 +26,8 @@ DATA_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed(mesh_cfg: Any) -> None:
-  """Calls ``jax.distributed.initialize()`` when ``mesh_cfg.distributed`` is set.
-
-  Must run before anything touches a JAX device (including ``jax.devices()`` or ``jax.process_index()``), i.e. first
-  thing in a stage's ``main``. The cluster (Cloud TPU, SLURM, Kubernetes, ...) is auto-detected by JAX. Calling it twice
-  is harmless."""
+  """Calls ``jax.distributed.initialize()`` when ``mesh_cfg.distributed`` is set; must run before anything
+  touches a JAX device (first thing in a stage's ``main``)."""
   if getattr(mesh_cfg, "distributed", False) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -54,11 +51,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The device mesh of ``mesh_cfg.shape`` (one entry may be -1) over ``mesh_cfg.axes`` and ``devices`` (default:
-  all of every process).
-
-  Axes are ``AxisType.Auto``: XLA propagates shardings through the step, which is what lets ``q @ p.T`` over
-  data-sharded arrays gather the passages itself."""
+  """The device mesh of ``mesh_cfg.shape`` (one entry may be -1) over ``mesh_cfg.axes``; ``AxisType.Auto`` axes
+  let XLA gather data-sharded passages for ``q @ p.T`` itself."""
   devices = list(jax.devices() if devices is None else devices)
   axes = tuple(mesh_cfg.axes)
   shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
@@ -94,10 +88,8 @@ def _axis_names(entry: SpecEntry) -> tuple[str, ...]:
 
 
 def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
-  """PartitionSpec of one array: the first rule whose regex fully matches ``name``.
-
-  Unmatched arrays and scalars are replicated. A dimension whose size is not divisible by its mesh axes is replicated
-  instead (and logged), so one rule can cover kernels of many shapes."""
+  """PartitionSpec of one array by the first rule whose regex fully matches ``name``; unmatched arrays, and
+  dimensions not divisible by their mesh axes (logged), are replicated."""
   if not shape:
     return PartitionSpec()
   for pattern, spec in rules:
@@ -124,10 +116,8 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
 
 
 def param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
-  """NamedSharding for every array of a pytree, from regex rules on its path.
-
-  Works for any pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters, or a whole ``TrainState``: the optimiser
-  moments' paths end with the parameter path, so rules starting with ``.*`` shard them like their parameters)."""
+  """NamedSharding of every array of a pytree by regex rules on its path (optimiser moments' paths end with
+  their parameter's, so ``.*`` rules shard them alike)."""
   return tree_map_with_names(
       lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
 
@@ -138,10 +128,9 @@ def with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
                       abstract_tree, shardings)
 
 
-def batch_sharding(mesh: Mesh, data_axes: Iterable[str] = DATA_AXES) -> NamedSharding:
+def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of batch arrays: leading dimension split over the data-parallel axes."""
-  axes = tuple(a for a in data_axes if a in mesh.shape)
-  return NamedSharding(mesh, PartitionSpec(axes))
+  return NamedSharding(mesh, PartitionSpec(tuple(a for a in DATA_AXES if a in mesh.shape)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -149,12 +138,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                      data_axes: Iterable[str] = DATA_AXES) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays sharded over the data axes.
-
-  Every process passes its own ``local_batch`` (leading dimension = global batch / process count); the result has the
-  global leading dimension. On one process this is a sharded ``device_put``."""
-  sharding = batch_sharding(mesh, data_axes)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Global arrays sharded over the data axes from each process's ``local_batch`` (its share of the rows)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

@@ -108,11 +108,8 @@ class WandbWriter:
 
 
 class MetricsLogger:
-  """Logs a step's metrics to ``metrics.jsonl`` (evaluations under ``eval/``, and to ``eval.jsonl``), TensorBoard
-  (``train.tensorboard``), W&B (project ``train.wandb``) and a log line, from process 0. Timings per step of a log
-  window, evaluations left out: ``data_s`` getting the batch (host input, which the loop adds to
-  :attr:`data_seconds`), ``compute_s`` the rest (dispatch, waiting for the devices), ``examples_per_s``; the first
-  window after a (re)start includes compilation: ``first_steps_s`` instead."""
+  """Logs metrics from process 0 to ``metrics.jsonl`` (and ``eval.jsonl``), TensorBoard, W&B and a log line,
+  with per-step timings ``data_s``, ``compute_s``, ``examples_per_s`` (``first_steps_s`` after a (re)start)."""
 
   def __init__(self, workdir: str, config: Any, *, start_step: int = 0):
     train_cfg = config.train

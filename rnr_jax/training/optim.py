@@ -51,10 +51,8 @@ def regex_mask(regex: str, params: PyTree, *, match: bool = True) -> PyTree:
 
 def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``(optimizer, schedule)``: AdamW with clipping and a warmup schedule (``schedule(step)``, the learning rate).
-
-  ``trainable_mask`` (a pytree of bools like the parameters, or a function of them returning one) freezes its False
-  leaves: a zero update, no decay, and no part in the clipping norm. None trains everything."""
+  """``(optimizer, schedule)``: AdamW with clipping and warmup; ``trainable_mask`` (a pytree of bools, or a
+  function of the params) freezes False leaves: no update, no decay, no part in the clipping norm."""
   schedule = make_schedule(optim_cfg, total_steps)
   head_mult = float(optim_cfg.get("head_lr_mult", 1.0))
   if head_mult <= 0:

@@ -27,10 +27,8 @@ StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", Metrics]
 
 @flax.struct.dataclass
 class TrainState:
-  """What a checkpoint restores: the step count, parameters and optimiser state.
-
-  The step's random key is not stored: it is ``fold_in(base_rng, step)``, so a resumed run draws exactly the keys an
-  uninterrupted one would."""
+  """What a checkpoint restores: step, parameters and optimiser state (the step's key is ``fold_in(base_rng,
+  step)``, so a resumed run draws the keys an uninterrupted one would)."""
   step: jax.Array
   params: PyTree
   opt_state: optax.OptState
@@ -47,11 +45,8 @@ class Step(NamedTuple):
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
-  """``[R, ...] -> [num, R / num, ...]``: micro-batch i holds examples i, i + num, ... with all their rows.
-
-  The number of examples B is the smallest leading dimension; an array of R = m * B rows holds m consecutive rows per
-  example (a question's passages). The strided choice keeps every micro-batch spread over all data shards, so no data
-  moves between devices."""
+  """``[R, ...] -> [num, R / num, ...]``: micro-batch i holds examples i, i + num, ... with all their rows
+  (strided, so every micro-batch spans all data shards and no data moves)."""
   num_examples = min(x.shape[0] for x in jax.tree.leaves(batch))
   if num_examples % num:
     raise ValueError(f"{num_examples} examples per batch not divisible by grad_accum={num}")
@@ -68,11 +63,8 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
 
 def accumulate(fn: Callable[[Batch, jax.Array, Any], tuple[PyTree, Any]], params: PyTree, batch: Batch,
                rng: jax.Array, grad_accum: int, extra: Any = None) -> tuple[PyTree, Any]:
-  """Mean gradients and stacked outputs of ``fn(micro_batch, rng, extra) -> (grads, outputs)`` over micro-batches.
-
-  ``grad_accum == 1``: ``fn`` sees the whole batch, ``rng`` and ``extra[0]``. Else micro-batch ``i``
-  (:func:`split_microbatches`) sees ``fold_in(rng, i)`` and ``extra[i]`` under ``lax.scan``, so activations of one
-  micro-batch at a time are alive. Outputs get a leading micro-batch axis either way."""
+  """Mean gradients and stacked outputs of ``fn(micro_batch, rng, extra)`` over micro-batches (under
+  ``lax.scan``, micro-batch i seeing ``fold_in(rng, i)`` and ``extra[i]``; one whole batch when ``grad_accum == 1``)."""
   if grad_accum == 1:
     grads, out = fn(batch, rng, None if extra is None else jax.tree.map(lambda x: x[0], extra))
     return grads, jax.tree.map(lambda x: x[None], out)
@@ -89,10 +81,8 @@ def accumulate(fn: Callable[[Batch, jax.Array, Any], tuple[PyTree, Any]], params
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
                     schedule: optax.Schedule | None = None) -> StepFn:
-  """``train_step(state, batch, base_rng) -> (state, metrics)``: one optimiser update on the mean micro-batch loss.
-
-  Metrics: ``loss``, the loss_fn's aux metrics (means over micro-batches), ``grad_norm`` (unclipped), ``param_norm``
-  (after the update) and ``lr``."""
+  """``train_step(state, batch, base_rng) -> (state, metrics)``: one optimiser update on the mean micro-batch
+  loss; metrics add ``grad_norm`` (unclipped), ``param_norm`` and ``lr``."""
   def train_step(state: TrainState, batch: Batch, base_rng: jax.Array) -> tuple[TrainState, Metrics]:
     def micro_step(micro: Batch, rng: jax.Array, _: Any) -> tuple[PyTree, Any]:
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro, rng)
@@ -118,10 +108,10 @@ def adamw_step(config: Any, loss_fn: LossFn, trainable_mask: Mask | None = None)
   return Step(update, lambda params: TrainState.create(params, optimizer))
 
 
-def jit_train_step(step_fn: StepFn, state_shardings: PyTree, batch_sharding: NamedSharding, *,
-                   donate: bool = True) -> Callable[..., tuple[TrainState, Metrics]]:
-  """``jax.jit`` of a step with explicit shardings; the state keeps its layout step after step, so nothing
-  recompiles, and ``donate`` reuses the old state's buffers (the caller must not touch it after the call)."""
+def jit_train_step(step_fn: StepFn, state_shardings: PyTree, batch_sharding: NamedSharding
+                   ) -> Callable[..., tuple[TrainState, Metrics]]:
+  """``jax.jit`` of a step with explicit shardings (the state keeps its layout, so nothing recompiles), the old
+  state donated: the caller must not touch it after the call."""
   replicated = mesh_lib.replicated(batch_sharding.mesh)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
