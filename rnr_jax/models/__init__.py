@@ -8,18 +8,8 @@ Parameter paths are listed in docs/design.md, "Encoder parameter paths"."""
 
 from rnr_jax.models.bert import BertConfig, BertEncoder
 from rnr_jax.models.encoder import EncoderOutput
-from rnr_jax.models.hf import (
-  EncoderConfig,
-  Params,
-  build_encoder,
-  config_from_hf_dict,
-  hf_state_dict_to_params,
-  load_hf_encoder,
-  load_minilm,
-  minilm_dir,
-  params_to_hf_state_dict,
-  save_hf_encoder,
-)
+from rnr_jax.models.hf import (EncoderConfig, Params, build_encoder, config_from_hf_dict, hf_state_dict_to_params,
+                               load_hf_encoder, load_minilm, minilm_dir, params_to_hf_state_dict, save_hf_encoder)
 from rnr_jax.models.mobilebert import MobileBertConfig, MobileBertEncoder
 
 __all__ = [

@@ -24,9 +24,8 @@ class BertConfig(HFEncoderConfig):
   def __post_init__(self) -> None:
     super().__post_init__()
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(
-        f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
-      )
+      raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                       f"({self.num_attention_heads})")
 
   @classmethod
   def _check_supported(cls, d: Mapping[str, Any]) -> None:

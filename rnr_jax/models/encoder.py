@@ -72,10 +72,8 @@ class HFEncoderConfig:
   def __post_init__(self) -> None:
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
-    for name in (
-      "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-      "max_position_embeddings", "type_vocab_size"
-    ):
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -200,16 +198,8 @@ class Attention(ConfigModule):
   output_dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(
-    self,
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    residual: jax.Array,
-    mask: jax.Array | None,
-    *,
-    deterministic: bool,
-  ) -> jax.Array:
+  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, residual: jax.Array, mask: jax.Array | None,
+               *, deterministic: bool) -> jax.Array:
     c = self.config
     head_dim = c.true_hidden_size // c.num_attention_heads
     width = c.num_attention_heads * head_dim
@@ -269,14 +259,8 @@ class Encoder(ConfigModule):
   num_layers: int | None = None
 
   @nn.compact
-  def __call__(
-    self,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    token_type_ids: jax.Array | None = None,
-    *,
-    deterministic: bool = True,
-  ) -> EncoderOutput:
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *, deterministic: bool = True) -> EncoderOutput:
     """Encodes ``input_ids`` ``[B, L]`` (mask: 1 real, 0 padding); dropout needs ``rngs={"dropout": key}``."""
     c = self.config
     if input_ids.ndim != 2:

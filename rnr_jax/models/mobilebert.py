@@ -12,9 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rnr_jax.models.encoder import (
-  NORM_TYPES, Attention, ConfigModule, Embeddings, Encoder, HFEncoderConfig, Intermediate, ResidualProjection
-)
+from rnr_jax.models.encoder import (NORM_TYPES, Attention, ConfigModule, Embeddings, Encoder, HFEncoderConfig,
+                                    Intermediate, ResidualProjection)
 
 # transformers builds these norms as ``NORM2FN[type](size)``, i.e. with torch's default epsilon.
 _TORCH_DEFAULT_EPS = 1e-5
@@ -52,10 +51,8 @@ class MobileBertConfig(HFEncoderConfig):
     if self.num_feedforward_networks < 1:
       raise ValueError(f"num_feedforward_networks must be >= 1, got {self.num_feedforward_networks}")
     if self.true_hidden_size % self.num_attention_heads:
-      raise ValueError(
-        f"true hidden size ({self.true_hidden_size}) is not a multiple of num_attention_heads "
-        f"({self.num_attention_heads})"
-      )
+      raise ValueError(f"true hidden size ({self.true_hidden_size}) is not a multiple of num_attention_heads "
+                       f"({self.num_attention_heads})")
 
   @property
   def norm_kind(self) -> str:
@@ -124,9 +121,8 @@ class MobileBertLayerOutput(ConfigModule):
   config: MobileBertConfig
 
   @nn.compact
-  def __call__(
-    self, h: jax.Array, attention_output: jax.Array, layer_input: jax.Array, *, deterministic: bool
-  ) -> jax.Array:
+  def __call__(self, h: jax.Array, attention_output: jax.Array, layer_input: jax.Array, *,
+               deterministic: bool) -> jax.Array:
     c = self.config
     y = self.dense(c.true_hidden_size, "dense")(h)
     if not c.use_bottleneck:
