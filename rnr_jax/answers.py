@@ -1,8 +1,7 @@
 """Answer choice and display text in numpy, apart from any model call, so every inference engine can share them.
 
-:func:`nbest` ranks the candidate spans of the passages read under an answer rule (paper appendix A.3; its first is
-the answer) with probabilities normalised over those candidates, so they compare across questions. :class:`Detokenizer` turns WordPiece ids into clean display text with each token's character range.
-"""
+:func:`nbest` ranks candidate spans under an answer rule (paper appendix A.3), with probabilities normalised over the
+candidates; :class:`Detokenizer` turns WordPiece ids into display text with each token's character range."""
 
 from __future__ import annotations
 

@@ -132,8 +132,7 @@ def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") ->
     for key in [k for k in flat if k.endswith(suffix)]:
       name = key.removesuffix(suffix)
       q, scale = flat.get(name), flat.pop(key)
-      if (q is None or q.dtype != np.int8 or q.ndim < 2 or (ndim and q.ndim != ndim)
-          or scale.shape != scale_shape(q)):
+      if (q is None or q.dtype != np.int8 or q.ndim < 2 or (ndim and q.ndim != ndim) or scale.shape != scale_shape(q)):
         raise BundleError(path, f"{key!r} does not match an int8 tensor {name!r}")
       flat[name] = dequantize(q, scale).astype(dtype)
   return flat
@@ -325,8 +324,7 @@ def _read_manifest(bundle_dir: str) -> tuple[dict[str, Any], str]:
   if manifest.get("version") != VERSION:
     raise BundleError(path, f"version {manifest.get('version')!r}, expected {VERSION}")
   files = manifest.get("files")
-  if not isinstance(files, list) or not all(isinstance(e, dict) and all(k in e for k in _ENTRY_KEYS)
-                                            for e in files):
+  if not isinstance(files, list) or not all(isinstance(e, dict) and all(k in e for k in _ENTRY_KEYS) for e in files):
     raise BundleError(path, f"'files' must be a list of entries with keys {list(_ENTRY_KEYS)}")
   for e in files:
     for key in ("path", "unpacked_path"):

@@ -154,8 +154,7 @@ def reuse(path: str, spec: SystemSpec, params: Params, num_passages: int) -> np.
   """The vectors of an embeddings directory, checked to come from this model with these input settings."""
   vectors, info = load(path)
   fingerprint = exports.params_fingerprint(params if spec.unified else params["retriever"])
-  expected = {**key_of(spec, fingerprint, info.get("corpus_sha256")), "num_passages": num_passages,
-              "dim": spec.dim}
+  expected = {**key_of(spec, fingerprint, info.get("corpus_sha256")), "num_passages": num_passages, "dim": spec.dim}
   differing = sorted(k for k, v in expected.items() if k in info and info[k] != v)
   if differing:
     raise ValueError(f"{path}: embeddings of another model, corpus or input settings (differing: {differing})")

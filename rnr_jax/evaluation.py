@@ -172,8 +172,7 @@ class OpenEvaluator:
     self._index = index
     self._counts = tuple(sorted(int(n) for n in eval_cfg.passages))
     self._ks = tuple(sorted(int(k) for k in eval_cfg.ks))
-    self.names = {"em_open", "em_open_mean", *(f"em_open@{n}" for n in self._counts),
-                  *(f"top{k}" for k in self._ks)}
+    self.names = {"em_open", "em_open_mean", *(f"em_open@{n}" for n in self._counts), *(f"top{k}" for k in self._ks)}
     _check_select(eval_cfg.select_metric, self.names, "eval.select_metric")
     self._questions = data.questions(eval_cfg.split)[: int(eval_cfg.questions) or None]
     self._question_ids = tokenizer.encode_texts([q.question for q in self._questions])

@@ -59,8 +59,7 @@ class Export:
     step = self._manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no exported parameters")
-    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-                                 ).params
+    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
 
   def close(self) -> None:
     self._manager.close()
@@ -133,9 +132,6 @@ class BestExport:
     self._export.close()
 
 
-# ---- loading --------------------------------------------------------------------------
-
-
 def _restore(directory: str, kind: str, mesh: Mesh | None) -> tuple[Any, Params, dict[str, Any]]:
   """``(spec, params replicated on mesh or on device 0, model item)`` of an export holding ``model[kind]``."""
   if not epath.Path(directory).is_dir():
@@ -175,8 +171,7 @@ def load_system(model_dir: str, retriever_dir: str | None = None, mesh: Mesh | N
   reader_spec, reader_params, info = load_reader(model_dir, mesh)
   if retriever_dir is not None:
     retriever_spec, retriever_params, _ = load_retriever(retriever_dir, mesh)
-    return SystemSpec.two_models(retriever_spec, reader_spec), {"retriever": retriever_params,
-                                                                "reader": reader_params}
+    return SystemSpec.two_models(retriever_spec, reader_spec), {"retriever": retriever_params, "reader": reader_params}
   if "system" in info:
     return SystemSpec.from_json(info["system"]), reader_params
   if require_system:

@@ -1,7 +1,7 @@
 """Maximum-inner-product search over passage embeddings: :class:`DenseIndex`, its edits and its files.
 
-Kinds: ``"exact"`` float32; ``"int8"`` ScaNN over int8 codes, a scale per dimension (paper §2.3); ``"int8_row"`` a scale
-per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic hashing. Without ScaNN, numpy searches them."""
+Kinds: ``"exact"`` float32; ``"int8"`` ScaNN over int8 codes, a scale per dimension (paper §2.3); ``"int8_row"`` a
+scale per row, exactly reordered; ``"ah"`` ScaNN tree + anisotropic hashing. Without ScaNN, numpy searches them."""
 
 from __future__ import annotations
 

@@ -98,8 +98,7 @@ def build_model(spec: Mapping[str, Any], params: Mapping[str, Any], *, external:
         (q, [0, 2, 1, 3]), (g.dense(x, p + "attention/key"), [0, 2, 3, 1]), (g.dense(x, p + "attention/value"),
                                                                              [0, 2, 1, 3])))
     probs = g.op("Softmax", g.op("Add", g.op("MatMul", q, k), bias), axis=-1)
-    context = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]),
-                   g.const([0, 0, hidden]))
+    context = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]), g.const([0, 0, hidden]))
     x = g.norm(g.op("Add", g.dense(context, p + "attention/output/dense"), x), p + "attention/output/layer_norm", eps)
     h = g.activation(g.dense(x, p + "intermediate/dense"), enc.get("hidden_act", "gelu"))
     x = g.norm(g.op("Add", g.dense(h, p + "output/dense"), x), p + "output/layer_norm", eps)

@@ -55,9 +55,6 @@ def filter_loss(scores: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[s
   return loss, {"accuracy": jnp.mean((scores > 0) == (labels > 0.5))}
 
 
-# ---- training and validation sets -------------------------------------------------------
-
-
 def retrieval_frequency(rankings: Sequence[np.ndarray], top_k: int, num_passages: int) -> np.ndarray:
   """``int64[num_passages]``: for how many questions each passage is in the top-``top_k`` (-1 ignored)."""
   counts = np.zeros(num_passages, np.int64)
@@ -132,9 +129,6 @@ def pair_batch(tokenizer: Tokenizer, corpus: TokenCorpus, positives: np.ndarray,
   return batch
 
 
-# ---- scoring, validation and selection --------------------------------------------------
-
-
 def score_passages(encoder: retrieval.BatchEncoder, params: Any, tokenizer: Tokenizer, corpus: TokenCorpus,
                    pids: np.ndarray, *, max_len: int, buckets: Sequence[int]) -> np.ndarray:
   """``float32`` scores of passages ``pids``, batched by length bucket (``encoder`` wraps :func:`score_fn`)."""
@@ -152,8 +146,7 @@ def score_fn(model: PassageFilter) -> Callable[[Any, dict[str, jax.Array]], jax.
   return scores
 
 
-def first_answer_passages(ranked: np.ndarray, answers: Sequence[Sequence[str]], matcher: AnswerMatcher
-                          ) -> np.ndarray:
+def first_answer_passages(ranked: np.ndarray, answers: Sequence[Sequence[str]], matcher: AnswerMatcher) -> np.ndarray:
   """``J+val``: each question's best-ranked retrieved passage holding an answer (unique, sorted)."""
   found = set()
   for row, question_answers in zip(np.asarray(ranked), answers):

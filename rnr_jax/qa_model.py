@@ -88,8 +88,7 @@ class RetrieverReader(nn.Module):
   def setup(self):
     self.encoder = build_encoder(self.config, dtype=self.dtype)
     self.qa_outputs = nn.Dense(2, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="qa_outputs")
-    self.qa_classifier = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
-                                  name="qa_classifier")
+    self.qa_classifier = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="qa_classifier")
 
   def embed(self, batch, deterministic: bool = True) -> jax.Array:
     """Retrieval vectors ``[B, retrieval_dim]`` (float32)."""

@@ -30,9 +30,6 @@ Params = Any
 CHUNK_KEY = "key.json"
 
 
-# ---- batched, sharded encoding -------------------------------------------------------
-
-
 def pad_rows(batch: tk.EncodedBatch, rows: int) -> tk.EncodedBatch:
   """Pads a batch with empty rows up to ``rows`` (fixed batch shapes under jit)."""
   n = batch.input_ids.shape[0]
@@ -227,9 +224,6 @@ class JaxEngine:
 
   def read(self, batch: tk.EncodedBatch, rows: int) -> np.ndarray:
     return self.read_runner.run(self.params, batch, rows)
-
-
-# ---- search and evaluation -----------------------------------------------------------
 
 
 def search_exact(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

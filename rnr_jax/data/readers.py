@@ -111,7 +111,7 @@ def read_records(path: PathLike, makers: Iterable[Callable[[], T]], skip_bad: bo
 
 def open_data(path: PathLike, text: bool = False, encoding: str = "utf-8") -> IO[Any]:
   """``path`` for reading, gunzipped when it starts with gzip's magic bytes. Text mode maps bytes that are not UTF-8
-  to lone surrogates, so that :func:`text_problem` reports them at their record's line instead of the decoder failing."""
+  to lone surrogates, so that :func:`text_problem` reports them at their record's line, not as a decoder failure."""
   with open(path, "rb") as f:
     gz = f.read(2) == b"\x1f\x8b"
   raw = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 - returned to the caller
@@ -212,8 +212,7 @@ def _kind(v: Any) -> str:
           int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
 
 
-def read_jsonl(path: PathLike, make: Callable[[Record], T], skip_bad: bool, stats: ReadStats | None
-                ) -> Iterator[T]:
+def read_jsonl(path: PathLike, make: Callable[[Record], T], skip_bad: bool, stats: ReadStats | None) -> Iterator[T]:
   """``make(record)`` of each non-blank line of a jsonl file."""
 
   def parse(line: int, raw: bytes) -> T:

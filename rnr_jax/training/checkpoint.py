@@ -55,8 +55,7 @@ def _checks(state: TrainState, rng: dict[str, Any], data: dict[str, Any]) -> tup
 class Checkpointer:
   """Keep-last-N, asynchronous, atomic checkpoints of one run (Orbax ``CheckpointManager``)."""
 
-  def __init__(self, directory: epath.PathLike, *, save_every: int, max_to_keep: int = 2,
-               async_save: bool = True):
+  def __init__(self, directory: epath.PathLike, *, save_every: int, max_to_keep: int = 2, async_save: bool = True):
     self.directory = epath.Path(directory)
     self._save_every = save_every
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -80,8 +79,7 @@ class Checkpointer:
         integrity=ocp.args.JsonSave(_checks(state, rng_json, dict(data_state))[0]))
     return self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, abstract_state: TrainState
-              ) -> tuple[TrainState, jax.Array, DataState]:
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, jax.Array, DataState]:
     """Restores ``step`` onto ``abstract_state`` (ShapeDtypeStructs carrying shardings), or raises BadFileError
     unless its values are finite and match the checksums saved with them."""
     where = self.directory / str(step)
@@ -101,8 +99,7 @@ class Checkpointer:
                                    impl=restored.rng.get("impl", "threefry2x32"))
     return restored.state, rng, dict(restored.data)
 
-  def restore_latest(self, abstract_state: TrainState
-                     ) -> tuple[int, TrainState, jax.Array, DataState] | None:
+  def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState, jax.Array, DataState] | None:
     """Restores the newest intact checkpoint (None without any), deleting newer unreadable or corrupt ones once
     an older one restores; if none restores, the first error is raised and nothing deleted."""
     failed: dict[int, str] = {}

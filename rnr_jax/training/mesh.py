@@ -118,14 +118,12 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
 def param_shardings(abstract_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """NamedSharding of every array of a pytree by regex rules on its path (optimiser moments' paths end with
   their parameter's, so ``.*`` rules shard them alike)."""
-  return tree_map_with_names(
-      lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
+  return tree_map_with_names(lambda name, x: NamedSharding(mesh, spec_for(name, x.shape, mesh, rules)), abstract_tree)
 
 
 def with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
   """Attaches shardings to a tree of ``ShapeDtypeStruct`` (targets for restores)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_tree, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
