@@ -268,12 +268,11 @@ def _write(out_dir: PathLike, sources: Sequence[Source], carried: Sequence[Mappi
   return manifest
 
 
-def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: Mapping[str, Any],
-                 index: DenseIndex, token_corpus_dir: PathLike | None,
-                 tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None,
-                 extra_files: Mapping[str, PathLike] | None = None,
-                 compression: Mapping[str, str] | None = None, weights_dtype: str = "float16",
-                 inference_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: Mapping[str, Any], index: DenseIndex,
+                 token_corpus_dir: PathLike | None, tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None,
+                 extra_files: Mapping[str, PathLike] | None = None, compression: Mapping[str, str] | None = None,
+                 weights_dtype: str = "float16", inference_config: Mapping[str, Any] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
   """Writes a bundle directory atomically; returns the manifest. ``compression`` (``{"binary": method, "text":
   method}``) overrides bzip2 -9 / lzma -9; ``overwrite`` replaces a bundle, never another non-empty directory."""
   policy = check_policy(compression)

@@ -73,8 +73,7 @@ def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: S
 
 def write_system_bundle(out: str, data: PreparedData, spec: SystemSpec, params: Params, index: DenseIndex,
                         records: Sequence[np.ndarray], pids: np.ndarray, settings: InferenceSettings, *,
-                        weights_dtype: str = "float16", overwrite: bool = False, onnx: bool = True
-                        ) -> dict[str, Any]:
+                        weights_dtype: str = "float16", overwrite: bool = False, onnx: bool = True) -> dict[str, Any]:
   """Writes the bundle of a system (weights, index, token-ID corpus of ``pids``, tokenizer, and with ``onnx`` for a
   unified BERT student the ONNX graph :mod:`rnr_jax.runtime` serves it with); returns the manifest."""
   check_tokenizer(spec, data)
@@ -111,6 +110,5 @@ def export(*, out: str, prepared: str, spec: SystemSpec, params: Params, mesh: j
                       vectors=vectors)
   manifest = write_system_bundle(out, data, spec, params, index, records, pids, settings,
                                  weights_dtype=weights_dtype, overwrite=overwrite, onnx=onnx)
-  return {"bundle": os.path.abspath(out), "passages": len(pids), "unified": spec.unified,
-          "index": index.build_report, "footprint": manifest["footprint"],
-          "seconds": round(time.perf_counter() - start, 2)}
+  return {"bundle": os.path.abspath(out), "passages": len(pids), "unified": spec.unified, "index": index.build_report,
+          "footprint": manifest["footprint"], "seconds": round(time.perf_counter() - start, 2)}

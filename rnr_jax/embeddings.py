@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from jax.sharding import Mesh
 from rnr_jax import exports, lexical, retrieval
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.io import atomic_write_json
+from rnr_jax.io import atomic_write_json, read_json
 from rnr_jax.metrics import DEFAULT_KS
 from rnr_jax.reader_data import NO_PASSAGE
 from rnr_jax.specs import EmbedFn, RetrieverSpec, SystemSpec
@@ -138,8 +137,7 @@ def load(out_dir: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
   meta_path = os.path.join(out_dir, META_FILE)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{out_dir}: no {META_FILE} (encoding unfinished or not an embeddings directory)")
-  with open(meta_path, encoding="utf-8") as f:
-    info = json.load(f)
+  info = read_json(meta_path)
   if info.get("format") != FORMAT or info.get("version") != VERSION:
     raise ValueError(f"{meta_path}: format {info.get('format')!r} version {info.get('version')!r}, "
                      f"expected {FORMAT!r} version {VERSION}")

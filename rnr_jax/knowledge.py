@@ -84,4 +84,3 @@ def save_edits(system: QASystem, bundle_dir: str | os.PathLike) -> dict[str, Any
     corpus_dir = os.path.join(tmp, "corpus")
     system.store.write(corpus_dir)
     return update_bundle(bundle_dir, index=system.index, token_corpus_dir=corpus_dir)
-

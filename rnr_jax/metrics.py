@@ -144,4 +144,3 @@ def gold_recall_at_k(ranked: Sequence[Sequence[int]] | np.ndarray, gold: Sequenc
     raise ValueError(f"{len(ranked)} ranked lists for {len(gold)} gold sets")
   gold_sets = [{int(x) for x in g} for g in gold]
   return top_k_accuracy(_hits(ranked, lambda q, pids: [int(p) in gold_sets[q] for p in pids]), ks)
-

@@ -20,7 +20,7 @@ from rnr_jax import embeddings, exports, passage_filter
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.io import atomic_write_json
+from rnr_jax.io import atomic_write_json, read_json
 from rnr_jax.specs import SystemSpec
 from rnr_jax.teacher import InputsFn, TeacherCache
 from rnr_jax.training.loop import EpochIterator
@@ -58,8 +58,7 @@ class TrainingPool:
     """Whether the pool exists and was built with ``key``."""
     if not os.path.exists(self.path) or not os.path.exists(self._key_path):
       return False
-    with open(self._key_path, encoding="utf-8") as f:
-      return json.load(f) == json.loads(json.dumps(dict(key)))
+    return read_json(self._key_path) == json.loads(json.dumps(dict(key)))
 
   def write(self, ranking: Mapping[str, np.ndarray], key: Mapping[str, Any]) -> None:
     """Saves the rankings of every training split, cut to k1 (process 0 writes)."""

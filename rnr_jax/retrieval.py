@@ -21,7 +21,7 @@ from rnr_jax import tokenization as tk
 from rnr_jax.data.bm25 import BM25Index
 from rnr_jax.data.token_corpus import save_npy
 from rnr_jax.index_search import exact_search
-from rnr_jax.io import atomic_write_json
+from rnr_jax.io import atomic_write_json, read_json
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, answer_top_k_accuracy
 from rnr_jax.specs import EmbedFn, SystemSpec
 from rnr_jax.training import mesh as mesh_lib
@@ -178,8 +178,7 @@ def _check_chunk_key(chunk_dir: str, key: Mapping[str, Any]) -> None:
   path = os.path.join(chunk_dir, CHUNK_KEY)
   key = json.loads(json.dumps(dict(key)))  # tuples -> lists, as read back
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+    old = read_json(path)
     if old != key:
       changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
       raise ValueError(f"{chunk_dir} holds chunks of other embeddings (differing: {changed}); "

@@ -56,13 +56,11 @@ class RetrieverSpec:
   @classmethod
   def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> RetrieverSpec:
     """The spec of a stage config (sections ``model``, ``tokens``, ``retriever``)."""
-    return cls(encoder=encoder.to_hf_dict(), shared=bool(config.retriever.shared),
-               pooling=config.model.pooling, retrieval_dim=int(config.model.retrieval_dim),
-               normalize=bool(config.retriever.normalize),
-               passage_token_type=int(config.retriever.passage_token_type),
-               tokenizer_fingerprint=tokenizer_fingerprint, question_len=int(config.tokens.question_len),
-               passage_len=int(config.tokens.passage_len), buckets=tuple(config.tokens.buckets),
-               dtype=config.model.dtype)
+    return cls(encoder=encoder.to_hf_dict(), shared=bool(config.retriever.shared), pooling=config.model.pooling,
+               retrieval_dim=int(config.model.retrieval_dim), normalize=bool(config.retriever.normalize),
+               passage_token_type=int(config.retriever.passage_token_type), tokenizer_fingerprint=tokenizer_fingerprint,
+               question_len=int(config.tokens.question_len), passage_len=int(config.tokens.passage_len),
+               buckets=tuple(config.tokens.buckets), dtype=config.model.dtype)
 
   from_json = classmethod(_from_json)
   to_json = _to_json

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from rnr_jax import exports, retrieval
 from rnr_jax import tokenization as tk
-from rnr_jax.io import atomic_write_json
+from rnr_jax.io import atomic_write_json, read_json
 from rnr_jax.specs import read_fn
 
 Params = Any
@@ -97,8 +97,7 @@ class TeacherCache:
                                                                 "shape": [samples, num, m, width], **dict(key)})
         atomic_write_json(progress_path, {"done": 0})
     multihost_utils.sync_global_devices("rnr_jax.teacher.TeacherCache.create")
-    with open(progress_path, encoding="utf-8") as f:
-      done = int(json.load(f)["done"])
+    done = int(read_json(progress_path)["done"])
     arrays = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r+" if writer else "r")
               for name in ("start", "end", "rank")}
     flat_pids = pids.reshape(samples * num, m)

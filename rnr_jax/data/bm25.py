@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import itertools
-import json
 import logging
 import os
 import tempfile
@@ -15,7 +14,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
-from rnr_jax.io import atomic_dir, atomic_write_json
+from rnr_jax.io import atomic_dir, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +152,4 @@ class BM25Index:
     settings_path = os.path.join(path, SETTINGS_FILE)
     if not os.path.exists(settings_path):
       raise FileNotFoundError(f"{path}: not a saved BM25 index (no {SETTINGS_FILE})")
-    with open(settings_path, encoding="utf-8") as f:
-      settings = json.load(f)
-    return cls(bm25s.BM25.load(path, mmap=mmap, show_progress=False), settings["stemmer"])
+    return cls(bm25s.BM25.load(path, mmap=mmap, show_progress=False), read_json(settings_path)["stemmer"])

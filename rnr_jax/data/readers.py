@@ -275,5 +275,3 @@ def read_questions(path: PathLike, *, require_gold_pid: bool = False, doc_ids: C
     return detected(r)
 
   return read_jsonl(path, make, skip_bad, stats)
-
-

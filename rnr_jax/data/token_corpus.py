@@ -9,7 +9,6 @@ from __future__ import annotations
 import array
 import bz2
 import itertools
-import json
 import lzma
 import os
 import shutil
@@ -18,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from rnr_jax.io import CHUNK_BYTES, atomic_dir, atomic_file, atomic_write_json, copy_hashed, sha256_file, user_cache_dir
+from rnr_jax.io import (CHUNK_BYTES, atomic_dir, atomic_file, atomic_write_json, copy_hashed, read_json, sha256_file,
+                        user_cache_dir)
 
 PathLike = str | os.PathLike
 
@@ -185,8 +185,7 @@ def read_meta(path: PathLike) -> dict[str, Any]:
   meta_path = os.path.join(path, META_FILE)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{os.fspath(path)}: not a token-ID corpus (no {META_FILE})")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = read_json(meta_path)
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise ValueError(f"{os.fspath(path)}: unsupported token corpus format {meta.get('format')!r} "
                      f"version {meta.get('version')!r} (expected {FORMAT!r} version {VERSION})")

@@ -12,8 +12,6 @@ from rnr_jax.models.hf import (EncoderConfig, Params, build_encoder, config_from
                                load_hf_encoder, load_minilm, minilm_dir, params_to_hf_state_dict, save_hf_encoder)
 from rnr_jax.models.mobilebert import MobileBertConfig, MobileBertEncoder
 
-__all__ = [
-  "BertConfig", "BertEncoder", "EncoderConfig", "EncoderOutput", "MobileBertConfig", "MobileBertEncoder", "Params",
-  "build_encoder", "config_from_hf_dict", "hf_state_dict_to_params", "load_hf_encoder", "load_minilm", "minilm_dir",
-  "params_to_hf_state_dict", "save_hf_encoder",
-]
+__all__ = ["BertConfig", "BertEncoder", "EncoderConfig", "EncoderOutput", "MobileBertConfig", "MobileBertEncoder",
+           "Params", "build_encoder", "config_from_hf_dict", "hf_state_dict_to_params", "load_hf_encoder",
+           "load_minilm", "minilm_dir", "params_to_hf_state_dict", "save_hf_encoder"]

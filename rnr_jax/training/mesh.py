@@ -30,9 +30,8 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
   touches a JAX device (first thing in a stage's ``main``)."""
   if getattr(mesh_cfg, "distributed", False) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

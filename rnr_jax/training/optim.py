@@ -59,9 +59,8 @@ def make_optimizer(optim_cfg: Any, total_steps: int, trainable_mask: Mask | None
     raise ValueError(f"optim.head_lr_mult must be > 0, got {head_mult}")
 
   def adamw(lr: optax.Schedule) -> optax.GradientTransformation:
-    return optax.adamw(
-        lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
-        mask=lambda params: regex_mask(NO_DECAY_REGEX, params, match=False))
+    return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
+                       mask=lambda params: regex_mask(NO_DECAY_REGEX, params, match=False))
 
   def trained(params: PyTree) -> PyTree:
     if trainable_mask is None:
