@@ -78,8 +78,7 @@ def nbest(start_logits: np.ndarray, end_logits: np.ndarray, rank_logits: np.ndar
 
 
 def merge_answers(texts: Sequence[str], probabilities: Sequence[float], n: int) -> list[tuple[int, float]]:
-  """``(index of its first candidate, total probability)`` of the first ``n`` distinct answers (SQuAD-normalised) among
-  ranked candidates: one answer found in several passages or spans is listed once."""
+  """``(index of its first candidate, total probability)`` of the first ``n`` distinct (SQuAD-normalised) answers."""
   total: dict[str, list] = {}
   for i, (text, prob) in enumerate(zip(texts, probabilities)):
     total.setdefault(normalize_answer(text) or text, [i, 0.0])[1] += prob

@@ -12,8 +12,7 @@ import ml_collections
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Runs ``get_config()`` of a python config file (``path:arg`` passes ``arg``), then applies ``key=value``
-  overrides, parsed as python literals where possible."""
+  """``get_config()`` of a config file (``path:arg`` passes ``arg``), then ``key=value`` overrides (literals parsed)."""
   arg = None
   if ".py:" in path:  # the argument may itself hold paths: "configs/paper.py:mobilebert=/weights/mobilebert"
     path, arg = path.split(".py:", 1)

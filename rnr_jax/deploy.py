@@ -99,8 +99,7 @@ def export(*, out: str, prepared: str, spec: SystemSpec, params: Params, mesh: j
            index_kind: str = "int8", weights_dtype: str = "float16", batch_size: int = 64,
            recall_split: str | None = None, recall_questions: int = 1000, overwrite: bool = False,
            vectors: np.ndarray | None = None, onnx: bool = True) -> dict[str, Any]:
-  """Builds the index and writes the bundle of a system over a prepared corpus (``onnx``: with the graph of a unified
-  BERT student); returns a summary."""
+  """Builds the index and writes the bundle of a system over a prepared corpus; returns a summary."""
   start = time.perf_counter()
   data = PreparedData.load(prepared)
   check_tokenizer(spec, data)

@@ -124,8 +124,7 @@ def retrieval_nll(scores: jax.Array, passage_mask: jax.Array) -> jax.Array:
 def distill_loss(start: jax.Array, end: jax.Array, rank: jax.Array, valid: jax.Array, passage_mask: jax.Array,
                  teacher_start: jax.Array, teacher_end: jax.Array, teacher_rank: jax.Array, scores: jax.Array, *,
                  temperature: float, retrieval_loss: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """``L_read + L_ret`` (module docstring) and its parts; the teacher's logits are ``[B, m, L]`` or ``[B * m, L]``,
-  ``retrieval_loss`` is ``"kd"`` or ``"nll"``."""
+  """``L_read + L_ret`` (module docstring) and its parts; the teacher's logits are ``[B, m, L]`` or ``[B * m, L]``."""
   if retrieval_loss not in RETRIEVAL_LOSSES:
     raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {retrieval_loss!r}")
   rows = valid & passage_mask[..., None]  # padding passages and non-text positions leave the KL

@@ -102,8 +102,7 @@ def shard_rows(num_passages: int, shard: int, num_shards: int) -> range:
 
 
 def merge_shards(out: str) -> dict[str, Any]:
-  """Joins the shards ``encode_prepared(shard=(i, n))`` wrote under ``out`` into ``out``'s embeddings, the file an
-  unsharded encoding writes, and deletes them; returns the info written."""
+  """Joins and deletes the shards of ``encode_prepared(shard=(i, n))`` into ``out``'s embeddings; returns the info."""
   found = sorted(glob.glob(os.path.join(out, SHARDS_DIR, "*-of-*")))
   if not found:
     raise FileNotFoundError(f"{out}: no shards in {os.path.join(out, SHARDS_DIR)}")

@@ -1,9 +1,5 @@
-"""Evaluators: each built from its stage config, each ``(params, step) -> {name: value}``.
-
-* :class:`RetrievalEvaluator`: top-k answer accuracy of a retriever over the whole (or filtered) corpus.
-* :class:`ReaderEvaluator`: a reader's exact match with the gold passage given and over retrieved passages.
-* :class:`FilterEvaluator`: the passage filter's hit ratio.
-* :class:`OpenEvaluator`: a unified student end to end, with a fresh index of its own retrieval."""
+"""Evaluators, each built from its stage config and each ``(params, step) -> {name: value}``: a retriever's answer
+accuracy, a reader's exact match, the passage filter's hit ratio and a unified student end to end."""
 
 from __future__ import annotations
 

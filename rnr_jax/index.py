@@ -272,8 +272,7 @@ class DenseIndex:
     self.add(x, ids)
 
   def compact(self, num_eval_queries: int = 1000, seed: int = 0) -> None:
-    """Folds pending edits into a main index rebuilt from the stored vectors plus the added rows (no-op without edits);
-    recall is measured again against exact search over those vectors."""
+    """Folds pending edits into a main index rebuilt from the stored and added vectors, its recall measured again."""
     if not self.pending_edits:
       return
     if len(self) == 0:

@@ -311,8 +311,7 @@ class QASystem:
   @classmethod
   def from_bundle(cls, path: str | os.PathLike, *, engine: str = "auto", mesh: Any = None,
                   cache_dir: str | None = None, verify: bool = True) -> QASystem:
-    """The system of a bundle written by ``python -m infer.export``, on ``engine`` (:func:`resolve_engine`; ``mesh``:
-    the JAX engine's devices); ``BundleError`` names a bad file."""
+    """The system of a bundle (``python -m infer.export``) on ``engine``; ``BundleError`` names a bad file."""
     engine = resolve_engine(engine)
     bundle = load_bundle(path, cache_dir=cache_dir, verify=verify)
     for part, directory in (("corpus", bundle.corpus_dir), ("tokenizer", bundle.tokenizer_dir)):
@@ -343,8 +342,7 @@ class QASystem:
   @classmethod
   def from_pretrained(cls, bundle: str | os.PathLike, *, revision: str | None = None, endpoint: str | None = None,
                       token: str | None = None, **kwargs: Any) -> QASystem:
-    """The system of a bundle directory or a Hugging Face Hub model id (downloaded with ``huggingface_hub``; see
-    ``python -m infer.hub``); ``kwargs`` go to :meth:`from_bundle`."""
+    """The system of a bundle directory or a Hugging Face Hub model id; ``kwargs`` go to :meth:`from_bundle`."""
     if is_local_bundle(bundle):
       return cls.from_bundle(bundle, **kwargs)
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel

@@ -115,11 +115,10 @@ class ReaderSpec:
   @classmethod
   def from_config(cls, config: Any, encoder: EncoderConfig, tokenizer_fingerprint: str) -> ReaderSpec:
     """The spec of a stage config (sections ``model`` and ``tokens``)."""
-    return cls(encoder=encoder.to_hf_dict(), pooling=config.model.pooling,
+    return cls(encoder=encoder.to_hf_dict(), pooling=config.model.pooling, dtype=config.model.dtype,
                retrieval_dim=int(config.model.retrieval_dim), tokenizer_fingerprint=tokenizer_fingerprint,
                question_len=int(config.tokens.question_len), reader_len=int(config.tokens.reader_len),
-               max_answer_len=int(config.tokens.max_answer_len), buckets=tuple(int(b) for b in config.tokens.buckets),
-               dtype=config.model.dtype)
+               max_answer_len=int(config.tokens.max_answer_len), buckets=tuple(int(b) for b in config.tokens.buckets))
 
   from_json = classmethod(_from_json)
   to_json = _to_json

@@ -30,8 +30,7 @@ CACHE_VERSION = 1
 
 
 class Teacher:
-  """The reader teacher, replicated on ``mesh``: read once into the cache, then released, never in the student's
-  state or checkpoints."""
+  """The reader teacher, replicated on ``mesh``: it fills the cache, then releases its parameters."""
 
   def __init__(self, directory: str, mesh: jax.sharding.Mesh, rows_per_call: int):
     self.spec, self._params, _ = exports.load_reader(directory, mesh)

@@ -46,8 +46,7 @@ def _stemmer(stemmer: str | None) -> Any:
 
 
 class BM25Builder:
-  """Builds a :class:`BM25Index` from passages given chunk by chunk, their token ids spooled to a file in
-  ``workdir``, so the corpus is never held in memory as token lists."""
+  """A :class:`BM25Index` from passages given chunk by chunk, their token ids spooled to a file, not held in memory."""
 
   def __init__(self, workdir: str, *, stemmer: str | None = "auto", k1: float = 1.5, b: float = 0.75):
     self.stemmer = resolve_stemmer(stemmer)

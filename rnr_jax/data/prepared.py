@@ -232,20 +232,18 @@ def _prepare_split(split_dir: str, spec: str, questions: list[Question], stats: 
   metrics = {f"bm25_top{k}_answer_acc": round(v, 4) for k, v in acc.items()}
   metrics.update({f"bm25_gold_recall@{k}": round(v, 4) for k, v in recall.items()})
   pos_len = cands.positives.lengths()
-  return {
-      "spec": spec, "questions": len(questions), "skipped_bad": stats.skipped, "no_answer": stats.excluded,
-      "with_gold": int((cands.gold.lengths() > 0).sum()), "with_positive": int((pos_len > 0).sum()),
-      "trainable": len(cands.trainable()), "mean_positives": round(float(pos_len.mean()), 3) if len(pos_len) else 0.0,
-      "given_documents_missing": cands.given_missing, "bm25_depth": int(cands.bm25_pids.shape[1]),
-      "metrics": metrics,
-  }
+  return {"spec": spec, "questions": len(questions), "skipped_bad": stats.skipped, "no_answer": stats.excluded,
+          "with_gold": int((cands.gold.lengths() > 0).sum()), "with_positive": int((pos_len > 0).sum()),
+          "trainable": len(cands.trainable()),
+          "mean_positives": round(float(pos_len.mean()), 3) if len(pos_len) else 0.0,
+          "given_documents_missing": cands.given_missing, "bm25_depth": int(cands.bm25_pids.shape[1]),
+          "metrics": metrics}
 
 
 def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
             settings: PrepareSettings = PrepareSettings(), *, n_threads: int | None = None, force: bool = False,
             echo: Callable[[str], None] = print) -> PrepareResult:
-  """Builds ``out`` (replaced atomically) from the corpus and question sources (``{split name: source}``; a name
-  ending in ``_train`` is a training split) unless it is up to date."""
+  """Builds ``out`` atomically from the corpus and ``{split: source}`` questions (``*_train``: training) if stale."""
   from rnr_jax.tokenization import Tokenizer, default_tokenizer_path  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
@@ -315,13 +313,11 @@ def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
                                            index, matcher, settings, n_threads)
       t = lap(f"split_{name}", t)
 
-    manifest = {
-        "format": FORMAT, "version": VERSION, "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "tokenizer_path": tokenizer_path, "settings": config, "sources": sources,
-        "counts": {"documents": len(docs.doc_ids), "passages": n, "tokens": int(len(token_corpus.tokens)),
-                   "skipped_bad_documents": docs.stats.skipped, "empty_documents": docs.empty},
-        "bytes_per_passage": sizes, "splits": split_info, "timings_s": timings,
-    }
+    manifest = {"format": FORMAT, "version": VERSION, "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                "tokenizer_path": tokenizer_path, "settings": config, "sources": sources,
+                "counts": {"documents": len(docs.doc_ids), "passages": n, "tokens": int(len(token_corpus.tokens)),
+                           "skipped_bad_documents": docs.stats.skipped, "empty_documents": docs.empty},
+                "bytes_per_passage": sizes, "splits": split_info, "timings_s": timings}
     timings["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
   return PrepareResult(out, manifest, built=True)

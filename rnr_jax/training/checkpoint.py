@@ -80,8 +80,7 @@ class Checkpointer:
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, jax.Array, DataState]:
-    """Restores ``step`` onto ``abstract_state`` (ShapeDtypeStructs carrying shardings), or raises BadFileError
-    unless its values are finite and match the checksums saved with them."""
+    """Restores ``step`` onto ``abstract_state``; BadFileError unless values are finite and match their checksums."""
     where = self.directory / str(step)
     # A checkpoint from before checksums were saved has no "integrity": its values are only checked to be finite.
     names = ("rng", "data", "integrity") if (where / "integrity").exists() else ("rng", "data")

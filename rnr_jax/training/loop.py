@@ -1,8 +1,5 @@
-"""The one training loop every stage runs, and the resumable batch iterator.
-
-A stage builds its mesh, input and :class:`~rnr_jax.training.step.Step`, then calls :func:`train_loop`: abstract
-shapes, shardings, jitted init (parameters born sharded), jitted step, resume, then the steps with logs, evaluations
-(and the best export), checkpoints and, for ``train.profile_steps``, a profiler trace."""
+"""The one training loop every stage runs (:func:`train_loop`: sharded init, resume, steps, logs, evaluations,
+the best export, checkpoints and profiler traces), and the resumable batch iterator."""
 
 from __future__ import annotations
 

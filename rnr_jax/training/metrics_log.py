@@ -134,8 +134,7 @@ class MetricsLogger:
       logging.info("%s", line)
 
   def log_train(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-    """Fetches the step's metrics, checks the loss, logs them; returns the host values. Raises FloatingPointError
-    when the loss (or the parameter norm: the state just computed) is NaN or infinite; nothing of the step is saved."""
+    """Logs and returns the step's metrics; FloatingPointError (nothing saved) if loss or param norm is not finite."""
     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
     bad = [k for k in ("loss", "param_norm") if k in values and not math.isfinite(values[k])]
     if bad:
