@@ -6,9 +6,9 @@ numbers (``manifest.json``), embedding directories written by ``infer.encode``
 workdirs (the best row of ``eval.jsonl``), prints
 one markdown table and, with ``--record``, stores it in docs/retrieval.md.
 
-  python -m bench.retrieval_table --prepared /tmp/prep_real \
-      --run "untrained MiniLM (mean, 384-d, cosine)=/tmp/emb_minilm_cos" \
-      --run "trained shared 128-d=/tmp/runs/ret_shared128" --record
+  python -m bench.retrieval_table --prepared runs/mini/prepared \
+      --run "untrained MiniLM (mean, 384-d, cosine)=EMBEDDINGS_DIR" \
+      --run "trained shared 128-d=RETRIEVER_WORKDIR" --record
 """
 
 from __future__ import annotations
