@@ -25,9 +25,6 @@ def load_graph(graph: bytes | str | os.PathLike, params: Mapping[str, np.ndarray
   holds its weights); ``threads`` 0 lets ONNX Runtime use one per physical core."""
   options = ort.SessionOptions()
   options.intra_op_num_threads = threads
-  # Idle workers sleep instead of spinning, which competes with every other thread of a small shared machine (reading
-  # 4 x 256 tokens on 2 busy cores: 30% slower with spinning).
-  options.add_session_config_entry("session.intra_op.allow_spinning", "0")
   if params is not None:
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
     # Copied into the graph before it is optimised, so weights are constant-folded and prepacked as if embedded.

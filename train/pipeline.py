@@ -188,7 +188,7 @@ class Pipeline:
                                    max_read=max_read)
       return summary
 
-    held_out = [s for s in self.data.splits if s.endswith("_holdout")] if max_read != 1 else []
+    held_out = self.held_out_splits() if max_read != 1 else []
     chosen = None
     if held_out:
       em_at = [run(s)["em_at"] for s in held_out]
@@ -263,10 +263,13 @@ class Pipeline:
     return {"distill.retriever_teacher": self.path("teacher_retriever", "best"),
             "distill.retriever_teacher_embeddings": self.path("teacher_retriever", "embeddings")}
 
+  def held_out_splits(self) -> list[str]:
+    """The held-out splits of training questions (``prepare.holdout``), in name order."""
+    return [s for s in self.data.splits if s.endswith("_holdout")]
+
   def select_split(self) -> str:
-    """Where the trainers evaluate and choose their best step: the first held-out split of training questions
-    (``prepare.holdout``), else the first dev split."""
-    return next((s for s in self.data.splits if s.endswith("_holdout")), self.dev_splits[0])
+    """Where the trainers evaluate and choose their best step: the first held-out split, else the first dev split."""
+    return (self.held_out_splits() or [self.dev_splits[0]])[0]
 
   def pool_wiring(self) -> dict[str, Any]:
     return {"pool.candidates": self.path("filter", "candidates.npz"), "pool.subset": self.path("filter", "subset.npz"),
@@ -319,9 +322,10 @@ def teacher_reader(p: Pipeline) -> dict[str, Any]:
   cfg = p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz"),
                                           "reader.eval_split": p.select_split()})
   reader_stage.train_and_evaluate(cfg, p.path("teacher_reader"))
+  evals = read_evals(p.path("teacher_reader", "eval.jsonl"))
   curve = [{"step": e["step"], "questions": e["step"] * int(cfg.train.batch_size),
-            **{k: v for k, v in e.items() if k.startswith("em_")}} for e in read_evals(p.path("teacher_reader", "eval.jsonl"))]
-  return {"eval": last_best(p.path("teacher_reader", "eval.jsonl")), "split": p.select_split(), "curve": curve}
+            **{k: v for k, v in e.items() if k.startswith("em_")}} for e in evals]
+  return {"eval": best_of(evals), "split": p.select_split(), "curve": curve}
 
 
 def eval_teacher(p: Pipeline) -> dict[str, Any]:
@@ -462,8 +466,9 @@ def report(p: Pipeline) -> dict[str, Any]:
       "description": (f"{p.data.num_passages} passages; dev EM on "
                       + ", ".join(f"{s} ({len(p.data.questions(s)[:int(e.questions) or None])} questions)"
                                   for s in p.dev_splits)
-                      + f"; {e.top_k} passages retrieved, {reading}. Footprints count the files a system needs: weights, index and passages "
-                      "(text for the uncompressed systems, the bundle's compressed files for the last row)."),
+                      + f"; {e.top_k} passages retrieved, {reading}. Footprints count the files a system needs: "
+                      "weights, index and passages (text for the uncompressed systems, the bundle's compressed "
+                      "files for the last row)."),
       "dev_splits": list(p.dev_splits), "systems": rows, "retrieval": retrieval_rows,
       "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
       "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()}, "config": c.to_dict(),
@@ -531,7 +536,11 @@ def read_evals(path: str) -> list[dict[str, Any]]:
 
 def last_best(path: str) -> dict[str, Any] | None:
   """The last evaluation marked best in an eval.jsonl (or the last one)."""
-  evals = read_evals(path)
+  return best_of(read_evals(path))
+
+
+def best_of(evals: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+  """The last of ``evals`` marked best (or the last one)."""
   best = [e for e in evals if e.get("best")]
   return (best or evals or [None])[-1]
 
