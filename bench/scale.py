@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -154,6 +155,7 @@ def run_step(step: str, d: str) -> dict[str, Any]:
     return {"passages_per_s": round(n / (time.perf_counter() - start), 1)}
   if step.startswith("encode"):
     out = os.path.join(d, "embeddings_host" if step.endswith("_host") else "embeddings")
+    shutil.rmtree(out, ignore_errors=True)  # encoding resumes finished chunks: measure it from scratch
     with _host_only(spec) if step.endswith("_host") else contextlib.nullcontext():
       info = embeddings.encode_prepared(out=out, prepared=data.path, spec=spec, params=params, fingerprint="bench",
                                         mesh=mesh, batch_size=BATCH)
@@ -221,6 +223,7 @@ def _teacher_cache(d: str, data: Any, tokenizer: Any, spec: Any, params: Any, me
                                         "candidates": candidates, "retriever": "", "k1": K1, "subset": "",
                                         "encode_batch_size": BATCH, "positives": "gold_article"})
   workdir = os.path.join(d, "distill")
+  shutil.rmtree(workdir, ignore_errors=True)  # the pool and the cache are reused when found: build them anew
   pool = load_pool(pool_cfg, data, tokenizer, workdir, mesh)
   read = retrieval.BatchEncoder(spec.read_fn(), mesh, 8 * M)
 

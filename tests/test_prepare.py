@@ -1,5 +1,6 @@
 """Training candidates, samplers and ``python -m train.prepare`` end to end on a tiny data directory."""
 
+import bz2
 import gzip
 import json
 import os
@@ -208,6 +209,28 @@ def test_prepare_cli_end_to_end(data_dir, vocab_dir, tmp_path):
   assert "up to date" in stdout
   assert os.path.getmtime(out / "manifest.json") == manifest_mtime
   assert json.loads(stdout.strip().splitlines()[-1]) == line
+
+
+def test_compressed_sizes_come_from_the_passages_in_the_first_bytes(monkeypatch, tmp_path):
+  records = [np.arange(i, i + 10 + i % 7) for i in range(50)]
+  corpus = PD.TokenCorpus.write(str(tmp_path / "c"), records, 1000)
+  monkeypatch.setattr(PD, "SIZE_SAMPLE_BYTES", 100 * corpus.tokens.itemsize)
+  fit = int(np.sum(corpus.offsets[1:] <= 100))  # passages whose tokens lie in the first 100 ids
+  tokens, offsets = np.asarray(corpus.tokens[:corpus.offsets[fit]]), np.asarray(corpus.offsets[:fit + 1])
+  packed = len(bz2.compress(tokens.tobytes(), 9)) + len(bz2.compress(offsets.tobytes(), 9))
+  plain = round((corpus.tokens.nbytes + corpus.offsets.nbytes) / 50, 2)
+  assert 0 < fit < 50 and PD._token_id_sizes(corpus, ("bz2",)) == {  # pylint: disable=protected-access
+      "token_ids": plain, "token_ids_bz2": round(packed / fit, 2)}
+
+  sizes = PD._TextSizes(("bz2",))  # pylint: disable=protected-access
+  chunks = [(["Title"] * 3, [f"passage {i} " * 30] * 3) for i in range(100)]  # 3 passages, 0.3 kB a chunk
+  for titles, texts in chunks:
+    sizes.add(titles, texts)
+  text = ["".join(f"{a}\t{b}\n" for a, b in zip(*c)).encode() for c in chunks]
+  sampled = next(i for i in range(1, 101) if sum(map(len, text[:i])) >= 100 * corpus.tokens.itemsize)
+  packed = len(bz2.compress(b"".join(text[:sampled]), 9))
+  assert sizes.per_passage(300) == {"text_utf8": round(sum(map(len, text)) / 300, 2),
+                                    "text_utf8_bz2": round(packed / (3 * sampled), 2)}
 
 
 def test_prepare_rebuilds_when_inputs_change(data_dir, vocab_dir, tmp_path):

@@ -24,7 +24,7 @@ from rnr_jax.data.bm25 import BM25Builder, BM25Index, resolve_stemmer
 from rnr_jax.data.examples import DEFAULT_BM25_TOPK, DEFAULT_HARD_NEGATIVES, SplitCandidates, build_candidates
 from rnr_jax.data.passages import DEFAULT_WORDS_PER_PASSAGE, PassageTable, PassageWriter
 from rnr_jax.data.readers import DataFormatError, Document, Question, ReadStats, read_questions
-from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus, compress, data_bytes
+from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus
 from rnr_jax.io import atomic_dir, atomic_write_json, sha256_file
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_accuracy
 
@@ -39,6 +39,9 @@ BM25_DIR = "bm25"
 SPLITS_DIR = "splits"
 QUESTIONS_FILE = "questions.jsonl"
 CHUNK = 8192  # passages tokenised at once
+# Compressed sizes per passage are measured on the passages in a stream's first 64 MiB (all of a corpus of up to
+# ~150k passages): lzma -9 compresses about 1 MB/s, hours for DPR's 9 GB of Wikipedia text.
+SIZE_SAMPLE_BYTES = 64 << 20
 
 
 class PreparedDataError(RuntimeError):
@@ -151,22 +154,39 @@ class _Corpus:
 
 
 class _TextSizes:
-  """UTF-8 bytes of the passages' ``title TAB text`` lines, plain and compressed (streamed)."""
+  """UTF-8 bytes per passage of the ``title TAB text`` lines, plain and (on the sample) compressed."""
 
   def __init__(self, methods: Sequence[str]):
     self._compressors = {m: bz2.BZ2Compressor(9) if m == "bz2" else lzma.LZMACompressor(preset=9) for m in methods}
     self._bytes = dict.fromkeys(["", *methods], 0)
+    self._sample_bytes = self._sampled = 0
 
   def add(self, titles: Sequence[str], texts: Sequence[str]) -> None:
     data = "".join(f"{a}\t{b}\n" for a, b in zip(titles, texts)).encode()
     self._bytes[""] += len(data)
-    for m, c in self._compressors.items():
-      self._bytes[m] += len(c.compress(data))
+    if self._sample_bytes < SIZE_SAMPLE_BYTES:
+      self._sample_bytes += len(data)
+      self._sampled += len(texts)
+      for m, c in self._compressors.items():
+        self._bytes[m] += len(c.compress(data))
 
   def per_passage(self, n: int) -> dict[str, float]:
     for m, c in self._compressors.items():
       self._bytes[m] += len(c.flush())
-    return {"text_utf8" + (m and "_" + m): round(v / n, 2) for m, v in self._bytes.items()}
+    return {"text_utf8" + (m and "_" + m): round(v / (n if not m else self._sampled), 2)
+            for m, v in self._bytes.items()}
+
+
+def _token_id_sizes(corpus: TokenCorpus, methods: Sequence[str]) -> dict[str, float]:
+  """Bytes per passage of the token-ID arrays, plain and compressed (on the sample)."""
+  tokens, offsets = corpus.tokens, corpus.offsets
+  sizes = {"token_ids": round((tokens.nbytes + offsets.nbytes) / len(corpus), 2)}
+  sampled = max(1, int(np.searchsorted(offsets, SIZE_SAMPLE_BYTES // tokens.itemsize, side="right")) - 1)
+  data = (np.asarray(tokens[:offsets[sampled]]).tobytes(), np.asarray(offsets[:sampled + 1]).tobytes())
+  for m in methods:
+    packed = sum(len(bz2.compress(d, 9) if m == "bz2" else lzma.compress(d, preset=9)) for d in data)
+    sizes[f"token_ids_{m}"] = round(packed / sampled, 2)
+  return sizes
 
 
 def _reject(error: DataFormatError, skip_bad: bool, stats: ReadStats) -> None:
@@ -297,10 +317,7 @@ def prepare(corpus: Sequence[Source], questions: Mapping[str, Source], out: str,
     echo(f"BM25 index over {n} passages (stemmer: {bm25.stemmer})")
     t = lap("bm25_index", t)
 
-    corpus_dir = os.path.join(tmp, TOKEN_CORPUS_DIR)
-    sizes = {"token_ids": round(data_bytes(corpus_dir) / n, 2), **text.per_passage(n)}
-    for method in settings.compress:
-      sizes[f"token_ids_{method}"] = round(data_bytes(compress(corpus_dir, method)) / n, 2)
+    sizes = {**_token_id_sizes(token_corpus, settings.compress), **text.per_passage(n)}
     t = lap("compress", t)
 
     table = PassageTable.open(os.path.join(tmp, PASSAGES_FILE))
