@@ -18,7 +18,7 @@ inference, at 40% of the slice's 4.4 PFLOP/s bf16; not measured): teacher retrie
 evaluation (4 x 21M-passage encodings), reader 0.9 h, filter 0.1 h training plus 0.2 h scoring 21M passages,
 student retriever 0.05 h, teacher cache 0.2 h, distillation 1 h, iterative finetuning 0.6 h (two updates and three
 passes per step), fresh-index evaluations 0.05 h each over the kept 1.2M passages: about 5 h in all. Host-side
-work grows with the corpus (docs/scale.md): prepare is a CPU job of some hours on one host; the teacher
+work grows with the corpus (docs/scale.md): prepare takes about 6 CPU hours and 28 GB on one host; the teacher
 retriever's candidates and each retrieval evaluation search 21M x 768 float32 vectors on the host (a 65 GB memory
 map). Should reach about 35 EM on NQ dev after iterative finetuning (Table 4: 35.19).
 """
