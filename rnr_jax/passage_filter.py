@@ -20,7 +20,7 @@ import optax
 from rnr_jax import qa_model, retrieval
 from rnr_jax.data.token_corpus import TokenCorpus
 from rnr_jax.io import atomic_write_bytes
-from rnr_jax.metrics import AnswerMatcher, answer_top_k_accuracy
+from rnr_jax.metrics import AnswerMatcher
 from rnr_jax.models import EncoderConfig, build_encoder
 from rnr_jax.reader_data import NO_PASSAGE
 from rnr_jax.tokenization import Tokenizer, bucketed_batches
@@ -224,27 +224,4 @@ def restrict_ranking(rows: np.ndarray, keep: np.ndarray, width: int | None = Non
   for i, row in enumerate(rows):
     row = row[(row >= 0) & keep[np.maximum(row, 0)]][:out.shape[1]]
     out[i, :len(row)] = row
-  return out
-
-
-def keep_sweep(data: Any, scores: np.ndarray, candidates: str, splits: Sequence[str],
-               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
-  """Per kept fraction and split: ``survival`` (questions with a gold answer-holding passage that keep one) and the
-  top-1 / top-20 answer accuracy of the ranked candidates restricted to the kept passages."""
-  order = np.argsort(-scores, kind="stable")
-  out: dict[str, Any] = {}
-  with np.load(candidates) as ranked:
-    rankings = {s: ranked[s] for s in splits}
-  for fraction in fractions:
-    keep = np.zeros(len(scores), bool)
-    keep[order[:int(round(fraction * len(scores)))]] = True
-    row = {}
-    for split in splits:
-      questions, gold = data.questions(split), data.candidates(split).gold
-      with_gold = [q for q in range(len(questions)) if len(gold[q])]
-      kept = restrict_ranking(rankings[split], keep, width=20)
-      accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
-      row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
-                    "top1": accuracy[1], "top20": accuracy[20]}
-    out[f"{fraction:g}"] = row
   return out

@@ -37,6 +37,7 @@ from rnr_jax.data import PreparedData
 from rnr_jax.data.prepared import PrepareSettings, prepare
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import atomic_write_json, atomic_write_text
+from rnr_jax.metrics import answer_top_k_accuracy
 from rnr_jax.qa_system import InferenceSettings, QASystem, evaluate_system
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
@@ -363,9 +364,31 @@ def filter_passages(p: Pipeline) -> dict[str, Any]:
     top20[split] = {"before": before, "after": after}
   with open(p.path("filter", "subset.json"), encoding="utf-8") as f:
     subset = json.load(f)
-  sweep = passage_filter.keep_sweep(p.data, np.load(p.path("filter", "passage_scores.npy")), candidates,
-                                    p.dev_splits)
+  sweep = keep_sweep(p.data, np.load(p.path("filter", "passage_scores.npy")), candidates, p.dev_splits)
   return {**subset, "survival": survival, "top20": top20, "sweep": sweep}
+
+
+def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: Sequence[str],
+               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
+  """Per kept fraction and split: ``survival`` (questions with a gold answer-holding passage that keep one) and the
+  top-1 / top-20 answer accuracy of the ranked candidates restricted to the kept passages."""
+  order = np.argsort(-scores, kind="stable")
+  out: dict[str, Any] = {}
+  with np.load(candidates) as ranked:
+    rankings = {s: ranked[s] for s in splits}
+  for fraction in fractions:
+    keep = np.zeros(len(scores), bool)
+    keep[order[:int(round(fraction * len(scores)))]] = True
+    row = {}
+    for split in splits:
+      questions, gold = data.questions(split), data.candidates(split).gold
+      with_gold = [q for q in range(len(questions)) if len(gold[q])]
+      kept = passage_filter.restrict_ranking(rankings[split], keep, width=20)
+      accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
+      row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
+                    "top1": accuracy[1], "top20": accuracy[20]}
+    out[f"{fraction:g}"] = row
+  return out
 
 
 def eval_filtered(p: Pipeline) -> dict[str, Any]:
