@@ -120,12 +120,11 @@ def _weights_to_store(params: Mapping[str, Any], weights_dtype: str) -> dict[str
 
 def stored_values(params: Mapping[str, Any], weights_dtype: str) -> dict[str, Any]:
   """The float32 parameters a bundle written with ``weights_dtype`` loads back (values rounded as stored)."""
-  flat = _dequantize_int8(_weights_to_store(params, weights_dtype), np.float32)
-  return unflatten_params({k: v.astype(np.float32) if _is_float(v.dtype) else v for k, v in flat.items()})
+  return unflatten_params(_as_float32(_weights_to_store(params, weights_dtype)))
 
 
-def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") -> dict[str, np.ndarray]:
-  """Replaces every int8 tensor and its scale (``:int8_row_scale`` / ``:int8_col_scale``) by ``dtype`` values."""
+def _as_float32(flat: dict[str, np.ndarray], path: str = "") -> dict[str, np.ndarray]:
+  """Stored tensors, int8 ones dequantized by their ``:int8_row_scale`` / ``:int8_col_scale``, floats as float32."""
   layouts = ((INT8_SCALE_SUFFIX, 2, lambda q: q.shape[:1], dequantize_rows),  # [rows, columns], scale [rows]
              (INT8_COL_SCALE_SUFFIX, None, lambda q: q.shape[1:], dequantize_columns))  # [in, *out], [*out]
   for suffix, ndim, scale_shape, dequantize in layouts:
@@ -134,8 +133,8 @@ def _dequantize_int8(flat: dict[str, np.ndarray], dtype: Any, path: str = "") ->
       q, scale = flat.get(name), flat.pop(key)
       if (q is None or q.dtype != np.int8 or q.ndim < 2 or (ndim and q.ndim != ndim) or scale.shape != scale_shape(q)):
         raise BundleError(path, f"{key!r} does not match an int8 tensor {name!r}")
-      flat[name] = dequantize(q, scale).astype(dtype)
-  return flat
+      flat[name] = dequantize(q, scale)
+  return {k: v.astype(np.float32) if _is_float(v.dtype) else v for k, v in flat.items()}
 
 
 def write_params(path: str, params: Mapping[str, Any], weights_dtype: str) -> None:
@@ -144,16 +143,13 @@ def write_params(path: str, params: Mapping[str, Any], weights_dtype: str) -> No
                      metadata={"format": "rnr_jax.params", "stored_dtype": weights_dtype})
 
 
-def read_params(path: str, param_dtype: Any) -> dict[str, Any]:
-  """Parameter pytree of a :func:`write_params` file, floats as ``param_dtype`` (None: as stored, int8 as float16)."""
+def read_params(path: str) -> dict[str, Any]:
+  """The float32 parameter pytree of a :func:`write_params` file."""
   try:
     flat = st_numpy.load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise BundleError(path, f"not a readable safetensors file ({e})") from e
-  flat = _dequantize_int8(flat, np.float16 if param_dtype is None else np.float32, path)
-  if param_dtype is not None:
-    flat = {k: v.astype(param_dtype) if _is_float(v.dtype) else v for k, v in flat.items()}
-  return unflatten_params(flat)
+  return unflatten_params(_as_float32(flat, path))
 
 
 def _tree_sources(directory: PathLike, prefix: str, component: str) -> list[Source]:
@@ -289,29 +285,22 @@ def write_bundle(out_dir: PathLike, *, params: Mapping[str, Any], model_config: 
     return _write(out_dir, sources, [], None, policy, weights_dtype)
 
 
-def update_bundle(bundle_dir: PathLike, *, params: Mapping[str, Any] | None = None,
-                  model_config: Mapping[str, Any] | None = None, inference_config: Mapping[str, Any] | None = None,
+def update_bundle(bundle_dir: PathLike, *, inference_config: Mapping[str, Any] | None = None,
                   index: DenseIndex | None = None, token_corpus_dir: PathLike | None = None,
-                  tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None = None,
-                  extra_files: Mapping[str, PathLike] | None = None, compression: Mapping[str, str] | None = None,
-                  weights_dtype: str | None = None) -> dict[str, Any]:
-  """Rewrites the given components of a bundle atomically, carrying the others over byte for byte; returns the
-  manifest; ``extra_files`` replaces all of ``extra/``; ``weights_dtype``, ``compression`` default to the bundle's."""
+                  extra_files: Mapping[str, PathLike] | None = None) -> dict[str, Any]:
+  """Rewrites the given components of a bundle atomically by its compression policy, carrying the others over byte
+  for byte; returns the manifest; ``extra_files`` replaces all of ``extra/``."""
   bundle_dir = os.fspath(bundle_dir)
   with dir_lock(bundle_dir), scratch_dir(bundle_dir) as staging:
     manifest = _read_manifest(bundle_dir)[0]
-    policy = check_policy({**manifest["compression"], **(compression or {})})
-    weights_dtype = weights_dtype or manifest["weights_dtype"]
+    weights_dtype = manifest["weights_dtype"]
     config = read_json(os.path.join(bundle_dir, CONFIG_FILE), error=BundleError)
-    if params is None and weights_dtype != manifest["weights_dtype"]:
-      raise ValueError("changing weights_dtype needs the params to store")
-    sources, replaced = _component_sources(staging, params, weights_dtype, index, token_corpus_dir,
-                                           tokenizer_dir_or_files, extra_files)
-    sources.append(_config_source(staging, config["model"] if model_config is None else model_config,
-                                  config["inference"] if inference_config is None else inference_config,
-                                  weights_dtype, config["index"] if index is None else index))
+    sources, replaced = _component_sources(staging, None, weights_dtype, index, token_corpus_dir, None, extra_files)
+    inference = config["inference"] if inference_config is None else inference_config
+    sources.append(_config_source(staging, config["model"], inference, weights_dtype,
+                                  config["index"] if index is None else index))
     carried = [e for e in manifest["files"] if not e["unpacked_path"].startswith((CONFIG_FILE, *replaced))]
-    return _write(bundle_dir, sources, carried, bundle_dir, policy, weights_dtype)
+    return _write(bundle_dir, sources, carried, bundle_dir, check_policy(manifest["compression"]), weights_dtype)
 
 
 def _read_manifest(bundle_dir: str) -> tuple[dict[str, Any], str]:
@@ -345,10 +334,9 @@ def _cache_valid(cache: str, manifest_sha: str, entries: Sequence[Mapping[str, A
   return True
 
 
-def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify: bool = True,
-                param_dtype: Any = np.float32) -> Bundle:
+def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify: bool = True) -> Bundle:
   """Verifies a bundle, unpacks it once into ``<cache_dir>/<manifest sha256[:16]>`` (default ``<bundle>/.cache``
-  or the user cache) and loads every component (``param_dtype`` None keeps float16); BundleError names a bad file."""
+  or the user cache) and loads every component (weights as float32); BundleError names a bad file."""
   bundle_dir = os.fspath(bundle_dir)
   repair_dir(bundle_dir)
   manifest, manifest_sha = _read_manifest(bundle_dir)
@@ -374,7 +362,7 @@ def load_bundle(bundle_dir: PathLike, cache_dir: PathLike | None = None, verify:
 
   try:
     config = read_json(os.path.join(root, CONFIG_FILE), error=BundleError)
-    params = read_params(os.path.join(root, PARAMS_FILE), param_dtype)
+    params = read_params(os.path.join(root, PARAMS_FILE))
     index = DenseIndex.load(os.path.join(root, INDEX_DIR), verify=False)  # Hashes checked above.
   except (BundleError, IndexFileError) as e:
     rel = os.path.relpath(e.path, root).replace(os.sep, "/")

@@ -388,12 +388,9 @@ class PreparedData:
   def num_passages(self) -> int:
     return int(self.manifest["counts"]["passages"])
 
-  def token_corpus(self, tokenizer: Any = None) -> TokenCorpus:
-    """The memory-mapped token-ID corpus (``tokenizer`` enables ``text(i)``)."""
-    corpus = self._cached("token_corpus", lambda: TokenCorpus.load(os.path.join(self.path, TOKEN_CORPUS_DIR)))
-    if tokenizer is not None:
-      corpus.tokenizer = tokenizer
-    return corpus
+  def token_corpus(self) -> TokenCorpus:
+    """The memory-mapped token-ID corpus."""
+    return self._cached("token_corpus", lambda: TokenCorpus.load(os.path.join(self.path, TOKEN_CORPUS_DIR)))
 
   def bm25(self) -> BM25Index:
     return self._cached("bm25", lambda: BM25Index.load(os.path.join(self.path, BM25_DIR), mmap=True))
