@@ -35,13 +35,8 @@ def check_tokenizer(spec: SystemSpec, data: PreparedData) -> None:
 def corpus_records(data: PreparedData, subset: str | None) -> tuple[list[np.ndarray], np.ndarray]:
   """``(records, passage ids)`` of the passages to ship: every prepared passage, or those of a subset file."""
   corpus = data.token_corpus()
-  if subset:
-    pids, _, total = passage_filter.load_subset(subset)
-    if total != len(corpus):
-      raise ValueError(f"{subset} selects from {total} passages, {data.path} has {len(corpus)}")
-    pids = np.sort(pids.astype(np.int64))
-  else:
-    pids = np.arange(len(corpus), dtype=np.int64)
+  pids = passage_filter.subset_ids(subset, len(corpus))
+  pids = np.arange(len(corpus), dtype=np.int64) if pids is None else pids
   return [corpus[p] for p in pids.tolist()], pids
 
 

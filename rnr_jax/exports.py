@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rnr_jax import qa_model
 from rnr_jax.models import EncoderConfig, config_from_hf_dict, load_hf_encoder, load_minilm
+from rnr_jax.models.encoder import resolve_num_layers
 from rnr_jax.specs import ReaderSpec, RetrieverSpec, SystemSpec
 from rnr_jax.training.mesh import path_name
 
@@ -205,9 +206,7 @@ def reader_encoder(directory: str, num_layers: int | None = None) -> tuple[Encod
   arrays): a student starts from the teacher reader's encoder, which already reads, and its heads."""
   spec, params, _ = load_reader(directory)
   config = config_from_hf_dict(dict(spec.encoder))
-  keep = config.num_hidden_layers if num_layers is None else int(num_layers)
-  if not 1 <= keep <= config.num_hidden_layers:
-    raise ValueError(f"num_layers must be in [1, {config.num_hidden_layers}], got {num_layers}")
+  keep = resolve_num_layers(config.num_hidden_layers, num_layers)
   encoder = jax.device_get(params["encoder"])
   encoder = {k: v for k, v in encoder.items() if not (k.startswith("layer_") and int(k.split("_")[1]) >= keep)}
   heads = {k: jax.device_get(params[k]) for k in qa_model.HEAD_NAMES}

@@ -20,7 +20,7 @@ from rnr_jax import embeddings, exports, passage_filter
 from rnr_jax import reader_data as rd
 from rnr_jax import tokenization as tk
 from rnr_jax.data import PreparedData
-from rnr_jax.io import atomic_write_json, read_json
+from rnr_jax.io import atomic_write_json, read_json, sha256_file
 from rnr_jax.specs import SystemSpec
 from rnr_jax.teacher import InputsFn, TeacherCache
 from rnr_jax.training.loop import EpochIterator
@@ -95,13 +95,11 @@ def initial_ranking(pool_cfg: Any, data: PreparedData, tokenizer: tk.Tokenizer, 
   key: dict[str, Any] = {"splits": list(splits), "k1": int(pool_cfg.k1), "data": data_fingerprint(data)}
   subset = pool_cfg.get("subset") or ""
   if subset:
-    with open(subset, "rb") as f:
-      key["subset"] = hashlib.sha256(f.read()).hexdigest()
+    key["subset"] = sha256_file(subset)
   if pool_cfg.candidates and pool_cfg.retriever:
     raise ValueError("set pool.candidates or pool.retriever, not both")
   if pool_cfg.candidates:
-    with open(pool_cfg.candidates, "rb") as f:
-      key.update(source="candidates", sha256=hashlib.sha256(f.read()).hexdigest())
+    key.update(source="candidates", sha256=sha256_file(pool_cfg.candidates))
     return key, lambda: {s: rd.ranked_pids(data, s, pool_cfg.candidates) for s in splits}
   if pool_cfg.retriever:
     info = exports.read_info(pool_cfg.retriever)
