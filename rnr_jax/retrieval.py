@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from rnr_jax import lexical
 from rnr_jax import tokenization as tk
@@ -128,11 +129,8 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
   if chunk_dir is not None:
     _check_chunk_key(chunk_dir, {**(key or {}), "num_passages": n, "chunk_size": chunk_size, "max_len": max_len,
                                  "token_type": token_type})
-  bar = None
-  if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-    bar = tqdm(total=n, desc="encode passages", unit="passage", dynamic_ncols=True, smoothing=0.1)
+  bar = tqdm(total=n, desc="encode passages", unit="passage", dynamic_ncols=True, smoothing=0.1,
+             disable=not progress or jax.process_index() != 0)
   reused, encoded, seconds = 0, 0, 0.0
 
   def keep(start: int, vectors: np.ndarray) -> None:
@@ -150,24 +148,21 @@ def encode_corpus(encoder: BatchEncoder, params: Params, tokenizer: tk.Tokenizer
         raise ValueError(f"{path} holds {len(vectors)} rows, expected {stop - start}; delete {chunk_dir}")
       keep(start, vectors)
       reused += 1
-      if bar is not None:
-        bar.update(stop - start)
+      bar.update(stop - start)
       continue
     t = time.perf_counter()
     chunk = [np.asarray(records[i]) for i in range(start, stop)]
     lengths = [min(len(r) + 2, max_len) for r in chunk]
     batches = ((idx, tokenizer.passages_from_records([chunk[i] for i in idx], max_len, buckets, token_type))
                for idx in tk.bucketed_batches(lengths, encoder.batch_size, buckets))
-    vectors = encoder(params, batches, len(chunk), on_batch=None if bar is None else bar.update)
+    vectors = encoder(params, batches, len(chunk), on_batch=bar.update)
     seconds += time.perf_counter() - t
     encoded += len(chunk)
-    if bar is not None:
-      bar.set_postfix(passages_per_s=f"{encoded / seconds:.1f}", refresh=False)
+    bar.set_postfix(passages_per_s=f"{encoded / seconds:.1f}", refresh=False)
     if path is not None and jax.process_index() == 0:
       save_npy(path, vectors)
     keep(start, vectors)
-  if bar is not None:
-    bar.close()
+  bar.close()
   rate = encoded / seconds if seconds else 0.0
   logging.info("Encoded %d passages (%.1f/s), reused %d finished chunks.", encoded, rate, reused)
   return CorpusEmbeddings(out, reused, rate)

@@ -24,14 +24,6 @@ def in_batch_nll(scores: jax.Array, mask: jax.Array | None = None) -> tuple[jax.
   return nll, jnp.mean(jnp.argmax(scores, axis=-1) == positive)
 
 
-def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Mean of ``x`` over entries where ``mask`` is true (0 when none is)."""
-  if mask is None:
-    return x.mean()
-  mask = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
-  return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
 def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0,
            mask: jax.Array | None = None) -> jax.Array:
   """Mean over rows of KL(softmax(teacher / T) || softmax(student / T)), the teacher constant; ``mask`` leaves
@@ -49,5 +41,7 @@ def kl_div(teacher_logits: jax.Array, student_logits: jax.Array, temperature: fl
   p_t = jnp.exp(log_pt)
   # Entries with p_t = 0 contribute 0, also where the caller's logits are -inf.
   kl = jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
-  rows = None if mask is None else mask.any(axis=-1)
-  return masked_mean(kl, rows)
+  if mask is None:
+    return kl.mean()
+  rows = mask.any(axis=-1).astype(kl.dtype)
+  return (kl * rows).sum() / jnp.maximum(rows.sum(), 1.0)
