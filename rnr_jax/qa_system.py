@@ -296,16 +296,15 @@ class QASystem:
                          engine.parallel)
 
   @classmethod
-  def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Any, index: DenseIndex,
-                 token_corpus: TokenCorpus, tokenizer: tk.Tokenizer, *, passage_ids: np.ndarray | None = None,
-                 passage_texts: Callable[[int], tuple[str, str]] | None = None,
+  def from_parts(cls, spec: SystemSpec | ReaderSpec, params: Any, index: DenseIndex, token_corpus: TokenCorpus,
+                 tokenizer: tk.Tokenizer, *, passage_texts: Callable[[int], tuple[str, str]] | None = None,
                  settings: InferenceSettings | None = None, mesh: Any = None) -> QASystem:
     """A system from in-memory parts on the JAX engine (a reader ``spec``: a unified model); ``passage_texts(pid)``
     gives ``(title, text)`` to cut answers from (None: detokenize)."""
     from rnr_jax.retrieval import JaxEngine  # pylint: disable=import-outside-toplevel
     if isinstance(spec, ReaderSpec):
       spec = SystemSpec.unified_model(spec)
-    return cls(spec, JaxEngine(spec, params, mesh), index, PassageStore(token_corpus, passage_ids), tokenizer,
+    return cls(spec, JaxEngine(spec, params, mesh), index, PassageStore(token_corpus), tokenizer,
                settings=settings, passage_texts=passage_texts)
 
   @classmethod

@@ -134,8 +134,7 @@ class Tokenizer:
            buckets: Sequence[int] | None) -> EncodedBatch:
     length = bucket_length(max((len(s) for s in seqs), default=1), buckets, max_len) if buckets else max_len
     ids = np.full((len(seqs), length), self.pad_id, np.int32)
-    mask = np.zeros((len(seqs), length), np.int32)
-    types = np.zeros((len(seqs), length), np.int32)
+    mask, types = np.zeros_like(ids), np.zeros_like(ids)
     for i, (s, t) in enumerate(zip(seqs, type_ids)):
       s, t = s[:length], t[:length]
       ids[i, : len(s)] = s

@@ -66,7 +66,6 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
-    """Whether ``step`` is a multiple of ``save_every``."""
     return step % self._save_every == 0
 
   def save(self, step: int, state: TrainState, rng: jax.Array, data_state: DataState) -> bool:

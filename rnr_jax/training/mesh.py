@@ -99,8 +99,7 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
   # Entries may come from the command line as lists: PartitionSpec wants tuples.
   spec = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
   if len(spec) > len(shape):
-    raise ValueError(f"sharding rule {pattern!r} -> {spec} has more entries than "
-                     f"{name} has dimensions {tuple(shape)}")
+    raise ValueError(f"sharding rule {pattern!r} -> {spec} has more entries than {name} has dimensions {tuple(shape)}")
   entries = []
   for dim, entry in zip(shape, spec):
     unknown = [a for a in _axis_names(entry) if a not in mesh.shape]
