@@ -18,13 +18,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rnr_jax import qa_model
 from rnr_jax.models import EncoderConfig, config_from_hf_dict, load_hf_encoder, load_minilm
 from rnr_jax.models.encoder import resolve_num_layers
 from rnr_jax.specs import ReaderSpec, RetrieverSpec, SystemSpec
-from rnr_jax.training.mesh import path_name
+from rnr_jax.training.mesh import path_name, replicated
 
 Params = Any
 
@@ -145,8 +145,7 @@ def _restore(directory: str, kind: str, mesh: Mesh | None) -> tuple[Any, Params,
     if kind not in info:
       raise ValueError(f"{directory}: not an exported {kind} (its model item holds {sorted(info)})")
     spec = {"retriever": RetrieverSpec, "reader": ReaderSpec}[kind].from_json(info[kind])
-    sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    sharding = replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: qa_model.init_params(spec.build(), jax.random.key(0)))
     return spec, export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                              abstract)), info

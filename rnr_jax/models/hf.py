@@ -200,16 +200,12 @@ def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import safe_open
 
-  out: dict[str, np.ndarray] = {}
   with safe_open(str(path), framework="numpy") as f:
-    names = set(f.keys())
-    bf16 = {key for key in names if f.get_slice(key).get_dtype() == "BF16"}
-    for key in names - bf16:
-      out[key] = f.get_tensor(key)
+    bf16 = {key for key in f.keys() if f.get_slice(key).get_dtype() == "BF16"}
+    out = {key: f.get_tensor(key) for key in f.keys() if key not in bf16}
   if bf16:  # numpy has no bfloat16: read through jax (host memory) into ml_dtypes arrays.
     with jax.default_device(jax.devices("cpu")[0]), safe_open(str(path), framework="flax") as f:
-      for key in bf16:
-        out[key] = np.asarray(f.get_tensor(key))
+      out.update({key: np.asarray(f.get_tensor(key)) for key in bf16})
   return out
 
 
