@@ -42,8 +42,7 @@ def check_policy(compression: Mapping[str, str] | None) -> dict[str, str]:
   """The compression policy ``{"binary": method, "text": method}``: ``compression`` over the defaults."""
   policy = dict(DEFAULT_COMPRESSION)
   if compression:
-    unknown = set(compression) - set(policy)
-    if unknown:
+    if unknown := set(compression) - set(policy):
       raise ValueError(f"compression keys must be 'binary' and/or 'text', got {sorted(unknown)}")
     policy.update(compression)
   for kind, method in policy.items():

@@ -152,8 +152,7 @@ def reuse(path: str, spec: SystemSpec, params: Params, num_passages: int) -> np.
   vectors, info = load(path)
   fingerprint = exports.params_fingerprint(params if spec.unified else params["retriever"])
   expected = {**key_of(spec, fingerprint, info.get("corpus_sha256")), "num_passages": num_passages, "dim": spec.dim}
-  differing = sorted(k for k, v in expected.items() if k in info and info[k] != v)
-  if differing:
+  if differing := sorted(k for k, v in expected.items() if k in info and info[k] != v):
     raise ValueError(f"{path}: embeddings of another model, corpus or input settings (differing: {differing})")
   return vectors
 

@@ -119,8 +119,7 @@ class DenseIndex:
     gets recall@10 and @20 on ``eval_queries`` (or sampled rows); ``options``: ``_KIND_OPTIONS``."""
     if kind not in KINDS:
       raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
-    unknown = set(options) - set(_KIND_OPTIONS[kind])
-    if unknown:
+    if unknown := set(options) - set(_KIND_OPTIONS[kind]):
       raise ValueError(f"unknown options for a {kind!r} index: {sorted(unknown)}; "
                        f"accepted: {list(_KIND_OPTIONS[kind])}")
     x = _as_embeddings(embeddings, None, "embeddings")

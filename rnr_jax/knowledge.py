@@ -44,16 +44,14 @@ def add_passages(system: QASystem, passages: Sequence[Passage]) -> np.ndarray:
     return np.zeros(0, np.int64)
   fresh = itertools.count(system.store.next_id())
   ids = np.asarray([next(fresh) if p.id is None else int(p.id) for p in passages], np.int64)
-  present = [int(i) for i in ids if i in system.store]
-  if present:
+  if present := [int(i) for i in ids if i in system.store]:
     raise ValueError(f"passage ids already in use (replace them instead): {present[:10]}")
   _put(system, passages, ids, system.index.add)
   return ids
 
 
 def _check_present(system: QASystem, ids: np.ndarray) -> None:
-  missing = [int(i) for i in ids if i not in system.store or i not in system.index]
-  if missing:
+  if missing := [int(i) for i in ids if i not in system.store or i not in system.index]:
     raise KeyError(f"no passages with ids {missing[:10]}")
 
 

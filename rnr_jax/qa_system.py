@@ -132,8 +132,7 @@ class PassageStore:
   def delete(self, pids: Iterable[int]) -> None:
     """Removes passages; ``KeyError`` (and nothing removed) if one is absent."""
     pids = [int(p) for p in pids]
-    missing = [p for p in pids if p not in self]
-    if missing:
+    if missing := [p for p in pids if p not in self]:
       raise KeyError(f"no passages with ids {missing[:10]}")
     self.version += 1
     for pid in pids:

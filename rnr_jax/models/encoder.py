@@ -95,8 +95,7 @@ class HFEncoderConfig:
       raise ValueError(f"{cls.__name__} expects model_type={cls.model_type!r}, got {model_type!r}")
     cls._check_supported(d)
     names = {f.name for f in dataclasses.fields(cls)}
-    ignored = sorted(set(d) - names - {"model_type"})
-    if ignored:
+    if ignored := sorted(set(d) - names - {"model_type"}):
       logger.debug("%s.from_hf_dict ignores keys %s", cls.__name__, ignored)
     return cls(**{k: d[k] for k in names if k in d})
 

@@ -163,8 +163,7 @@ def hf_state_dict_to_params(config: EncoderConfig, state_dict: Mapping[str, np.n
       unexpected.append(key)
   missing = sorted(key for key, (path, _) in expected.items() if path not in flat)
   found = {"missing tensors": missing, "unexpected encoder tensors": unexpected, "wrongly shaped tensors": misshaped}
-  problems = [f"{what}: {', '.join(sorted(keys))}" for what, keys in found.items() if keys]
-  if problems:
+  if problems := [f"{what}: {', '.join(sorted(keys))}" for what, keys in found.items() if keys]:
     raise ValueError(f"{source} does not match {config.architecture} ({n} layers): " + "; ".join(problems))
   if ignored:
     logger.debug("%s: ignored %d tensors not used by the encoder: %s", source, len(ignored), sorted(ignored))

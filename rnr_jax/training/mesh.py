@@ -102,8 +102,7 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Parti
     raise ValueError(f"sharding rule {pattern!r} -> {spec} has more entries than {name} has dimensions {tuple(shape)}")
   entries = []
   for dim, entry in zip(shape, spec):
-    unknown = [a for a in _axis_names(entry) if a not in mesh.shape]
-    if unknown:
+    if unknown := [a for a in _axis_names(entry) if a not in mesh.shape]:
       raise ValueError(f"sharding rule {pattern!r} names axes {unknown} not in mesh {dict(mesh.shape)}")
     if dim % math.prod(mesh.shape[a] for a in _axis_names(entry)):
       logging.info("Replicating dim of size %d of %s: not divisible by mesh axes %s (rule %r)",

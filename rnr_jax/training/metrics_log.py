@@ -136,8 +136,7 @@ class MetricsLogger:
   def log_train(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     """Logs and returns the step's metrics; FloatingPointError (nothing saved) if loss or param norm is not finite."""
     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-    bad = [k for k in ("loss", "param_norm") if k in values and not math.isfinite(values[k])]
-    if bad:
+    if bad := [k for k in ("loss", "param_norm") if k in values and not math.isfinite(values[k])]:
       raise FloatingPointError(
           f"Non-finite {' and '.join(bad)} ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step} (last finite "
           f"at step {self._last_finite_step}); stopping without saving this state, the last checkpoint is kept.")
