@@ -135,14 +135,10 @@ def reader_batch(tokenizer: Tokenizer, corpus: TokenCorpus, question_ids: Sequen
     return np.concatenate([np.pad(getattr(b, name), ((0, 0), (0, length - b.input_ids.shape[1])), constant_values=pad)
                            for b in per_question])
 
-  out = {
-      "input_ids": stack("input_ids", tokenizer.pad_id),
-      "attention_mask": stack("attention_mask", 0),
-      "token_type_ids": stack("token_type_ids", 0),
-      "text_start": np.concatenate([b.text_start for b in per_question]),
-      "text_end": np.concatenate([b.text_end for b in per_question]),
-      "passage_mask": pids != NO_PASSAGE,
-  }
+  out = {"input_ids": stack("input_ids", tokenizer.pad_id), "attention_mask": stack("attention_mask", 0),
+         "token_type_ids": stack("token_type_ids", 0),
+         "text_start": np.concatenate([b.text_start for b in per_question]),
+         "text_end": np.concatenate([b.text_end for b in per_question]), "passage_mask": pids != NO_PASSAGE}
   if answer_ids is not None:
     m = pids.shape[1]
     spans = [reader.find_answer_spans(out["input_ids"][b * m], int(out["text_start"][b * m]),

@@ -26,8 +26,7 @@ def _gelu_tanh(x: jax.Array) -> jax.Array:
 
 # Activations named like transformers' ``ACT2FN`` keys (the parameter-free ones).
 ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+  **dict.fromkeys(("gelu", "gelu_python"), lambda x: jax.nn.gelu(x, approximate=False)),
   **dict.fromkeys(("gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"), _gelu_tanh),
   "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -35,8 +34,7 @@ ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
   "relu2": lambda x: jnp.square(jax.nn.relu(x)),
   "relu6": jax.nn.relu6,
   "leaky_relu": lambda x: jax.nn.leaky_relu(x, negative_slope=0.01),
-  "silu": jax.nn.silu,
-  "swish": jax.nn.silu,
+  **dict.fromkeys(("silu", "swish"), jax.nn.silu),
   "hardswish": jax.nn.hard_swish,
   "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
   "sigmoid": jax.nn.sigmoid,
