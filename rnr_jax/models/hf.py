@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from rnr_jax.io import atomic_dir
 from rnr_jax.models.bert import BertConfig, BertEncoder
@@ -197,8 +199,6 @@ def params_to_hf_state_dict(config: EncoderConfig, params: Params) -> dict[str, 
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-
   with safe_open(str(path), framework="numpy") as f:
     bf16 = {key for key in f.keys() if f.get_slice(key).get_dtype() == "BF16"}
     out = {key: f.get_tensor(key) for key in f.keys() if key not in bf16}
@@ -293,8 +293,6 @@ def save_hf_encoder(config: EncoderConfig, params: Params, out_dir: str | os.Pat
       raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
   state_dict = params_to_hf_state_dict(config, params)
   hf_config = dataclasses.replace(config, num_hidden_layers=_num_layers(traverse_util.flatten_dict(params)))
-  from safetensors.numpy import save_file
-
   with atomic_dir(out) as tmp:
     (Path(tmp) / "config.json").write_text(json.dumps(hf_config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     save_file(state_dict, os.path.join(tmp, _SAFETENSORS), metadata={"format": "pt"})
