@@ -215,7 +215,7 @@ def _teacher_cache(d: str, data: Any, tokenizer: Any, spec: Any, params: Any, me
   from rnr_jax import reader_data as rd
   from rnr_jax import tokenization as tk
   from rnr_jax.pool import UnifiedBatches, load_pool
-  from rnr_jax.teacher import ENCODER_INPUTS, TeacherCache
+  from rnr_jax.teacher import TeacherCache
 
   candidates = os.path.join(d, "candidates.npz")
   rd.save_ranked(candidates, {s: data.candidates(s).bm25_pids for s in TRAIN_SPLITS})
@@ -229,7 +229,7 @@ def _teacher_cache(d: str, data: Any, tokenizer: Any, spec: Any, params: Any, me
 
   def teacher(batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows, length = batch["input_ids"].shape
-    out = read(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
+    out = read(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in tk.ENCODER_INPUTS)))], rows)
     return out[:, :length], out[:, length:2 * length], out[:, 2 * length]
 
   def cache(pids: np.ndarray, inputs: Any) -> TeacherCache:

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 
 from rnr_jax import qa_model
 from rnr_jax.reader import NEG_INF
+from rnr_jax.tokenization import ENCODER_INPUTS
 from rnr_jax.training import losses
 from rnr_jax.training.step import LossFn
 
 Params = Any
 Batch = Mapping[str, jax.Array]
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 RETRIEVAL_LOSSES = ("kd", "nll")
 
 

@@ -18,7 +18,6 @@ from rnr_jax.metrics import answer_top_k_accuracy, exact_match
 from rnr_jax.specs import ReaderSpec, RetrieverSpec, SystemSpec, read_fn
 
 Params = Any
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _check_select(select: str, names: set[str], field: str) -> None:
@@ -54,7 +53,7 @@ class _Reading:
                               max_len=spec.reader_len, buckets=spec.buckets, question_len=spec.question_len,
                               max_answer_len=spec.max_answer_len, max_spans=1)
       rows, length = batch["input_ids"].shape
-      logits = self._reader(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
+      logits = self._reader(params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in tk.ENCODER_INPUTS)))], rows)
       for n in counts:
         out[n] += rd.predict_answers(self._tokenizer, self._is_continuation, self._data.passages.texts, batch,
                                      pids[rows_of], logits[:, :length], logits[:, length:2 * length],

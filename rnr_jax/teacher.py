@@ -24,7 +24,6 @@ from rnr_jax.io import atomic_write_json, read_json
 from rnr_jax.specs import read_fn
 
 Params = Any
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CACHE_FORMAT = "rnr_jax.teacher_cache"
 CACHE_VERSION = 1
 
@@ -41,7 +40,7 @@ class Teacher:
   def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``start, end [rows, L]`` and ``rank [rows]`` logits of a reader batch (numpy)."""
     rows, length = batch["input_ids"].shape
-    out = self._read(self._params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in ENCODER_INPUTS)))], rows)
+    out = self._read(self._params, [(np.arange(rows), tk.EncodedBatch(*(batch[k] for k in tk.ENCODER_INPUTS)))], rows)
     return out[:, :length], out[:, length : 2 * length], out[:, 2 * length]
 
   def release(self) -> None:

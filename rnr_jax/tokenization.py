@@ -16,6 +16,7 @@ import tokenizers
 from rnr_jax.io import atomic_write_text, read_json
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512)
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the fields of an EncodedBatch, in its order
 
 
 def default_tokenizer_path() -> str:
