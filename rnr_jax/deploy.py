@@ -32,12 +32,26 @@ def check_tokenizer(spec: SystemSpec, data: PreparedData) -> None:
     raise ValueError(f"the model was trained with another tokenizer than the one of {data.path}")
 
 
-def corpus_records(data: PreparedData, subset: str | None) -> tuple[list[np.ndarray], np.ndarray]:
+class _Records(Sequence[np.ndarray]):
+  """Token ids of passages ``pids``, read from the memory-mapped corpus when indexed: a list of 21M arrays would
+  hold some 10 GB."""
+
+  def __init__(self, corpus: Any, pids: np.ndarray):
+    self._corpus, self._pids = corpus, pids
+
+  def __len__(self) -> int:
+    return len(self._pids)
+
+  def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+    return self._corpus[int(self._pids[i])]
+
+
+def corpus_records(data: PreparedData, subset: str | None) -> tuple[Sequence[np.ndarray], np.ndarray]:
   """``(records, passage ids)`` of the passages to ship: every prepared passage, or those of a subset file."""
   corpus = data.token_corpus()
   pids = passage_filter.subset_ids(subset, len(corpus))
   pids = np.arange(len(corpus), dtype=np.int64) if pids is None else pids
-  return [corpus[p] for p in pids.tolist()], pids
+  return _Records(corpus, pids), pids
 
 
 def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: Sequence[np.ndarray],
