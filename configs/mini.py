@@ -1,4 +1,4 @@
-"""The mini pipeline: the whole method on the shared data in about 70 minutes on a 2-core CPU.
+"""The mini pipeline: the whole method on the shared data in 1 to 2.5 hours on a 2-core CPU (docs/pipeline.md).
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
 
@@ -7,8 +7,8 @@ questions, and models are CPU-sized: the teacher is all-MiniLM-L6-v2 (6 layers, 
 and a reader. The student is one encoder that starts from the teacher reader (``from_teacher_reader``): a few
 hundred CPU steps cannot teach a fresh encoder to read, but they can teach a reader to retrieve with the first 128
 dims of its mean-pooled output. Compression: one encoder instead of three, int8 weights, a 128-d INT8 index and
-the compressed token-ID corpus. Most of the budget goes to the teacher reader, whose EM still climbs with every
-training question it sees (its learning curve is in docs/results.md), and which the student inherits.
+the compressed token-ID corpus. Most of the budget goes to the teacher reader, which the student inherits; its
+held-out EM climbs for its first ~3,200 training questions (learning curve in docs/results.md).
 """
 
 from configs.pipeline_common import pipeline_config, stage
