@@ -18,7 +18,7 @@ from rnr_jax.bundle import flatten_params, write_bundle
 from rnr_jax.data import PreparedData
 from rnr_jax.index import DenseIndex
 from rnr_jax.io import dir_lock, scratch_dir
-from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, write_passages
+from rnr_jax.qa_system import TOKENIZER_FILES, InferenceSettings, Records, write_passages
 from rnr_jax.runtime import GRAPH_FILE
 from rnr_jax.specs import SystemSpec
 from rnr_jax.training import mesh as mesh_lib
@@ -32,26 +32,12 @@ def check_tokenizer(spec: SystemSpec, data: PreparedData) -> None:
     raise ValueError(f"the model was trained with another tokenizer than the one of {data.path}")
 
 
-class _Records(Sequence[np.ndarray]):
-  """Token ids of passages ``pids``, read from the memory-mapped corpus when indexed: a list of 21M arrays would
-  hold some 10 GB."""
-
-  def __init__(self, corpus: Any, pids: np.ndarray):
-    self._corpus, self._pids = corpus, pids
-
-  def __len__(self) -> int:
-    return len(self._pids)
-
-  def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-    return self._corpus[int(self._pids[i])]
-
-
 def corpus_records(data: PreparedData, subset: str | None) -> tuple[Sequence[np.ndarray], np.ndarray]:
   """``(records, passage ids)`` of the passages to ship: every prepared passage, or those of a subset file."""
   corpus = data.token_corpus()
   pids = passage_filter.subset_ids(subset, len(corpus))
   pids = np.arange(len(corpus), dtype=np.int64) if pids is None else pids
-  return _Records(corpus, pids), pids
+  return Records(corpus, pids), pids
 
 
 def build_index(data: PreparedData, spec: SystemSpec, params: Params, records: Sequence[np.ndarray],

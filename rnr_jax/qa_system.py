@@ -143,8 +143,22 @@ class PassageStore:
   def write(self, directory: str | os.PathLike) -> None:
     """Writes the live passages as a token-ID corpus directory with ``passage_ids.npy``."""
     ids = self.ids
-    write_passages(directory, [self[p] for p in ids.tolist()], ids, self.corpus.meta["vocab_size"],
+    write_passages(directory, Records(self, ids), ids, self.corpus.meta["vocab_size"],
                    self.corpus.meta.get("tokenizer"))
+
+
+class Records(Sequence[np.ndarray]):
+  """The records of passages ``ids`` of ``source`` (a corpus or store), read when indexed: a list of 21M arrays
+  would hold some 10 GB."""
+
+  def __init__(self, source: Any, ids: np.ndarray):
+    self._source, self._ids = source, ids
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+    return self._source[int(self._ids[i])]
 
 
 def write_passages(directory: str | os.PathLike, records: Sequence[np.ndarray], passage_ids: np.ndarray,
