@@ -7,6 +7,7 @@ the same layout.
 import json
 import os
 
+import numpy as np
 import pytest
 from test_retriever import write_toy_data
 
@@ -96,6 +97,13 @@ def test_every_stage_runs_and_reports(smoke_run):
       "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
       "unified after finetuning (over the subset)",
       f"bundle: INT8 index, + BM25 fusion (weight {config.bundle.lexical_weight:g}) (over the subset)"]
+
+
+def test_gold_survival_counts_questions_with_a_kept_gold_passage():
+  keep = np.array([True, False, False, True])
+  # Questions 0 and 3 keep a gold passage, 1 keeps none, 2 has none and does not count.
+  assert pipeline.gold_survival(keep, [[0], [1, 2], [], [2, 3]]) == 2 / 3
+  assert pipeline.gold_survival(keep, [[], []]) == 0.0
 
 
 def test_smoke_runs_mini_topology(smoke_run):

@@ -320,13 +320,14 @@ def teacher_retriever(p: Pipeline) -> dict[str, Any]:
 
 def teacher_reader(p: Pipeline) -> dict[str, Any]:
   """The reader with passage ranker, on the teacher retriever's candidates."""
+  split = p.select_split()
   cfg = p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz"),
-                                          "reader.eval_split": p.select_split()})
+                                          "reader.eval_split": split})
   reader_stage.train_and_evaluate(cfg, p.path("teacher_reader"))
   evals = read_evals(p.path("teacher_reader", "eval.jsonl"))
   curve = [{"step": e["step"], "questions": e["step"] * int(cfg.train.batch_size),
             **{k: v for k, v in e.items() if k.startswith("em_")}} for e in evals]
-  return {"eval": best_of(evals), "split": p.select_split(), "curve": curve}
+  return {"eval": best_of(evals), "split": split, "curve": curve}
 
 
 def eval_teacher(p: Pipeline) -> dict[str, Any]:
@@ -352,9 +353,7 @@ def filter_passages(p: Pipeline) -> dict[str, Any]:
   survival, top20 = {}, {}
   for split in p.dev_splits:
     questions = p.data.questions(split)
-    positives = p.data.candidates(split).gold
-    with_gold = [q for q in range(len(questions)) if len(positives[q])]
-    survival[split] = float(np.mean([keep[np.asarray(positives[q])].any() for q in with_gold])) if with_gold else 0.0
+    survival[split] = gold_survival(keep, p.data.candidates(split).gold)
     q = retrieval.encode_questions(encoder, params, p.tokenizer(), [x.question for x in questions],
                                    max_len=spec.question_len, buckets=spec.buckets)
     answers = [x.answers for x in questions]
@@ -368,25 +367,30 @@ def filter_passages(p: Pipeline) -> dict[str, Any]:
   return {**subset, "survival": survival, "top20": top20, "sweep": sweep}
 
 
+def gold_survival(keep: np.ndarray, gold: Any) -> float:
+  """The share of questions with a gold answer-holding passage that keep one (bool ``keep`` per passage)."""
+  with_gold = [np.asarray(g) for g in gold if len(g)]
+  return float(np.mean([keep[g].any() for g in with_gold])) if with_gold else 0.0
+
+
 def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: Sequence[str],
                fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
-  """Per kept fraction and split: ``survival`` (questions with a gold answer-holding passage that keep one) and the
-  top-1 / top-20 answer accuracy of the ranked candidates restricted to the kept passages."""
+  """Per kept fraction and split: ``survival`` (:func:`gold_survival`) and the top-1 / top-20 answer accuracy of the
+  ranked candidates restricted to the kept passages."""
   order = np.argsort(-scores, kind="stable")
-  out: dict[str, Any] = {}
   with np.load(candidates) as ranked:
     rankings = {s: ranked[s] for s in splits}
+  answers = {s: [q.answers for q in data.questions(s)] for s in splits}
+  gold = {s: data.candidates(s).gold for s in splits}
+  out: dict[str, Any] = {}
   for fraction in fractions:
     keep = np.zeros(len(scores), bool)
     keep[order[:int(round(fraction * len(scores)))]] = True
     row = {}
     for split in splits:
-      questions, gold = data.questions(split), data.candidates(split).gold
-      with_gold = [q for q in range(len(questions)) if len(gold[q])]
       kept = passage_filter.restrict_ranking(rankings[split], keep, width=20)
-      accuracy = answer_top_k_accuracy(kept, [q.answers for q in questions], data.matcher(), (1, 20))
-      row[split] = {"survival": float(np.mean([keep[np.asarray(gold[q])].any() for q in with_gold])),
-                    "top1": accuracy[1], "top20": accuracy[20]}
+      accuracy = answer_top_k_accuracy(kept, answers[split], data.matcher(), (1, 20))
+      row[split] = {"survival": gold_survival(keep, gold[split]), "top1": accuracy[1], "top20": accuracy[20]}
     out[f"{fraction:g}"] = row
   return out
 
@@ -414,14 +418,14 @@ def distill(p: Pipeline) -> dict[str, Any]:
   else:
     wiring.update({"model.init": p.path("teacher_reader", "best"), **p.teacher_retriever_wiring()})
   distill_stage.train_and_evaluate(p.stage_config("distill", wiring), p.path("distill"))
-  return {"eval": last_best(p.path("distill", "eval.jsonl"))}
+  return {"eval": best_of(read_evals(p.path("distill", "eval.jsonl")))}
 
 
 def finetune(p: Pipeline) -> dict[str, Any]:
   """Iterative finetuning, Algorithm 1."""
   cfg = p.stage_config("finetune", {"finetune.init": p.path("distill", "best"), **p.pool_wiring()})
   finetune_stage.train_and_evaluate(cfg, p.path("finetune"))
-  return {"eval": last_best(p.path("finetune", "eval.jsonl"))}
+  return {"eval": best_of(read_evals(p.path("finetune", "eval.jsonl")))}
 
 
 def bundle(p: Pipeline) -> dict[str, Any]:
@@ -555,11 +559,6 @@ def read_evals(path: str) -> list[dict[str, Any]]:
     return []
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def last_best(path: str) -> dict[str, Any] | None:
-  """The last evaluation marked best in an eval.jsonl (or the last one)."""
-  return best_of(read_evals(path))
 
 
 def best_of(evals: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

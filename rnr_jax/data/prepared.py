@@ -24,7 +24,7 @@ from rnr_jax.data.bm25 import BM25Builder, BM25Index, resolve_stemmer
 from rnr_jax.data.examples import DEFAULT_BM25_TOPK, DEFAULT_HARD_NEGATIVES, SplitCandidates, build_candidates
 from rnr_jax.data.passages import DEFAULT_WORDS_PER_PASSAGE, PassageTable, PassageWriter
 from rnr_jax.data.readers import DataFormatError, Document, Question, ReadStats, read_questions
-from rnr_jax.data.token_corpus import COMPRESSORS, TokenCorpus
+from rnr_jax.data.token_corpus import COMPRESSORS, LEVEL_ARG, TokenCorpus
 from rnr_jax.io import atomic_dir, atomic_write_json, sha256_file
 from rnr_jax.metrics import DEFAULT_KS, AnswerMatcher, gold_recall_at_k, top_k_accuracy
 
@@ -184,7 +184,7 @@ def _token_id_sizes(corpus: TokenCorpus, methods: Sequence[str]) -> dict[str, fl
   sampled = max(1, int(np.searchsorted(offsets, SIZE_SAMPLE_BYTES // tokens.itemsize, side="right")) - 1)
   data = (np.asarray(tokens[:offsets[sampled]]).tobytes(), np.asarray(offsets[:sampled + 1]).tobytes())
   for m in methods:
-    packed = sum(len(bz2.compress(d, 9) if m == "bz2" else lzma.compress(d, preset=9)) for d in data)
+    packed = sum(len(COMPRESSORS[m].compress(d, **{LEVEL_ARG[m]: 9})) for d in data)
     sizes[f"token_ids_{m}"] = round(packed / sampled, 2)
   return sizes
 
