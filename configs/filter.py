@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.filter.candidates = ""
   c.filter.log_base = 10.0  # smoothed frequency log_b(freq) + 1 (10 in the paper, 2 oversamples more)
   # J+val: each question's best-ranked retrieved answer passage; J-val: this many sampled negatives.
-  c.filter.val_split = "nq_dev"
+  c.filter.val_split = "nq_dev"  # the pipeline sets its held-out split here when prepare.holdout > 0
   c.filter.val_negatives = 9107
   # Steps: train.num_steps, or when it is 0 this many epochs of oversampled positives.
   c.filter.epochs = 1.0

@@ -89,6 +89,14 @@ def test_every_stage_runs_and_reports(smoke_run):
   assert reading["split"] == "nq_holdout" and [e["step"] for e in reading["curve"]] == [2, 4]
   assert reading["curve"][0]["questions"] == 2 * 8
   assert "questions seen" in text
+  # The retriever and the filter choose their best step on held-out questions too; the dev sets are only reported.
+  with open(os.path.join(workdir, "teacher_retriever", "config.json"), encoding="utf-8") as f:
+    retriever = json.load(f)["retriever"]
+  assert retriever["select_metric"].startswith("nq_holdout/")
+  assert retriever["eval_splits"] == ["nq_holdout", "squadshifts_holdout", "nq_dev", "squadshifts_dev"]
+  assert {"nq_holdout/top1", "nq_dev/top1"} <= set(records["teacher_retriever"]["summary"]["metrics"])
+  with open(os.path.join(workdir, "filter", "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["filter"]["val_split"] == "nq_holdout"
   results = records["bundle"]["summary"]["results"]
   assert all(r["read_passages_chosen_on"] == ["nq_holdout", "squadshifts_holdout"] for r in results.values())
   assert len({r["best_read_passages"] for r in results.values()}) == 1

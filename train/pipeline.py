@@ -161,6 +161,16 @@ class Pipeline:
       apply_override(cfg, key, repr(value))
     return cfg
 
+  def retriever_stage_config(self, name: str, wiring: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A retriever stage that evaluates the held-out and the dev splits and picks its best step on the held-out
+    one, so no checkpoint is chosen on a dev set."""
+    held_out = self.held_out_splits()
+    cfg = self.stage_config(name, {"retriever.eval_splits": (*held_out, *self.dev_splits), **wiring})
+    if held_out:
+      top_k = cfg.retriever.select_metric.split("/")[1]
+      apply_override(cfg, "retriever.select_metric", repr(f"{self.select_split()}/{top_k}"))
+    return cfg
+
   def subset_pids(self) -> np.ndarray:
     return passage_filter.subset_ids(self.path("filter", "subset.npz"), self.data.num_passages)
 
@@ -304,7 +314,7 @@ def prepare_data(p: Pipeline) -> dict[str, Any]:
 
 def teacher_retriever(p: Pipeline) -> dict[str, Any]:
   """The two-encoder retriever, then its top ``candidates_k`` passages of every question."""
-  cfg = p.stage_config("teacher_retriever", {"retriever.save_embeddings": True, "retriever.eval_splits": p.dev_splits})
+  cfg = p.retriever_stage_config("teacher_retriever", {"retriever.save_embeddings": True})
   retriever_stage.train_and_evaluate(cfg, p.path("teacher_retriever"))
   spec, params, _ = exports.load_retriever(p.path("teacher_retriever", "best"), p.mesh)
   vectors, _ = embeddings.load(p.path("teacher_retriever", "embeddings"))
@@ -339,7 +349,9 @@ def eval_teacher(p: Pipeline) -> dict[str, Any]:
 def filter_passages(p: Pipeline) -> dict[str, Any]:
   """The passage filter, its subset, the teacher's candidates restricted to it (J_read) and a keep-fraction sweep."""
   candidates = p.path("teacher_retriever", "candidates.npz")
-  filter_stage.train_and_evaluate(p.stage_config("filter", {"filter.candidates": candidates}), p.path("filter"))
+  # J+val, on which the filter's best step is chosen, comes from held-out training questions.
+  filter_stage.train_and_evaluate(p.stage_config("filter", {"filter.candidates": candidates,
+                                                            "filter.val_split": p.select_split()}), p.path("filter"))
   pids = p.subset_pids()
   keep = np.zeros(p.data.num_passages, bool)
   keep[pids] = True
@@ -403,8 +415,7 @@ def eval_filtered(p: Pipeline) -> dict[str, Any]:
 
 def student_retriever(p: Pipeline) -> dict[str, Any]:
   """(``paper`` topology) the student's shared encoder trained for retrieval alone (§2.2.2)."""
-  cfg = p.stage_config("student_retriever", {"retriever.subset": p.path("filter", "subset.npz"),
-                                             "retriever.eval_splits": p.dev_splits})
+  cfg = p.retriever_stage_config("student_retriever", {"retriever.subset": p.path("filter", "subset.npz")})
   retriever_stage.train_and_evaluate(cfg, p.path("student_retriever"))
   return p.trained_summary("student_retriever")
 
