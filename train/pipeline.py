@@ -475,21 +475,8 @@ def report(p: Pipeline) -> dict[str, Any]:
   rows = [report_lib.system_row(name, stage, records[stage]["summary"]["footprint"],
                                 records[stage]["summary"]["results"], short=short[stage])
           for stage, name in names.items()]
-  retrieval_rows = [{"name": "BM25", "accuracy": {
-      sp: {f"top{k}": m[f"bm25_top{k}_answer_acc"] for k in (1, 5, 20, 100)}
-      for sp, m in records["prepare"]["summary"]["bm25"].items()}}]
-  for stage, name in (("teacher_retriever", "teacher: two encoders, full width"),
-                      ("student_retriever", "student: shared encoder, first d dims (over the subset)")):
-    if stage in records:
-      metrics = records[stage]["summary"]["metrics"]
-      retrieval_rows.append({"name": name, "accuracy": {
-          sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in p.dev_splits}})
-  for stage, name in (("eval_distill", "unified after KD (over the subset)"),
-                      ("eval_finetune", "unified after finetuning (over the subset)"),
-                      ("bundle", "bundle: INT8 index" + fusion + " (over the subset)")):
-    retrieval_rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"]
-                                                      for sp, r in records[stage]["summary"]["results"].items()}})
-  reading = f"answers by the {e.rule} rule from {reads(int(e.max_read))}"
+  bundle_name = "bundle: INT8 index" + fusion + " (over the subset)"
+  reading = f"answers by the {e.rule} rule from {report_lib.reads(int(e.max_read))}"
   if (bundle_rule(p), int(b.max_read)) != (e.rule, -1):
     bundle_read = int(b.max_read) if int(b.max_read) >= 0 else int(e.max_read)
     results = records["bundle"]["summary"]["results"]
@@ -497,7 +484,7 @@ def report(p: Pipeline) -> dict[str, Any]:
     chosen = (f"m' = {next(iter(results.values()))['best_read_passages']}, chosen on the held-out training questions "
               f"({', '.join(held_out)})" if held_out else
               "best m': " + ", ".join(f"{sp} {r['best_read_passages']}" for sp, r in results.items()))
-    reading += f" (the bundle: {bundle_rule(p)} rule from {reads(bundle_read)}; {chosen})"
+    reading += f" (the bundle: {bundle_rule(p)} rule from {report_lib.reads(bundle_read)}; {chosen})"
   f = records["filter"]["summary"]
   result = {
       "title": f"rnr-jax pipeline ({os.path.basename(c.name)})",
@@ -507,7 +494,8 @@ def report(p: Pipeline) -> dict[str, Any]:
                       + f"; {e.top_k} passages retrieved, {reading}. Footprints count the files a system needs: "
                       "weights, index and passages (text for the uncompressed systems, the bundle's compressed "
                       "files for the last row)."),
-      "dev_splits": list(p.dev_splits), "systems": rows, "retrieval": retrieval_rows,
+      "dev_splits": list(p.dev_splits), "systems": rows,
+      "retrieval": report_lib.retrieval_rows(records, p.dev_splits, bundle_name),
       "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},
       "stages": {s: {"seconds": r["seconds"]} for s, r in records.items()}, "config": c.to_dict(),
       "reader": {"split": records["teacher_reader"]["summary"].get("split", p.select_split()),
@@ -555,13 +543,6 @@ def answerable(p: Pipeline, limit: int) -> dict[str, float]:
 
 def bundle_rule(p: Pipeline) -> str:
   return p.config.bundle.rule or p.config.eval.rule
-
-
-def reads(max_read: int) -> str:
-  """How many retrieved passages an evaluation reads (``eval.max_read`` / ``bundle.max_read``)."""
-  if max_read == 1:
-    return "the top passage (m'=1)"
-  return "m' = 1 up to all retrieved" if max_read <= 0 else f"m' = 1 up to {max_read}"
 
 
 def read_evals(path: str) -> list[dict[str, Any]]:

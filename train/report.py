@@ -29,6 +29,30 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.2f}"
 
 
+def reads(max_read: int) -> str:
+  """How many retrieved passages an evaluation reads (``eval.max_read`` / ``bundle.max_read``)."""
+  if max_read == 1:
+    return "the top passage (m'=1)"
+  return "m' = 1 up to all retrieved" if max_read <= 0 else f"m' = 1 up to {max_read}"
+
+
+def retrieval_rows(records: Mapping[str, Any], dev_splits: Sequence[str], bundle_name: str) -> list[dict[str, Any]]:
+  """Top-k answer accuracy on the dev splits of BM25, the trained retrievers and the evaluated systems."""
+  rows = [{"name": "BM25", "accuracy": {sp: {f"top{k}": m[f"bm25_top{k}_answer_acc"] for k in (1, 5, 20, 100)}
+                                        for sp, m in records["prepare"]["summary"]["bm25"].items()}}]
+  for stage, name in (("teacher_retriever", "teacher: two encoders, full width"),
+                      ("student_retriever", "student: shared encoder, first d dims (over the subset)")):
+    if stage in records:
+      metrics = records[stage]["summary"]["metrics"]
+      rows.append({"name": name, "accuracy": {
+          sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in dev_splits}})
+  for stage, name in (("eval_distill", "unified after KD (over the subset)"),
+                      ("eval_finetune", "unified after finetuning (over the subset)"), ("bundle", bundle_name)):
+    rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"]
+                                            for sp, r in records[stage]["summary"]["results"].items()}})
+  return rows
+
+
 def markdown(report: Mapping[str, Any], figure: str | None = "figure1.png") -> str:
   """The report's tables (Table 3 and 4 analogues, retrieval accuracy, stage times) as markdown.
 
