@@ -148,8 +148,8 @@ class PassageStore:
 
 
 class Records(Sequence[np.ndarray]):
-  """The records of passages ``ids`` of ``source`` (a corpus or store), read when indexed: a list of 21M arrays
-  would hold some 10 GB."""
+  """The records of passages ``ids`` of ``source`` (a corpus or store), read when indexed, so that writing a corpus
+  does not hold one array object per passage in memory at once."""
 
   def __init__(self, source: Any, ids: np.ndarray):
     self._source, self._ids = source, ids
