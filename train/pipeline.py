@@ -375,7 +375,9 @@ def filter_passages(p: Pipeline) -> dict[str, Any]:
     top20[split] = {"before": before, "after": after}
   with open(p.path("filter", "subset.json"), encoding="utf-8") as f:
     subset = json.load(f)
-  sweep = keep_sweep(p.data, np.load(p.path("filter", "passage_scores.npy")), candidates, p.dev_splits)
+  # The held-out splits say which fraction to keep; the dev splits are only reported.
+  sweep = keep_sweep(p.data, np.load(p.path("filter", "passage_scores.npy")), candidates,
+                     p.held_out_splits() + list(p.dev_splits))
   return {**subset, "survival": survival, "top20": top20, "sweep": sweep}
 
 
@@ -386,7 +388,7 @@ def gold_survival(keep: np.ndarray, gold: Any) -> float:
 
 
 def keep_sweep(data: PreparedData, scores: np.ndarray, candidates: str, splits: Sequence[str],
-               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict[str, Any]:
+               fractions: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)) -> dict[str, Any]:
   """Per kept fraction and split: ``survival`` (:func:`gold_survival`) and the top-1 / top-20 answer accuracy of the
   ranked candidates restricted to the kept passages."""
   order = np.argsort(-scores, kind="stable")
