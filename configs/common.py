@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000
   c.train.log_every = 20
   c.train.eval_every = 500
+  # Also evaluate the starting parameters, as step 0, so a learning curve starts where training does.
+  c.train.eval_at_start = False
   c.train.ckpt_every = 500
   c.train.keep_ckpts = 2
   c.train.async_ckpt = True

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_retriever import write_toy_data
 
+from bench import learning_curves
 from rnr_jax.config import load_config
 from rnr_jax.data import PreparedData
 from rnr_jax.qa_system import QASystem
@@ -174,3 +175,34 @@ def test_slice_keeps_gold_documents(tmp_path):
     kept = [json.loads(line) for line in f]
   assert [q["id"] for q in kept] == ["q0", "q1", "q2", "q3"]
   assert {0, 3, 6, 9} <= set(ids) and len(ids) == 4 + 5 and len(set(ids)) == len(ids)
+
+
+def test_learning_curve_reruns_a_stage_changing_only_its_evaluations(smoke_run, tmp_path, monkeypatch):
+  config, workdir, _, _ = smoke_run
+  p = pipeline.Pipeline(config, workdir)
+  kept, pids = set(p.subset_pids().tolist()), learning_curves.curve_subset(p, 4, 3, distractors=5)
+  assert set(pids.tolist()) <= kept
+  chosen = set()
+  with np.load(p.path("filter", "candidates.npz")) as ranked:
+    for split in p.held_out_splits():
+      top = ranked[split][:4, :3]
+      chosen |= set(top[top >= 0].tolist())
+      gold = p.data.candidates(split).gold
+      chosen |= {int(g) for i in range(min(4, len(gold))) for g in gold[i] if int(g) in kept}
+  assert chosen <= set(pids.tolist()) and len(pids) == min(len(chosen) + 5, len(kept))
+
+  out = str(tmp_path / "curves")
+  monkeypatch.setattr("sys.argv", ["learning_curves", "--workdir", workdir, "--out", out, "--config",
+                                   os.path.join(ROOT, "configs/smoke.py"), "--stages", "distill", "--every",
+                                   "distill=2", "--questions", "4", "--top_k", "3", "--distractors", "5"])
+  learning_curves.main()
+  evals = pipeline.read_evals(os.path.join(out, "distill", "eval.jsonl"))
+  assert [e["step"] for e in evals] == [0, 2, 4]  # the starting parameters, then every 2 steps
+  assert all(0.0 <= e["em_open@1"] <= 1.0 for e in evals)
+
+  def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+      return [(m["step"], m["loss"]) for m in map(json.loads, f) if "loss" in m]
+
+  # The same training as the pipeline's stage, step for step: only evaluation differs.
+  assert losses(os.path.join(out, "distill")) == losses(os.path.join(workdir, "distill"))

@@ -186,6 +186,32 @@ def test_resume_keeps_eval_log_and_best_export_of_an_uninterrupted_run(tmp_path)
   assert_trees_equal(exported[resumed][1], exported[straight][1])
 
 
+def test_eval_at_start_evaluates_the_starting_parameters_once(tmp_path):
+  # A learning curve starts at step 0: the parameters before any update, evaluated once even when the run resumes.
+  config = toy_model.toy_config(num_steps=8, ckpt_every=4, eval_every=4, async_ckpt=False, eval_at_start=True)
+  init_fn, loss_fn = toy_model.regressor_fns()
+  heldout = toy_model.regressor_evaluator()
+  seen = []
+
+  def run(data):
+    best = exports.BestExport(str(tmp_path), {"toy": "regressor"}, "score")
+    try:
+      loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
+                      data=data, best=best,
+                      evaluator=lambda params, step: seen.append((step, heldout(params, step)["mse"])) or
+                      {"score": -heldout(params, step)["mse"]})
+    finally:
+      best.close()
+
+  with pytest.raises(toy_model.Interrupted):
+    run(toy_model.StopAt(toy_data(config), at=6))  # killed after step 4's checkpoint
+  run(toy_data(config))  # resumes at step 4: no second evaluation of step 0
+  assert [s for s, _ in seen] == [0, 4, 8]
+  initial = init_fn(jax.random.split(loop.make_key(config.train))[0])  # as train_loop draws the init key
+  assert seen[0][1] == pytest.approx(heldout(initial, 0)["mse"])
+  assert seen[1][1] != seen[0][1]  # step 4 evaluates other parameters
+
+
 def test_resume_order_own_checkpoint_then_init_checkpoint_then_pretrained(tmp_path):
   config = toy_model.toy_config(num_steps=4)
   init_fn, loss_fn = toy_model.regressor_fns()

@@ -287,6 +287,47 @@ class Pipeline:
             "eval.split": self.select_split()}
 
 
+# ---- the trained stages' configs: the pipeline's stage config plus the wiring to earlier stages --------------------
+
+
+def teacher_retriever_config(p: Pipeline) -> ml_collections.ConfigDict:
+  return p.retriever_stage_config("teacher_retriever", {"retriever.save_embeddings": True})
+
+
+def teacher_reader_config(p: Pipeline) -> ml_collections.ConfigDict:
+  return p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz"),
+                                           "reader.eval_split": p.select_split()})
+
+
+def filter_config(p: Pipeline) -> ml_collections.ConfigDict:
+  # J+val, on which the filter's best step is chosen, comes from held-out training questions.
+  return p.stage_config("filter", {"filter.candidates": p.path("teacher_retriever", "candidates.npz"),
+                                   "filter.val_split": p.select_split()})
+
+
+def distill_config(p: Pipeline) -> ml_collections.ConfigDict:
+  wiring = {"distill.teacher": p.path("teacher_reader", "best"), **p.pool_wiring()}
+  if p.config.student == "paper":
+    wiring["unified.init_retriever"] = p.path("student_retriever", "best")
+  else:
+    wiring.update({"model.init": p.path("teacher_reader", "best"), **p.teacher_retriever_wiring()})
+  return p.stage_config("distill", wiring)
+
+
+def finetune_config(p: Pipeline) -> ml_collections.ConfigDict:
+  return p.stage_config("finetune", {"finetune.init": p.path("distill", "best"), **p.pool_wiring()})
+
+
+# Trained stage -> (its config in a pipeline, its trainer); bench.learning_curves reruns them.
+TRAINERS: dict[str, tuple[Callable[[Pipeline], ml_collections.ConfigDict], Callable[..., Any]]] = {
+    "teacher_retriever": (teacher_retriever_config, retriever_stage.train_and_evaluate),
+    "teacher_reader": (teacher_reader_config, reader_stage.train_and_evaluate),
+    "filter": (filter_config, filter_stage.train_and_evaluate),
+    "distill": (distill_config, distill_stage.train_and_evaluate),
+    "finetune": (finetune_config, finetune_stage.train_and_evaluate),
+}
+
+
 # ---- the stages ----------------------------------------------------------------------------
 
 
@@ -314,8 +355,7 @@ def prepare_data(p: Pipeline) -> dict[str, Any]:
 
 def teacher_retriever(p: Pipeline) -> dict[str, Any]:
   """The two-encoder retriever, then its top ``candidates_k`` passages of every question."""
-  cfg = p.retriever_stage_config("teacher_retriever", {"retriever.save_embeddings": True})
-  retriever_stage.train_and_evaluate(cfg, p.path("teacher_retriever"))
+  retriever_stage.train_and_evaluate(teacher_retriever_config(p), p.path("teacher_retriever"))
   spec, params, _ = exports.load_retriever(p.path("teacher_retriever", "best"), p.mesh)
   vectors, _ = embeddings.load(p.path("teacher_retriever", "embeddings"))
   encoder = retrieval.BatchEncoder(spec.embed_fns()[0], p.mesh, int(p.config.encode_batch_size))
@@ -330,14 +370,12 @@ def teacher_retriever(p: Pipeline) -> dict[str, Any]:
 
 def teacher_reader(p: Pipeline) -> dict[str, Any]:
   """The reader with passage ranker, on the teacher retriever's candidates."""
-  split = p.select_split()
-  cfg = p.stage_config("teacher_reader", {"reader.candidates": p.path("teacher_retriever", "candidates.npz"),
-                                          "reader.eval_split": split})
+  cfg = teacher_reader_config(p)
   reader_stage.train_and_evaluate(cfg, p.path("teacher_reader"))
   evals = read_evals(p.path("teacher_reader", "eval.jsonl"))
   curve = [{"step": e["step"], "questions": e["step"] * int(cfg.train.batch_size),
             **{k: v for k, v in e.items() if k.startswith("em_")}} for e in evals]
-  return {"eval": best_of(evals), "split": split, "curve": curve}
+  return {"eval": best_of(evals), "split": cfg.reader.eval_split, "curve": curve}
 
 
 def eval_teacher(p: Pipeline) -> dict[str, Any]:
@@ -349,9 +387,7 @@ def eval_teacher(p: Pipeline) -> dict[str, Any]:
 def filter_passages(p: Pipeline) -> dict[str, Any]:
   """The passage filter, its subset, the teacher's candidates restricted to it (J_read) and a keep-fraction sweep."""
   candidates = p.path("teacher_retriever", "candidates.npz")
-  # J+val, on which the filter's best step is chosen, comes from held-out training questions.
-  filter_stage.train_and_evaluate(p.stage_config("filter", {"filter.candidates": candidates,
-                                                            "filter.val_split": p.select_split()}), p.path("filter"))
+  filter_stage.train_and_evaluate(filter_config(p), p.path("filter"))
   pids = p.subset_pids()
   keep = np.zeros(p.data.num_passages, bool)
   keep[pids] = True
@@ -425,19 +461,13 @@ def student_retriever(p: Pipeline) -> dict[str, Any]:
 def distill(p: Pipeline) -> dict[str, Any]:
   """The unified retriever-reader distilled from the teacher reader (from the student retriever, ``paper``; or from the
   teacher reader itself, learning retrieval from the teacher retriever's scores, ``from_teacher_reader``)."""
-  wiring = {"distill.teacher": p.path("teacher_reader", "best"), **p.pool_wiring()}
-  if p.config.student == "paper":
-    wiring["unified.init_retriever"] = p.path("student_retriever", "best")
-  else:
-    wiring.update({"model.init": p.path("teacher_reader", "best"), **p.teacher_retriever_wiring()})
-  distill_stage.train_and_evaluate(p.stage_config("distill", wiring), p.path("distill"))
+  distill_stage.train_and_evaluate(distill_config(p), p.path("distill"))
   return {"eval": best_of(read_evals(p.path("distill", "eval.jsonl")))}
 
 
 def finetune(p: Pipeline) -> dict[str, Any]:
   """Iterative finetuning, Algorithm 1."""
-  cfg = p.stage_config("finetune", {"finetune.init": p.path("distill", "best"), **p.pool_wiring()})
-  finetune_stage.train_and_evaluate(cfg, p.path("finetune"))
+  finetune_stage.train_and_evaluate(finetune_config(p), p.path("finetune"))
   return {"eval": best_of(read_evals(p.path("finetune", "eval.jsonl")))}
 
 

@@ -125,7 +125,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
                init_checkpoint: str | None = None, load_pretrained: Callable[[PyTree], PyTree] | None = None
                ) -> TrainState:
   """Trains ``config.train.num_steps`` steps, resuming from ``workdir``'s checkpoints; ``evaluator(params,
-  step)`` runs every ``train.eval_every`` steps and after the last, its metrics offered to ``best``."""
+  step)`` runs every ``train.eval_every`` steps and after the last (and at step 0 with ``train.eval_at_start``), its
+  metrics offered to ``best``."""
   train_cfg, total_steps, mesh = config.train, int(config.train.num_steps), mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.
@@ -153,6 +154,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   profile = tuple(train_cfg.get("profile_steps") or ())  # (first, last): a jax.profiler trace of those steps
   tracing = contextlib.ExitStack()
   try:
+    if evaluator is not None and train_cfg.get("eval_at_start") and start_step == 0:
+      logger.log_eval(0, *evaluate(evaluator, best, state.params, 0))
     for step_num in range(start_step + 1, total_steps + 1):
       tic = time.perf_counter()
       batch = mesh_lib.make_global_batch(next(data), mesh)  # each process contributes its rows

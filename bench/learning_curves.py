@@ -1,0 +1,131 @@
+r"""Learning curves of a finished pipeline's trained stages, on held-out training questions.
+
+  python -m bench.learning_curves --workdir runs/mini --out runs/mini_curves \
+      [--config configs/mini.py] [--stages teacher_retriever,filter,distill,finetune] [--every distill=25] [--record]
+
+Each stage is trained again with its pipeline config, inputs and seed into ``OUT/<stage>``, evaluated at step 0
+(its starting parameters) and every ``--every`` steps on the first ``--questions`` questions of the held-out splits.
+Retrieval stages search a passage subset instead of the whole corpus, so that an evaluation encodes a few thousand
+passages rather than every kept one: the kept passages among those questions' gold passages and the teacher
+retriever's top ``--top_k``, plus ``--distractors`` random kept passages (``OUT/curve_subset.npz``). Top-k and EM over
+the subset are higher than over the corpus; what sizes a stage is where its curve flattens. A rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from bench import report
+from rnr_jax import passage_filter
+from rnr_jax.config import apply_override, load_config
+from train import pipeline
+
+# Every step count of a stage's curve: one evaluation per this many steps (--every overrides).
+EVERY = {"teacher_retriever": 20, "teacher_reader": 400, "filter": 25, "distill": 25, "finetune": 10}
+# Columns of each stage's table: its eval.jsonl metrics (prefix "<split>/" expanded to every held-out split).
+COLUMNS = {"teacher_retriever": ("{split}/top1", "{split}/top5", "{split}/top20"),
+           "teacher_reader": ("em_gold_alone", "em_gold_ranked", "em_open"),
+           "filter": ("hit_val",),
+           "distill": ("top1", "top5", "top20", "em_open@1", "em_open@5"),
+           "finetune": ("top1", "top5", "top20", "em_open@1", "em_open@5")}
+
+
+def curve_subset(p: pipeline.Pipeline, questions: int, top_k: int, distractors: int, seed: int = 0) -> np.ndarray:
+  """Sorted passage ids (module docstring): kept passages that hold an answer of the first ``questions`` held-out
+  questions' gold articles or rank in the teacher's top ``top_k`` for them, plus ``distractors`` random kept ones."""
+  kept = p.subset_pids()
+  keep = np.zeros(p.data.num_passages, bool)
+  keep[kept] = True
+  chosen = np.zeros(p.data.num_passages, bool)
+  with np.load(p.path("filter", "candidates.npz")) as ranked:  # the teacher's candidates, kept passages only
+    for split in p.held_out_splits():
+      top = ranked[split][:questions, :top_k]
+      chosen[top[top >= 0]] = True
+      gold_of = p.data.candidates(split).gold
+      for i in range(min(questions, len(gold_of))):
+        gold = np.asarray(gold_of[i], np.int64)
+        chosen[gold[keep[gold]]] = True
+  rest = np.flatnonzero(keep & ~chosen)
+  rng = np.random.default_rng(seed)
+  chosen[rng.choice(rest, min(distractors, len(rest)), replace=False)] = True
+  return np.flatnonzero(chosen)
+
+
+def stage_overrides(stage: str, p: pipeline.Pipeline, subset: str, questions: int, every: int) -> dict[str, Any]:
+  """What a curve run changes in the stage's pipeline config: evaluation only."""
+  out: dict[str, Any] = {"train.eval_every": every, "train.eval_at_start": True}
+  if stage == "teacher_retriever":
+    out.update({"retriever.subset": subset, "retriever.eval_splits": tuple(p.held_out_splits()),
+                "retriever.max_eval_questions": questions, "retriever.save_embeddings": False})
+  elif stage == "teacher_reader":
+    out["reader.eval_questions"] = questions
+  elif stage in ("distill", "finetune"):
+    out.update({"pool.subset": subset, "eval.questions": questions})
+  return out
+
+
+def curve_table(stage: str, evals: list[dict[str, Any]], batch_size: int, splits: list[str]) -> str:
+  columns = [c.format(split=s) for c in COLUMNS[stage] for s in (splits if "{split}" in c else [None])]
+  rows = [[f"{e['step']:,}", f"{e['step'] * batch_size:,}",
+           *(f"{100 * e[c]:.1f}" if c in e else "" for c in columns)] for e in evals]
+  return report.markdown_table(["step", "questions seen" if stage != "filter" else "passages seen", *columns], rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="a finished pipeline's work directory")
+  parser.add_argument("--out", required=True, help="where the curve runs go (one directory per stage)")
+  parser.add_argument("--config", default=os.path.join(pipeline.ROOT, "configs", "mini.py"),
+                      help="the pipeline config the work directory was run with")
+  parser.add_argument("--stages", default="teacher_retriever,filter,distill,finetune")
+  parser.add_argument("--every", default="", help="STAGE=N,...: steps between evaluations (defaults: EVERY)")
+  parser.add_argument("--questions", type=int, default=300, help="held-out questions per evaluation and split")
+  parser.add_argument("--top_k", type=int, default=10)
+  parser.add_argument("--distractors", type=int, default=1000)
+  parser.add_argument("--record", action="store_true", help="write the tables to docs/pipeline.md")
+  args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
+  stages = [s for s in args.stages.split(",") if s]
+  if bad := sorted(set(stages) - set(pipeline.TRAINERS)):
+    parser.error(f"unknown stage(s) {bad}; trained stages: {sorted(pipeline.TRAINERS)}")
+  every = {**EVERY, **{k: int(v) for k, v in (x.split("=") for x in args.every.split(",") if x)}}
+
+  p = pipeline.Pipeline(load_config(args.config), args.workdir)
+  if missing := [s for s in stages if p.finished(s) is None]:
+    raise SystemExit(f"{args.workdir}: stage(s) {missing} have not finished; run the pipeline first")
+  if not p.held_out_splits():
+    raise SystemExit(f"{args.workdir}: no held-out splits (prepare.holdout = 0) to evaluate on")
+  os.makedirs(args.out, exist_ok=True)
+  subset_path = os.path.join(args.out, "curve_subset.npz")
+  pids = curve_subset(p, args.questions, args.top_k, args.distractors)
+  passage_filter.save_subset(subset_path, pids, np.zeros(len(pids), np.float32), p.data.num_passages)
+  logging.info("Curve subset: %d passages.", len(pids))
+
+  tables = []
+  for stage in stages:
+    config_fn, trainer = pipeline.TRAINERS[stage]
+    cfg = config_fn(p)
+    for key, value in stage_overrides(stage, p, subset_path, args.questions, every[stage]).items():
+      apply_override(cfg, key, repr(value))
+    trainer(cfg, os.path.join(args.out, stage))
+    evals = pipeline.read_evals(os.path.join(args.out, stage, "eval.jsonl"))
+    table = curve_table(stage, evals, int(cfg.train.batch_size), p.held_out_splits())
+    tables.append(f"### {stage}\n\n{table}")
+    print(f"{stage}\n{table}\n", flush=True)
+    with open(os.path.join(args.out, f"{stage}.json"), "w", encoding="utf-8") as f:
+      json.dump({"evals": evals, "subset_passages": len(pids), "questions": args.questions}, f)
+  if args.record:
+    report.record("pipeline", "Learning curves", "\n\n".join(tables),
+                  f"Evaluations over a subset of {len(pids):,} kept passages (the first {args.questions} questions of "
+                  f"each held-out split: their gold passages and the teacher's top {args.top_k}, plus "
+                  f"{args.distractors:,} random kept passages); percentages.")
+
+
+if __name__ == "__main__":
+  main()
