@@ -8,7 +8,8 @@ Each stage is trained again with its pipeline config, inputs and seed into ``OUT
 Retrieval stages search a passage subset instead of the whole corpus, so that an evaluation encodes a few thousand
 passages rather than every kept one: the kept passages among those questions' gold passages and the teacher
 retriever's top ``--top_k``, plus ``--distractors`` random kept passages (``OUT/curve_subset.npz``). Top-k and EM over
-the subset are higher than over the corpus; what sizes a stage is where its curve flattens. A rerun resumes.
+the subset are higher than over the corpus; what sizes a stage is where its curve flattens. A rerun resumes, and
+skips the stages that finished with the same settings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from absl import logging
 from bench import report
 from rnr_jax import passage_filter
 from rnr_jax.config import apply_override, load_config
+from rnr_jax.io import atomic_write_json
 from train import pipeline
 
 # Every step count of a stage's curve: one evaluation per this many steps (--every overrides).
@@ -111,15 +113,22 @@ def main() -> None:
   for stage in stages:
     config_fn, trainer = pipeline.TRAINERS[stage]
     cfg = config_fn(p)
-    for key, value in stage_overrides(stage, p, subset_path, args.questions, every[stage]).items():
+    overrides = stage_overrides(stage, p, subset_path, args.questions, every[stage])
+    for key, value in overrides.items():
       apply_override(cfg, key, repr(value))
-    trainer(cfg, os.path.join(args.out, stage))
+    done = os.path.join(args.out, f"{stage}.json")
+    record = {"config": cfg.to_dict(), "subset": pids.tolist()}
+    previous = None
+    if os.path.exists(done):
+      with open(done, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous is None or {k: previous.get(k) for k in record} != json.loads(json.dumps(record)):
+      trainer(cfg, os.path.join(args.out, stage))  # else finished earlier with these settings: its evals stand
     evals = pipeline.read_evals(os.path.join(args.out, stage, "eval.jsonl"))
+    atomic_write_json(done, {**record, "evals": evals})
     table = curve_table(stage, evals, int(cfg.train.batch_size), p.held_out_splits())
     tables.append(f"### {stage}\n\n{table}")
     print(f"{stage}\n{table}\n", flush=True)
-    with open(os.path.join(args.out, f"{stage}.json"), "w", encoding="utf-8") as f:
-      json.dump({"evals": evals, "subset_passages": len(pids), "questions": args.questions}, f)
   if args.record:
     report.record("pipeline", "Learning curves", "\n\n".join(tables),
                   f"Evaluations over a subset of {len(pids):,} kept passages (the first {args.questions} questions of "

@@ -206,3 +206,9 @@ def test_learning_curve_reruns_a_stage_changing_only_its_evaluations(smoke_run, 
 
   # The same training as the pipeline's stage, step for step: only evaluation differs.
   assert losses(os.path.join(out, "distill")) == losses(os.path.join(workdir, "distill"))
+  # Run again with the same settings: the finished stage is read back, not trained again.
+  logged = os.path.getmtime(os.path.join(out, "distill", "metrics.jsonl"))
+  learning_curves.main()
+  assert os.path.getmtime(os.path.join(out, "distill", "metrics.jsonl")) == logged
+  with open(os.path.join(out, "distill.json"), encoding="utf-8") as f:
+    assert json.load(f)["evals"] == evals
