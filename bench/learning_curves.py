@@ -30,6 +30,16 @@ from train import pipeline
 
 # Every step count of a stage's curve: one evaluation per this many steps (--every overrides).
 EVERY = {"teacher_retriever": 20, "teacher_reader": 400, "filter": 25, "distill": 25, "finetune": 10}
+# What each stage's table reads, under its heading.
+READS = {"teacher_retriever": "top-k answer accuracy of the held-out splits over the subset.",
+         "teacher_reader": "EM on the gold passage alone, among hard negatives with the ranker choosing, and on the "
+                           "teacher retriever's top passage.",
+         "filter": "hit_val: the share of J+val's answer passages (from held-out questions) among the filter's top "
+                   "|J+val| scores of J+val and J-val.",
+         "distill": "{split}: top-k answer accuracy over the subset, and EM reading the top 1 and top 5 retrieved "
+                    "passages.",
+         "finetune": "{split}: top-k answer accuracy over the subset, and EM reading the top 1 and top 5 retrieved "
+                     "passages."}
 # Columns of each stage's table: its eval.jsonl metrics (prefix "<split>/" expanded to every held-out split).
 COLUMNS = {"teacher_retriever": ("{split}/top1", "{split}/top5", "{split}/top20"),
            "teacher_reader": ("em_gold_alone", "em_gold_ranked", "em_open"),
@@ -127,13 +137,16 @@ def main() -> None:
     evals = pipeline.read_evals(os.path.join(args.out, stage, "eval.jsonl"))
     atomic_write_json(done, {**record, "evals": evals})
     table = curve_table(stage, evals, int(cfg.train.batch_size), p.held_out_splits())
-    tables.append(f"### {stage}\n\n{table}")
+    tables.append(f"### {stage}\n\n{READS[stage].format(split=p.select_split())}\n\n{table}")
     print(f"{stage}\n{table}\n", flush=True)
   if args.record:
     report.record("pipeline", "Learning curves", "\n\n".join(tables),
-                  f"Evaluations over a subset of {len(pids):,} kept passages (the first {args.questions} questions of "
-                  f"each held-out split: their gold passages and the teacher's top {args.top_k}, plus "
-                  f"{args.distractors:,} random kept passages); percentages.")
+                  f"Percentages on the first {args.questions} questions of each held-out split (one standard error: "
+                  f"about 2.5 points at 25% EM or 70% top-1); retrieval over a subset of {len(pids):,} kept passages "
+                  f"(those questions' gold passages and the teacher's top {args.top_k}, plus {args.distractors:,} "
+                  "random kept passages). Step 0 is the stage's starting point: pretrained MiniLM for the teacher "
+                  "retriever and the filter, the teacher reader for distillation, the distilled student for "
+                  "finetuning.")
 
 
 if __name__ == "__main__":
