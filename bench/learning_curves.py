@@ -106,7 +106,12 @@ def main() -> None:
   stages = [s for s in args.stages.split(",") if s]
   if bad := sorted(set(stages) - set(pipeline.TRAINERS)):
     parser.error(f"unknown stage(s) {bad}; trained stages: {sorted(pipeline.TRAINERS)}")
-  every = {**EVERY, **{k: int(v) for k, v in (x.split("=") for x in args.every.split(",") if x)}}
+  every = dict(EVERY)
+  for item in filter(None, args.every.split(",")):
+    stage, _, n = item.partition("=")
+    if stage not in pipeline.TRAINERS or not n.isdigit() or int(n) < 1:
+      parser.error(f"--every {item!r}: expected STAGE=N with a trained stage and N >= 1")
+    every[stage] = int(n)
 
   p = pipeline.Pipeline(load_config(args.config), args.workdir)
   if missing := [s for s in stages if p.finished(s) is None]:
@@ -142,7 +147,7 @@ def main() -> None:
   if args.record:
     report.record("pipeline", "Learning curves", "\n\n".join(tables),
                   f"Percentages on the first {args.questions} questions of each held-out split (one standard error: "
-                  f"about 2.5 points at 25% EM or 70% top-1); retrieval over a subset of {len(pids):,} kept passages "
+                  f"about {100 * np.sqrt(0.25 * 0.75 / args.questions):.1f} points at 25% EM); retrieval over a subset of {len(pids):,} kept passages "
                   f"(those questions' gold passages and the teacher's top {args.top_k}, plus {args.distractors:,} "
                   "random kept passages). Step 0 is the stage's starting point: pretrained MiniLM for the teacher "
                   "retriever and the filter, the teacher reader for distillation, the distilled student for "
