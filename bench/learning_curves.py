@@ -29,23 +29,23 @@ from rnr_jax.io import atomic_write_json
 from train import pipeline
 
 # Every step count of a stage's curve: one evaluation per this many steps (--every overrides).
-EVERY = {"teacher_retriever": 20, "teacher_reader": 400, "filter": 25, "distill": 25, "finetune": 10}
+EVERY = {"teacher_retriever": 20, "student_retriever": 20, "teacher_reader": 400, "filter": 25, "distill": 25,
+         "finetune": 10}
 # What each stage's table reads, under its heading.
-READS = {"teacher_retriever": "top-k answer accuracy of the held-out splits over the subset.",
+READS = {**dict.fromkeys(("teacher_retriever", "student_retriever"),
+                        "top-k answer accuracy of the held-out splits over the subset."),
          "teacher_reader": "EM on the gold passage alone, among hard negatives with the ranker choosing, and on the "
                            "teacher retriever's top passage.",
          "filter": "hit_val: the share of J+val's answer passages (from held-out questions) among the filter's top "
                    "|J+val| scores of J+val and J-val.",
-         "distill": "{split}: top-k answer accuracy over the subset, and EM reading the top 1 and top 5 retrieved "
-                    "passages.",
-         "finetune": "{split}: top-k answer accuracy over the subset, and EM reading the top 1 and top 5 retrieved "
-                     "passages."}
+         **dict.fromkeys(("distill", "finetune"), "{split}: top-k answer accuracy over the subset, and EM reading "
+                                                  "the top 1 and top 5 retrieved passages.")}
 # Columns of each stage's table: its eval.jsonl metrics (prefix "<split>/" expanded to every held-out split).
-COLUMNS = {"teacher_retriever": ("{split}/top1", "{split}/top5", "{split}/top20"),
+COLUMNS = {**dict.fromkeys(("teacher_retriever", "student_retriever"),
+                          ("{split}/top1", "{split}/top5", "{split}/top20")),
            "teacher_reader": ("em_gold_alone", "em_gold_ranked", "em_open"),
            "filter": ("hit_val",),
-           "distill": ("top1", "top5", "top20", "em_open@1", "em_open@5"),
-           "finetune": ("top1", "top5", "top20", "em_open@1", "em_open@5")}
+           **dict.fromkeys(("distill", "finetune"), ("top1", "top5", "top20", "em_open@1", "em_open@5"))}
 
 
 def curve_subset(p: pipeline.Pipeline, questions: int, top_k: int, distractors: int, seed: int = 0) -> np.ndarray:
@@ -72,7 +72,7 @@ def curve_subset(p: pipeline.Pipeline, questions: int, top_k: int, distractors: 
 def stage_overrides(stage: str, p: pipeline.Pipeline, subset: str, questions: int, every: int) -> dict[str, Any]:
   """What a curve run changes in the stage's pipeline config: evaluation only."""
   out: dict[str, Any] = {"train.eval_every": every, "train.eval_at_start": True}
-  if stage == "teacher_retriever":
+  if stage.endswith("_retriever"):
     out.update({"retriever.subset": subset, "retriever.eval_splits": tuple(p.held_out_splits()),
                 "retriever.max_eval_questions": questions, "retriever.save_embeddings": False})
   elif stage == "teacher_reader":
@@ -147,11 +147,11 @@ def main() -> None:
   if args.record:
     report.record("pipeline", "Learning curves", "\n\n".join(tables),
                   f"Percentages on the first {args.questions} questions of each held-out split (one standard error: "
-                  f"about {100 * np.sqrt(0.25 * 0.75 / args.questions):.1f} points at 25% EM); retrieval over a subset of {len(pids):,} kept passages "
-                  f"(those questions' gold passages and the teacher's top {args.top_k}, plus {args.distractors:,} "
-                  "random kept passages). Step 0 is the stage's starting point: pretrained MiniLM for the teacher "
-                  "retriever and the filter, the teacher reader for distillation, the distilled student for "
-                  "finetuning.")
+                  f"about {100 * np.sqrt(0.25 * 0.75 / args.questions):.1f} points at 25% EM); retrieval over a "
+                  f"subset of {len(pids):,} kept passages (those questions' gold passages and the teacher's top "
+                  f"{args.top_k}, plus {args.distractors:,} random kept passages). Step 0 is the stage's starting "
+                  "point: pretrained MiniLM for the teacher retriever and the filter, the teacher reader for "
+                  "distillation, the distilled student for finetuning.")
 
 
 if __name__ == "__main__":

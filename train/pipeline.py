@@ -305,6 +305,10 @@ def filter_config(p: Pipeline) -> ml_collections.ConfigDict:
                                    "filter.val_split": p.select_split()})
 
 
+def student_retriever_config(p: Pipeline) -> ml_collections.ConfigDict:
+  return p.retriever_stage_config("student_retriever", {"retriever.subset": p.path("filter", "subset.npz")})
+
+
 def distill_config(p: Pipeline) -> ml_collections.ConfigDict:
   wiring = {"distill.teacher": p.path("teacher_reader", "best"), **p.pool_wiring()}
   if p.config.student == "paper":
@@ -323,9 +327,18 @@ TRAINERS: dict[str, tuple[Callable[[Pipeline], ml_collections.ConfigDict], Calla
     "teacher_retriever": (teacher_retriever_config, retriever_stage.train_and_evaluate),
     "teacher_reader": (teacher_reader_config, reader_stage.train_and_evaluate),
     "filter": (filter_config, filter_stage.train_and_evaluate),
+    "student_retriever": (student_retriever_config, retriever_stage.train_and_evaluate),
     "distill": (distill_config, distill_stage.train_and_evaluate),
     "finetune": (finetune_config, finetune_stage.train_and_evaluate),
 }
+
+
+def train_stage(p: Pipeline, name: str) -> ml_collections.ConfigDict:
+  """Runs the trained stage ``name`` into ``W/<name>`` with its pipeline config (resuming if it can); returns it."""
+  config_fn, trainer = TRAINERS[name]
+  cfg = config_fn(p)
+  trainer(cfg, p.path(name))
+  return cfg
 
 
 # ---- the stages ----------------------------------------------------------------------------
@@ -355,7 +368,7 @@ def prepare_data(p: Pipeline) -> dict[str, Any]:
 
 def teacher_retriever(p: Pipeline) -> dict[str, Any]:
   """The two-encoder retriever, then its top ``candidates_k`` passages of every question."""
-  retriever_stage.train_and_evaluate(teacher_retriever_config(p), p.path("teacher_retriever"))
+  train_stage(p, "teacher_retriever")
   spec, params, _ = exports.load_retriever(p.path("teacher_retriever", "best"), p.mesh)
   vectors, _ = embeddings.load(p.path("teacher_retriever", "embeddings"))
   encoder = retrieval.BatchEncoder(spec.embed_fns()[0], p.mesh, int(p.config.encode_batch_size))
@@ -370,8 +383,7 @@ def teacher_retriever(p: Pipeline) -> dict[str, Any]:
 
 def teacher_reader(p: Pipeline) -> dict[str, Any]:
   """The reader with passage ranker, on the teacher retriever's candidates."""
-  cfg = teacher_reader_config(p)
-  reader_stage.train_and_evaluate(cfg, p.path("teacher_reader"))
+  cfg = train_stage(p, "teacher_reader")
   evals = read_evals(p.path("teacher_reader", "eval.jsonl"))
   curve = [{"step": e["step"], "questions": e["step"] * int(cfg.train.batch_size),
             **{k: v for k, v in e.items() if k.startswith("em_")}} for e in evals]
@@ -387,7 +399,7 @@ def eval_teacher(p: Pipeline) -> dict[str, Any]:
 def filter_passages(p: Pipeline) -> dict[str, Any]:
   """The passage filter, its subset, the teacher's candidates restricted to it (J_read) and a keep-fraction sweep."""
   candidates = p.path("teacher_retriever", "candidates.npz")
-  filter_stage.train_and_evaluate(filter_config(p), p.path("filter"))
+  train_stage(p, "filter")
   pids = p.subset_pids()
   keep = np.zeros(p.data.num_passages, bool)
   keep[pids] = True
@@ -453,21 +465,20 @@ def eval_filtered(p: Pipeline) -> dict[str, Any]:
 
 def student_retriever(p: Pipeline) -> dict[str, Any]:
   """(``paper`` topology) the student's shared encoder trained for retrieval alone (§2.2.2)."""
-  cfg = p.retriever_stage_config("student_retriever", {"retriever.subset": p.path("filter", "subset.npz")})
-  retriever_stage.train_and_evaluate(cfg, p.path("student_retriever"))
+  train_stage(p, "student_retriever")
   return p.trained_summary("student_retriever")
 
 
 def distill(p: Pipeline) -> dict[str, Any]:
   """The unified retriever-reader distilled from the teacher reader (from the student retriever, ``paper``; or from the
   teacher reader itself, learning retrieval from the teacher retriever's scores, ``from_teacher_reader``)."""
-  distill_stage.train_and_evaluate(distill_config(p), p.path("distill"))
+  train_stage(p, "distill")
   return {"eval": best_of(read_evals(p.path("distill", "eval.jsonl")))}
 
 
 def finetune(p: Pipeline) -> dict[str, Any]:
   """Iterative finetuning, Algorithm 1."""
-  finetune_stage.train_and_evaluate(finetune_config(p), p.path("finetune"))
+  train_stage(p, "finetune")
   return {"eval": best_of(read_evals(p.path("finetune", "eval.jsonl")))}
 
 
