@@ -33,6 +33,9 @@ def pipeline_config(name: str) -> ml_collections.ConfigDict:
   # cut to the distill stage's model.num_layers, and its heads), which then learns retrieval from the positive's
   # NLL and the teacher retriever's scores while the reading KL keeps what it reads.
   c.student = "paper"
+  # Whether the distilled student is evaluated as a system of its own (stage eval_distill, the report's "+ unified
+  # (KD)" row): that evaluation encodes the kept passages once more, for a system no later stage reads.
+  c.eval_distilled = True
   c.candidates_k = 100  # teacher retriever passages kept per question (reader negatives, filter, J_read)
   c.encode_batch_size = 64
   c.common_overrides = ()  # applied to every stage config first (e.g. "mesh.shape=(-1, 1)")

@@ -125,6 +125,14 @@ class BestExport:
     logging.info("Step %d: new best %s %.4f, exported to %s.", step, self.select, self.best, self.directory)
     return True
 
+  def export_final(self, step: int, params: Params) -> None:
+    """Exports ``params`` of a run that never evaluates (``train.eval_every=0``): its last step is its export."""
+    item = {**self._model, "metrics": {}, "select_metric": None, "bests": []}
+    if self._fingerprint:
+      item["fingerprint"] = params_fingerprint(params)
+    self._export.save(step, params, item)
+    logging.info("Step %d: no evaluations; the final parameters exported to %s.", step, self.directory)
+
   def latest(self, abstract_params: Any) -> tuple[Params, dict[str, Any]]:
     """The best export's parameters (placed like ``abstract_params``) and its model item."""
     return self._export.restore(abstract_params), self._export.latest_info()

@@ -6,6 +6,7 @@ the same layout.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -106,6 +107,25 @@ def test_every_stage_runs_and_reports(smoke_run):
       "BM25", "teacher: two encoders, full width", "unified after KD (over the subset)",
       "unified after finetuning (over the subset)",
       f"bundle: INT8 index, + BM25 fusion (weight {config.bundle.lexical_weight:g}) (over the subset)"]
+
+
+def test_without_eval_distilled_the_distilled_student_has_no_row(smoke_run, tmp_path):
+  _, workdir, data, _ = smoke_run
+  copy = str(tmp_path / "w")  # the report is rewritten; the module's run stays as it was
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+  config = load_config(os.path.join(ROOT, "configs/smoke.py"))
+  config.eval_distilled = False
+  p = pipeline.Pipeline(config, copy, data_dir=data, results_md=str(tmp_path / "results.md"))
+  assert "eval_distill" not in p.stages() and "distill" in p.stages()
+  assert int(pipeline.distill_config(p).train.eval_every) == 0  # no corpus encoding in the distill stage
+  report = pipeline.report(p)
+  with open(report["paths"]["json"], encoding="utf-8") as f:
+    written = json.load(f)
+  assert [s["stage"] for s in written["systems"]] == ["eval_teacher", "eval_filtered", "eval_finetune", "bundle"]
+  assert "unified after KD (over the subset)" not in [r["name"] for r in written["retrieval"]]
+  with open(tmp_path / "results.md", encoding="utf-8") as f:
+    text = f.read()
+  assert "+ unified retriever-reader (KD)" not in text and "eval_distilled=False" in text
 
 
 def test_gold_survival_counts_questions_with_a_kept_gold_passage():

@@ -212,6 +212,31 @@ def test_eval_at_start_evaluates_the_starting_parameters_once(tmp_path):
   assert seen[1][1] != seen[0][1]  # step 4 evaluates other parameters
 
 
+def test_eval_every_zero_never_evaluates_and_exports_the_last_step(tmp_path):
+  # A stage whose evaluation costs more than it tells (the pipeline's distillation with eval_distilled=False) still
+  # hands its final parameters to the next stage.
+  config = toy_model.toy_config(num_steps=6, ckpt_every=3, eval_every=0, async_ckpt=False)
+  init_fn, loss_fn = toy_model.regressor_fns()
+  called = []
+  best = exports.BestExport(str(tmp_path), {"toy": "regressor"}, "score")
+  try:
+    state = loop.train_loop(config, workdir=str(tmp_path), init_fn=init_fn, step=step_lib.adamw_step(config, loss_fn),
+                            data=toy_data(config), best=best, evaluator=lambda params, step: called.append(step) or {})
+  finally:
+    best.close()
+  assert called == [] and not (tmp_path / "eval.jsonl").exists()
+  export = exports.Export(str(tmp_path / "best"))
+  try:
+    info = export.latest_info()
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
+  finally:
+    export.close()
+  assert info["step"] == 6 and info["toy"] == "regressor" and info["metrics"] == {}
+  assert_trees_equal(params, jax.device_get(state.params))
+
+
 def test_resume_order_own_checkpoint_then_init_checkpoint_then_pretrained(tmp_path):
   config = toy_model.toy_config(num_steps=4)
   init_fn, loss_fn = toy_model.regressor_fns()

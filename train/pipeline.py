@@ -84,8 +84,10 @@ class Pipeline:
     return os.path.join(self.workdir, *parts)
 
   def stages(self) -> list[str]:
-    """The stages of this config, in order (``student_retriever`` only in the ``paper`` topology)."""
-    return [s for s in STAGES if s != "student_retriever" or self.config.student == "paper"]
+    """The stages of this config, in order (``student_retriever`` only in the ``paper`` topology, ``eval_distill``
+    only with ``eval_distilled``)."""
+    return [s for s in STAGES if (s != "student_retriever" or self.config.student == "paper")
+            and (s != "eval_distill" or self.config.eval_distilled)]
 
   def finished(self, stage: str) -> dict[str, Any] | None:
     """The record a finished stage wrote, or None."""
@@ -311,6 +313,8 @@ def student_retriever_config(p: Pipeline) -> ml_collections.ConfigDict:
 
 def distill_config(p: Pipeline) -> ml_collections.ConfigDict:
   wiring = {"distill.teacher": p.path("teacher_reader", "best"), **p.pool_wiring()}
+  if not p.config.eval_distilled:  # its evaluation would encode the corpus for a system nothing else reads
+    wiring["train.eval_every"] = 0
   if p.config.student == "paper":
     wiring["unified.init_retriever"] = p.path("student_retriever", "best")
   else:
@@ -517,7 +521,7 @@ def report(p: Pipeline) -> dict[str, Any]:
            "eval_finetune": "+ Algorithm 1", "bundle": "bundle"}
   rows = [report_lib.system_row(name, stage, records[stage]["summary"]["footprint"],
                                 records[stage]["summary"]["results"], short=short[stage])
-          for stage, name in names.items()]
+          for stage, name in names.items() if stage in records]
   bundle_name = "bundle: INT8 index" + fusion + " (over the subset)"
   reading = f"answers by the {e.rule} rule from {report_lib.reads(int(e.max_read))}"
   if (bundle_rule(p), int(b.max_read)) != (e.rule, -1):
@@ -536,7 +540,9 @@ def report(p: Pipeline) -> dict[str, Any]:
                                   for s in p.dev_splits)
                       + f"; {e.top_k} passages retrieved, {reading}. Footprints count the files a system needs: "
                       "weights, index and passages (text for the uncompressed systems, the bundle's compressed "
-                      "files for the last row)."),
+                      "files for the last row)."
+                      + ("" if c.eval_distilled else " The distilled student is finetuned without being evaluated "
+                         "(eval_distilled=False), so it has no row of its own.")),
       "dev_splits": list(p.dev_splits), "systems": rows,
       "retrieval": report_lib.retrieval_rows(records, p.dev_splits, bundle_name),
       "filter": {k: f[k] for k in ("kept", "num_passages", "fraction", "survival", "top20", "sweep") if k in f},

@@ -48,6 +48,8 @@ def retrieval_rows(records: Mapping[str, Any], dev_splits: Sequence[str], bundle
           sp: {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(sp + "/")} for sp in dev_splits}})
   for stage, name in (("eval_distill", "unified after KD (over the subset)"),
                       ("eval_finetune", "unified after finetuning (over the subset)"), ("bundle", bundle_name)):
+    if stage not in records:
+      continue
     rows.append({"name": name, "accuracy": {sp: r["top_k_accuracy"]
                                             for sp, r in records[stage]["summary"]["results"].items()}})
   return rows

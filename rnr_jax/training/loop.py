@@ -126,7 +126,7 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
                ) -> TrainState:
   """Trains ``config.train.num_steps`` steps, resuming from ``workdir``'s checkpoints; ``evaluator(params,
   step)`` runs every ``train.eval_every`` steps and after the last (and at step 0 with ``train.eval_at_start``), its
-  metrics offered to ``best``."""
+  metrics offered to ``best``. ``train.eval_every=0``: no evaluations, and ``best`` exports the last step."""
   train_cfg, total_steps, mesh = config.train, int(config.train.num_steps), mesh_lib.make_mesh(config.mesh)
 
   # Abstract shapes, then shardings from the config's rules: parameters and optimiser state are born sharded.
@@ -153,6 +153,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
   logger = MetricsLogger(workdir, config, start_step=start_step)
   profile = tuple(train_cfg.get("profile_steps") or ())  # (first, last): a jax.profiler trace of those steps
   tracing = contextlib.ExitStack()
+  if int(train_cfg.eval_every) <= 0:
+    evaluator = None
   try:
     if evaluator is not None and train_cfg.get("eval_at_start") and start_step == 0:
       logger.log_eval(0, *evaluate(evaluator, best, state.params, 0))
@@ -173,6 +175,8 @@ def train_loop(config: Any, *, workdir: str, init_fn: Callable[[jax.Array], PyTr
         logger.log_train(step_num, metrics)
       if evaluator is not None and (last or step_num % train_cfg.eval_every == 0):
         logger.log_eval(step_num, *evaluate(evaluator, best, state.params, step_num))
+      elif evaluator is None and last and best is not None:
+        best.export_final(step_num, state.params)
       if save:
         checkpointer.save(step_num, state, rng, data.state())
         logger.flush()
