@@ -1,15 +1,17 @@
 r"""Learning curves of a finished pipeline's trained stages, on held-out training questions.
 
   python -m bench.learning_curves --workdir runs/mini --out runs/mini_curves \
-      [--config configs/mini.py] [--stages teacher_retriever,filter,distill,finetune] [--every distill=25] [--record]
+      [--config configs/mini.py] [--stages teacher_retriever,filter,distill,finetune] [--every distill=25] \
+      [--override distill:train.num_steps=100 ...] [--record]
 
 Each stage is trained again with its pipeline config, inputs and seed into ``OUT/<stage>``, evaluated at step 0
 (its starting parameters) and every ``--every`` steps on the first ``--questions`` questions of the held-out splits.
 Retrieval stages search a passage subset instead of the whole corpus, so that an evaluation encodes a few thousand
 passages rather than every kept one: the kept passages among those questions' gold passages and the teacher
 retriever's top ``--top_k``, plus ``--distractors`` random kept passages (``OUT/curve_subset.npz``). Top-k and EM over
-the subset are higher than over the corpus; what sizes a stage is where its curve flattens. A rerun resumes, and
-skips the stages that finished with the same settings.
+the subset are higher than over the corpus; what sizes a stage is where its curve flattens, so ``--override``
+runs a stage past its pipeline schedule (``STAGE:KEY=VALUE``, applied last). A rerun resumes, and skips the stages
+that finished with the same settings.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -100,6 +103,9 @@ def main() -> None:
   parser.add_argument("--questions", type=int, default=300, help="held-out questions per evaluation and split")
   parser.add_argument("--top_k", type=int, default=10)
   parser.add_argument("--distractors", type=int, default=1000)
+  parser.add_argument("--override", action="append", default=[],
+                      help="STAGE:KEY=VALUE, repeatable: a stage config setting of the curve runs (e.g. a longer "
+                           "schedule, distill:train.num_steps=100)")
   parser.add_argument("--record", action="store_true", help="write the tables to docs/pipeline.md")
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
@@ -112,6 +118,13 @@ def main() -> None:
     if stage not in pipeline.TRAINERS or not n.isdigit() or int(n) < 1:
       parser.error(f"--every {item!r}: expected STAGE=N with a trained stage and N >= 1")
     every[stage] = int(n)
+  extra: dict[str, dict[str, str]] = {}
+  for item in args.override:
+    stage, _, setting = item.partition(":")
+    key, eq, value = setting.partition("=")
+    if stage not in pipeline.TRAINERS or not key or not eq:
+      parser.error(f"--override {item!r}: expected STAGE:KEY=VALUE with a trained stage")
+    extra.setdefault(stage, {})[key] = value
 
   p = pipeline.Pipeline(load_config(args.config), args.workdir)
   if missing := [s for s in stages if p.finished(s) is None]:
@@ -131,6 +144,8 @@ def main() -> None:
     overrides = stage_overrides(stage, p, subset_path, args.questions, every[stage])
     for key, value in overrides.items():
       apply_override(cfg, key, repr(value))
+    for key, value in extra.get(stage, {}).items():
+      apply_override(cfg, key, value)
     done = os.path.join(args.out, f"{stage}.json")
     record = {"config": cfg.to_dict(), "subset": pids.tolist()}
     previous = None
@@ -138,6 +153,8 @@ def main() -> None:
       with open(done, encoding="utf-8") as f:
         previous = json.load(f)
     if previous is None or {k: previous.get(k) for k in record} != json.loads(json.dumps(record)):
+      if previous is not None:  # finished with other settings: its checkpoints must not be resumed
+        shutil.rmtree(os.path.join(args.out, stage), ignore_errors=True)
       trainer(cfg, os.path.join(args.out, stage))  # else finished earlier with these settings: its evals stand
     evals = pipeline.read_evals(os.path.join(args.out, stage, "eval.jsonl"))
     atomic_write_json(done, {**record, "evals": evals})

@@ -1,4 +1,4 @@
-"""The mini pipeline: the whole method on the shared data; 119 minutes measured on a 2-core CPU (docs/pipeline.md).
+"""The mini pipeline: the whole method on the shared data; 97 minutes measured on a 2-core CPU (docs/pipeline.md).
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
 
@@ -7,7 +7,7 @@ questions, and models are CPU-sized: the teacher is all-MiniLM-L6-v2 (6 layers, 
 and a reader. The student is one encoder that starts from the teacher reader (``from_teacher_reader``): a few
 hundred CPU steps cannot teach a fresh encoder to read, but they can teach a reader to retrieve with the first 128
 dims of its mean-pooled output. Compression: one encoder instead of three, int8 weights, a 128-d INT8 index and
-the compressed token-ID corpus. The teacher reader, which the student inherits, trains as long as distillation; its
+the compressed token-ID corpus. The teacher reader, which the student inherits, trains longest of all stages; its
 held-out EM climbs for its first ~3,200 training questions (learning curve in docs/results.md).
 """
 
@@ -65,9 +65,9 @@ def get_config(arg: str | None = None):
       "retriever.passage_token_type=0", "train.num_steps=40", "optim.warmup_steps=4",
       "retriever.select_metric='mean/top20'")
   # Held-out EM reading the gold passage climbs steeply to ~2,400 training questions (docs/pipeline.md, learning
-  # curves), so the reader gets 1,200 steps x 4 questions, as many training minutes as distillation, at m=2 (the
+  # curves), so the reader gets 1,200 steps x 4 questions, the most training minutes of any stage, at m=2 (the
   # positive and one hard negative): the system reads only the top passage, and a row spent on the ranker's
-  # negatives is a question not read. Measured on held-out questions, 1,200 steps read 4 points more than 800
+  # negatives is a question not read. Measured on held-out questions, 1,200 steps read 3 points more than 800
   # steps (at step 800 the longer schedule still has a high learning rate and has already passed the shorter one)
   # for ~7 more minutes.
   # The heads start random on MiniLM; at 20x the encoder's learning rate (optim.head_lr_mult) they leave their

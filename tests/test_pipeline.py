@@ -7,6 +7,7 @@ the same layout.
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -232,3 +233,12 @@ def test_learning_curve_reruns_a_stage_changing_only_its_evaluations(smoke_run, 
   assert os.path.getmtime(os.path.join(out, "distill", "metrics.jsonl")) == logged
   with open(os.path.join(out, "distill.json"), encoding="utf-8") as f:
     assert json.load(f)["evals"] == evals
+  # A longer schedule (--override) trains the stage again from its start, not from the shorter run's checkpoints.
+  monkeypatch.setattr("sys.argv", [*sys.argv, "--override", "distill:train.num_steps=6"])
+  learning_curves.main()
+  assert [e["step"] for e in pipeline.read_evals(os.path.join(out, "distill", "eval.jsonl"))] == [0, 2, 4, 6]
+  with open(os.path.join(out, "distill.json"), encoding="utf-8") as f:
+    assert json.load(f)["config"]["train"]["num_steps"] == 6
+  monkeypatch.setattr("sys.argv", [*sys.argv, "--override", "distill:num_steps"])
+  with pytest.raises(SystemExit):
+    learning_curves.main()
