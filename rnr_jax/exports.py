@@ -115,11 +115,8 @@ class BestExport:
       return False
     self.best = float(metrics[self.select])
     self._bests.append((step, self.best))
-    item = {**self._model, "metrics": dict(metrics), "select_metric": self.select,
-            "bests": [list(b) for b in self._bests]}
-    if self._fingerprint:
-      item["fingerprint"] = params_fingerprint(params)
-    self._export.save(step, params, item)
+    item = self._save(step, params, metrics=dict(metrics), select_metric=self.select,
+                      bests=[list(b) for b in self._bests])
     if self._on_best is not None:
       self._on_best(step, item)
     logging.info("Step %d: new best %s %.4f, exported to %s.", step, self.select, self.best, self.directory)
@@ -127,11 +124,16 @@ class BestExport:
 
   def export_final(self, step: int, params: Params) -> None:
     """Exports ``params`` of a run that never evaluates (``train.eval_every=0``): its last step is its export."""
-    item = {**self._model, "metrics": {}, "select_metric": None, "bests": []}
+    self._save(step, params, metrics={}, select_metric=None, bests=[])
+    logging.info("Step %d: no evaluations; the final parameters exported to %s.", step, self.directory)
+
+  def _save(self, step: int, params: Params, **fields: Any) -> dict[str, Any]:
+    """Saves ``params`` with the model item plus ``fields`` (and the fingerprint if asked); returns the item."""
+    item = {**self._model, **fields}
     if self._fingerprint:
       item["fingerprint"] = params_fingerprint(params)
     self._export.save(step, params, item)
-    logging.info("Step %d: no evaluations; the final parameters exported to %s.", step, self.directory)
+    return item
 
   def latest(self, abstract_params: Any) -> tuple[Params, dict[str, Any]]:
     """The best export's parameters (placed like ``abstract_params``) and its model item."""

@@ -90,6 +90,18 @@ class PoisonAt:
     self.inner.restore(state)
 
 
+def read_best(workdir, init_fn):
+  """``(model item, parameters on device 0)`` of ``workdir/best``."""
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  export = exports.Export(str(workdir / "best"))
+  try:
+    return export.latest_info(), export.restore(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
+  finally:
+    export.close()
+
+
 def toy_data(config, num=160):
   return toy_model.array_batches(toy_model.regression_data(num), config.train.batch_size, seed=config.train.seed)
 
@@ -171,14 +183,9 @@ def test_resume_keeps_eval_log_and_best_export_of_an_uninterrupted_run(tmp_path)
   assert evals(resumed) == evals(straight)
   assert [m["step"] for m in read_metrics(resumed) if "eval/score" in m] == list(range(1, 9))
   # The best export: step 7's parameters and metrics, as in the uninterrupted run.
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   exported = {}
   for workdir in (straight, resumed):
-    export = exports.Export(str(workdir / "best"))
-    info, params = export.latest_info(), export.restore(abstract)
-    export.close()
+    info, params = read_best(workdir, init_fn)
     info["metrics"].pop("eval_s")
     exported[workdir] = info, params
     assert info["step"] == 7 and info["metrics"] == {"mse": evals(straight)[6]["mse"], "score": 0.9}
@@ -225,14 +232,7 @@ def test_eval_every_zero_never_evaluates_and_exports_the_last_step(tmp_path):
   finally:
     best.close()
   assert called == [] and not (tmp_path / "eval.jsonl").exists()
-  export = exports.Export(str(tmp_path / "best"))
-  try:
-    info = export.latest_info()
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = export.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract))
-  finally:
-    export.close()
+  info, params = read_best(tmp_path, init_fn)
   assert info["step"] == 6 and info["toy"] == "regressor" and info["metrics"] == {}
   assert_trees_equal(params, jax.device_get(state.params))
 
