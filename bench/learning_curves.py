@@ -85,6 +85,17 @@ def stage_overrides(stage: str, p: pipeline.Pipeline, subset: str, questions: in
   return out
 
 
+def under_workdir(tree: Any, workdir: str) -> Any:
+  """``tree`` (a config as plain data) with paths inside ``workdir`` written as ``{workdir}/...``."""
+  if isinstance(tree, dict):
+    return {k: under_workdir(v, workdir) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [under_workdir(v, workdir) for v in tree]
+  if isinstance(tree, str) and (tree == workdir or tree.startswith(workdir + os.sep)):
+    return "{workdir}" + tree[len(workdir):]
+  return tree
+
+
 def curve_table(stage: str, evals: list[dict[str, Any]], batch_size: int, splits: list[str]) -> str:
   columns = [c.format(split=s) for c in COLUMNS[stage] for s in (splits if "{split}" in c else [None])]
   rows = [[f"{e['step']:,}", f"{e['step'] * batch_size:,}",
@@ -147,7 +158,9 @@ def main() -> None:
     for key, value in extra.get(stage, {}).items():
       apply_override(cfg, key, value)
     done = os.path.join(args.out, f"{stage}.json")
-    record = {"config": cfg.to_dict(), "subset": pids.tolist()}
+    # Paths into the work directory are stored relative to it: the same pipeline reached by another path (moved,
+    # symlinked) reads its finished curves back rather than training them again.
+    record = {"config": under_workdir(cfg.to_dict(), os.path.abspath(args.workdir)), "subset": pids.tolist()}
     previous = None
     if os.path.exists(done):
       with open(done, encoding="utf-8") as f:

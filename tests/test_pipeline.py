@@ -232,7 +232,14 @@ def test_learning_curve_reruns_a_stage_changing_only_its_evaluations(smoke_run, 
   learning_curves.main()
   assert os.path.getmtime(os.path.join(out, "distill", "metrics.jsonl")) == logged
   with open(os.path.join(out, "distill.json"), encoding="utf-8") as f:
-    assert json.load(f)["evals"] == evals
+    record = json.load(f)
+  assert record["evals"] == evals
+  assert record["config"]["distill"]["teacher"] == "{workdir}/teacher_reader/best"
+  # The same pipeline reached by another path (a symlink) is read back too.
+  os.symlink(workdir, tmp_path / "linked")
+  monkeypatch.setattr("sys.argv", [str(tmp_path / "linked") if a == workdir else a for a in sys.argv])
+  learning_curves.main()
+  assert os.path.getmtime(os.path.join(out, "distill", "metrics.jsonl")) == logged
   # A longer schedule (--override) trains the stage again from its start, not from the shorter run's checkpoints.
   monkeypatch.setattr("sys.argv", [*sys.argv, "--override", "distill:train.num_steps=6"])
   learning_curves.main()
