@@ -160,7 +160,7 @@ def main() -> None:
     done = os.path.join(args.out, f"{stage}.json")
     # Paths into the work directory are stored relative to it: the same pipeline reached by another path (moved,
     # symlinked) reads its finished curves back rather than training them again.
-    record = {"config": under_workdir(cfg.to_dict(), os.path.abspath(args.workdir)), "subset": pids.tolist()}
+    record = {"config": under_workdir(cfg.to_dict(), p.workdir), "subset": pids.tolist()}
     previous = None
     if os.path.exists(done):
       with open(done, encoding="utf-8") as f:

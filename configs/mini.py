@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
   # positive and one hard negative): the system reads only the top passage, and a row spent on the ranker's
   # negatives is a question not read. Measured on held-out questions, 1,200 steps read 3 points more than 800
   # steps (at step 800 the longer schedule still has a high learning rate and has already passed the shorter one)
-  # for ~7 more minutes.
+  # for ~6 more minutes (0.9 s a step).
   # The heads start random on MiniLM; at 20x the encoder's learning rate (optim.head_lr_mult) they leave their
   # initialisation early (docs/reading.md). Evaluated on 300 held-out questions every 400 steps: the learning curve.
   c.stages.teacher_reader = stage(
