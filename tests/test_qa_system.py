@@ -129,6 +129,26 @@ def test_trained_system_bundle_answers_like_in_memory(trained, built, toy):
   assert [_best(p).passage.id for p in cased] == [_best(p).passage.id for p in predictions]
 
 
+def test_read_chunks_by_length_and_keeps_each_questions_order(built, toy):
+  bundle, _ = built
+  system = QASystem.from_bundle(bundle)
+  texts = [q.question for q in _questions(toy) + _questions(toy, "toy_train")[:8]]
+  texts[1::3] = [t + " in the long list of the many passages" * 3 for t in texts[1::3]]  # longer rows
+  together = system.read(texts, read_passages=8)
+  lengths = {len(row[0]) for rows in together.rows for row in rows}
+  buckets = {next(b for b in system.spec.reader.buckets if b >= n) for n in lengths}
+  assert len(buckets) > 1  # rows of several buckets: chunks regroup them across questions
+  for q, text in enumerate(texts):
+    alone = system.read([text], read_passages=8)
+    np.testing.assert_array_equal(alone.passage_ids[0], together.passage_ids[q])
+    assert len(alone.rows[0]) == len(together.rows[q]) == 8
+    for got, want in zip(together.rows[q], alone.rows[0]):  # the q-th question's rows, in retrieval order
+      np.testing.assert_array_equal(got[0], want[0])
+      assert got[1:3] == want[1:3]
+      for a, b in zip(got[3:], want[3:]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _best(prediction):
   return prediction.answers[0]
 
