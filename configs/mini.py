@@ -14,6 +14,7 @@ held-out EM climbs over its 4,800 training questions (learning curve in docs/res
 from configs.pipeline_common import pipeline_config, stage
 
 ENCODE_BATCH = 8  # rows per encoding batch on CPU (see get_config)
+BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 
 def get_config(arg: str | None = None):
@@ -54,8 +55,7 @@ def get_config(arg: str | None = None):
   # others fewer), so there is no repetition to regularise against, and its masks slow a CPU step (docs/speed.md).
   # On held-out questions the teacher reader without it reads better at both evaluations of a paired run, on the same
   # batches (docs/pipeline.md).
-  c.common_overrides = ("tokens.buckets=(32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)",
-                        "tokens.max_answer_len=20", "model.dropout=0.0")
+  c.common_overrides = (f"tokens.buckets={BUCKETS}", "tokens.max_answer_len=20", "model.dropout=0.0")
   retriever_common = ("model.pooling='mean'", "retriever.normalize=True", "retriever.scale=20.0",
                       "retriever.hard_negatives=1", "train.batch_size=16", "optim.lr=2e-5",
                       "train.eval_every=100000", "train.ckpt_every=50", "tokens.passage_len=256",
@@ -63,11 +63,13 @@ def get_config(arg: str | None = None):
   # Mean pooling with cosine scores and passages of token type 0, as MiniLM was pretrained; a few hundred steps
   # cannot move it to the paper's [CLS] pooling and passage type 1. Top-20 picks the exported step; the pipeline
   # measures it on nq_holdout. 20 steps: by then its learning curve has its SQuADShifts top-1 (what the teacher
-  # system reads) at the step-40 value, and it never moves NQ (docs/pipeline.md).
+  # system reads) at the step-40 value, and it never moves NQ (docs/pipeline.md). Its question encoder encodes
+  # every question of every split (~20,000: the candidates and the teacher systems' evaluations), most of them
+  # under 16 tokens: a 16-token bucket halves that work.
   c.stages.teacher_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
       "retriever.passage_token_type=0", "train.num_steps=20", "optim.warmup_steps=2",
-      "retriever.select_metric='mean/top20'")
+      "retriever.select_metric='mean/top20'", f"tokens.buckets={(16, *BUCKETS)}")
   # Held-out EM reading the gold passage climbs steeply to ~2,400 training questions (docs/pipeline.md, learning
   # curves), so the reader gets 1,200 steps x 4 questions, the most training minutes of any stage, at m=2 (the
   # positive and one hard negative): the system reads only the top passage, and a row spent on the ranker's
@@ -91,19 +93,20 @@ def get_config(arg: str | None = None):
       "filter.positive_splits=('nq_train', 'squadshifts_train')", "filter.top_k=2", "filter.keep=0.95",
       "filter.val_negatives=3000", "filter.score_batch_size=16", "train.batch_size=18", "train.num_steps=75",
       "optim.lr=5e-5", "optim.warmup_steps=8", "train.eval_every=75", "train.ckpt_every=75")
-  pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=400", "pool.k1=50",
+  pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=200", "pool.k1=50",
           "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)",
           "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50",
           f"pool.encode_batch_size={ENCODE_BATCH}", "eval.batch_size=2")
   # Retrieval is learnt here: the positive's NLL among all 32 passages of the batch (the teacher's ranker is too
   # weak for the paper's KL to it) plus the KL to the teacher retriever's scores over them. Distillation and
-  # finetuning steps follow their learning curves (docs/pipeline.md): retrieval is flat from distillation step 50 and
-  # step 75 reads within noise of step 100; finetuning's EM over the top five peaks at step 40.
+  # finetuning steps follow their learning curves (docs/pipeline.md): distillation's retrieval is flat from step 50
+  # and its EM within noise from step 25: 50 steps read each of the pool's 400 questions (200 per split) once, and
+  # the teacher cache holds no question distillation skips. Finetuning's EM over the top five peaks at step 40.
   c.stages.distill = stage("configs/distill.py", *pool, "model.pooling='mean'", "model.retrieval_dim=128",
                            "unified.normalize=True", "unified.passage_token_type=0", "tokens.passage_len=256",
                            "distill.m=4", "distill.cache_batch_size=2",
                            "distill.retrieval_loss='nll'", "distill.in_batch=True", "train.batch_size=8",
-                           "train.num_steps=75", "optim.lr=5e-5", "optim.warmup_steps=8")
+                           "train.num_steps=50", "optim.lr=5e-5", "optim.warmup_steps=5")
   c.stages.finetune = stage("configs/finetune.py", *pool, "finetune.m=4", "train.num_steps=40", "optim.lr=2e-5",
                             "optim.grad_accum=2")
   return c
