@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reader.positives = "gold_article"
   c.reader.m = 24  # passages per question: the positive, then m - 1 negatives
   c.reader.max_spans = 10  # answer occurrences in the positive used as targets
+  # > 0: batches of questions with similar row lengths, sorted within runs of this many batches (fewer padded
+  # tokens; rnr_jax.training.loop.EpochIterator); 0: random batches.
+  c.reader.group_batches = 0
   c.reader.eval_passages = (1, 10, 20, 50)  # open setting: read the top-n retrieved passages
   c.reader.eval_questions = 0  # first N dev questions; 0 = all
   c.reader.eval_batch_size = 8  # questions per evaluation forward pass

@@ -24,6 +24,7 @@ from rnr_jax.data.prepared import PrepareSettings, prepare
 from train.sources import data_dir_sources
 from rnr_jax.evaluation import ReaderEvaluator
 from rnr_jax.metrics import exact_match
+from rnr_jax.specs import ReaderSpec
 from rnr_jax.tokenization import Tokenizer
 from rnr_jax.training import mesh as mesh_lib
 from train import reader as trainer
@@ -98,6 +99,40 @@ def test_toy_data_pools(toy_prepared):
     assert pids[0] in split.positives[q] and set(pids[1:].tolist()) <= set(split.negatives[q].tolist())
     assert split.gold_passages(q, 4).tolist() == [gold, *split.negatives[q][:3].tolist()]
     assert gold in split.open_passages(q, 4)  # BM25 retrieves the marker passage in the top 4
+
+
+def test_reader_batches_grouped_by_length_keep_their_draws(toy_prepared):
+  data = PreparedData.load(toy_prepared)
+  tok = Tokenizer.from_pretrained(data.tokenizer_path)
+  config = load_config(os.path.join(ROOT, "configs/reader.py:tiny"), [f"prepared_dir={toy_prepared}"])
+  spec = ReaderSpec.from_config(config, exports.initial_encoder(config.model)[0], data.manifest["settings"]["tokenizer"])
+  split = rd.load_reader_split(data, "toy_train", tok)
+
+  def batches(group_batches):
+    return trainer.ReaderBatches([split], tok, data.token_corpus(), spec, m=4, max_spans=2, batch_size=4,
+                                 max_questions=0, seed=5, group_batches=group_batches)
+
+  def rows(batch):  # question token ids and passage rows of each question, whatever its place in the batch
+    return {tuple(r[0].tolist()): r.tolist() for r in batch["input_ids"].reshape(4, 4, -1)}
+
+  grouped, plain = batches(3), batches(0)
+  per_epoch = grouped.batches_per_epoch
+  epoch = [next(grouped) for _ in range(per_epoch)]
+  seen = {}
+  for b in epoch:
+    seen.update(rows(b))
+  want = {}
+  for b in [next(plain) for _ in range(per_epoch)]:
+    want.update(rows(b))
+  assert len(seen) == per_epoch * 4 and seen == want  # same questions, same drawn passages, other batches
+  assert [b["input_ids"].tolist() for b in epoch] != [b["input_ids"].tolist() for b in
+                                                      [next(batches(0)) for _ in range(per_epoch)]]
+  saved = grouped.state()
+  rest = [next(grouped) for _ in range(per_epoch + 2)]
+  again = batches(3)
+  again.restore(saved)
+  for a, b in zip(rest, [next(again) for _ in range(per_epoch + 2)]):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_reader_batch_hand_example(tmp_path):

@@ -74,11 +74,19 @@ class ResumableIterator(Protocol):
 
 class EpochIterator:
   """Deterministic, resumable batches: epoch ``e`` visits ``default_rng(seed + e).permutation(num_examples)`` in
-  global batches, process ``p`` taking its share; ``{seed, epoch, index}`` replays them after a restart."""
+  global batches, process ``p`` taking its share; ``{seed, epoch, index}`` replays them after a restart.
+
+  ``sizes(epoch)`` (``[num_examples]`` padded lengths, say) with ``group_batches = g`` groups by size: each run of
+  ``g`` global batches of the permutation is sorted by size and cut into batches, and the epoch's batches are
+  shuffled, so a batch pads to the longest of similar examples."""
 
   def __init__(self, fetch: Callable[[np.ndarray], LocalBatch], num_examples: int, global_batch_size: int, *,
-               seed: int, process_index: int | None = None, process_count: int | None = None):
+               seed: int, process_index: int | None = None, process_count: int | None = None,
+               sizes: Callable[[int], np.ndarray] | None = None, group_batches: int = 0):
+    if sizes is not None and group_batches < 1:
+      raise ValueError(f"grouping by size needs group_batches >= 1, got {group_batches}")
     self._fetch, self._num_examples = fetch, num_examples
+    self._sizes, self._group_batches = sizes, group_batches
     self._process_index = jax.process_index() if process_index is None else process_index
     self._process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self._process_count:
@@ -91,7 +99,16 @@ class EpochIterator:
     self._order = self._epoch_order()
 
   def _epoch_order(self) -> np.ndarray:
-    return np.random.default_rng(self._seed + self._epoch).permutation(self._num_examples)
+    rng = np.random.default_rng(self._seed + self._epoch)
+    order = rng.permutation(self._num_examples)
+    if self._sizes is None:
+      return order
+    sizes, batch = np.asarray(self._sizes(self._epoch)), self._global_batch_size
+    used = order[:self.batches_per_epoch * batch]
+    group = self._group_batches * batch
+    batches = np.concatenate([g[np.argsort(sizes[g], kind="stable")] for g in np.split(
+        used, range(group, len(used), group))]).reshape(-1, batch)
+    return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[len(used):]])
 
   def __iter__(self) -> EpochIterator:
     return self
