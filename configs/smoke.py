@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   c.stages.teacher_retriever = stage("configs/retriever.py:tiny", *steps, "retriever.shared=False",
                                      "model.retrieval_dim=0", "model.pooling='mean'", "retriever.normalize=True")
   c.stages.teacher_reader = stage("configs/reader.py:tiny", *steps, "train.eval_every=2", "reader.m=2", "reader.num_negatives=4",
-                                  "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=8")
+                                  "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=8",
+                                  "reader.group_batches=2")
   c.stages.filter = stage("configs/filter.py:tiny", *steps, "filter.keep=0.5", "filter.val_negatives=16",
                           "filter.positive_splits=('nq_train', 'squadshifts_train')")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.k1=8", "eval.questions=8",
