@@ -15,10 +15,6 @@ from configs.pipeline_common import pipeline_config, stage
 
 ENCODE_BATCH = 8  # rows per encoding batch on CPU (see get_config)
 BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
-# 16-token steps where rows are many and a compile is cheap: the corpus encodings, the filter's scoring, the reader's
-# steps (questions are mostly under 16 tokens, passages under 192). Distillation and finetuning keep BUCKETS: their
-# steps compile once per pair of row and passage lengths, ~20 s each.
-FINE_BUCKETS = (*range(16, 193, 16), 224, 256, 320, 384, 512)
 
 
 def get_config(arg: str | None = None):
@@ -67,12 +63,13 @@ def get_config(arg: str | None = None):
   # Mean pooling with cosine scores and passages of token type 0, as MiniLM was pretrained; a few hundred steps
   # cannot move it to the paper's [CLS] pooling and passage type 1. Top-20 picks the exported step; the pipeline
   # measures it on nq_holdout. 20 steps: by then its learning curve has its SQuADShifts top-1 (what the teacher
-  # system reads) at the step-40 value, and it never moves NQ (docs/pipeline.md). It encodes the corpus and
-  # every question of every split (~20,000: the candidates and the teacher systems' evaluations).
+  # system reads) at the step-40 value, and it never moves NQ (docs/pipeline.md). Its question encoder encodes
+  # every question of every split (~20,000: the candidates and the teacher systems' evaluations), most of them
+  # under 16 tokens: a 16-token bucket halves that work.
   c.stages.teacher_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
       "retriever.passage_token_type=0", "train.num_steps=20", "optim.warmup_steps=2",
-      "retriever.select_metric='mean/top20'", f"tokens.buckets={FINE_BUCKETS}")
+      "retriever.select_metric='mean/top20'", f"tokens.buckets={(16, *BUCKETS)}")
   # Held-out EM reading the gold passage climbs steeply to ~2,400 training questions (docs/pipeline.md, learning
   # curves), so the reader gets 1,200 steps x 4 questions, the most training minutes of any stage, at m=2 (the
   # positive and one hard negative): the system reads only the top passage, and a row spent on the ranker's
@@ -82,14 +79,13 @@ def get_config(arg: str | None = None):
   # The heads start random on MiniLM; at 20x the encoder's learning rate (optim.head_lr_mult) they leave their
   # initialisation early (docs/reading.md). Evaluated on 300 held-out questions every 400 steps: the learning curve.
   # Batches group questions of similar row lengths (runs of 50 batches sorted): random batches of 4 pad their rows
-  # to 1.54x their tokens, grouped ones with 16-token buckets to 1.28x.
+  # to 1.54x their tokens, grouped ones to 1.33x, and a step takes ~10% less time (docs/speed.md).
   c.stages.teacher_reader = stage(
       "configs/reader.py", "reader.m=2", "reader.num_negatives=20", "tokens.reader_len=192",
       "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=1200",
       "optim.lr=5e-5", "optim.warmup_steps=100", "train.eval_every=400", "train.ckpt_every=400",
       "reader.eval_questions=300", "reader.eval_passages=(1,)", "reader.eval_batch_size=2",
-      "optim.grad_accum=2", "optim.head_lr_mult=20", "reader.group_batches=50",
-      f"tokens.buckets={FINE_BUCKETS}")
+      "optim.grad_accum=2", "optim.head_lr_mult=20", "reader.group_batches=50")
   # Keeps 95% of the passages. Trained on the topics of the training questions, the filter ranks passages of
   # unseen articles low: at 90% kept, 4.3% of nq_holdout's and 11.1% of squadshifts_holdout's questions lose every
   # answer-holding passage; at 95%, 2.0% and 3.5% (the report's sweep, held-out splits first). 75 steps: its
@@ -98,8 +94,7 @@ def get_config(arg: str | None = None):
       "configs/filter.py", "model.num_layers=2", "model.pooling='mean'", "tokens.passage_len=128",
       "filter.positive_splits=('nq_train', 'squadshifts_train')", "filter.top_k=2", "filter.keep=0.95",
       "filter.val_negatives=3000", "filter.score_batch_size=16", "train.batch_size=18", "train.num_steps=75",
-      "optim.lr=5e-5", "optim.warmup_steps=8", "train.eval_every=75", "train.ckpt_every=75",
-      f"tokens.buckets={FINE_BUCKETS}")
+      "optim.lr=5e-5", "optim.warmup_steps=8", "train.eval_every=75", "train.ckpt_every=75")
   pool = ("pool.train_splits=('nq_train', 'squadshifts_train')", "pool.max_train_questions=200", "pool.k1=50",
           "eval.questions=300", "eval.passages=(1, 5)", "eval.ks=(1, 5, 20)",
           "tokens.reader_len=192", "train.batch_size=4", "train.eval_every=100000", "train.ckpt_every=50",
