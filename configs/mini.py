@@ -1,4 +1,4 @@
-"""The mini pipeline: the whole method on the shared data; 85 minutes measured on a 2-core CPU (docs/pipeline.md).
+"""The mini pipeline: the whole method on the shared data; 93 minutes measured on a 2-core CPU (docs/pipeline.md).
 
   python -m train.pipeline --config configs/mini.py --workdir W [--data_dir ../shared/data]
 

@@ -454,8 +454,8 @@ class QASystem:
       rows += [(q, b.input_ids[i, :n], b.token_type_ids[i, :n], int(b.text_start[i]), int(b.text_end[i]))
                for i, n in enumerate(b.attention_mask.sum(1)[:len(read)].tolist())]
     read_of: list[Any] = [None] * len(rows)
-    # Rows of any questions share chunks, each chunk within one length bucket: a chunk pads to its own rows' bucket,
-    # not to the longest passage of the call (rows in question order padded ~1.7x as many tokens).
+    # Rows of any questions share chunks, each chunk within one length bucket, so a chunk pads to the bucket of its
+    # own rows rather than to the longest of the questions it happens to hold.
     for chunk_idx in tk.bucketed_batches([len(row[1]) for row in rows], self.read_rows, r.buckets):
       chunk = [rows[i] for i in chunk_idx]
       length = tk.bucket_length(max(len(row[1]) for row in chunk), r.buckets, r.reader_len)
