@@ -88,7 +88,7 @@ def main() -> None:
              f"{int(config.optim.grad_accum)}); grouped: `reader.group_batches={args.group_batches}`. A batch pads "
              "every row to its longest: grouping questions of similar row lengths, and buckets every 16 tokens, "
              "leave fewer padded tokens, at the price of a compile per length met. configs/mini.py groups the "
-             "teacher reader's batches with 16-token buckets.")
+             "teacher reader's batches and keeps its 32-token buckets.")
 
 
 if __name__ == "__main__":

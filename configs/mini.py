@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
   # measures it on nq_holdout. 20 steps: by then its learning curve has its SQuADShifts top-1 (what the teacher
   # system reads) at the step-40 value, and it never moves NQ (docs/pipeline.md). Its question encoder encodes
   # every question of every split (~20,000: the candidates and the teacher systems' evaluations), most of them
-  # under 16 tokens: a 16-token bucket halves that work.
+  # under 16 tokens, so they get a 16-token bucket.
   c.stages.teacher_retriever = stage(
       "configs/retriever.py", *retriever_common, "retriever.shared=False", "model.retrieval_dim=0",
       "retriever.passage_token_type=0", "train.num_steps=20", "optim.warmup_steps=2",
@@ -75,11 +75,11 @@ def get_config(arg: str | None = None):
   # positive and one hard negative): the system reads only the top passage, and a row spent on the ranker's
   # negatives is a question not read. Measured on held-out questions, 1,200 steps read 3 points more than 800
   # steps (at step 800 the longer schedule still has a high learning rate and has already passed the shorter one)
-  # for ~6 more minutes (0.9 s a step).
+  # for ~7 more minutes (1.0 s a step in the report's run, docs/pipeline.md).
   # The heads start random on MiniLM; at 20x the encoder's learning rate (optim.head_lr_mult) they leave their
   # initialisation early (docs/reading.md). Evaluated on 300 held-out questions every 400 steps: the learning curve.
   # Batches group questions of similar row lengths (runs of 50 batches sorted): random batches of 4 pad their rows
-  # to 1.54x their tokens, grouped ones to 1.33x, and a step takes ~10% less time (docs/speed.md).
+  # to 1.54x their tokens, grouped ones to 1.33x, and a step takes ~9% less time (docs/speed.md).
   c.stages.teacher_reader = stage(
       "configs/reader.py", "reader.m=2", "reader.num_negatives=20", "tokens.reader_len=192",
       "reader.train_splits=('nq_train', 'squadshifts_train')", "train.batch_size=4", "train.num_steps=1200",

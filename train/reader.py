@@ -50,6 +50,9 @@ class ReaderBatches(loop.EpochIterator):
       raise ValueError(f"{len(self._examples)} trainable questions (with a positive and a negative passage), "
                        f"fewer than one batch of {batch_size}")
     self._drawn: tuple[int, np.ndarray] | None = None  # (epoch, its passages [questions, m])
+    if group_batches:
+      self._record_lengths = np.asarray(corpus.lengths())
+      self._question_lengths = np.asarray([len(splits[s].question_ids[q]) for s, q in self._examples])
     super().__init__(self._batch, len(self._examples), batch_size, seed=seed,
                      sizes=self._row_sizes if group_batches else None, group_batches=group_batches)
 
@@ -64,8 +67,7 @@ class ReaderBatches(loop.EpochIterator):
 
   def _row_sizes(self, epoch: int) -> np.ndarray:
     """Each question's longest row, in tokens before truncation (question + passage record)."""
-    records = np.diff(np.asarray(self._corpus.offsets))[self._passages(epoch)].max(1)
-    return records + np.asarray([len(self._splits[s].question_ids[q]) for s, q in self._examples])
+    return self._record_lengths[self._passages(epoch)].max(1) + self._question_lengths
 
   def _batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     examples = [self._examples[i] for i in idx]
